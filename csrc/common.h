@@ -1,0 +1,134 @@
+// Shared argument checking and array helpers for the bindings.
+//
+// Every binding takes its arrays as py::object and checks them here, so that a wrong dtype raises
+// TypeError and a wrong rank, shape, layout or hyper-parameter raises ValueError, each naming the
+// argument. Kernels below the bindings may then assume their preconditions.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mbnet {
+namespace py = pybind11;
+using index_t = std::int64_t;
+
+// A checked float32 C-contiguous array: its data pointer and shape.
+struct F32 {
+    py::array arr;  // keeps the buffer alive
+    float* ptr = nullptr;
+    std::vector<index_t> shape;
+    index_t size() const {
+        index_t s = 1;
+        for (auto d : shape) s *= d;
+        return s;
+    }
+    index_t operator[](int i) const { return shape[i < 0 ? shape.size() + i : i]; }
+};
+
+inline std::string shape_str(const std::vector<index_t>& s) {
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// `ndim` < 0 accepts any rank >= -ndim.
+inline F32 check_f32(const py::object& obj, const char* name, int ndim) {
+    if (!py::isinstance<py::array>(obj))
+        throw py::type_error(std::string(name) + " must be a numpy.ndarray of float32, got " +
+                             std::string(py::str(py::type::of(obj).attr("__name__"))));
+    py::array a = py::reinterpret_borrow<py::array>(obj);
+    if (!a.dtype().is(py::dtype::of<float>()))
+        throw py::type_error(std::string(name) + " must have dtype float32, got " +
+                             std::string(py::str(a.dtype())));
+    if (ndim >= 0 && a.ndim() != ndim)
+        throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) +
+                              " dimensions, got " + std::to_string(a.ndim()));
+    if (ndim < 0 && a.ndim() < -ndim)
+        throw py::value_error(std::string(name) + " must have at least " + std::to_string(-ndim) +
+                              " dimensions, got " + std::to_string(a.ndim()));
+    if (!(a.flags() & py::array::c_style))
+        throw py::value_error(std::string(name) +
+                              " must be C-contiguous (use numpy.ascontiguousarray)");
+    F32 out;
+    out.arr = a;
+    out.ptr = static_cast<float*>(a.mutable_data());
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) out.shape.push_back(a.shape(i));
+    for (auto d : out.shape)
+        if (d <= 0)
+            throw py::value_error(std::string(name) + " must not be empty, got shape " +
+                                  shape_str(out.shape));
+    return out;
+}
+
+// Labels: int64 (or int32, converted) 1-D array.
+inline py::array_t<std::int64_t> check_labels(const py::object& obj, const char* name) {
+    if (!py::isinstance<py::array>(obj))
+        throw py::type_error(std::string(name) + " must be a numpy.ndarray of integers");
+    py::array a = py::reinterpret_borrow<py::array>(obj);
+    if (a.dtype().kind() != 'i' && a.dtype().kind() != 'u')
+        throw py::type_error(std::string(name) + " must have an integer dtype, got " +
+                             std::string(py::str(a.dtype())));
+    if (a.ndim() != 1)
+        throw py::value_error(std::string(name) + " must have 1 dimension, got " +
+                              std::to_string(a.ndim()));
+    return py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+}
+
+inline void require(bool ok, const std::string& message) {
+    if (!ok) throw py::value_error(message);
+}
+
+inline void check_same_dim(const F32& a, int ia, const char* na, const F32& b, int ib,
+                           const char* nb) {
+    if (a[ia] != b[ib])
+        throw py::value_error(std::string(na) + " " + shape_str(a.shape) + " and " + nb + " " +
+                              shape_str(b.shape) + " disagree in size (" + std::to_string(a[ia]) +
+                              " vs " + std::to_string(b[ib]) + ")");
+}
+
+inline void check_stride_padding(index_t stride, index_t padding) {
+    require(stride >= 1, "stride must be >= 1, got " + std::to_string(stride));
+    require(padding >= 0, "padding must be >= 0, got " + std::to_string(padding));
+}
+
+// Output size of a convolution along one axis, checked to be at least 1.
+inline index_t conv_out_size(index_t in, index_t k, index_t stride, index_t padding,
+                             const char* axis) {
+    check_stride_padding(stride, padding);
+    require(k >= 1, std::string("kernel size along ") + axis + " must be >= 1");
+    index_t span = in + 2 * padding - k;
+    if (span < 0)
+        throw py::value_error(std::string("output ") + axis + " would be < 1: input " + axis + "=" +
+                              std::to_string(in) + ", kernel=" + std::to_string(k) +
+                              ", padding=" + std::to_string(padding));
+    return span / stride + 1;
+}
+
+inline py::array_t<float> new_f32(const std::vector<index_t>& shape) {
+    std::vector<py::ssize_t> s(shape.begin(), shape.end());
+    return py::array_t<float>(s);
+}
+inline float* ptr(py::array_t<float>& a) { return a.mutable_data(); }
+
+// Activation fused into BatchNorm and friends.
+enum class Act { None = 0, ReLU = 1, ReLU6 = 2 };
+inline Act parse_act(const std::string& s) {
+    if (s == "none" || s == "identity") return Act::None;
+    if (s == "relu") return Act::ReLU;
+    if (s == "relu6") return Act::ReLU6;
+    throw py::value_error("act must be 'none', 'relu' or 'relu6', got '" + s + "'");
+}
+
+// Registration functions, one per op family (each defined in its own .cpp).
+void bind_gemm(py::module_& m);
+void bind_dwconv(py::module_& m);
+void bind_conv2d(py::module_& m);
+void bind_batchnorm(py::module_& m);
+void bind_pool(py::module_& m);
+void bind_loss(py::module_& m);
+
+}  // namespace mbnet

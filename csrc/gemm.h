@@ -1,0 +1,17 @@
+// Single-precision GEMM, the engine behind pointwise convolution, the linear layer and im2col
+// convolution. No BLAS: a cache-blocked, packed GEMM with a register-tiled inner kernel.
+#pragma once
+#include <cstdint>
+
+namespace mbnet {
+
+// C[M, N] = A[M, K] * B[K, N]  (or C += A * B when accumulate is true).
+// A's element (i, k) is A[i * rsa + k * csa]; B's element (k, j) is B[k * rsb + j * csb], so a
+// transposed operand is only a swap of its strides. C is row-major with leading dimension ldc.
+// Threads: OpenMP inside, over blocks of C. Call it from outside any parallel region.
+void sgemm(std::int64_t M, std::int64_t N, std::int64_t K,
+           const float* A, std::int64_t rsa, std::int64_t csa,
+           const float* B, std::int64_t rsb, std::int64_t csb,
+           float* C, std::int64_t ldc, bool accumulate);
+
+}  // namespace mbnet

@@ -1,0 +1,51 @@
+// The extension module mbnet._C: thread control, build information, and each op family's bindings.
+#include <omp.h>
+
+#include "common.h"
+
+namespace mbnet {
+
+static void set_num_threads(int n) {
+    require(n >= 1, "n must be >= 1, got " + std::to_string(n));
+    omp_set_num_threads(n);
+}
+
+static py::dict build_info() {
+    py::dict d;
+#if defined(__AVX512F__)
+    d["simd"] = "avx512";
+#elif defined(__AVX2__)
+    d["simd"] = "avx2";
+#elif defined(__AVX__)
+    d["simd"] = "avx";
+#else
+    d["simd"] = "sse2";
+#endif
+#ifdef MBNET_NATIVE
+    d["native"] = true;
+#else
+    d["native"] = false;
+#endif
+    d["compiler"] = __VERSION__;
+    d["openmp"] = _OPENMP;
+    d["max_threads"] = omp_get_max_threads();
+    return d;
+}
+
+}  // namespace mbnet
+
+PYBIND11_MODULE(_C, m) {
+    using namespace mbnet;
+    m.doc() = "mbnet C++ kernels: NHWC float32 activations, TensorFlow weight layouts.";
+    m.def("set_num_threads", &set_num_threads, py::arg("n"),
+          "Set the number of OpenMP threads the kernels use.");
+    m.def("get_num_threads", []() { return omp_get_max_threads(); },
+          "The number of OpenMP threads the kernels use.");
+    m.def("build_info", &build_info, "How the extension was compiled (SIMD level, OpenMP, compiler).");
+    bind_gemm(m);
+    bind_dwconv(m);
+    bind_conv2d(m);
+    bind_batchnorm(m);
+    bind_pool(m);
+    bind_loss(m);
+}

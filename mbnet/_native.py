@@ -1,0 +1,37 @@
+"""Loads the compiled extension, refusing clearly when it was built for another CPU."""
+from pathlib import Path
+
+
+def _cpu_flags():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _check_build():
+    try:
+        from . import _build_info
+    except ImportError:
+        return
+    have = _cpu_flags()
+    missing = [f for f in _build_info.CPU_FLAGS if have is not None and f not in have]
+    if missing:
+        raise ImportError(
+            "mbnet._C was compiled with -march=native on a CPU with "
+            + ", ".join(missing)
+            + ", which this CPU lacks. Rebuild here with `pip install -e .` "
+            "(or MBNET_PORTABLE=1 pip install . for a build that runs anywhere)."
+        )
+
+
+_check_build()
+try:
+    from . import _C
+except ImportError as e:  # pragma: no cover - only without a build
+    raise ImportError(
+        f"mbnet's C++ extension is not built ({e}). Build it with `pip install -e .` from the checkout."
+    ) from e
