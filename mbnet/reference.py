@@ -117,7 +117,7 @@ def act_fwd(x, act):
 
 
 def act_grad_mask(z, act):
-    """d act(z) / dz, from the pre-activation z."""
+    """d act(z) / dz, from the pre-activation z (or from act(z): the masks agree)."""
     if act == "relu":
         return (z > 0).astype(z.dtype)
     if act == "relu6":
@@ -125,35 +125,35 @@ def act_grad_mask(z, act):
     return np.ones_like(z)
 
 
-def act_bwd(dy, x, act):
-    """Gradient of act at input x (the kernel takes the output y; the masks agree)."""
-    return dy * act_grad_mask(x, act)
+def act_bwd(dy, y, act):
+    """Gradient of act, from its output y (y > 0 exactly where the input was > 0)."""
+    return dy * act_grad_mask(y, act)
 
 
 # --- BatchNorm fused with an activation; x is (..., c), statistics over all other axes ----------
 
-def batchnorm_act_train_fwd(x, gamma, beta, eps, act):
-    """Returns (y, mean, invstd) with batch statistics (biased variance)."""
+def batchnorm_act_train_fwd(x, gamma, beta, running_mean, running_var, momentum, eps, act):
+    """Returns (y, mean, invstd) with batch statistics (biased variance), and updates the running
+    statistics in place by PyTorch's convention: new = (1 - momentum) * old + momentum * batch,
+    with the unbiased batch variance."""
     axes = tuple(range(x.ndim - 1))
+    m = x.size // x.shape[-1]
     mean = x.mean(axis=axes)
     var = x.var(axis=axes)
     invstd = 1.0 / np.sqrt(var + eps)
     z = (x - mean) * invstd * gamma + beta
+    running_mean *= 1 - momentum
+    running_mean += momentum * mean
+    running_var *= 1 - momentum
+    running_var += momentum * var * m / max(m - 1, 1)
     return act_fwd(z, act), mean, invstd
 
 
-def running_stats_update(running_mean, running_var, mean, var_unbiased, momentum):
-    """PyTorch's convention: new = (1 - momentum) * old + momentum * batch (unbiased variance)."""
-    return ((1 - momentum) * running_mean + momentum * mean,
-            (1 - momentum) * running_var + momentum * var_unbiased)
-
-
-def batchnorm_act_train_bwd(dy, x, gamma, beta, eps, act):
-    """Returns (dx, dgamma, dbeta) of batchnorm_act_train_fwd, recomputing what it needs."""
+def batchnorm_act_train_bwd(dy, x, y, gamma, beta, mean, invstd, act):
+    """Returns (dx, dgamma, dbeta) of batchnorm_act_train_fwd (y is unused: the activation's
+    mask is recomputed from the pre-activation)."""
     axes = tuple(range(x.ndim - 1))
     m = x.size // x.shape[-1]
-    mean = x.mean(axis=axes)
-    invstd = 1.0 / np.sqrt(x.var(axis=axes) + eps)
     xhat = (x - mean) * invstd
     dz = dy * act_grad_mask(xhat * gamma + beta, act)
     dbeta = dz.sum(axis=axes)
@@ -166,8 +166,8 @@ def batchnorm_act_infer_fwd(x, gamma, beta, mean, var, eps, act):
     return act_fwd((x - mean) / np.sqrt(var + eps) * gamma + beta, act)
 
 
-def batchnorm_act_infer_bwd(dy, x, gamma, beta, mean, var, eps, act):
-    """Returns (dx, dgamma, dbeta) with fixed (running) statistics."""
+def batchnorm_act_infer_bwd(dy, x, y, gamma, beta, mean, var, eps, act):
+    """Returns (dx, dgamma, dbeta) with fixed (running) statistics; y is unused."""
     axes = tuple(range(x.ndim - 1))
     invstd = 1.0 / np.sqrt(var + eps)
     xhat = (x - mean) * invstd
