@@ -1,7 +1,233 @@
+// Full KxK convolution by im2col + sgemm: forward, input gradient and weight gradient.
+//
+// x (n, h, w, ci) NHWC, w (kh, kw, ci, co) HWIO, y (n, ho, wo, co); symmetric padding p, stride s.
+// The column matrix has one row per output pixel and kh*kw*ci columns in (i, j, ci) order, so the
+// HWIO weight is already the (kh*kw*ci, co) right-hand matrix. The columns are built a chunk of
+// images at a time, keeping the buffer under kColBudget floats. A 1x1, stride-1, unpadded
+// convolution is a plain matrix product and skips the columns.
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
 #include "common.h"
+#include "gemm.h"
 
 namespace mbnet {
+namespace {
 
-void bind_conv2d(py::module_& m) {}
+constexpr index_t kColBudget = index_t(16) << 20;  // floats (64 MB)
+
+struct ConvShape {
+    index_t n, h, w, ci;  // input
+    index_t kh, kw, co;   // kernel
+    index_t ho, wo;       // output
+    index_t s, p;         // stride, padding
+    index_t kdim() const { return kh * kw * ci; }
+    index_t pixels() const { return ho * wo; }
+    bool is_pointwise() const { return kh == 1 && kw == 1 && s == 1 && p == 0; }
+    // Images per im2col chunk (at least one).
+    index_t chunk() const { return std::max<index_t>(1, kColBudget / (pixels() * kdim())); }
+};
+
+// cols (nb*ho*wo, kh*kw*ci) from images [n0, n0 + nb) of x; out-of-image taps are zero.
+void im2col_f32(const ConvShape& a, const float* __restrict__ x, index_t n0, index_t nb,
+                float* __restrict__ cols) {
+    const index_t C = a.ci, K = a.kdim();
+#pragma omp parallel for collapse(2) schedule(static)
+    for (index_t b = 0; b < nb; ++b)
+        for (index_t oh = 0; oh < a.ho; ++oh) {
+            const float* ximg = x + (n0 + b) * a.h * a.w * C;
+            for (index_t ow = 0; ow < a.wo; ++ow) {
+                float* __restrict__ row = cols + ((b * a.ho + oh) * a.wo + ow) * K;
+                for (index_t i = 0; i < a.kh; ++i) {
+                    const index_t ih = oh * a.s - a.p + i;
+                    for (index_t j = 0; j < a.kw; ++j) {
+                        const index_t iw = ow * a.s - a.p + j;
+                        float* __restrict__ dst = row + (i * a.kw + j) * C;
+                        if (ih < 0 || ih >= a.h || iw < 0 || iw >= a.w) {
+                            for (index_t c = 0; c < C; ++c) dst[c] = 0.f;
+                        } else {
+                            const float* __restrict__ src = ximg + (ih * a.w + iw) * C;
+                            for (index_t c = 0; c < C; ++c) dst[c] = src[c];
+                        }
+                    }
+                }
+            }
+        }
+}
+
+// dx images [n0, n0 + nb) = adjoint of im2col applied to cols. Each thread owns whole input rows
+// and gathers the column entries that land in them, so no two threads write the same element.
+void col2im_f32(const ConvShape& a, const float* __restrict__ cols, index_t n0, index_t nb,
+                float* __restrict__ dx) {
+    const index_t C = a.ci, K = a.kdim();
+#pragma omp parallel for collapse(2) schedule(static)
+    for (index_t b = 0; b < nb; ++b)
+        for (index_t ih = 0; ih < a.h; ++ih) {
+            float* __restrict__ dxrow = dx + ((n0 + b) * a.h + ih) * a.w * C;
+            for (index_t e = 0; e < a.w * C; ++e) dxrow[e] = 0.f;
+            for (index_t i = 0; i < a.kh; ++i) {
+                const index_t th = ih + a.p - i;  // = oh * s
+                if (th < 0 || th % a.s != 0 || th / a.s >= a.ho) continue;
+                const index_t oh = th / a.s;
+                for (index_t ow = 0; ow < a.wo; ++ow) {
+                    const float* __restrict__ row = cols + ((b * a.ho + oh) * a.wo + ow) * K;
+                    for (index_t j = 0; j < a.kw; ++j) {
+                        const index_t iw = ow * a.s - a.p + j;
+                        if (iw < 0 || iw >= a.w) continue;
+                        const float* __restrict__ src = row + (i * a.kw + j) * C;
+                        float* __restrict__ dst = dxrow + iw * C;
+                        for (index_t c = 0; c < C; ++c) dst[c] += src[c];
+                    }
+                }
+            }
+        }
+}
+
+void conv2d_f32_fwd(const ConvShape& a, const float* x, const float* w, float* y) {
+    const index_t K = a.kdim(), P = a.pixels();
+    if (a.is_pointwise()) {
+        sgemm(a.n * P, a.co, K, x, K, 1, w, a.co, 1, y, a.co, false);
+        return;
+    }
+    const index_t nb_max = std::min(a.chunk(), a.n);
+    std::vector<float> cols(nb_max * P * K);
+    for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
+        const index_t nb = std::min(nb_max, a.n - n0);
+        im2col_f32(a, x, n0, nb, cols.data());
+        sgemm(nb * P, a.co, K, cols.data(), K, 1, w, a.co, 1, y + n0 * P * a.co, a.co, false);
+    }
+}
+
+// dx = col2im(dy @ w^T).
+void conv2d_f32_bwd_input(const ConvShape& a, const float* dy, const float* w, float* dx) {
+    const index_t K = a.kdim(), P = a.pixels();
+    if (a.is_pointwise()) {
+        sgemm(a.n * P, K, a.co, dy, a.co, 1, w, 1, a.co, dx, K, false);
+        return;
+    }
+    const index_t nb_max = std::min(a.chunk(), a.n);
+    std::vector<float> cols(nb_max * P * K);
+    for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
+        const index_t nb = std::min(nb_max, a.n - n0);
+        sgemm(nb * P, K, a.co, dy + n0 * P * a.co, a.co, 1, w, 1, a.co, cols.data(), K, false);
+        col2im_f32(a, cols.data(), n0, nb, dx);
+    }
+}
+
+// dw (kh*kw*ci, co) = cols^T @ dy, summed over the chunks.
+void conv2d_f32_bwd_weight(const ConvShape& a, const float* x, const float* dy, float* dw) {
+    const index_t K = a.kdim(), P = a.pixels();
+    if (a.is_pointwise()) {
+        sgemm(K, a.co, a.n * P, x, 1, K, dy, a.co, 1, dw, a.co, false);
+        return;
+    }
+    const index_t nb_max = std::min(a.chunk(), a.n);
+    std::vector<float> cols(nb_max * P * K);
+    for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
+        const index_t nb = std::min(nb_max, a.n - n0);
+        im2col_f32(a, x, n0, nb, cols.data());
+        sgemm(K, a.co, nb * P, cols.data(), 1, K, dy + n0 * P * a.co, a.co, 1, dw, a.co, n0 > 0);
+    }
+}
+
+// ---- bindings ----------------------------------------------------------------------------------
+
+// A (height, width) pair of positive ints.
+std::pair<index_t, index_t> parse_hw(const py::object& obj, const char* name) {
+    if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
+        throw py::type_error(std::string(name) + " must be a (height, width) tuple of ints");
+    py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+    if (seq.size() != 2)
+        throw py::value_error(std::string(name) + " must have 2 entries (height, width), got " +
+                              std::to_string(seq.size()));
+    index_t hw[2];
+    for (int i = 0; i < 2; ++i) {
+        py::object v = seq[i];
+        if (!py::isinstance<py::int_>(v) && !py::hasattr(v, "__index__"))
+            throw py::type_error(std::string(name) + " must hold ints");
+        hw[i] = py::cast<index_t>(py::int_(v));
+        require(hw[i] >= 1, std::string(name) + " entries must be >= 1, got " +
+                                std::to_string(hw[i]));
+    }
+    return {hw[0], hw[1]};
+}
+
+void set_out_size(ConvShape& a) {
+    a.ho = conv_out_size(a.h, a.kh, a.s, a.p, "height");
+    a.wo = conv_out_size(a.w, a.kw, a.s, a.p, "width");
+}
+
+void check_dy_shape(const F32& dy, const ConvShape& a) {
+    if (dy[1] != a.ho || dy[2] != a.wo)
+        throw py::value_error("dy " + shape_str(dy.shape) + " does not match the output size (" +
+                              std::to_string(a.ho) + ", " + std::to_string(a.wo) +
+                              ") of input_hw/kernel_hw, stride and padding");
+}
+
+py::array_t<float> conv2d_fwd(const py::object& x_, const py::object& w_, index_t stride,
+                              index_t padding) {
+    F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 4);
+    check_same_dim(x, 3, "x", w, 2, "w");
+    ConvShape a{x[0], x[1], x[2], x[3], w[0], w[1], w[3], 0, 0, stride, padding};
+    set_out_size(a);
+    auto y = new_f32({a.n, a.ho, a.wo, a.co});
+    float* yp = ptr(y);
+    {
+        py::gil_scoped_release nogil;
+        conv2d_f32_fwd(a, x.ptr, w.ptr, yp);
+    }
+    return y;
+}
+
+py::array_t<float> conv2d_bwd_input(const py::object& dy_, const py::object& w_,
+                                    const py::object& input_hw, index_t stride, index_t padding) {
+    F32 dy = check_f32(dy_, "dy", 4), w = check_f32(w_, "w", 4);
+    check_same_dim(dy, 3, "dy", w, 3, "w");
+    auto [h, wd] = parse_hw(input_hw, "input_hw");
+    ConvShape a{dy[0], h, wd, w[2], w[0], w[1], w[3], 0, 0, stride, padding};
+    set_out_size(a);
+    check_dy_shape(dy, a);
+    auto dx = new_f32({a.n, a.h, a.w, a.ci});
+    float* dxp = ptr(dx);
+    {
+        py::gil_scoped_release nogil;
+        conv2d_f32_bwd_input(a, dy.ptr, w.ptr, dxp);
+    }
+    return dx;
+}
+
+py::array_t<float> conv2d_bwd_weight(const py::object& x_, const py::object& dy_,
+                                     const py::object& kernel_hw, index_t stride,
+                                     index_t padding) {
+    F32 x = check_f32(x_, "x", 4), dy = check_f32(dy_, "dy", 4);
+    check_same_dim(x, 0, "x", dy, 0, "dy");
+    auto [kh, kw] = parse_hw(kernel_hw, "kernel_hw");
+    ConvShape a{x[0], x[1], x[2], x[3], kh, kw, dy[3], 0, 0, stride, padding};
+    set_out_size(a);
+    check_dy_shape(dy, a);
+    auto dw = new_f32({a.kh, a.kw, a.ci, a.co});
+    float* dwp = ptr(dw);
+    {
+        py::gil_scoped_release nogil;
+        conv2d_f32_bwd_weight(a, x.ptr, dy.ptr, dwp);
+    }
+    return dw;
+}
+
+}  // namespace
+
+void bind_conv2d(py::module_& m) {
+    m.def("conv2d_fwd", &conv2d_fwd, py::arg("x"), py::arg("w"), py::arg("stride"),
+          py::arg("padding"),
+          "x (n, h, w, ci), w (kh, kw, ci, co) -> y (n, ho, wo, co): full convolution.");
+    m.def("conv2d_bwd_input", &conv2d_bwd_input, py::arg("dy"), py::arg("w"), py::arg("input_hw"),
+          py::arg("stride"), py::arg("padding"),
+          "dy (n, ho, wo, co), w (kh, kw, ci, co), input_hw (h, w) -> dx (n, h, w, ci).");
+    m.def("conv2d_bwd_weight", &conv2d_bwd_weight, py::arg("x"), py::arg("dy"),
+          py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"),
+          "x (n, h, w, ci), dy (n, ho, wo, co), kernel_hw (kh, kw) -> dw (kh, kw, ci, co).");
+}
 
 }  // namespace mbnet

@@ -1,7 +1,358 @@
+// Depthwise KxK convolution: forward, input gradient and weight gradient.
+//
+// x (n, h, w, c) NHWC, w (kh, kw, c), y (n, ho, wo, c); symmetric padding p, stride s.
+// Every kernel vectorizes along channels. Output pixels whose taps all fall inside the image (the
+// interior) take a fast path: for 3x3 a compile-time-K kernel with channel blocks of CB floats held
+// in registers; everything else (borders, other K, the channel remainder) takes a generic path that
+// accumulates tap by tap into the output row, which stays in L1.
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
 #include "common.h"
 
 namespace mbnet {
+namespace {
 
-void bind_dwconv(py::module_& m) {}
+constexpr index_t CB = 16;  // channel block of the register-tiled paths
+
+struct DwShape {
+    index_t n, h, w, c;  // input
+    index_t kh, kw;      // kernel
+    index_t ho, wo;      // output
+    index_t s, p;        // stride, padding
+};
+
+// Output positions [lo, hi) along one axis whose taps k = 0..K-1 at o*s - p + k all lie in [0, in).
+inline void interior_range(index_t in, index_t k, index_t s, index_t p, index_t out, index_t& lo,
+                           index_t& hi) {
+    lo = std::min((p + s - 1) / s, out);
+    hi = in - k + p >= 0 ? std::min((in - k + p) / s + 1, out) : 0;
+    if (hi < lo) hi = lo;
+}
+
+// Output positions [lo, hi) along one axis for which tap t reads an in-bounds input o*s - p + t.
+inline void tap_range(index_t in, index_t t, index_t s, index_t p, index_t out, index_t& lo,
+                      index_t& hi) {
+    const index_t first = p - t;  // o*s >= p - t
+    lo = first > 0 ? (first + s - 1) / s : 0;
+    const index_t last = in - 1 + p - t;  // o*s <= in - 1 + p - t
+    hi = last >= 0 ? std::min(last / s + 1, out) : 0;
+    lo = std::min(lo, out);
+    if (hi < lo) hi = lo;
+}
+
+// ---- forward --------------------------------------------------------------------------------
+
+// y[c] = sum of x[ih0 + i][iw0 + j][c] * w[i][j][c] over the in-bounds taps; any K, any position.
+void dwconv_f32_fwd_pixel(const DwShape& a, const float* __restrict__ ximg,
+                          const float* __restrict__ w, float* __restrict__ y, index_t ih0,
+                          index_t iw0) {
+    const index_t C = a.c;
+    const index_t i0 = std::max<index_t>(0, -ih0), i1 = std::min(a.kh, a.h - ih0);
+    const index_t j0 = std::max<index_t>(0, -iw0), j1 = std::min(a.kw, a.w - iw0);
+    for (index_t c = 0; c < C; ++c) y[c] = 0.f;
+    for (index_t i = i0; i < i1; ++i)
+        for (index_t j = j0; j < j1; ++j) {
+            const float* __restrict__ xp = ximg + ((ih0 + i) * a.w + iw0 + j) * C;
+            const float* __restrict__ wp = w + (i * a.kw + j) * C;
+            for (index_t c = 0; c < C; ++c) y[c] += xp[c] * wp[c];
+        }
+}
+
+// Interior output pixels [ow_lo, ow_hi) of one output row; xrow points at input row ih0, column 0.
+template <int K>
+void dwconv_f32_fwd_interior(const DwShape& a, const float* __restrict__ xrow,
+                             const float* __restrict__ w, float* __restrict__ yrow, index_t ow_lo,
+                             index_t ow_hi) {
+    const index_t C = a.c, W = a.w;
+    for (index_t ow = ow_lo; ow < ow_hi; ++ow) {
+        const float* __restrict__ xp = xrow + (ow * a.s - a.p) * C;
+        float* __restrict__ yp = yrow + ow * C;
+        index_t c0 = 0;
+        for (; c0 + CB <= C; c0 += CB) {
+            float acc[CB] = {};
+            for (int i = 0; i < K; ++i)
+                for (int j = 0; j < K; ++j) {
+                    const float* __restrict__ xq = xp + (i * W + j) * C + c0;
+                    const float* __restrict__ wq = w + (i * K + j) * C + c0;
+                    for (index_t cc = 0; cc < CB; ++cc) acc[cc] += xq[cc] * wq[cc];
+                }
+            for (index_t cc = 0; cc < CB; ++cc) yp[c0 + cc] = acc[cc];
+        }
+        for (index_t c = c0; c < C; ++c) {
+            float acc = 0.f;
+            for (int i = 0; i < K; ++i)
+                for (int j = 0; j < K; ++j) acc += xp[(i * W + j) * C + c] * w[(i * K + j) * C + c];
+            yp[c] = acc;
+        }
+    }
+}
+
+void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* __restrict__ w,
+                    float* __restrict__ y) {
+    index_t oh_lo, oh_hi, ow_lo, ow_hi;
+    interior_range(a.h, a.kh, a.s, a.p, a.ho, oh_lo, oh_hi);
+    interior_range(a.w, a.kw, a.s, a.p, a.wo, ow_lo, ow_hi);
+    const bool fast = a.kh == 3 && a.kw == 3;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (index_t n = 0; n < a.n; ++n)
+        for (index_t oh = 0; oh < a.ho; ++oh) {
+            const float* ximg = x + n * a.h * a.w * a.c;
+            float* yrow = y + (n * a.ho + oh) * a.wo * a.c;
+            const index_t ih0 = oh * a.s - a.p;
+            const bool row_inside = oh >= oh_lo && oh < oh_hi;
+            index_t lo = 0, hi = 0;  // columns left to the fast path
+            if (fast && row_inside) {
+                lo = ow_lo;
+                hi = ow_hi;
+                dwconv_f32_fwd_interior<3>(a, ximg + ih0 * a.w * a.c, w, yrow, lo, hi);
+            }
+            for (index_t ow = 0; ow < a.wo; ++ow)
+                if (ow < lo || ow >= hi)
+                    dwconv_f32_fwd_pixel(a, ximg, w, yrow + ow * a.c, ih0, ow * a.s - a.p);
+        }
+}
+
+// ---- input gradient (a gather: each input pixel sums the taps that reach it) ------------------
+
+// dx[c] at input (ih, iw) = sum of dy[oh][ow][c] * w[i][j][c] over oh*s - p + i = ih and
+// ow*s - p + j = iw with (oh, ow) inside the output; any K and stride.
+void dwconv_f32_bwd_input_pixel(const DwShape& a, const float* __restrict__ dyimg,
+                                const float* __restrict__ w, float* __restrict__ dx, index_t ih,
+                                index_t iw) {
+    const index_t C = a.c;
+    for (index_t c = 0; c < C; ++c) dx[c] = 0.f;
+    for (index_t i = 0; i < a.kh; ++i) {
+        const index_t th = ih + a.p - i;
+        if (th < 0 || th % a.s != 0 || th / a.s >= a.ho) continue;
+        const index_t oh = th / a.s;
+        for (index_t j = 0; j < a.kw; ++j) {
+            const index_t tw = iw + a.p - j;
+            if (tw < 0 || tw % a.s != 0 || tw / a.s >= a.wo) continue;
+            const float* __restrict__ dp = dyimg + (oh * a.wo + tw / a.s) * C;
+            const float* __restrict__ wp = w + (i * a.kw + j) * C;
+            for (index_t c = 0; c < C; ++c) dx[c] += dp[c] * wp[c];
+        }
+    }
+}
+
+// Stride 1, inputs [iw_lo, iw_hi) of row ih whose K*K taps all land inside dy: a forward pass over
+// dy with the flipped kernel. dyrow points at dy row ih + p - (K-1).
+template <int K>
+void dwconv_f32_bwd_input_interior_s1(const DwShape& a, const float* __restrict__ dyrow,
+                                      const float* __restrict__ w, float* __restrict__ dxrow,
+                                      index_t iw_lo, index_t iw_hi) {
+    const index_t C = a.c, WO = a.wo;
+    for (index_t iw = iw_lo; iw < iw_hi; ++iw) {
+        const float* __restrict__ dp = dyrow + (iw + a.p - (K - 1)) * C;
+        float* __restrict__ xp = dxrow + iw * C;
+        index_t c0 = 0;
+        for (; c0 + CB <= C; c0 += CB) {
+            float acc[CB] = {};
+            for (int i = 0; i < K; ++i)
+                for (int j = 0; j < K; ++j) {
+                    const float* __restrict__ dq = dp + (i * WO + j) * C + c0;
+                    const float* __restrict__ wq = w + ((K - 1 - i) * K + (K - 1 - j)) * C + c0;
+                    for (index_t cc = 0; cc < CB; ++cc) acc[cc] += dq[cc] * wq[cc];
+                }
+            for (index_t cc = 0; cc < CB; ++cc) xp[c0 + cc] = acc[cc];
+        }
+        for (index_t c = c0; c < C; ++c) {
+            float acc = 0.f;
+            for (int i = 0; i < K; ++i)
+                for (int j = 0; j < K; ++j)
+                    acc += dp[(i * WO + j) * C + c] * w[((K - 1 - i) * K + (K - 1 - j)) * C + c];
+            xp[c] = acc;
+        }
+    }
+}
+
+void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
+                          const float* __restrict__ w, float* __restrict__ dx) {
+    // With stride 1 and a KxK kernel, input position i gets taps from outputs i + p - (K-1) .. i + p.
+    index_t ih_lo = 0, ih_hi = 0, iw_lo = 0, iw_hi = 0;
+    const bool fast = a.s == 1 && a.kh == 3 && a.kw == 3;
+    if (fast) {
+        ih_lo = std::min(std::max<index_t>(0, a.kh - 1 - a.p), a.h);
+        ih_hi = std::max(ih_lo, std::min(a.h, a.ho - a.p));
+        iw_lo = std::min(std::max<index_t>(0, a.kw - 1 - a.p), a.w);
+        iw_hi = std::max(iw_lo, std::min(a.w, a.wo - a.p));
+    }
+#pragma omp parallel for collapse(2) schedule(static)
+    for (index_t n = 0; n < a.n; ++n)
+        for (index_t ih = 0; ih < a.h; ++ih) {
+            const float* dyimg = dy + n * a.ho * a.wo * a.c;
+            float* dxrow = dx + (n * a.h + ih) * a.w * a.c;
+            index_t lo = 0, hi = 0;
+            if (fast && ih >= ih_lo && ih < ih_hi) {
+                lo = iw_lo;
+                hi = iw_hi;
+                dwconv_f32_bwd_input_interior_s1<3>(
+                    a, dyimg + (ih + a.p - (a.kh - 1)) * a.wo * a.c, w, dxrow, lo, hi);
+            }
+            for (index_t iw = 0; iw < a.w; ++iw)
+                if (iw < lo || iw >= hi)
+                    dwconv_f32_bwd_input_pixel(a, dyimg, w, dxrow + iw * a.c, ih, iw);
+        }
+}
+
+// ---- weight gradient ---------------------------------------------------------------------------
+
+// part[i][j][c] += sum over ow of x[oh*s - p + i][ow*s - p + j][c] * dy[oh][ow][c], one output row.
+// Each (tap, channel block) sums its Wo terms in registers before touching `part`.
+void dwconv_f32_bwd_weight_row(const DwShape& a, const float* __restrict__ ximg,
+                               const float* __restrict__ dyrow, float* __restrict__ part,
+                               index_t oh) {
+    const index_t C = a.c;
+    for (index_t i = 0; i < a.kh; ++i) {
+        const index_t ih = oh * a.s - a.p + i;
+        if (ih < 0 || ih >= a.h) continue;
+        const float* __restrict__ xrow = ximg + ih * a.w * C;
+        for (index_t j = 0; j < a.kw; ++j) {
+            index_t lo, hi;
+            tap_range(a.w, j, a.s, a.p, a.wo, lo, hi);
+            float* __restrict__ pp = part + (i * a.kw + j) * C;
+            index_t c0 = 0;
+            for (; c0 + CB <= C; c0 += CB) {
+                float acc[CB] = {};
+                for (index_t ow = lo; ow < hi; ++ow) {
+                    const float* __restrict__ xq = xrow + (ow * a.s - a.p + j) * C + c0;
+                    const float* __restrict__ dq = dyrow + ow * C + c0;
+                    for (index_t cc = 0; cc < CB; ++cc) acc[cc] += xq[cc] * dq[cc];
+                }
+                for (index_t cc = 0; cc < CB; ++cc) pp[c0 + cc] += acc[cc];
+            }
+            if (c0 < C)
+                for (index_t ow = lo; ow < hi; ++ow) {
+                    const float* __restrict__ xq = xrow + (ow * a.s - a.p + j) * C;
+                    const float* __restrict__ dq = dyrow + ow * C;
+                    for (index_t c = c0; c < C; ++c) pp[c] += xq[c] * dq[c];
+                }
+        }
+    }
+}
+
+// The N*Ho output rows are cut into a fixed number of chunks (independent of the thread count, so
+// results are too); each chunk sums in float, and the chunks are added up in double.
+void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
+                           const float* __restrict__ dy, float* __restrict__ dw) {
+    const index_t rows = a.n * a.ho, taps = a.kh * a.kw * a.c;
+    const index_t nchunks = std::min<index_t>(rows, 64);
+    std::vector<float> parts(nchunks * taps, 0.f);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (index_t k = 0; k < nchunks; ++k) {
+        float* part = parts.data() + k * taps;
+        for (index_t r = rows * k / nchunks; r < rows * (k + 1) / nchunks; ++r) {
+            const index_t n = r / a.ho, oh = r % a.ho;
+            dwconv_f32_bwd_weight_row(a, x + n * a.h * a.w * a.c, dy + r * a.wo * a.c, part, oh);
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (index_t t = 0; t < taps; ++t) {
+        double sum = 0.0;
+        for (index_t k = 0; k < nchunks; ++k) sum += parts[k * taps + t];
+        dw[t] = static_cast<float>(sum);
+    }
+}
+
+// ---- bindings ----------------------------------------------------------------------------------
+
+// A (height, width) pair of positive ints.
+std::pair<index_t, index_t> parse_hw(const py::object& obj, const char* name) {
+    if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
+        throw py::type_error(std::string(name) + " must be a (height, width) tuple of ints");
+    py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+    if (seq.size() != 2)
+        throw py::value_error(std::string(name) + " must have 2 entries (height, width), got " +
+                              std::to_string(seq.size()));
+    index_t hw[2];
+    for (int i = 0; i < 2; ++i) {
+        py::object v = seq[i];
+        if (!py::isinstance<py::int_>(v) && !py::hasattr(v, "__index__"))
+            throw py::type_error(std::string(name) + " must hold ints");
+        hw[i] = py::cast<index_t>(py::int_(v));
+        require(hw[i] >= 1, std::string(name) + " entries must be >= 1, got " +
+                                std::to_string(hw[i]));
+    }
+    return {hw[0], hw[1]};
+}
+
+void check_dy_shape(const F32& dy, const DwShape& a) {
+    if (dy[1] != a.ho || dy[2] != a.wo)
+        throw py::value_error("dy " + shape_str(dy.shape) + " does not match the output size (" +
+                              std::to_string(a.ho) + ", " + std::to_string(a.wo) +
+                              ") of input_hw/kernel_hw, stride and padding");
+}
+
+py::array_t<float> dwconv2d_fwd(const py::object& x_, const py::object& w_, index_t stride,
+                                index_t padding) {
+    F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 3);
+    check_same_dim(x, 3, "x", w, 2, "w");
+    DwShape a{x[0], x[1], x[2], x[3], w[0], w[1], 0, 0, stride, padding};
+    a.ho = conv_out_size(a.h, a.kh, stride, padding, "height");
+    a.wo = conv_out_size(a.w, a.kw, stride, padding, "width");
+    auto y = new_f32({a.n, a.ho, a.wo, a.c});
+    float* yp = ptr(y);
+    {
+        py::gil_scoped_release nogil;
+        dwconv_f32_fwd(a, x.ptr, w.ptr, yp);
+    }
+    return y;
+}
+
+py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w_,
+                                      const py::object& input_hw, index_t stride,
+                                      index_t padding) {
+    F32 dy = check_f32(dy_, "dy", 4), w = check_f32(w_, "w", 3);
+    check_same_dim(dy, 3, "dy", w, 2, "w");
+    auto [h, wd] = parse_hw(input_hw, "input_hw");
+    DwShape a{dy[0], h, wd, dy[3], w[0], w[1], 0, 0, stride, padding};
+    a.ho = conv_out_size(a.h, a.kh, stride, padding, "height");
+    a.wo = conv_out_size(a.w, a.kw, stride, padding, "width");
+    check_dy_shape(dy, a);
+    auto dx = new_f32({a.n, a.h, a.w, a.c});
+    float* dxp = ptr(dx);
+    {
+        py::gil_scoped_release nogil;
+        dwconv_f32_bwd_input(a, dy.ptr, w.ptr, dxp);
+    }
+    return dx;
+}
+
+py::array_t<float> dwconv2d_bwd_weight(const py::object& x_, const py::object& dy_,
+                                       const py::object& kernel_hw, index_t stride,
+                                       index_t padding) {
+    F32 x = check_f32(x_, "x", 4), dy = check_f32(dy_, "dy", 4);
+    check_same_dim(x, 0, "x", dy, 0, "dy");
+    check_same_dim(x, 3, "x", dy, 3, "dy");
+    auto [kh, kw] = parse_hw(kernel_hw, "kernel_hw");
+    DwShape a{x[0], x[1], x[2], x[3], kh, kw, 0, 0, stride, padding};
+    a.ho = conv_out_size(a.h, a.kh, stride, padding, "height");
+    a.wo = conv_out_size(a.w, a.kw, stride, padding, "width");
+    check_dy_shape(dy, a);
+    auto dw = new_f32({a.kh, a.kw, a.c});
+    float* dwp = ptr(dw);
+    {
+        py::gil_scoped_release nogil;
+        dwconv_f32_bwd_weight(a, x.ptr, dy.ptr, dwp);
+    }
+    return dw;
+}
+
+}  // namespace
+
+void bind_dwconv(py::module_& m) {
+    m.def("dwconv2d_fwd", &dwconv2d_fwd, py::arg("x"), py::arg("w"), py::arg("stride"),
+          py::arg("padding"),
+          "x (n, h, w, c), w (kh, kw, c) -> y (n, ho, wo, c): depthwise convolution.");
+    m.def("dwconv2d_bwd_input", &dwconv2d_bwd_input, py::arg("dy"), py::arg("w"),
+          py::arg("input_hw"), py::arg("stride"), py::arg("padding"),
+          "dy (n, ho, wo, c), w (kh, kw, c), input_hw (h, w) -> dx (n, h, w, c).");
+    m.def("dwconv2d_bwd_weight", &dwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),
+          py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"),
+          "x (n, h, w, c), dy (n, ho, wo, c), kernel_hw (kh, kw) -> dw (kh, kw, c).");
+}
 
 }  // namespace mbnet
