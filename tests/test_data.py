@@ -1,0 +1,276 @@
+"""CIFAR-10 loading (both formats), the cache, error messages, augmentation and batch determinism.
+
+Everything runs on tiny archives the tests write themselves; nothing is downloaded.
+"""
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mbnet import data
+
+
+def _official_like(rng, n_per_batch):
+    """Random images/labels laid out like the official release: 5 train batches + 1 test batch."""
+    batches = {}
+    for name in data.TRAIN_BATCHES + (data.TEST_BATCH,):
+        labels = rng.integers(0, 10, n_per_batch)
+        labels[:10] = np.arange(10)  # every class present
+        rng.shuffle(labels)
+        images = rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8)
+        batches[name] = (images, labels)
+    return batches
+
+
+def _write_pickles(root, batches):
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for name, (images, labels) in batches.items():
+        rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # channel-major rows
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": rows, b"labels": [int(v) for v in labels], b"batch_label": name.encode()}, f)
+    return d
+
+
+def _write_folder(root, batches, ext="png"):
+    """Numbers each class's files in official order, as the shared JPEG mirror does."""
+    for split, names in (("train", data.TRAIN_BATCHES), ("test", (data.TEST_BATCH,))):
+        images = np.concatenate([batches[n][0] for n in names])
+        labels = np.concatenate([batches[n][1] for n in names])
+        count = [0] * 10
+        for im, y in zip(images, labels):
+            d = root / split / data.CLASSES[y]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(d / f"{count[y]:04d}.{ext}")
+            count[y] += 1
+    return root
+
+
+@pytest.fixture
+def batches(rng):
+    return _official_like(rng, 24)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("MBNET_DATA", raising=False)
+    c = tmp_path / "cache"
+    monkeypatch.setenv("MBNET_CACHE", str(c))
+    return c
+
+
+def _expected(batches, names):
+    images = np.concatenate([batches[n][0] for n in names])
+    labels = np.concatenate([batches[n][1] for n in names])
+    order = np.argsort(labels, kind="stable")
+    return images[order], labels[order]
+
+
+def test_pickles_and_folder_give_the_same_arrays(tmp_path, batches, cache):
+    _write_pickles(tmp_path / "pk", batches)
+    _write_folder(tmp_path / "img", batches)
+    a = data.load_cifar10(tmp_path / "pk")
+    b = data.load_cifar10(tmp_path / "img")
+    for split, names in (("train", data.TRAIN_BATCHES), ("test", (data.TEST_BATCH,))):
+        x, y = _expected(batches, names)
+        for d in (a, b):
+            assert d[split + "_x"].dtype == np.uint8 and d[split + "_x"].shape == (len(y), 32, 32, 3)
+            assert d[split + "_y"].dtype == np.int64
+            np.testing.assert_array_equal(d[split + "_x"], x)
+            np.testing.assert_array_equal(d[split + "_y"], y)
+
+
+def test_pickle_dir_itself_and_env_var(tmp_path, batches, cache, monkeypatch):
+    d = _write_pickles(tmp_path, batches)
+    monkeypatch.setenv("MBNET_DATA", str(d))
+    out = data.load_cifar10()
+    np.testing.assert_array_equal(out["test_y"], _expected(batches, (data.TEST_BATCH,))[1])
+
+
+def test_jpeg_folder_decodes_close_to_the_source(tmp_path, batches, cache):
+    smooth = {k: (np.repeat(np.repeat(x[:, ::4, ::4], 4, 1), 4, 2), y) for k, (x, y) in batches.items()}
+    _write_folder(tmp_path / "jpg", smooth, ext="jpg")
+    out = data.load_cifar10(tmp_path / "jpg")
+    x, _ = _expected(smooth, (data.TEST_BATCH,))
+    assert np.abs(out["test_x"].astype(int) - x).mean() < 20
+
+
+def test_cache_is_reused_then_invalidated(tmp_path, batches, cache, monkeypatch):
+    root = _write_folder(tmp_path / "img", batches)
+    first = data.load_cifar10(root)
+    assert len(list(cache.glob("cifar10-folder-*.npz"))) == 1
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(data, "decode_images", no_decoding)
+    second = data.load_cifar10(root)
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        np.testing.assert_array_equal(first[k], second[k])
+
+    # a new file changes the source: the cache must be rebuilt
+    Image.fromarray(batches["test_batch"][0][0]).save(root / "test" / "cat" / "9999.png")
+    with pytest.raises(AssertionError, match="decoded again"):
+        data.load_cifar10(root)
+    monkeypatch.undo()
+    monkeypatch.setenv("MBNET_CACHE", str(cache))
+    third = data.load_cifar10(root)
+    assert len(third["test_y"]) == len(first["test_y"]) + 1
+
+
+def test_corrupt_files_are_named(tmp_path, batches, cache):
+    pk = _write_pickles(tmp_path / "pk", batches)
+    raw = (pk / "data_batch_3").read_bytes()
+    (pk / "data_batch_3").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(data.DataError, match="data_batch_3"):
+        data.load_cifar10(tmp_path / "pk")
+
+    img = _write_folder(tmp_path / "img", batches)
+    bad = img / "train" / "dog" / "0001.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(data.DataError, match="dog/0001.png"):
+        data.load_cifar10(img)
+
+
+def test_corrupt_file_named_through_the_process_pool(tmp_path, rng):
+    paths = []
+    for i in range(2100):
+        p = tmp_path / f"{i:04d}.png"
+        Image.fromarray(np.full((32, 32, 3), i % 256, np.uint8)).save(p)
+        paths.append(str(p))
+    out = data.decode_images(paths, workers=2)
+    np.testing.assert_array_equal(out[:, 0, 0, 0], np.arange(2100) % 256)
+    (tmp_path / "1500.png").write_bytes(b"not an image")
+    with pytest.raises(data.DataError, match="1500.png"):
+        data.decode_images(paths, workers=2)
+
+
+def test_missing_data_gives_a_clear_message(tmp_path, cache, monkeypatch):
+    def offline(url, dest):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(data, "_download", offline)
+    with pytest.raises(data.DataError) as e:
+        data.load_cifar10()
+    msg = str(e.value)
+    assert "--data-dir" in msg and str(cache) in msg and data.CIFAR_MD5 in msg and "unreachable" in msg
+
+    with pytest.raises(data.DataError, match="--data-dir"):
+        data.load_cifar10(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="--data-dir"):
+        data.load_cifar10(tmp_path / "empty")
+
+
+def test_archive_with_wrong_md5_is_refused(tmp_path, cache):
+    cache.mkdir()
+    (cache / "cifar-10-python.tar.gz").write_bytes(b"truncated")
+    with pytest.raises(data.DataError, match="cifar-10-python.tar.gz.*MD5"):
+        data.load_cifar10(download=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation and batches
+
+
+def test_crop_flip_geometry(rng):
+    x = rng.integers(1, 256, (6, 8, 8, 3), dtype=np.uint8)
+    b = len(x)
+    center = np.full(b, 4)
+    none = np.zeros(b, bool)
+    np.testing.assert_array_equal(data.crop_flip(x, center, center, none, 4), x)
+    flipped = data.crop_flip(x, center, center, ~none, 4)
+    np.testing.assert_array_equal(flipped, x[:, :, ::-1])
+    np.testing.assert_array_equal(data.crop_flip(flipped, center, center, ~none, 4), x)
+    # a shifted crop keeps the overlapping content and fills the rest with zeros
+    dy, dx = rng.integers(0, 9, b), rng.integers(0, 9, b)
+    out = data.crop_flip(x, dy, dx, none, 4)
+    for i in range(b):
+        p = np.pad(x[i], ((4, 4), (4, 4), (0, 0)))
+        np.testing.assert_array_equal(out[i], p[dy[i]:dy[i] + 8, dx[i]:dx[i] + 8])
+        assert (out[i] == 0).all(-1).sum() == 64 - (8 - abs(dy[i] - 4)) * (8 - abs(dx[i] - 4))
+
+
+def test_augmentation_statistics(rng):
+    x = rng.integers(1, 256, (4000, 4, 4, 3), dtype=np.uint8)
+    out = data.augment_batch(x, seed=3, epoch=0, batch=0, pad=1)
+    assert out.shape == x.shape and out.dtype == np.uint8
+    flipped = (out == x[:, :, ::-1]).all((1, 2, 3))
+    kept = (out == x).all((1, 2, 3))
+    assert 0.05 < flipped.mean() < 0.2 and 0.05 < kept.mean() < 0.2  # 1/2 flip x 1/9 offsets
+
+
+def test_normalize(rng):
+    x = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    x[..., 1] //= 4
+    mean, std = data.channel_stats(x)
+    np.testing.assert_allclose(mean, x.reshape(-1, 3).mean(0) / 255, rtol=1e-12)
+    np.testing.assert_allclose(std, x.reshape(-1, 3).std(0) / 255, rtol=1e-9)
+    y = data.normalize(x, mean, std)
+    assert y.dtype == np.float32 and y.flags.c_contiguous
+    np.testing.assert_allclose(y.reshape(-1, 3).mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(y.reshape(-1, 3).std(0), 1, atol=1e-5)
+
+
+def test_resize():
+    x = np.zeros((3, 32, 32, 3), np.uint8)
+    x[:, :, 16:] = 200
+    y = data.resize_images(x, 24)
+    assert y.shape == (3, 24, 24, 3) and y.dtype == np.uint8
+    assert (y[:, :, :11] == 0).all() and (y[:, :, 13:] == 200).all()
+    assert data.resize_images(x, 32) is x
+
+
+def _loader(rng, train, n=100, **kw):
+    x = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(n) % 10
+    return data.Loader(x, y, 16, np.full(3, 0.5), np.full(3, 0.25), train=train, **kw)
+
+
+def test_batches_depend_only_on_seed_epoch_index(rng):
+    a = _loader(rng, True, seed=5)
+    b = data.Loader(a.images, a.labels, 16, a.mean, a.std, train=True, seed=5)
+    assert len(a) == 6
+    full = list(a.epoch(2))
+    assert [i for i, *_ in full] == list(range(6))
+    for i, x, y in full:
+        assert x.shape == (16, 8, 8, 3) and x.dtype == np.float32 and x.flags.c_contiguous
+        assert y.dtype == np.int64 and y.shape == (16,)
+    # resume mid-epoch in a fresh loader, and random access, give the same batches
+    for (i, x, y), (j, x2, y2) in zip(full[3:], b.epoch(2, start=3)):
+        assert i == j
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+    x3, y3 = b.batch(2, 4)
+    np.testing.assert_array_equal(x3, full[4][1])
+    # another epoch / seed gives other batches; each epoch sees distinct images
+    assert not np.array_equal(a.batch(3, 0)[0], full[0][1])
+    assert not np.array_equal(_loader(rng, True, seed=6).batch(2, 0)[1], full[0][2])
+    order = data.shuffle_order(100, 5, 2)
+    assert sorted(order) == list(range(100))
+
+
+def test_eval_loader_covers_everything_in_order(rng):
+    ld = _loader(rng, False, n=37)
+    got = list(ld.epoch(0))
+    assert len(ld) == 3 and [len(y) for _, _, y in got] == [16, 16, 5]
+    np.testing.assert_array_equal(np.concatenate([y for *_, y in got]), ld.labels)
+    np.testing.assert_array_equal(got[0][1], data.normalize(ld.images[:16], ld.mean, ld.std))
+
+
+def test_prefetcher_stops_when_abandoned(rng):
+    ld = _loader(rng, True, n=400, prefetch=1)
+    it = ld.epoch(0)
+    for i, *_ in it:
+        if i == 2:
+            break
+    it.close()
+    assert not it.thread.is_alive()
+
+
+def test_errors_in_the_prefetch_thread_reach_the_consumer(rng):
+    ld = _loader(rng, True)
+    ld.mean = None  # breaks normalize
+    with pytest.raises(TypeError):
+        list(ld.epoch(0))
