@@ -1,0 +1,166 @@
+"""dwconv2d_fwd / _bwd_input / _bwd_weight against mbnet.reference (float64).
+
+Shapes: x (n, h, w, c), w (kh, kw, c), dy (n, ho, wo, c). The kernels block channels by 16 and take
+a fast path for the interior of 3x3 convolutions, so the cases cover channel counts below, at and
+above the block, tiny images that are all border, stride 2 and 3 on odd sizes, and every padding.
+"""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mbnet import _C
+from mbnet import reference as R
+
+
+def out_size(size, k, s, p):
+    return (size + 2 * p - k) // s + 1 if size + 2 * p - k >= 0 else 0
+
+
+def make(n, h, w, c, k, s, p, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    wt = rng.standard_normal((k, k, c)).astype(np.float32)
+    dy = rng.standard_normal((n, max(out_size(h, k, s, p), 1), max(out_size(w, k, s, p), 1), c))
+    return x, wt, dy.astype(np.float32)
+
+
+def check_all(n, h, w, c, k, s, p, seed=0):
+    """Forward and both gradients equal the float64 reference; out-of-range shapes raise."""
+    x, wt, dy = make(n, h, w, c, k, s, p, seed)
+    where = f"n={n} h={h} w={w} c={c} k={k} stride={s} padding={p}"
+    if out_size(h, k, s, p) < 1 or out_size(w, k, s, p) < 1:
+        with pytest.raises(ValueError, match="output"):
+            _C.dwconv2d_fwd(x, wt, s, p)
+        with pytest.raises(ValueError, match="output"):
+            _C.dwconv2d_bwd_input(dy, wt, (h, w), s, p)
+        with pytest.raises(ValueError, match="output"):
+            _C.dwconv2d_bwd_weight(x, dy, (k, k), s, p)
+        return
+    x64, w64, dy64 = x.astype(np.float64), wt.astype(np.float64), dy.astype(np.float64)
+
+    y = _C.dwconv2d_fwd(x, wt, s, p)
+    assert y.dtype == np.float32 and y.shape == dy.shape, where
+    np.testing.assert_allclose(y, R.dwconv2d_fwd(x64, w64, s, p), rtol=1e-4, atol=1e-4 * k,
+                               err_msg="forward, " + where)
+
+    dx = _C.dwconv2d_bwd_input(dy, wt, (h, w), s, p)
+    assert dx.shape == x.shape, where
+    np.testing.assert_allclose(dx, R.dwconv2d_bwd_input(dy64, w64, (h, w), s, p), rtol=1e-4,
+                               atol=1e-4 * k, err_msg="input gradient, " + where)
+
+    dw = _C.dwconv2d_bwd_weight(x, dy, (k, k), s, p)
+    assert dw.shape == wt.shape, where
+    terms = n * dy.shape[1] * dy.shape[2]
+    np.testing.assert_allclose(dw, R.dwconv2d_bwd_weight(x64, dy64, (k, k), s, p), rtol=1e-4,
+                               atol=1e-4 * np.sqrt(terms), err_msg="weight gradient, " + where)
+
+    # The three are one bilinear form: <dy, y(x, w)> = <dx, x> = <dw, w>.
+    form = float(np.vdot(dy64, y))
+    tol = 1e-4 * np.sqrt(y.size) * k + 1e-4 * abs(form)
+    assert abs(float(np.vdot(dx.astype(np.float64), x64)) - form) < tol, where
+    assert abs(float(np.vdot(dw.astype(np.float64), w64)) - form) < tol, where
+
+
+@given(
+    n=st.sampled_from([1, 2, 3]),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    c=st.sampled_from([1, 3, 8, 15, 16, 17, 33, 100]),
+    k=st.sampled_from([1, 3, 5]),
+    s=st.sampled_from([1, 2, 3]),
+    p=st.integers(0, 3),
+    seed=st.integers(0, 2**31),
+)
+def test_matches_reference(n, h, w, c, k, s, p, seed):
+    check_all(n, h, w, c, k, s, p, seed)
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("c_lt_block", (2, 7, 7, 15, 3, 1, 1)),
+        ("c_eq_block", (2, 7, 7, 16, 3, 1, 1)),
+        ("c_gt_block", (2, 7, 7, 17, 3, 1, 1)),
+        ("c_div_block", (2, 6, 5, 48, 3, 1, 1)),
+        ("c_1", (3, 5, 6, 1, 3, 1, 1)),
+        ("batch_1", (1, 9, 9, 24, 3, 1, 1)),
+        ("stride2_odd", (2, 9, 7, 20, 3, 2, 1)),
+        ("stride2_even", (2, 8, 8, 32, 3, 2, 1)),
+        ("stride2_unpadded", (1, 9, 9, 17, 3, 2, 0)),
+        ("stride3", (1, 11, 10, 19, 3, 3, 1)),
+        ("wide_padding", (1, 4, 3, 17, 3, 1, 3)),
+        ("kernel_larger_than_image", (2, 2, 3, 9, 5, 1, 2)),
+        ("image_1x1", (2, 1, 1, 33, 3, 1, 1)),
+        ("k5", (2, 9, 8, 21, 5, 1, 2)),
+        ("k5_stride2", (2, 9, 8, 21, 5, 2, 2)),
+        ("k1_stride2", (2, 7, 8, 5, 1, 2, 0)),
+        ("larger_s1", (2, 32, 32, 40, 3, 1, 1)),
+        ("larger_s2", (2, 31, 32, 40, 3, 2, 1)),
+        ("mobilenet_last", (4, 2, 2, 1024, 3, 1, 1)),
+    ],
+)
+def test_named_cases(name, shape):
+    check_all(*shape)
+
+
+@pytest.fixture
+def restore_threads():
+    before = _C.get_num_threads()
+    yield
+    _C.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(3, 13, 11, 37, 3, 1, 1), (4, 12, 9, 20, 3, 2, 1), (2, 8, 8, 7, 5, 1, 2)])
+def test_thread_count_agreement(shape, restore_threads):
+    n, h, w, c, k, s, p = shape
+    x, wt, dy = make(n, h, w, c, k, s, p, seed=1)
+    results = []
+    for threads in (1, 2):
+        _C.set_num_threads(threads)
+        results.append((
+            _C.dwconv2d_fwd(x, wt, s, p),
+            _C.dwconv2d_bwd_input(dy, wt, (h, w), s, p),
+            _C.dwconv2d_bwd_weight(x, dy, (k, k), s, p),
+        ))
+    # Each output element is summed in the same order whatever the thread count.
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
+def test_bad_arguments():
+    x, wt, dy = make(2, 6, 6, 4, 3, 1, 1)
+    with pytest.raises(TypeError, match="x"):
+        _C.dwconv2d_fwd(x.astype(np.float64), wt, 1, 1)
+    with pytest.raises(TypeError, match="w"):
+        _C.dwconv2d_fwd(x, wt.astype(np.float16), 1, 1)
+    with pytest.raises(TypeError, match="x"):
+        _C.dwconv2d_fwd(x.tolist(), wt, 1, 1)
+    with pytest.raises(TypeError, match="dy"):
+        _C.dwconv2d_bwd_input(dy.astype(np.float64), wt, (6, 6), 1, 1)
+    with pytest.raises(ValueError, match="x .* w"):
+        _C.dwconv2d_fwd(x, wt[:, :, :3].copy(), 1, 1)
+    with pytest.raises(ValueError, match="x"):
+        _C.dwconv2d_fwd(x[0], wt, 1, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        _C.dwconv2d_fwd(x[:, :, ::2], wt, 1, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        _C.dwconv2d_bwd_weight(x, dy[:, ::-1], (3, 3), 1, 1)
+    with pytest.raises(ValueError, match="stride"):
+        _C.dwconv2d_fwd(x, wt, 0, 1)
+    with pytest.raises(ValueError, match="padding"):
+        _C.dwconv2d_fwd(x, wt, 1, -1)
+    with pytest.raises(ValueError, match="stride"):
+        _C.dwconv2d_bwd_weight(x, dy, (3, 3), -2, 1)
+    with pytest.raises(ValueError, match="output"):
+        _C.dwconv2d_fwd(x[:, :1, :1].copy(), wt, 1, 0)
+    with pytest.raises(ValueError, match="dy"):
+        _C.dwconv2d_bwd_input(dy, wt, (7, 6), 2, 1)
+    with pytest.raises(ValueError, match="dy"):
+        _C.dwconv2d_bwd_weight(x, dy[:1].copy(), (3, 3), 1, 1)
+    with pytest.raises(ValueError, match="input_hw"):
+        _C.dwconv2d_bwd_input(dy, wt, (6, 6, 1), 1, 1)
+    with pytest.raises(ValueError, match="kernel_hw"):
+        _C.dwconv2d_bwd_weight(x, dy, (0, 3), 1, 1)
+    with pytest.raises(TypeError, match="kernel_hw"):
+        _C.dwconv2d_bwd_weight(x, dy, 3, 1, 1)
