@@ -1,7 +1,463 @@
+// BatchNorm fused with ReLU / ReLU6, and the activations alone.
+//
+// x has any rank >= 2 and is viewed as (M, C): C is the last (contiguous) axis, M all the others.
+// Passes over memory: train forward = statistics + normalize; train backward = reduction + dx;
+// inference forward and backward = one pass each. Every loop runs over contiguous channels with
+// per-channel (per-thread) accumulators, so GCC vectorizes it without reordering any sum.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
 #include "common.h"
 
 namespace mbnet {
+namespace {
 
-void bind_batchnorm(py::module_& m) {}
+// Below this many elements one thread beats waking the team.
+constexpr index_t kParallelMin = index_t(1) << 15;
+
+// With few channels a row is too short for the vector loop, so the loops walk "wide rows" of
+// W = k*C elements (k whole rows, W >= 64 floats) and per-channel arrays are stored k times over
+// (`rep`). The last wide row may be shorter but still holds whole rows.
+struct Rows {
+    index_t M, C, W, n;  // n wide rows over M*C elements
+    index_t total() const { return M * C; }
+    index_t len(index_t r) const { return std::min(W, total() - r * W); }
+};
+
+Rows make_rows(index_t M, index_t C) {
+    index_t k = std::max<index_t>(1, 64 / C);
+    index_t W = k * C;
+    return {M, C, W, (M * C + W - 1) / W};
+}
+
+template <class T, class U>
+std::vector<T> rep(const Rows& r, const U* v) {
+    std::vector<T> out(r.W);
+    for (index_t j = 0; j < r.W; ++j) out[j] = T(v[j % r.C]);
+    return out;
+}
+
+// Thread t of T takes wide rows [lo, hi).
+inline void my_rows(index_t n, index_t& lo, index_t& hi) {
+    index_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    lo = n * t / T;
+    hi = n * (t + 1) / T;
+}
+
+// Per-thread accumulators: `k` arrays of W doubles per thread, folded into C channels.
+struct Partials {
+    index_t W, stride;
+    int k;
+    std::vector<double> buf;
+    Partials(index_t W_, int k_)
+        : W(W_), stride((W_ + 7) / 8 * 8), k(k_), buf(size_t(omp_get_max_threads()) * k_ * stride) {}
+    double* mine(int which) { return &buf[(size_t(omp_get_thread_num()) * k + which) * stride]; }
+    // Sum of array `which` over threads and over the k copies of each channel.
+    std::vector<double> fold(int which, index_t C) const {
+        std::vector<double> out(C, 0.0);
+        index_t T = index_t(buf.size() / (size_t(k) * stride));
+        for (index_t t = 0; t < T; ++t) {
+            const double* p = &buf[(size_t(t) * k + which) * stride];
+            for (index_t j = 0; j < W; ++j) out[j % C] += p[j];
+        }
+        return out;
+    }
+};
+
+template <Act A>
+inline float act(float z) {
+    if constexpr (A == Act::ReLU) return std::max(z, 0.0f);
+    if constexpr (A == Act::ReLU6) return std::min(std::max(z, 0.0f), 6.0f);
+    return z;
+}
+
+// dy times act's derivative, read from act's output y (branch-free, for the vectorizer).
+template <Act A>
+inline float masked(float dy, float y) {
+    if constexpr (A == Act::ReLU) return dy * float(y > 0.0f);
+    if constexpr (A == Act::ReLU6) return dy * float((y > 0.0f) & (y < 6.0f));
+    return dy;
+}
+
+template <class F>
+void with_act(Act a, F&& f) {
+    switch (a) {
+        case Act::None: f(std::integral_constant<Act, Act::None>{}); break;
+        case Act::ReLU: f(std::integral_constant<Act, Act::ReLU>{}); break;
+        case Act::ReLU6: f(std::integral_constant<Act, Act::ReLU6>{}); break;
+    }
+}
+
+// y = act((x - mean) * scale + shift), per channel.
+template <Act A>
+void normalize_act(const Rows& R, const float* __restrict__ x, float* __restrict__ y,
+                   const std::vector<float>& mean_r, const std::vector<float>& scale_r,
+                   const std::vector<float>& shift_r) {
+    const float* __restrict__ mu = mean_r.data();
+    const float* __restrict__ a = scale_r.data();
+    const float* __restrict__ b = shift_r.data();
+#pragma omp parallel if (R.total() >= kParallelMin)
+    {
+        index_t lo, hi;
+        my_rows(R.n, lo, hi);
+        for (index_t r = lo; r < hi; ++r) {
+            const float* __restrict__ xr = x + r * R.W;
+            float* __restrict__ yr = y + r * R.W;
+            index_t len = R.len(r);
+            for (index_t j = 0; j < len; ++j) yr[j] = act<A>((xr[j] - mu[j]) * a[j] + b[j]);
+        }
+    }
+}
+
+// Batch statistics of the (M, C) view: biased variance, computed from sums of x minus its first
+// row in double, so that a large mean does not cancel the variance away.
+void batch_stats(const Rows& R, const float* __restrict__ x, std::vector<double>& mean,
+                 std::vector<double>& var) {
+    std::vector<float> shift_r = rep<float>(R, x);
+    const float* __restrict__ sh = shift_r.data();
+    Partials P(R.W, 2);
+#pragma omp parallel if (R.total() >= kParallelMin)
+    {
+        double* __restrict__ s = P.mine(0);
+        double* __restrict__ q = P.mine(1);
+        index_t lo, hi;
+        my_rows(R.n, lo, hi);
+        for (index_t r = lo; r < hi; ++r) {
+            const float* __restrict__ xr = x + r * R.W;
+            index_t len = R.len(r);
+            for (index_t j = 0; j < len; ++j) {
+                double d = double(xr[j] - sh[j]);
+                s[j] += d;
+                q[j] += d * d;
+            }
+        }
+    }
+    std::vector<double> S = P.fold(0, R.C), Q = P.fold(1, R.C);
+    mean.resize(R.C);
+    var.resize(R.C);
+    for (index_t c = 0; c < R.C; ++c) {
+        double m = S[c] / double(R.M);
+        mean[c] = double(x[c]) + m;
+        var[c] = std::max(Q[c] / double(R.M) - m * m, 0.0);
+    }
+}
+
+// Per-channel sums of dz = mask(dy) and of dz * (x - mean), the two reductions of backward.
+template <Act A>
+void grad_sums(const Rows& R, const float* __restrict__ dy, const float* __restrict__ x,
+               const float* __restrict__ y, const std::vector<float>& mean_r,
+               std::vector<double>& sum_dz, std::vector<double>& sum_dz_xc) {
+    const float* __restrict__ mu = mean_r.data();
+    Partials P(R.W, 2);
+#pragma omp parallel if (R.total() >= kParallelMin)
+    {
+        double* __restrict__ sb = P.mine(0);
+        double* __restrict__ sg = P.mine(1);
+        index_t lo, hi;
+        my_rows(R.n, lo, hi);
+        for (index_t r = lo; r < hi; ++r) {
+            index_t o = r * R.W, len = R.len(r);
+            for (index_t j = 0; j < len; ++j) {
+                float g = masked<A>(dy[o + j], y[o + j]);
+                sb[j] += double(g);
+                sg[j] += double(g * (x[o + j] - mu[j]));
+            }
+        }
+    }
+    sum_dz = P.fold(0, R.C);
+    sum_dz_xc = P.fold(1, R.C);
+}
+
+// --- argument checking ------------------------------------------------------------------------
+
+void check_same_shape(const F32& a, const char* na, const F32& b, const char* nb) {
+    if (a.shape != b.shape)
+        throw py::value_error(std::string(na) + " " + shape_str(a.shape) + " and " + nb + " " +
+                              shape_str(b.shape) + " must have the same shape");
+}
+
+F32 check_channel_vec(const py::object& obj, const char* name, const F32& x) {
+    F32 v = check_f32(obj, name, 1);
+    check_same_dim(v, 0, name, x, -1, "x");
+    return v;
+}
+
+F32 check_writeable_channel_vec(const py::object& obj, const char* name, const F32& x) {
+    if (py::isinstance<py::array>(obj) && !py::reinterpret_borrow<py::array>(obj).writeable())
+        throw py::value_error(std::string(name) + " must be writeable (it is updated in place)");
+    return check_channel_vec(obj, name, x);
+}
+
+void check_eps(double eps) {
+    require(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got " + std::to_string(eps));
+}
+
+// --- bindings ---------------------------------------------------------------------------------
+
+py::tuple bn_train_fwd(const py::object& x_, const py::object& gamma_, const py::object& beta_,
+                       const py::object& rmean_, const py::object& rvar_, double momentum,
+                       double eps, const std::string& act_name) {
+    F32 x = check_f32(x_, "x", -2);
+    F32 gamma = check_channel_vec(gamma_, "gamma", x);
+    F32 beta = check_channel_vec(beta_, "beta", x);
+    F32 rmean = check_writeable_channel_vec(rmean_, "running_mean", x);
+    F32 rvar = check_writeable_channel_vec(rvar_, "running_var", x);
+    require(momentum >= 0.0 && momentum <= 1.0,
+            "momentum must be in [0, 1], got " + std::to_string(momentum));
+    check_eps(eps);
+    Act a = parse_act(act_name);
+    const index_t C = x[-1], M = x.size() / C;
+    auto y = new_f32(x.shape);
+    auto mean_out = new_f32({C});
+    auto invstd_out = new_f32({C});
+    float* yp = ptr(y);
+    float* mp = ptr(mean_out);
+    float* ip = ptr(invstd_out);
+    {
+        py::gil_scoped_release release;
+        Rows R = make_rows(M, C);
+        std::vector<double> mean, var;
+        batch_stats(R, x.ptr, mean, var);
+        std::vector<float> scale(C), shift(C);
+        for (index_t c = 0; c < C; ++c) {
+            double invstd = 1.0 / std::sqrt(var[c] + eps);
+            mp[c] = float(mean[c]);
+            ip[c] = float(invstd);
+            scale[c] = float(invstd * gamma.ptr[c]);
+            shift[c] = beta.ptr[c];
+        }
+        auto mean_r = rep<float>(R, mp), scale_r = rep<float>(R, scale.data()),
+             shift_r = rep<float>(R, shift.data());
+        with_act(a, [&](auto A) { normalize_act<decltype(A)::value>(R, x.ptr, yp, mean_r, scale_r, shift_r); });
+        double unbias = double(M) / double(std::max<index_t>(M - 1, 1));
+        for (index_t c = 0; c < C; ++c) {
+            rmean.ptr[c] = float((1.0 - momentum) * rmean.ptr[c] + momentum * mean[c]);
+            rvar.ptr[c] = float((1.0 - momentum) * rvar.ptr[c] + momentum * var[c] * unbias);
+        }
+    }
+    return py::make_tuple(y, mean_out, invstd_out);
+}
+
+py::tuple bn_train_bwd(const py::object& dy_, const py::object& x_, const py::object& y_,
+                       const py::object& gamma_, const py::object& beta_, const py::object& mean_,
+                       const py::object& invstd_, const std::string& act_name) {
+    F32 dy = check_f32(dy_, "dy", -2);
+    F32 x = check_f32(x_, "x", -2);
+    F32 y = check_f32(y_, "y", -2);
+    check_same_shape(dy, "dy", x, "x");
+    check_same_shape(y, "y", x, "x");
+    F32 gamma = check_channel_vec(gamma_, "gamma", x);
+    check_channel_vec(beta_, "beta", x);
+    F32 mean = check_channel_vec(mean_, "mean", x);
+    F32 invstd = check_channel_vec(invstd_, "invstd", x);
+    Act a = parse_act(act_name);
+    const index_t C = x[-1], M = x.size() / C;
+    auto dx = new_f32(x.shape);
+    auto dgamma = new_f32({C});
+    auto dbeta = new_f32({C});
+    float* dxp = ptr(dx);
+    float* dgp = ptr(dgamma);
+    float* dbp = ptr(dbeta);
+    {
+        py::gil_scoped_release release;
+        Rows R = make_rows(M, C);
+        auto mean_r = rep<float>(R, mean.ptr);
+        std::vector<double> sum_dz, sum_dz_xc;
+        with_act(a, [&](auto A) { grad_sums<decltype(A)::value>(R, dy.ptr, x.ptr, y.ptr, mean_r, sum_dz, sum_dz_xc); });
+        // dx = k1*dz - k2 - k3*(x - mean), the usual gamma*invstd/M * (M*dz - dbeta - xhat*dgamma).
+        std::vector<float> k1(C), k2(C), k3(C);
+        for (index_t c = 0; c < C; ++c) {
+            double is = invstd.ptr[c], g = gamma.ptr[c];
+            double dg = sum_dz_xc[c] * is;
+            dgp[c] = float(dg);
+            dbp[c] = float(sum_dz[c]);
+            k1[c] = float(g * is);
+            k2[c] = float(g * is * sum_dz[c] / double(M));
+            k3[c] = float(g * is * is * dg / double(M));
+        }
+        auto k1_r = rep<float>(R, k1.data()), k2_r = rep<float>(R, k2.data()),
+             k3_r = rep<float>(R, k3.data());
+        const float* __restrict__ mu = mean_r.data();
+        const float* __restrict__ p1 = k1_r.data();
+        const float* __restrict__ p2 = k2_r.data();
+        const float* __restrict__ p3 = k3_r.data();
+        const float* __restrict__ dyp = dy.ptr;
+        const float* __restrict__ xp = x.ptr;
+        const float* __restrict__ yp = y.ptr;
+        with_act(a, [&](auto A) {
+#pragma omp parallel if (R.total() >= kParallelMin)
+            {
+                index_t lo, hi;
+                my_rows(R.n, lo, hi);
+                for (index_t r = lo; r < hi; ++r) {
+                    index_t o = r * R.W, len = R.len(r);
+                    for (index_t j = 0; j < len; ++j) {
+                        float g = masked<decltype(A)::value>(dyp[o + j], yp[o + j]);
+                        dxp[o + j] = p1[j] * g - p2[j] - p3[j] * (xp[o + j] - mu[j]);
+                    }
+                }
+            }
+        });
+    }
+    return py::make_tuple(dx, dgamma, dbeta);
+}
+
+py::array_t<float> bn_infer_fwd(const py::object& x_, const py::object& gamma_,
+                                const py::object& beta_, const py::object& mean_,
+                                const py::object& var_, double eps, const std::string& act_name) {
+    F32 x = check_f32(x_, "x", -2);
+    F32 gamma = check_channel_vec(gamma_, "gamma", x);
+    F32 beta = check_channel_vec(beta_, "beta", x);
+    F32 mean = check_channel_vec(mean_, "mean", x);
+    F32 var = check_channel_vec(var_, "var", x);
+    check_eps(eps);
+    Act a = parse_act(act_name);
+    const index_t C = x[-1], M = x.size() / C;
+    auto y = new_f32(x.shape);
+    float* yp = ptr(y);
+    {
+        py::gil_scoped_release release;
+        Rows R = make_rows(M, C);
+        std::vector<float> scale(C);
+        for (index_t c = 0; c < C; ++c)
+            scale[c] = float(double(gamma.ptr[c]) / std::sqrt(double(var.ptr[c]) + eps));
+        auto mean_r = rep<float>(R, mean.ptr), scale_r = rep<float>(R, scale.data()),
+             shift_r = rep<float>(R, beta.ptr);
+        with_act(a, [&](auto A) { normalize_act<decltype(A)::value>(R, x.ptr, yp, mean_r, scale_r, shift_r); });
+    }
+    return y;
+}
+
+py::tuple bn_infer_bwd(const py::object& dy_, const py::object& x_, const py::object& y_,
+                       const py::object& gamma_, const py::object& beta_, const py::object& mean_,
+                       const py::object& var_, double eps, const std::string& act_name) {
+    F32 dy = check_f32(dy_, "dy", -2);
+    F32 x = check_f32(x_, "x", -2);
+    F32 y = check_f32(y_, "y", -2);
+    check_same_shape(dy, "dy", x, "x");
+    check_same_shape(y, "y", x, "x");
+    F32 gamma = check_channel_vec(gamma_, "gamma", x);
+    check_channel_vec(beta_, "beta", x);
+    F32 mean = check_channel_vec(mean_, "mean", x);
+    F32 var = check_channel_vec(var_, "var", x);
+    check_eps(eps);
+    Act a = parse_act(act_name);
+    const index_t C = x[-1], M = x.size() / C;
+    auto dx = new_f32(x.shape);
+    auto dgamma = new_f32({C});
+    auto dbeta = new_f32({C});
+    float* dxp = ptr(dx);
+    float* dgp = ptr(dgamma);
+    float* dbp = ptr(dbeta);
+    {
+        py::gil_scoped_release release;
+        Rows R = make_rows(M, C);
+        std::vector<double> invstd(C);
+        std::vector<float> k(C);
+        for (index_t c = 0; c < C; ++c) {
+            invstd[c] = 1.0 / std::sqrt(double(var.ptr[c]) + eps);
+            k[c] = float(gamma.ptr[c] * invstd[c]);
+        }
+        auto mean_r = rep<float>(R, mean.ptr), k_r = rep<float>(R, k.data());
+        const float* __restrict__ mu = mean_r.data();
+        const float* __restrict__ kp = k_r.data();
+        const float* __restrict__ dyp = dy.ptr;
+        const float* __restrict__ xp = x.ptr;
+        const float* __restrict__ yp = y.ptr;
+        Partials P(R.W, 2);
+        with_act(a, [&](auto A) {
+#pragma omp parallel if (R.total() >= kParallelMin)
+            {
+                double* __restrict__ sb = P.mine(0);
+                double* __restrict__ sg = P.mine(1);
+                index_t lo, hi;
+                my_rows(R.n, lo, hi);
+                for (index_t r = lo; r < hi; ++r) {
+                    index_t o = r * R.W, len = R.len(r);
+                    for (index_t j = 0; j < len; ++j) {
+                        float g = masked<decltype(A)::value>(dyp[o + j], yp[o + j]);
+                        dxp[o + j] = g * kp[j];
+                        sb[j] += double(g);
+                        sg[j] += double(g * (xp[o + j] - mu[j]));
+                    }
+                }
+            }
+        });
+        std::vector<double> sum_dz = P.fold(0, C), sum_dz_xc = P.fold(1, C);
+        for (index_t c = 0; c < C; ++c) {
+            dgp[c] = float(sum_dz_xc[c] * invstd[c]);
+            dbp[c] = float(sum_dz[c]);
+        }
+    }
+    return py::make_tuple(dx, dgamma, dbeta);
+}
+
+py::array_t<float> act_fwd(const py::object& x_, const std::string& act_name) {
+    F32 x = check_f32(x_, "x", -1);
+    Act a = parse_act(act_name);
+    auto y = new_f32(x.shape);
+    float* __restrict__ yp = ptr(y);
+    const float* __restrict__ xp = x.ptr;
+    const index_t n = x.size();
+    {
+        py::gil_scoped_release release;
+        with_act(a, [&](auto A) {
+#pragma omp parallel for simd if (n >= kParallelMin)
+            for (index_t i = 0; i < n; ++i) yp[i] = act<decltype(A)::value>(xp[i]);
+        });
+    }
+    return y;
+}
+
+py::array_t<float> act_bwd(const py::object& dy_, const py::object& y_, const std::string& act_name) {
+    F32 dy = check_f32(dy_, "dy", -1);
+    F32 y = check_f32(y_, "y", -1);
+    check_same_shape(dy, "dy", y, "y");
+    Act a = parse_act(act_name);
+    auto dx = new_f32(y.shape);
+    float* __restrict__ dxp = ptr(dx);
+    const float* __restrict__ dyp = dy.ptr;
+    const float* __restrict__ yp = y.ptr;
+    const index_t n = y.size();
+    {
+        py::gil_scoped_release release;
+        with_act(a, [&](auto A) {
+#pragma omp parallel for simd if (n >= kParallelMin)
+            for (index_t i = 0; i < n; ++i) dxp[i] = masked<decltype(A)::value>(dyp[i], yp[i]);
+        });
+    }
+    return dx;
+}
+
+}  // namespace
+
+void bind_batchnorm(py::module_& m) {
+    m.def("batchnorm_act_train_fwd", &bn_train_fwd, py::arg("x"), py::arg("gamma"), py::arg("beta"),
+          py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"),
+          py::arg("act"),
+          "x (..., C), gamma/beta/running_* (C,) -> (y (..., C), mean (C,), invstd (C,)).\n"
+          "act(BatchNorm(x)) with batch statistics over all axes but the last; updates\n"
+          "running_mean/running_var in place: new = (1-momentum)*old + momentum*batch, with the\n"
+          "unbiased batch variance.");
+    m.def("batchnorm_act_train_bwd", &bn_train_bwd, py::arg("dy"), py::arg("x"), py::arg("y"),
+          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
+          "dy, x, y (..., C), gamma, beta, mean, invstd (C,) -> (dx (..., C), dgamma (C,), dbeta (C,)).\n"
+          "Backward of batchnorm_act_train_fwd; the activation's mask is read from y.");
+    m.def("batchnorm_act_infer_fwd", &bn_infer_fwd, py::arg("x"), py::arg("gamma"), py::arg("beta"),
+          py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("act"),
+          "x (..., C), gamma, beta, mean, var (C,) -> y (..., C): act(BatchNorm(x)) with fixed statistics.");
+    m.def("batchnorm_act_infer_bwd", &bn_infer_bwd, py::arg("dy"), py::arg("x"), py::arg("y"),
+          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("var"), py::arg("eps"),
+          py::arg("act"),
+          "dy, x, y (..., C), gamma, beta, mean, var (C,) -> (dx (..., C), dgamma (C,), dbeta (C,)).\n"
+          "Backward of batchnorm_act_infer_fwd; the activation's mask is read from y.");
+    m.def("act_fwd", &act_fwd, py::arg("x"), py::arg("act"),
+          "x (...) -> act(x), act one of 'none', 'relu', 'relu6'.");
+    m.def("act_bwd", &act_bwd, py::arg("dy"), py::arg("y"), py::arg("act"),
+          "dy, y (...) -> dx (...): dy times act's derivative, read from act's output y.");
+}
 
 }  // namespace mbnet
