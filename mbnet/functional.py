@@ -1,0 +1,300 @@
+"""Differentiable operations of MobileNetV1, Tensor in, Tensor out.
+
+Notation: n batch, h/w input height/width, ho/wo output height/width, c channels, ci/co input/
+output channels, kh/kw kernel size, k classes. Activations are NHWC; weights use TensorFlow
+layouts: conv (kh, kw, ci, co) "HWIO", depthwise (kh, kw, c), pointwise (ci, co), linear
+(din, dout).
+
+Every op runs its kernel from ``mbnet._C`` when the tensors are float32 and its NumPy twin of
+the same name and arguments from ``mbnet.reference`` when they are float64 (the path the
+finite-difference gradient checks use). All tensors of one call must share a dtype.
+
+``profile()`` times every kernel call by name (used by benchmarks/bench_step.py).
+"""
+import contextlib
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from . import _C, reference
+from .tensor import Function, Tensor, mul
+
+_timings = None  # name -> [calls, seconds] while profile() is active
+
+
+@contextlib.contextmanager
+def profile():
+    """Collects ``{kernel name: [calls, seconds]}`` for every kernel call made inside the block."""
+    global _timings
+    old, _timings = _timings, defaultdict(lambda: [0, 0.0])
+    try:
+        yield _timings
+    finally:
+        _timings = old
+
+
+def _run(name, dtype, *args):
+    """Calls kernel ``name`` for ``dtype``: mbnet._C for float32, mbnet.reference for float64."""
+    if dtype == np.float32:
+        fn = getattr(_C, name)
+        # Gradients arriving from broadcasts or slices may be strided views; kernels need C order.
+        args = [np.ascontiguousarray(a) if isinstance(a, np.ndarray) and not a.flags.c_contiguous else a
+                for a in args]
+    elif dtype == np.float64:
+        fn = getattr(reference, name)
+    else:
+        raise TypeError(f"{name}: tensors must be float32 (kernels) or float64 (reference), got {dtype}")
+    if _timings is None:
+        return fn(*args)
+    start = time.perf_counter()
+    out = fn(*args)
+    entry = _timings[name]
+    entry[0] += 1
+    entry[1] += time.perf_counter() - start
+    return out
+
+
+def _common_dtype(op, **tensors):
+    """The dtype shared by the named tensors (TypeError naming the odd one out)."""
+    dtype = None
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a mbnet.Tensor, got {type(t).__name__}")
+        if dtype is None:
+            dtype, first = t.dtype, name
+        elif t.dtype != dtype:
+            raise TypeError(f"{op}: {name} is {t.dtype} but {first} is {dtype}")
+    return dtype
+
+
+# --- full convolution ----------------------------------------------------------------------------
+
+class Conv2d(Function):
+    def __init__(self, stride, padding):
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x, w):
+        self.x = x if self.needs_input_grad[1] else None
+        self.w = w if self.needs_input_grad[0] else None
+        self.input_hw, self.kernel_hw = x.shape[1:3], w.shape[:2]
+        return _run("conv2d_fwd", x.dtype, x, w, self.stride, self.padding)
+
+    def backward(self, gy):
+        gx = gw = None
+        if self.needs_input_grad[0]:
+            gx = _run("conv2d_bwd_input", gy.dtype, gy, self.w, self.input_hw, self.stride, self.padding)
+        if self.needs_input_grad[1]:
+            gw = _run("conv2d_bwd_weight", gy.dtype, self.x, gy, self.kernel_hw, self.stride, self.padding)
+        return gx, gw
+
+
+def conv2d(x, w, stride=1, padding=0):
+    """x (n, h, w, ci), w (kh, kw, ci, co) -> (n, ho, wo, co), ho = (h + 2p - kh) // s + 1.
+    Full convolution (cross-correlation), no bias."""
+    _common_dtype("conv2d", x=x, w=w)
+    return Conv2d(stride, padding)(x, w)
+
+
+# --- depthwise convolution -----------------------------------------------------------------------
+
+class DepthwiseConv2d(Function):
+    def __init__(self, stride, padding):
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x, w):
+        self.x = x if self.needs_input_grad[1] else None
+        self.w = w if self.needs_input_grad[0] else None
+        self.input_hw, self.kernel_hw = x.shape[1:3], w.shape[:2]
+        return _run("dwconv2d_fwd", x.dtype, x, w, self.stride, self.padding)
+
+    def backward(self, gy):
+        gx = gw = None
+        if self.needs_input_grad[0]:
+            gx = _run("dwconv2d_bwd_input", gy.dtype, gy, self.w, self.input_hw, self.stride, self.padding)
+        if self.needs_input_grad[1]:
+            gw = _run("dwconv2d_bwd_weight", gy.dtype, self.x, gy, self.kernel_hw, self.stride, self.padding)
+        return gx, gw
+
+
+def depthwise_conv2d(x, w, stride=1, padding=1):
+    """x (n, h, w, c), w (kh, kw, c) -> (n, ho, wo, c): one kh x kw filter per channel."""
+    _common_dtype("depthwise_conv2d", x=x, w=w)
+    return DepthwiseConv2d(stride, padding)(x, w)
+
+
+# --- pointwise (1x1) convolution -----------------------------------------------------------------
+
+class PointwiseConv2d(Function):
+    def forward(self, x, w):
+        self.x = x if self.needs_input_grad[1] else None
+        self.w = w if self.needs_input_grad[0] else None
+        return _run("pwconv2d_fwd", x.dtype, x, w)
+
+    def backward(self, gy):
+        gx = gw = None
+        if self.needs_input_grad[0]:
+            gx = _run("pwconv2d_bwd_input", gy.dtype, gy, self.w)
+        if self.needs_input_grad[1]:
+            gw = _run("pwconv2d_bwd_weight", gy.dtype, self.x, gy)
+        return gx, gw
+
+
+def pointwise_conv2d(x, w):
+    """x (n, h, w, ci), w (ci, co) -> (n, h, w, co): a matrix product over the n·h·w pixels."""
+    _common_dtype("pointwise_conv2d", x=x, w=w)
+    return PointwiseConv2d()(x, w)
+
+
+# --- BatchNorm fused with an activation ----------------------------------------------------------
+
+class BatchNormTrain(Function):
+    def __init__(self, running_mean, running_var, momentum, eps, act):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.momentum, self.eps, self.act = momentum, eps, act
+
+    def forward(self, x, gamma, beta):
+        y, mean, invstd = _run("batchnorm_act_train_fwd", x.dtype, x, gamma, beta, self.running_mean,
+                               self.running_var, self.momentum, self.eps, self.act)
+        del self.running_mean, self.running_var
+        self.saved = (x, y, gamma, beta, mean, invstd)
+        return y
+
+    def backward(self, gy):
+        x, y, gamma, beta, mean, invstd = self.saved
+        gx, ggamma, gbeta = _run("batchnorm_act_train_bwd", gy.dtype, gy, x, y, gamma, beta, mean, invstd, self.act)
+        need = self.needs_input_grad
+        return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None
+
+
+class BatchNormInfer(Function):
+    def __init__(self, running_mean, running_var, eps, act):
+        self.mean, self.var, self.eps, self.act = running_mean, running_var, eps, act
+
+    def forward(self, x, gamma, beta):
+        y = _run("batchnorm_act_infer_fwd", x.dtype, x, gamma, beta, self.mean, self.var, self.eps, self.act)
+        if any(self.needs_input_grad):
+            # Own copies: a later training-mode call would update the running statistics in place.
+            self.saved = (x, y, gamma, beta, self.mean.copy(), self.var.copy())
+        return y
+
+    def backward(self, gy):
+        x, y, gamma, beta, mean, var = self.saved
+        gx, ggamma, gbeta = _run("batchnorm_act_infer_bwd", gy.dtype, gy, x, y, gamma, beta, mean, var,
+                                 self.eps, self.act)
+        need = self.needs_input_grad
+        return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None
+
+
+def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, act="none"):
+    """x (..., c) (NHWC: statistics over n, h, w), gamma/beta (c,) Tensors, running_mean/var (c,)
+    ndarrays of x's dtype -> act(BN(x)), same shape as x.
+
+    training: normalizes with the batch statistics (biased variance) and updates running_mean /
+    running_var in place: new = (1 - momentum) * old + momentum * batch (unbiased variance), also
+    under no_grad. Otherwise normalizes with the running statistics. act: "none", "relu", "relu6".
+    """
+    dtype = _common_dtype("batch_norm", x=x, gamma=gamma, beta=beta)
+    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(a, np.ndarray) or a.dtype != dtype:
+            raise TypeError(f"batch_norm: {name} must be an ndarray of {dtype}")
+    if training:
+        return BatchNormTrain(running_mean, running_var, momentum, eps, act)(x, gamma, beta)
+    return BatchNormInfer(running_mean, running_var, eps, act)(x, gamma, beta)
+
+
+# --- activations ---------------------------------------------------------------------------------
+
+class Activation(Function):
+    def __init__(self, act):
+        self.act = act
+
+    def forward(self, x):
+        self.y = _run("act_fwd", x.dtype, x, self.act)
+        return self.y
+
+    def backward(self, gy):
+        return _run("act_bwd", gy.dtype, gy, self.y, self.act)
+
+
+def relu(x):
+    """x (any shape) -> max(x, 0)."""
+    return Activation("relu")(x)
+
+
+def relu6(x):
+    """x (any shape) -> min(max(x, 0), 6)."""
+    return Activation("relu6")(x)
+
+
+# --- pooling, classifier, loss -------------------------------------------------------------------
+
+class GlobalAvgPool(Function):
+    def forward(self, x):
+        self.input_hw = x.shape[1:3]
+        return _run("global_avg_pool_fwd", x.dtype, x)
+
+    def backward(self, gy):
+        return _run("global_avg_pool_bwd", gy.dtype, gy, self.input_hw)
+
+
+def global_avg_pool(x):
+    """x (n, h, w, c) -> (n, c): the mean over h and w."""
+    return GlobalAvgPool()(x)
+
+
+class Linear(Function):
+    def forward(self, x, w, b):
+        self.x, self.w = x, w
+        return _run("linear_fwd", x.dtype, x, w, b)
+
+    def backward(self, gy):
+        gx, gw, gb = _run("linear_bwd", gy.dtype, self.x, self.w, gy)
+        need = self.needs_input_grad
+        return gx if need[0] else None, gw if need[1] else None, gb if need[2] else None
+
+
+def linear(x, w, b=None):
+    """x (n, din), w (din, dout), b (dout,) or None -> x @ w + b, (n, dout)."""
+    if b is None:
+        b = Tensor(np.zeros(w.shape[1], w.dtype))
+    _common_dtype("linear", x=x, w=w, b=b)
+    return Linear()(x, w, b)
+
+
+def dropout(x, p, training, rng):
+    """x (any shape) -> x * mask / (1 - p), mask ~ Bernoulli(1 - p) drawn from ``rng``
+    (a np.random.Generator); the identity when not training or p == 0."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    return mul(x, keep.astype(x.dtype) * x.dtype.type(1 / (1 - p)))
+
+
+class CrossEntropy(Function):
+    def __init__(self, labels, label_smoothing):
+        self.labels, self.label_smoothing = labels, label_smoothing
+
+    def forward(self, logits):
+        loss, self.probs = _run("softmax_cross_entropy_fwd", logits.dtype, logits, self.labels, self.label_smoothing)
+        return np.asarray(loss, dtype=logits.dtype)
+
+    def backward(self, gy):
+        return _run("softmax_cross_entropy_bwd", self.probs.dtype, self.probs, self.labels, self.label_smoothing,
+                    float(gy))
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0):
+    """logits (n, k), labels (n,) integers in [0, k) -> mean softmax cross-entropy, a scalar Tensor.
+    With label smoothing s the target is (1 - s) one-hot + s / k."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        raise ValueError("cross_entropy: logits must be a 2-D mbnet.Tensor (n, k)")
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu" or labels.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy: labels must be integers of shape {logits.shape[:1]}, "
+                         f"got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise ValueError(f"cross_entropy: labels must be in [0, {logits.shape[1]})")
+    return CrossEntropy(labels.astype(np.int64, copy=False), label_smoothing)(logits)
