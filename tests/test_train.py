@@ -1,0 +1,188 @@
+"""The training CLI end to end on a tiny CIFAR-like archive: loss falls, files are written, an
+interrupted-and-resumed run equals an unbroken one bit for bit, checkpoints round-trip, evaluate works."""
+import json
+import pickle
+import signal
+
+import numpy as np
+import pytest
+
+from mbnet import data, evaluate, optim, train
+from mbnet.models import MobileNetV1
+
+
+def _tiny_cifar(root, n_per_batch=64, seed=0):
+    """Learnable stand-in for CIFAR-10: each class a colour and a bright quadrant, plus noise."""
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(40, 216, (10, 3))
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for name in data.TRAIN_BATCHES + (data.TEST_BATCH,):
+        labels = rng.integers(0, 10, n_per_batch)
+        x = palette[labels][:, None, None, :] + rng.normal(0, 30, (n_per_batch, 32, 32, 3))
+        for i, y in enumerate(labels):
+            r, c = divmod(int(y) % 4, 2)
+            x[i, 16 * r:16 * r + 16, 16 * c:16 * c + 16] += 40
+        x = np.clip(x, 0, 255).astype(np.uint8)
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": x.transpose(0, 3, 1, 2).reshape(n_per_batch, -1), b"labels": labels.tolist()}, f)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("MBNET_DATA", raising=False)
+    monkeypatch.setenv("MBNET_CACHE", str(tmp_path / "cache"))
+
+
+SMALL = ["--alpha", "0.25", "--resolution", "16", "--batch-size", "32", "--lr", "0.05", "--warmup", "0.5",
+         "--ema-decay", "0.9", "--no-tta"]
+
+
+def _args(tiny, out, *extra):
+    return SMALL + ["--data-dir", str(tiny), "--out", str(out), *extra]
+
+
+def _arrays(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files if k != "meta"}
+
+
+def _meta(path):
+    return train.load_checkpoint(path)["meta"]
+
+
+TIMING = ("train_time", "images_per_s", "epoch_time", "wall_time")
+
+
+def test_tiny_run_learns_and_writes_its_files(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(_args(tiny, out, "--epochs", "4", "--limit-test", "48", "--tta")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "ema_test_acc", "wall_time", "images_per_s"):
+        assert key in rows[0]
+    assert "tta_test_acc" in rows[-1] and "tta_test_acc" not in rows[0]
+    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]
+    assert rows[-1]["train_acc"] > 0.3
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = _meta(out / "last.npz")
+    assert meta["epoch"] == 4 and meta["step"] == 4 * 10 and len(meta["metrics"]) == 4
+    assert meta["config"]["alpha"] == 0.25 and len(meta["config"]["mean"]) == 3
+    best = _meta(out / "best.npz")
+    assert best["best"] == max(r["ema_test_acc"] for r in rows)
+    assert not list(out.glob("*.tmp*"))
+    err = capsys.readouterr().err
+    assert "epoch 4/4 step 10/10" in err and "img/s" in err
+
+    # evaluate reproduces the EMA test accuracy of the last epoch on the same test subset
+    capsys.readouterr()
+    assert evaluate.main([str(out / "last.npz"), "--data-dir", str(tiny), "--limit-test", "48"]) == 0
+    text = capsys.readouterr().out
+    assert f"test accuracy: {100 * rows[-1]['ema_test_acc']:.2f}%" in text
+    assert "confusion matrix" in text and "airplane" in text and "truck" in text
+    assert evaluate.main([str(out / "last.npz"), "--data-dir", str(tiny), "--limit-test", "48", "--tta"]) == 0
+    assert f"test accuracy: {100 * rows[-1]['tta_test_acc']:.2f}%" in capsys.readouterr().out
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tiny, tmp_path, capsys):
+    common = ["--epochs", "2", "--limit-train", "200", "--limit-test", "32", "--dropout", "0.2"]
+    assert train.main(_args(tiny, tmp_path / "a", *common)) == 0
+
+    def interrupt_at(k):
+        def hook(step):
+            if step == k:
+                signal.raise_signal(signal.SIGINT)  # through the real handler
+        return hook
+
+    b = tmp_path / "b"
+    # 6 steps/epoch: stop mid-epoch 1, then at the end of epoch 1, then mid-epoch 2
+    assert train.main(_args(tiny, b, *common), on_step=interrupt_at(2)) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert _meta(b / "last.npz")["step"] == 3 and not (b / "metrics.jsonl").exists()
+    assert train.main(_args(tiny, b, "--resume"), on_step=interrupt_at(5)) == 130
+    assert _meta(b / "last.npz")["step"] == 6
+    assert train.main(["--out", str(b), "--resume", "--data-dir", str(tiny)], on_step=interrupt_at(8)) == 130
+    assert train.main(["--out", str(b), "--resume", "--data-dir", str(tiny), "--lr", "1"]) == 0
+    assert "ignoring lr" in capsys.readouterr().err
+
+    wa, wb = _arrays(tmp_path / "a" / "last.npz"), _arrays(b / "last.npz")
+    assert wa.keys() == wb.keys() and any(k.startswith("ema/") for k in wa) and any(k.startswith("optim/") for k in wa)
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    ma, mb = _meta(tmp_path / "a" / "last.npz")["metrics"], _meta(b / "last.npz")["metrics"]
+    for ra, rb in zip(ma, mb, strict=True):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+
+
+def test_checkpoint_round_trip(tmp_path, rng):
+    model = MobileNetV1(alpha=0.25, input_size=8, seed=1)
+    for p in model.parameters():
+        p.grad = rng.standard_normal(p.data.shape).astype(np.float32)
+    opt = optim.make_optimizer("adam", model.parameters(), 1e-3, weight_decay=1e-4)
+    opt.step()
+    ema = optim.EMA(model.state_dict())
+    ema.update(train.live_arrays(model))
+    meta = {"config": {"alpha": 0.25}, "epoch": 1, "step": 7, "metrics": [{"test_acc": 0.5}]}
+    train.save_checkpoint(tmp_path / "c.npz", model, opt, ema, meta)
+
+    ck = train.load_checkpoint(tmp_path / "c.npz")
+    assert ck["meta"] == meta
+    model2 = MobileNetV1(alpha=0.25, input_size=8, seed=2)
+    model2.load_state_dict(ck["model"])
+    opt2 = optim.make_optimizer("adam", model2.parameters(), 1e-3)
+    opt2.load_state_dict(ck["optim"])
+    ema2 = optim.EMA(model2.state_dict())
+    ema2.load_state_dict(ck["ema"])
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        np.testing.assert_array_equal(a, b, err_msg=k)
+    for k, v in opt.state_dict().items():
+        np.testing.assert_array_equal(v, opt2.state_dict()[k], err_msg=k)
+    assert ema2.updates == 1 and all(np.array_equal(ema.shadow[k], ema2.shadow[k]) for k in ema.shadow)
+
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.load_checkpoint(tmp_path / "missing.npz")
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit, match="bad.npz"):
+        train.load_checkpoint(tmp_path / "bad.npz")
+
+
+def test_missing_data_is_a_message_not_a_traceback(tmp_path, capsys):
+    assert train.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_a_run(tiny, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "last.npz").write_bytes(b"")
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main(_args(tiny, out))
+
+
+def test_progress_plain_lines_off_a_terminal(capsys):
+    import io
+
+    s = io.StringIO()
+    p = train.Progress(s, every=3600)
+    p.update("a")
+    p.update("b")
+    p.update("c", final=True)
+    assert s.getvalue() == "a\nc\n"
+
+
+def test_defaults_follow_the_recipe():
+    cfg = train.make_config(train.build_parser().parse_args(["--batch-size", "256"]))
+    assert cfg["optimizer"] == "sgd" and cfg["lr"] == pytest.approx(0.2) and cfg["weight_decay"] == 5e-4
+    assert cfg["label_smoothing"] == 0.1 and cfg["ema"] and cfg["tta"] and cfg["schedule"] == "onecycle"
+    assert cfg["epochs"] == 30 and cfg["warmup"] == pytest.approx(6)
+
+
+def test_confusion_matrix():
+    m = evaluate.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
+    np.testing.assert_array_equal(m, [[1, 1, 0], [0, 1, 0], [0, 1, 0]])
