@@ -4,6 +4,8 @@
 #include <array>
 #include <vector>
 
+#include <pybind11/stl.h>
+
 #include "common.h"
 
 namespace mbnet {
