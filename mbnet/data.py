@@ -244,6 +244,7 @@ def _atomic_savez(path, **arrays):
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
