@@ -1,0 +1,94 @@
+"""MobileNetV1 (Howard et al. 2017, arXiv:1704.04861, Table 1) and the paper's "conv MobileNet"
+(Table 4), NHWC: (n, s, s, 3) images -> (n, num_classes) logits.
+
+Counting (``summary``), which reproduces the paper's figures: parameters are all trainable
+parameters (conv weights, BN gamma/beta, FC weight and bias); mult-adds are the conv and FC
+multiply-adds per image (no BN, activation or pooling). At 224x224 with 1000 classes this gives
+569M/4.2M (alpha 1), 325M/2.6M (0.75), 149M/1.3M (0.5), 41M/0.5M (0.25), 418M at 192 and 186M at
+128 exactly as printed. Two printed figures are approximations of these counts: Table 7's 290M at
+160 is 569M x (160/224)^2 = 290.2M (the exact count is 290.7M: the FC layer does not shrink with
+the resolution), and Table 4's 4866M for conv MobileNet leaves out the FC layer's 1.0M (4866.3M;
+4867.3M with it).
+"""
+import numpy as np
+
+from . import nn
+from .tensor import Tensor
+
+# Table 1: output channels and depthwise stride of the 13 depthwise-separable blocks. The table
+# prints s2 for the 13th depthwise layer but its 7x7 input and output say s1, as every reference
+# implementation has it.
+BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+          (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)]
+STEM_CHANNELS = 32
+
+
+class _ImageClassifier(nn.Module):
+    """features (a Sequential) -> global average pool -> dropout -> classifier (Linear)."""
+
+    def _head(self, cin, num_classes, dropout, seed, rng, dtype):
+        self.pool = nn.GlobalAvgPool2d()
+        self.dropout = nn.Dropout(dropout, seed=seed)
+        self.classifier = nn.Linear(cin, num_classes, rng=rng, dtype=dtype)
+
+    def forward(self, x):
+        """x (n, h, w, 3) Tensor or ndarray of the model's dtype -> logits (n, num_classes)."""
+        x = x if isinstance(x, Tensor) else Tensor(x)
+        return self.classifier(self.dropout(self.pool(self.features(x))))
+
+    def summary(self, input_size=None, show=True):
+        """Per-layer table for (input_size, input_size, 3) images (default: the model's
+        input_size); returns {"params", "mult_adds", "buffers"}. See the module docstring."""
+        s = self.input_size if input_size is None else input_size
+        return super().summary((s, s, 3), show=show)
+
+
+def _stem_stride(input_size, stem_stride):
+    if stem_stride is not None:
+        return stem_stride
+    return 2 if input_size > 64 else 1
+
+
+class MobileNetV1(_ImageClassifier):
+    """MobileNetV1 with width multiplier alpha: stem 3x3 conv (int(32·alpha) channels, stride 2
+    for ImageNet-sized inputs > 64, else 1) + BN + act, the 13 depthwise-separable blocks of
+    Table 1 (int(c·alpha) channels), global average pool, dropout (p = ``dropout``), FC.
+
+    Init (seeded by ``seed``): Kaiming normal fan-out convolutions, BN gamma 1 beta 0, FC weight
+    N(0, 0.01²) bias 0. Names: features.0 (stem conv), features.1 (stem BN), features.2 ...
+    features.14 (the blocks: dw, bn1, pw, bn2), classifier.weight / classifier.bias.
+    """
+
+    def __init__(self, alpha=1.0, num_classes=10, input_size=32, stem_stride=None, dropout=0.0, act="relu",
+                 dtype=np.float32, seed=0):
+        rng = np.random.default_rng(seed)
+        self.alpha, self.num_classes, self.input_size = alpha, num_classes, input_size
+        c = int(STEM_CHANNELS * alpha)
+        layers = [nn.Conv2d(3, c, 3, _stem_stride(input_size, stem_stride), rng=rng, dtype=dtype),
+                  nn.BatchNorm2d(c, act, dtype=dtype)]
+        for cout, stride in BLOCKS:
+            cout = int(cout * alpha)
+            layers.append(nn.DepthwiseSeparable(c, cout, stride, act, rng=rng, dtype=dtype))
+            c = cout
+        self.features = nn.Sequential(*layers)
+        self._head(c, num_classes, dropout, seed, rng, dtype)
+
+
+class ConvMobileNet(_ImageClassifier):
+    """Table 4's "conv MobileNet": MobileNetV1 with each depthwise-separable block replaced by one
+    full 3x3 convolution (the block's stride and output channels) + BN + act. Same arguments and
+    init as MobileNetV1; features is a flat Sequential of conv, BN, conv, BN, ..."""
+
+    def __init__(self, alpha=1.0, num_classes=10, input_size=32, stem_stride=None, dropout=0.0, act="relu",
+                 dtype=np.float32, seed=0):
+        rng = np.random.default_rng(seed)
+        self.alpha, self.num_classes, self.input_size = alpha, num_classes, input_size
+        c = int(STEM_CHANNELS * alpha)
+        layers = [nn.Conv2d(3, c, 3, _stem_stride(input_size, stem_stride), rng=rng, dtype=dtype),
+                  nn.BatchNorm2d(c, act, dtype=dtype)]
+        for cout, stride in BLOCKS:
+            cout = int(cout * alpha)
+            layers += [nn.Conv2d(c, cout, 3, stride, rng=rng, dtype=dtype), nn.BatchNorm2d(cout, act, dtype=dtype)]
+            c = cout
+        self.features = nn.Sequential(*layers)
+        self._head(c, num_classes, dropout, seed, rng, dtype)

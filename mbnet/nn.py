@@ -1,0 +1,356 @@
+"""Layers: modules that own parameters (Tensors with requires_grad) and buffers (ndarrays).
+
+A module's parameters, buffers and sub-modules are its attributes, found in the order they were
+assigned; dotted names follow attribute names (``features.3.bn1.gamma``). Activations are NHWC;
+weights use TensorFlow layouts: conv (kh, kw, ci, co), depthwise (kh, kw, c), pointwise (ci, co),
+linear (din, dout). Convolutions have no bias (a BatchNorm follows each one).
+"""
+import numpy as np
+
+from . import functional as F
+from .tensor import Tensor
+
+
+class Module:
+    """Base class. Subclasses assign parameters/sub-modules as attributes, register buffers with
+    ``register_buffer`` and define ``forward``; ``summary`` additionally assumes the sub-modules
+    run one after another in the order they were assigned (true of every module here)."""
+
+    training = True
+    _buffer_names = ()
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args):
+        raise NotImplementedError
+
+    def register_buffer(self, name, array):
+        """An ndarray that is state but not a parameter (BN running statistics)."""
+        setattr(self, name, array)
+        self._buffer_names = self._buffer_names + (name,)
+
+    # --- traversal ---
+    def named_children(self):
+        return [(name, v) for name, v in vars(self).items() if isinstance(v, Module)]
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self.named_children():
+            yield from child.named_modules(f"{prefix}{name}.")
+
+    def named_parameters(self, prefix=""):
+        for name, v in vars(self).items():
+            if isinstance(v, Tensor) and v.requires_grad:
+                yield prefix + name, v
+            elif isinstance(v, Module):
+                yield from v.named_parameters(f"{prefix}{name}.")
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix=""):
+        for name, v in vars(self).items():
+            if name in self._buffer_names:
+                yield prefix + name, v
+            elif isinstance(v, Module):
+                yield from v.named_buffers(f"{prefix}{name}.")
+
+    def buffers(self):
+        return [b for _, b in self.named_buffers()]
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    def train(self, mode=True):
+        for _, m in self.named_modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # --- state ---
+    def _named_state(self, prefix=""):
+        """name -> the live array (parameter data or buffer), in attribute order."""
+        state = {}
+        for name, v in vars(self).items():
+            if isinstance(v, Tensor) and v.requires_grad:
+                state[prefix + name] = v.data
+            elif name in self._buffer_names:
+                state[prefix + name] = v
+            elif isinstance(v, Module):
+                state.update(v._named_state(f"{prefix}{name}."))
+        return state
+
+    def state_dict(self):
+        """name -> float32 copy, for every parameter and buffer."""
+        return {name: np.array(a, dtype=np.float32) for name, a in self._named_state().items()}
+
+    def load_state_dict(self, state, strict=True):
+        """Copies ``state`` (name -> array) into the parameters and buffers in place (cast to the
+        module's dtype). Raises ValueError naming missing or unexpected entries (when strict) and
+        any entry whose shape differs; nothing is modified when it raises."""
+        own = self._named_state()
+        missing = [n for n in own if n not in state]
+        unexpected = [n for n in state if n not in own]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append("missing keys: " + ", ".join(missing))
+            if unexpected:
+                parts.append("unexpected keys: " + ", ".join(unexpected))
+            raise ValueError("load_state_dict: " + "; ".join(parts))
+        for name, a in own.items():
+            if name in state and np.shape(state[name]) != a.shape:
+                raise ValueError(f"load_state_dict: {name} has shape {np.shape(state[name])}, "
+                                 f"the module expects {a.shape}")
+        for name, a in own.items():
+            if name in state:
+                a[...] = state[name]
+
+    def save(self, path):
+        """Writes ``state_dict()`` to an .npz file."""
+        np.savez(path, **self.state_dict())
+
+    def load(self, path, strict=True):
+        with np.load(path) as f:
+            self.load_state_dict({name: f[name] for name in f.files}, strict=strict)
+
+    # --- summary (from shapes; no forward pass) ---
+    def output_shape(self, in_shape):
+        """Per-image output shape for a per-image input shape (h, w, c) or (d,)."""
+        for _, child in self.named_children():
+            in_shape = child.output_shape(in_shape)
+        return in_shape
+
+    def mult_adds(self, in_shape):
+        """Multiply-adds of this layer alone, per image (conv and linear layers; 0 otherwise)."""
+        return 0
+
+    def _summary_rows(self, in_shape, prefix):
+        children = self.named_children()
+        if not children:
+            out = self.output_shape(in_shape)
+            params = int(sum(p.size for p in self.parameters()))
+            return [(prefix.rstrip("."), type(self).__name__, out, params, self.mult_adds(in_shape))], out
+        rows = []
+        for name, child in children:
+            child_rows, in_shape = child._summary_rows(in_shape, f"{prefix}{name}.")
+            rows += child_rows
+        return rows, in_shape
+
+    def summary(self, input_shape, show=True):
+        """Prints one row per layer (name, type, per-image output shape, parameters, mult-adds)
+        and returns ``{"params", "mult_adds", "buffers"}`` totals. input_shape is per image,
+        (h, w, c). Counts: parameters are everything trainable (conv weights, BN gamma/beta,
+        linear weight and bias); mult-adds are those of the conv and linear layers (the paper's
+        convention), not BN, activations or pooling."""
+        rows, _ = self._summary_rows(tuple(input_shape), "")
+        params = sum(r[3] for r in rows)
+        madds = sum(r[4] for r in rows)
+        buffers = int(sum(b.size for b in self.buffers()))
+        if show:
+            width = max(len(r[0]) + len(r[1]) + 3 for r in rows)
+            line = "-" * (width + 48)
+            print(line)
+            print(f"{'Layer (type)':<{width}} {'Output shape':>18} {'Params':>12} {'Mult-adds':>15}")
+            print("=" * len(line))
+            for name, kind, out, p, m in rows:
+                print(f"{f'{name} ({kind})':<{width}} {str(out):>18} {p:>12,} {m:>15,}")
+            print("=" * len(line))
+            print(f"Input shape (per image): {tuple(input_shape)}")
+            print(f"Total params: {params:,} ({params / 1e6:.2f}M)   buffers: {buffers:,}")
+            print(f"Total mult-adds: {madds:,} ({madds / 1e6:.1f}M)")
+            print(line)
+        return {"params": params, "mult_adds": madds, "buffers": buffers}
+
+
+def _kaiming_fan_out(rng, shape, fan_out, dtype):
+    """N(0, 2 / fan_out), drawn in float64 so float32 and float64 models of one seed agree."""
+    rng = rng if rng is not None else np.random.default_rng()
+    return Tensor((rng.standard_normal(shape) * np.sqrt(2.0 / fan_out)).astype(dtype), requires_grad=True)
+
+
+def _conv_out(size, k, stride, padding):
+    return (size + 2 * padding - k) // stride + 1
+
+
+class Conv2d(Module):
+    """Full k x k convolution, no bias: (n, h, w, cin) -> (n, ho, wo, cout); weight (k, k, cin, cout),
+    Kaiming normal with fan_out = k·k·cout. padding defaults to k // 2."""
+
+    def __init__(self, cin, cout, k, stride=1, padding=None, *, rng=None, dtype=np.float32):
+        self.stride, self.padding = stride, k // 2 if padding is None else padding
+        self.weight = _kaiming_fan_out(rng, (k, k, cin, cout), k * k * cout, dtype)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.stride, self.padding)
+
+    def output_shape(self, in_shape):
+        h, w, _ = in_shape
+        k = self.weight.shape[0]
+        return (_conv_out(h, k, self.stride, self.padding), _conv_out(w, k, self.stride, self.padding),
+                self.weight.shape[3])
+
+    def mult_adds(self, in_shape):
+        ho, wo, _ = self.output_shape(in_shape)
+        return ho * wo * self.weight.size
+
+
+class DepthwiseConv2d(Module):
+    """Depthwise k x k convolution, no bias: (n, h, w, c) -> (n, ho, wo, c); weight (k, k, c),
+    Kaiming normal with fan_out = k·k (PyTorch's k·k·out_channels/groups). padding defaults to k // 2."""
+
+    def __init__(self, c, k=3, stride=1, padding=None, *, rng=None, dtype=np.float32):
+        self.stride, self.padding = stride, k // 2 if padding is None else padding
+        self.weight = _kaiming_fan_out(rng, (k, k, c), k * k, dtype)
+
+    def forward(self, x):
+        return F.depthwise_conv2d(x, self.weight, self.stride, self.padding)
+
+    def output_shape(self, in_shape):
+        h, w, c = in_shape
+        k = self.weight.shape[0]
+        return _conv_out(h, k, self.stride, self.padding), _conv_out(w, k, self.stride, self.padding), c
+
+    def mult_adds(self, in_shape):
+        ho, wo, _ = self.output_shape(in_shape)
+        return ho * wo * self.weight.size
+
+
+class PointwiseConv2d(Module):
+    """1x1 convolution, no bias: (n, h, w, cin) -> (n, h, w, cout); weight (cin, cout), Kaiming
+    normal with fan_out = cout."""
+
+    def __init__(self, cin, cout, *, rng=None, dtype=np.float32):
+        self.weight = _kaiming_fan_out(rng, (cin, cout), cout, dtype)
+
+    def forward(self, x):
+        return F.pointwise_conv2d(x, self.weight)
+
+    def output_shape(self, in_shape):
+        return (*in_shape[:2], self.weight.shape[1])
+
+    def mult_adds(self, in_shape):
+        return in_shape[0] * in_shape[1] * self.weight.size
+
+
+class BatchNorm2d(Module):
+    """BatchNorm over the channels of (n, h, w, c), fused with an activation ("none", "relu",
+    "relu6"). gamma = 1, beta = 0; buffers running_mean = 0, running_var = 1."""
+
+    def __init__(self, c, act="none", momentum=0.1, eps=1e-5, *, dtype=np.float32):
+        if act not in ("none", "relu", "relu6"):
+            raise ValueError(f"act must be 'none', 'relu' or 'relu6', got {act!r}")
+        self.act, self.momentum, self.eps = act, momentum, eps
+        self.gamma = Tensor(np.ones(c, dtype), requires_grad=True)
+        self.beta = Tensor(np.zeros(c, dtype), requires_grad=True)
+        self.register_buffer("running_mean", np.zeros(c, dtype))
+        self.register_buffer("running_var", np.ones(c, dtype))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.gamma, self.beta, self.running_mean, self.running_var, self.training,
+                            self.momentum, self.eps, self.act)
+
+    def output_shape(self, in_shape):
+        return in_shape
+
+
+class ReLU(Module):
+    def forward(self, x):
+        return F.relu(x)
+
+    def output_shape(self, in_shape):
+        return in_shape
+
+
+class ReLU6(Module):
+    def forward(self, x):
+        return F.relu6(x)
+
+    def output_shape(self, in_shape):
+        return in_shape
+
+
+class GlobalAvgPool2d(Module):
+    """(n, h, w, c) -> (n, c)."""
+
+    def forward(self, x):
+        return F.global_avg_pool(x)
+
+    def output_shape(self, in_shape):
+        return (in_shape[-1],)
+
+
+class Linear(Module):
+    """(n, din) -> (n, dout); weight (din, dout) ~ N(0, 0.01²), bias 0."""
+
+    def __init__(self, din, dout, *, rng=None, dtype=np.float32):
+        rng = rng if rng is not None else np.random.default_rng()
+        self.weight = Tensor((rng.standard_normal((din, dout)) * 0.01).astype(dtype), requires_grad=True)
+        self.bias = Tensor(np.zeros(dout, dtype), requires_grad=True)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def output_shape(self, in_shape):
+        return (self.weight.shape[1],)
+
+    def mult_adds(self, in_shape):
+        return self.weight.size
+
+
+class Dropout(Module):
+    """Zeroes each element with probability p in training (scaling the rest by 1 / (1 - p)).
+    ``rng`` (a np.random.Generator, seeded by ``seed``) draws the masks: reseed it or save its
+    ``rng.bit_generator.state`` to reproduce a run."""
+
+    def __init__(self, p=0.5, seed=None):
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = p
+        self.rng = np.random.default_rng(seed)
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training, self.rng)
+
+    def output_shape(self, in_shape):
+        return in_shape
+
+
+class Sequential(Module):
+    """Runs its modules in order; they are named "0", "1", ..."""
+
+    def __init__(self, *modules):
+        for i, m in enumerate(modules):
+            setattr(self, str(i), m)
+
+    def __getitem__(self, i):
+        return self.named_children()[i][1]
+
+    def __len__(self):
+        return len(self.named_children())
+
+    def __iter__(self):
+        return iter(m for _, m in self.named_children())
+
+    def forward(self, x):
+        for m in self:
+            x = m(x)
+        return x
+
+
+class DepthwiseSeparable(Module):
+    """MobileNet's block: 3x3 depthwise (stride) -> BN + act -> 1x1 pointwise -> BN + act,
+    (n, h, w, cin) -> (n, ho, wo, cout). Attributes dw, bn1, pw, bn2."""
+
+    def __init__(self, cin, cout, stride, act="relu", *, rng=None, dtype=np.float32):
+        self.dw = DepthwiseConv2d(cin, 3, stride, rng=rng, dtype=dtype)
+        self.bn1 = BatchNorm2d(cin, act, dtype=dtype)
+        self.pw = PointwiseConv2d(cin, cout, rng=rng, dtype=dtype)
+        self.bn2 = BatchNorm2d(cout, act, dtype=dtype)
+
+    def forward(self, x):
+        return self.bn2(self.pw(self.bn1(self.dw(x))))
