@@ -1,0 +1,517 @@
+"""Malformed calls to every binding of mbnet._C: each must return a correct float32 result or raise
+TypeError / ValueError, and never crash.
+
+Each binding in BINDINGS draws a small valid call; the test then breaks one argument at a time
+(wrong dtype, rank, zero-size or mismatched dimension, non-contiguous, read-only or misaligned
+view, a list or None instead of an array, zero / negative / huge stride and padding, bad (h, w)
+pairs, unknown activations, out-of-range labels and hyper-parameters, too many or too few
+arguments). A call that returns must agree with mbnet.reference. A crash kills the test process,
+so run this file with the fault handler on to see where:
+
+    python -X faulthandler -m pytest -q tests/test_bad_input.py
+"""
+import copy
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mbnet import _C
+from mbnet import reference as R
+
+ALLOWED = (TypeError, ValueError)
+
+
+# --- valid calls, one builder per binding -------------------------------------------------------
+# A builder takes (draw, rng) and returns the argument list of a valid call, each argument tagged
+# with its kind: ("f32", array), ("labels", array), ("stride", int), ("padding", int),
+# ("hw", (h, w)), ("act", str), ("real", float), ("bool", bool), ("threads", int).
+
+def f32(rng, *shape):
+    return ("f32", rng.standard_normal(shape).astype(np.float32))
+
+
+def dims(draw):
+    """n, h, w, c, k, s, p of a small convolution whose output is at least 1x1."""
+    k = draw(st.sampled_from([1, 3]))
+    s = draw(st.sampled_from([1, 2]))
+    p = draw(st.sampled_from([0, 1]))
+    h, w = draw(st.integers(max(1, k - 2 * p), 6)), draw(st.integers(max(1, k - 2 * p), 6))
+    return draw(st.integers(1, 2)), h, w, draw(st.sampled_from([1, 3, 17])), k, s, p
+
+
+def out(size, k, s, p):
+    return (size + 2 * p - k) // s + 1
+
+
+def b_matmul(draw, rng):
+    m, k, n = (draw(st.integers(1, 5)) for _ in range(3))
+    ta, tb = draw(st.booleans()), draw(st.booleans())
+    return [f32(rng, *((k, m) if ta else (m, k))), f32(rng, *((n, k) if tb else (k, n))),
+            ("bool", ta), ("bool", tb)]
+
+
+def b_pw_fwd(draw, rng):
+    n, h, w, ci, *_ = dims(draw)
+    return [f32(rng, n, h, w, ci), f32(rng, ci, draw(st.sampled_from([1, 4])))]
+
+
+def b_pw_bwd_input(draw, rng):
+    n, h, w, ci, *_ = dims(draw)
+    co = draw(st.sampled_from([1, 4]))
+    return [f32(rng, n, h, w, co), f32(rng, ci, co)]
+
+
+def b_pw_bwd_weight(draw, rng):
+    n, h, w, ci, *_ = dims(draw)
+    return [f32(rng, n, h, w, ci), f32(rng, n, h, w, draw(st.sampled_from([1, 4])))]
+
+
+def b_linear_fwd(draw, rng):
+    n, di, do = (draw(st.integers(1, 5)) for _ in range(3))
+    return [f32(rng, n, di), f32(rng, di, do), f32(rng, do)]
+
+
+def b_linear_bwd(draw, rng):
+    n, di, do = (draw(st.integers(1, 5)) for _ in range(3))
+    return [f32(rng, n, di), f32(rng, di, do), f32(rng, n, do)]
+
+
+def conv_builders(wshape):
+    """fwd, bwd_input, bwd_weight builders for a weight of shape wshape(k, ci, co)."""
+    def fwd(draw, rng):
+        n, h, w, c, k, s, p = dims(draw)
+        return [f32(rng, n, h, w, c), f32(rng, *wshape(k, c, 2)), ("stride", s), ("padding", p)]
+
+    def bwd_input(draw, rng):
+        n, h, w, c, k, s, p = dims(draw)
+        co = wshape(k, c, 2)[-1]
+        return [f32(rng, n, out(h, k, s, p), out(w, k, s, p), co), f32(rng, *wshape(k, c, 2)),
+                ("hw", (h, w)), ("stride", s), ("padding", p)]
+
+    def bwd_weight(draw, rng):
+        n, h, w, c, k, s, p = dims(draw)
+        co = wshape(k, c, 2)[-1]
+        return [f32(rng, n, h, w, c), f32(rng, n, out(h, k, s, p), out(w, k, s, p), co),
+                ("hw", (k, k)), ("stride", s), ("padding", p)]
+
+    return fwd, bwd_input, bwd_weight
+
+
+b_dw_fwd, b_dw_bwd_input, b_dw_bwd_weight = conv_builders(lambda k, c, co: (k, k, c))
+b_conv_fwd, b_conv_bwd_input, b_conv_bwd_weight = conv_builders(lambda k, c, co: (k, k, c, co))
+
+
+def bn_shape(draw):
+    c = draw(st.sampled_from([1, 3, 17]))
+    return draw(st.sampled_from([(5, c), (2, 3, 2, c)]))
+
+
+def bn_params(rng, c):
+    gamma, beta = f32(rng, c), f32(rng, c)
+    mean = f32(rng, c)
+    var = ("f32", rng.uniform(0.5, 2.0, c).astype(np.float32))
+    return gamma, beta, mean, var
+
+
+def b_bn_train_fwd(draw, rng):
+    shape = bn_shape(draw)
+    gamma, beta, rm, rv = bn_params(rng, shape[-1])
+    return [f32(rng, *shape), gamma, beta, rm, rv, ("real", 0.1), ("real", 1e-5),
+            ("act", draw(st.sampled_from(["none", "relu", "relu6"])))]
+
+
+def b_bn_train_bwd(draw, rng):
+    shape = bn_shape(draw)
+    act = draw(st.sampled_from(["none", "relu", "relu6"]))
+    x = rng.standard_normal(shape).astype(np.float32)
+    gamma, beta, rm, rv = bn_params(rng, shape[-1])
+    y, mean, invstd = R.batchnorm_act_train_fwd(x, gamma[1], beta[1], rm[1].copy(), rv[1].copy(), 0.1, 1e-5, act)
+    return [f32(rng, *shape), ("f32", x), ("f32", y.astype(np.float32)), gamma, beta,
+            ("f32", mean.astype(np.float32)), ("f32", invstd.astype(np.float32)), ("act", act)]
+
+
+def b_bn_infer_fwd(draw, rng):
+    shape = bn_shape(draw)
+    gamma, beta, mean, var = bn_params(rng, shape[-1])
+    return [f32(rng, *shape), gamma, beta, mean, var, ("real", 1e-5),
+            ("act", draw(st.sampled_from(["none", "relu", "relu6"])))]
+
+
+def b_bn_infer_bwd(draw, rng):
+    shape = bn_shape(draw)
+    act = draw(st.sampled_from(["none", "relu", "relu6"]))
+    x = rng.standard_normal(shape).astype(np.float32)
+    gamma, beta, mean, var = bn_params(rng, shape[-1])
+    y = R.batchnorm_act_infer_fwd(x, gamma[1], beta[1], mean[1], var[1], 1e-5, act)
+    return [f32(rng, *shape), ("f32", x), ("f32", y.astype(np.float32)), gamma, beta, mean, var,
+            ("real", 1e-5), ("act", act)]
+
+
+def b_act_fwd(draw, rng):
+    return [f32(rng, *bn_shape(draw)), ("act", draw(st.sampled_from(["none", "relu", "relu6"])))]
+
+
+def b_act_bwd(draw, rng):
+    shape = bn_shape(draw)
+    act = draw(st.sampled_from(["none", "relu", "relu6"]))
+    return [f32(rng, *shape), ("f32", R.act_fwd(3 * rng.standard_normal(shape).astype(np.float32), act)),
+            ("act", act)]
+
+
+def b_pool_fwd(draw, rng):
+    n, h, w, c, *_ = dims(draw)
+    return [f32(rng, n, h, w, c)]
+
+
+def b_pool_bwd(draw, rng):
+    n, h, w, c, *_ = dims(draw)
+    return [f32(rng, n, c), ("hw", (h, w))]
+
+
+def b_loss_fwd(draw, rng):
+    n, k = draw(st.integers(1, 5)), draw(st.sampled_from([1, 3, 10]))
+    return [f32(rng, n, k), ("labels", rng.integers(0, k, n)), ("real", draw(st.sampled_from([0.0, 0.1])))]
+
+
+def b_loss_bwd(draw, rng):
+    n, k = draw(st.integers(1, 5)), draw(st.sampled_from([1, 3, 10]))
+    probs = rng.dirichlet(np.ones(k), n).astype(np.float32)
+    return [("f32", probs), ("labels", rng.integers(0, k, n)), ("real", draw(st.sampled_from([0.0, 0.1]))),
+            ("real", draw(st.sampled_from([1.0, 0.5])))]
+
+
+def b_set_num_threads(draw, rng):
+    return [("threads", draw(st.sampled_from([1, 2])))]
+
+
+def b_no_args(draw, rng):
+    return []
+
+
+# Every binding of csrc/README.md (test_table_covers_every_binding keeps this in step).
+BINDINGS = {
+    "matmul": b_matmul,
+    "pwconv2d_fwd": b_pw_fwd,
+    "pwconv2d_bwd_input": b_pw_bwd_input,
+    "pwconv2d_bwd_weight": b_pw_bwd_weight,
+    "linear_fwd": b_linear_fwd,
+    "linear_bwd": b_linear_bwd,
+    "dwconv2d_fwd": b_dw_fwd,
+    "dwconv2d_bwd_input": b_dw_bwd_input,
+    "dwconv2d_bwd_weight": b_dw_bwd_weight,
+    "conv2d_fwd": b_conv_fwd,
+    "conv2d_bwd_input": b_conv_bwd_input,
+    "conv2d_bwd_weight": b_conv_bwd_weight,
+    "batchnorm_act_train_fwd": b_bn_train_fwd,
+    "batchnorm_act_train_bwd": b_bn_train_bwd,
+    "batchnorm_act_infer_fwd": b_bn_infer_fwd,
+    "batchnorm_act_infer_bwd": b_bn_infer_bwd,
+    "act_fwd": b_act_fwd,
+    "act_bwd": b_act_bwd,
+    "global_avg_pool_fwd": b_pool_fwd,
+    "global_avg_pool_bwd": b_pool_bwd,
+    "softmax_cross_entropy_fwd": b_loss_fwd,
+    "softmax_cross_entropy_bwd": b_loss_bwd,
+    "set_num_threads": b_set_num_threads,
+    "get_num_threads": b_no_args,
+    "build_info": b_no_args,
+}
+
+
+# --- ways to break one argument -----------------------------------------------------------------
+
+def unaligned(a):
+    """A C-contiguous float32 copy of a whose data pointer is 1 byte off 4-byte alignment."""
+    buf = np.zeros(a.nbytes + 16, np.uint8)
+    start = (-buf.ctypes.data) % 16 + 1
+    out = buf[start:start + a.nbytes].view(np.float32).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def zero_dim(a, axis):
+    shape = list(a.shape)
+    shape[axis] = 0
+    return np.zeros(shape, a.dtype)
+
+
+def mismatched(a, axis, delta):
+    shape = list(a.shape)
+    shape[axis] = max(1, shape[axis] + delta) if shape[axis] + delta >= 1 else shape[axis] + 1
+    return np.ones(shape, a.dtype)
+
+
+def strided(a, axis):
+    """Same shape and values, every other element of a twice-as-long axis (not contiguous)."""
+    shape = list(a.shape)
+    shape[axis] *= 2
+    big = np.zeros(shape, a.dtype)
+    idx = [slice(None)] * a.ndim
+    idx[axis] = slice(None, None, 2)
+    big[tuple(idx)] = a
+    return big[tuple(idx)]
+
+
+def zero_stride(a, axis):
+    """Same shape, every entry along `axis` aliasing the first (stride 0)."""
+    strides = list(a.strides)
+    strides[axis] = 0
+    return np.lib.stride_tricks.as_strided(a.copy(), a.shape, strides, writeable=False)
+
+
+def read_only(a):
+    b = a.copy()
+    b.setflags(write=False)
+    return b
+
+
+def array_mutations(draw, a):
+    """(description, replacement) for a float32 array argument."""
+    axis = draw(st.integers(0, max(a.ndim - 1, 0)))
+    options = {
+        "float64": lambda: a.astype(np.float64),
+        "float16": lambda: a.astype(np.float16),
+        "int32": lambda: a.astype(np.int32),
+        "int64": lambda: a.astype(np.int64),
+        "bool": lambda: a > 0,
+        "complex64": lambda: a.astype(np.complex64),
+        "object": lambda: a.astype(object),
+        "big-endian float32": lambda: a.astype(">f4"),
+        "extra leading axis": lambda: a[None],
+        "extra trailing axis": lambda: a[..., None],
+        "one axis fewer": lambda: a[0] if a.ndim else a[None],
+        "rank 0": lambda: np.array(1.0, np.float32),
+        "rank 5": lambda: a.reshape((1,) * (5 - a.ndim) + a.shape) if a.ndim <= 5 else a[None],
+        f"zero-size axis {axis}": lambda: zero_dim(a, axis),
+        f"axis {axis} + 1": lambda: mismatched(a, axis, 1),
+        f"axis {axis} - 1": lambda: mismatched(a, axis, -1),
+        f"axis {axis} x 3": lambda: mismatched(a, axis, 2 * a.shape[axis] if a.ndim else 1),
+        f"every other element along axis {axis}": lambda: strided(a, axis),
+        "Fortran order": lambda: np.asfortranarray(a),
+        "transposed": lambda: a.T,
+        f"reversed axis {axis} (negative stride)": lambda: np.flip(a, axis),
+        f"zero stride along axis {axis}": lambda: zero_stride(a, axis),
+        "read-only": lambda: read_only(a),
+        "misaligned": lambda: unaligned(a),
+        "nested list": lambda: a.tolist(),
+        "None": lambda: None,
+        "float scalar": lambda: 1.0,
+        "string": lambda: "array",
+        "numpy float32 scalar": lambda: np.float32(1.0),
+    }
+    name = draw(st.sampled_from(sorted(options)))
+    return name, options[name]()
+
+
+LABEL_MUTATIONS = {
+    "float labels": lambda l, k: l.astype(np.float64),
+    "bool labels": lambda l, k: l > 0,
+    "object labels": lambda l, k: l.astype(object),
+    "2-D labels": lambda l, k: l[None],
+    "one label too many": lambda l, k: np.append(l, 0),
+    "one label too few": lambda l, k: l[1:],
+    "label == K": lambda l, k: np.where(np.arange(l.size) == 0, k, l),
+    "label -1": lambda l, k: np.where(np.arange(l.size) == l.size - 1, -1, l),
+    "label 2**40": lambda l, k: np.where(np.arange(l.size) == 0, 2**40, l),
+    "uint64 label 2**64-1": lambda l, k: np.where(np.arange(l.size) == 0, 2**64 - 1, l).astype(np.uint64),
+    "int8 labels": lambda l, k: l.astype(np.int8),
+    "uint16 labels": lambda l, k: l.astype(np.uint16),
+    "labels every other element": lambda l, k: np.repeat(l, 2)[::2],
+    "list labels": lambda l, k: l.tolist(),
+    "None labels": lambda l, k: None,
+    "empty labels": lambda l, k: l[:0],
+}
+
+INTS = [0, -1, -2, -(2**31), 2**31, 2**40, 2**62, 2**63, 2**64, -(2**63) - 1, 10**9, None, 1.5, "1",
+        np.int64(2), np.int32(1), True, np.float64(1.0)]
+HUGE_PADDING = 10**6  # a call that returns with a larger padding must be wrong: outputs would be enormous
+HWS = [(0, 3), (3, 0), (-1, 3), (3, -5), (1,), (3, 3, 3), (), None, "hw", (1.5, 2), ("a", "b"),
+       (2**63, 2), (2**70, 2), (10**9, 10**9), (2**62, 2**62), (-(2**63), 1), (None, 2)]
+ACTS = ["gelu", "", "RELU", "relu ", None, 1, b"relu", "identity"]
+REALS = [float("nan"), float("inf"), float("-inf"), -1.0, -1e-9, 0.0, 1.0, 2.0, 1e30, None, "0.1",
+         np.float64(0.5), 1, [0.1]]
+BOOLS = [None, "yes", 2, np.bool_(True), 1.5, [], [1]]
+THREADS = [0, -1, -(2**31), 2**31, 2**63, None, 1.5, "2", np.int64(1)]
+
+
+def mutate(draw, kinds_values):
+    """Breaks one argument (or the arity); returns (description, new argument list)."""
+    args = [v for _, v in kinds_values]
+    choices = ["too many arguments"] + (["too few arguments"] if args else [])
+    choices += [f"arg {i}" for i in range(len(args))]
+    what = draw(st.sampled_from(choices))
+    if what == "too many arguments":
+        return what, args + [args[-1] if args else 1]
+    if what == "too few arguments":
+        return what, args[:-1]
+    i = int(what.split()[1])
+    kind, value = kinds_values[i]
+    if kind == "f32":
+        name, new = array_mutations(draw, value)
+    elif kind == "labels":
+        name = draw(st.sampled_from(sorted(LABEL_MUTATIONS)))
+        k = next(v for kd, v in kinds_values if kd == "f32").shape[1]
+        new = LABEL_MUTATIONS[name](value, k)
+    elif kind == "hw":
+        h, w = value
+        new = draw(st.sampled_from(HWS + [(h + 1, w), (h, w + 7), [h, w], np.array([h, w]), (w, h)]))
+        name = repr(new)
+    else:
+        pool = {"stride": INTS + [3, 10**9], "padding": INTS + [5, 40], "act": ACTS, "real": REALS,
+                "bool": BOOLS, "threads": THREADS}[kind]
+        new = draw(st.sampled_from(pool))
+        name = repr(new)
+    args[i] = new
+    return f"arg {i} ({kind}): {name}", args
+
+
+# --- checking what came back --------------------------------------------------------------------
+
+def as_reference_arg(v):
+    """float32 arrays become float64 copies; act names as parse_act reads them (pybind11 passes
+    bytes as str, common.h takes 'identity' for 'none'); everything else as given (copied)."""
+    if isinstance(v, np.ndarray) and v.dtype == np.float32:
+        return np.array(v, np.float64)
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v == "identity":
+        return "none"
+    return copy.deepcopy(v)
+
+
+def check_result(name, args_before, result, where):
+    if name == "set_num_threads":
+        assert result is None, where
+        return
+    if name == "get_num_threads":
+        assert isinstance(result, int) and result >= 1, where
+        return
+    if name == "build_info":
+        assert isinstance(result, dict), where
+        return
+    if name.startswith(("conv2d", "dwconv2d")):  # padding is the last argument
+        padding = args_before[-1]
+        assert not isinstance(padding, (int, np.integer)) or abs(int(padding)) <= HUGE_PADDING, (
+            f"{where}: returned for a padding whose output cannot exist")
+    try:
+        expected = getattr(R, name)(*[as_reference_arg(a) for a in args_before])
+    except Exception as e:  # the kernel accepted what the reference cannot compute
+        pytest.fail(f"{where}: kernel returned, but the reference raises {type(e).__name__}: {e}")
+    got = result if isinstance(result, tuple) else (result,)
+    want = expected if isinstance(expected, tuple) else (expected,)
+    assert len(got) == len(want), where
+    for i, (g, e) in enumerate(zip(got, want)):
+        if isinstance(e, float):
+            assert isinstance(g, float) and abs(g - e) <= 1e-3 * (1 + abs(e)), f"{where}: output {i}"
+            continue
+        assert isinstance(g, np.ndarray) and g.dtype == np.float32, f"{where}: output {i} is {type(g)}"
+        assert g.shape == e.shape, f"{where}: output {i} has shape {g.shape}, expected {e.shape}"
+        np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(e).max(initial=0))),
+                                   err_msg=f"{where}: output {i}")
+
+
+def call(name, args):
+    fn = getattr(_C, name, None)
+    assert fn is not None, f"mbnet._C.{name} is not bound (it is listed in csrc/README.md)"
+    threads = _C.get_num_threads()
+    try:
+        return fn(*args)
+    finally:
+        if name == "set_num_threads":
+            _C.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", sorted(BINDINGS))
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_malformed_call_raises_or_is_right(name, data, seed):
+    rng = np.random.default_rng(seed)
+    valid = BINDINGS[name](data.draw, rng)
+    what, args = mutate(data.draw, valid)
+    where = f"{name}, {what}"
+    before = [copy.deepcopy(a) for a in args]
+    try:
+        result = call(name, args)
+    except ALLOWED:
+        return
+    except Exception as e:
+        pytest.fail(f"{where}: raised {type(e).__name__} (wanted TypeError or ValueError): {e}")
+    check_result(name, before, result, where)
+
+
+@pytest.mark.parametrize("name", sorted(BINDINGS))
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_valid_call_is_right(name, data, seed):
+    """The unbroken calls the mutations start from: they must work, or the test above proves little."""
+    rng = np.random.default_rng(seed)
+    args = [v for _, v in BINDINGS[name](data.draw, rng)]
+    before = [copy.deepcopy(a) for a in args]
+    check_result(name, before, call(name, args), f"{name}, valid call")
+
+
+@pytest.mark.parametrize("name", sorted(BINDINGS))
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_two_broken_arguments_do_not_crash(name, data, seed):
+    rng = np.random.default_rng(seed)
+    valid = BINDINGS[name](data.draw, rng)
+    what1, args = mutate(data.draw, valid)
+    if len(args) == len(valid):  # break a second argument of the same call
+        what2, args2 = mutate(data.draw, valid)
+        if len(args2) == len(valid):
+            j = next((i for i in range(len(args)) if args2[i] is not valid[i][1]), None)
+            if j is not None:
+                args[j] = args2[j]
+                what1 += "; " + what2
+    try:
+        result = call(name, args)
+    except ALLOWED:
+        return
+    except Exception as e:
+        pytest.fail(f"{name}, {what1}: raised {type(e).__name__}: {e}")
+    if name not in ("set_num_threads", "get_num_threads", "build_info"):
+        for r in result if isinstance(result, tuple) else (result,):
+            assert isinstance(r, float) or (isinstance(r, np.ndarray) and r.dtype == np.float32), what1
+
+
+def test_table_covers_every_binding():
+    """BINDINGS lists every function of csrc/README.md's table and every public one of mbnet._C."""
+    readme = (Path(__file__).resolve().parents[1] / "csrc" / "README.md").read_text()
+    listed = set()
+    for line in readme.splitlines():
+        if line.startswith("|") and "`" in line:
+            cells = line.split("|")
+            if len(cells) > 2:
+                listed |= set(re.findall(r"`([a-z_0-9]+)\(", cells[2]))
+    assert listed, "found no bindings in csrc/README.md"
+    public = {n for n in dir(_C) if not n.startswith("_")}
+    assert listed - set(BINDINGS) == set(), "README bindings missing from BINDINGS"
+    assert public - set(BINDINGS) == set(), "mbnet._C functions missing from BINDINGS"
+    assert set(BINDINGS) - public == set(), "listed in csrc/README.md but not bound yet"
+
+
+def test_absurd_thread_count_does_not_kill_the_process():
+    """set_num_threads(10**5) then a parallel kernel: libgomp exits the process when it cannot
+    create the threads, so this runs in a child whose address space holds only a few hundred
+    thread stacks."""
+    code = textwrap.dedent("""
+        import resource, numpy as np
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # room for a few hundred stacks
+        from mbnet import _C
+        try:
+            _C.set_num_threads(10**5)
+        except (TypeError, ValueError):
+            raise SystemExit(0)
+        x = np.ones((64, 32, 32, 16), np.float32)
+        _C.act_fwd(x, "relu")
+        _C.batchnorm_act_infer_fwd(x, *(np.ones(16, np.float32),) * 4, 1e-5, "relu")
+        print("survived")
+    """)
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-500:]} {proc.stderr[-2000:]}"
