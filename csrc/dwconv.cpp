@@ -43,25 +43,45 @@ inline void tap_range(index_t in, index_t t, index_t s, index_t p, index_t out, 
     if (hi < lo) hi = lo;
 }
 
-// ---- forward --------------------------------------------------------------------------------
+// A list of taps for one output element row: out[c] = sum over t of a[aoff[t] + c] * b[boff[t] + c],
+// summed in list order. Border pixels and kernels without a specialization go through it.
+struct Taps {
+    std::vector<index_t> aoff, boff;
+    index_t n = 0;
+    explicit Taps(index_t capacity) : aoff(capacity), boff(capacity) {}
+    void add(index_t a, index_t b) {
+        aoff[n] = a;
+        boff[n] = b;
+        ++n;
+    }
+};
 
-// y[c] = sum of x[ih0 + i][iw0 + j][c] * w[i][j][c] over the in-bounds taps; any K, any position.
-void dwconv_f32_fwd_pixel(const DwShape& a, const float* __restrict__ ximg,
-                          const float* __restrict__ w, float* __restrict__ y, index_t ih0,
-                          index_t iw0) {
-    const index_t C = a.c;
-    const index_t i0 = std::max<index_t>(0, -ih0), i1 = std::min(a.kh, a.h - ih0);
-    const index_t j0 = std::max<index_t>(0, -iw0), j1 = std::min(a.kw, a.w - iw0);
-    for (index_t c = 0; c < C; ++c) y[c] = 0.f;
-    for (index_t i = i0; i < i1; ++i)
-        for (index_t j = j0; j < j1; ++j) {
-            const float* __restrict__ xp = ximg + ((ih0 + i) * a.w + iw0 + j) * C;
-            const float* __restrict__ wp = w + (i * a.kw + j) * C;
-            for (index_t c = 0; c < C; ++c) y[c] += xp[c] * wp[c];
+void sum_taps_f32(index_t C, const Taps& taps, const float* __restrict__ a,
+                  const float* __restrict__ b, float* __restrict__ out) {
+    const index_t* __restrict__ ao = taps.aoff.data();
+    const index_t* __restrict__ bo = taps.boff.data();
+    const index_t nt = taps.n;
+    index_t c0 = 0;
+    for (; c0 + CB <= C; c0 += CB) {
+        float acc[CB] = {};
+        for (index_t t = 0; t < nt; ++t) {
+            const float* __restrict__ ap = a + ao[t] + c0;
+            const float* __restrict__ bp = b + bo[t] + c0;
+            for (index_t cc = 0; cc < CB; ++cc) acc[cc] += ap[cc] * bp[cc];
         }
+        for (index_t cc = 0; cc < CB; ++cc) out[c0 + cc] = acc[cc];
+    }
+    for (index_t c = c0; c < C; ++c) {
+        float acc = 0.f;
+        for (index_t t = 0; t < nt; ++t) acc += a[ao[t] + c] * b[bo[t] + c];
+        out[c] = acc;
+    }
 }
 
+// ---- forward --------------------------------------------------------------------------------
+
 // Interior output pixels [ow_lo, ow_hi) of one output row; xrow points at input row ih0, column 0.
+// Sums the taps in the same order as the generic path, so both give identical results.
 template <int K>
 void dwconv_f32_fwd_interior(const DwShape& a, const float* __restrict__ xrow,
                              const float* __restrict__ w, float* __restrict__ yrow, index_t ow_lo,
@@ -96,47 +116,38 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
     interior_range(a.h, a.kh, a.s, a.p, a.ho, oh_lo, oh_hi);
     interior_range(a.w, a.kw, a.s, a.p, a.wo, ow_lo, ow_hi);
     const bool fast = a.kh == 3 && a.kw == 3;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (index_t n = 0; n < a.n; ++n)
-        for (index_t oh = 0; oh < a.ho; ++oh) {
-            const float* ximg = x + n * a.h * a.w * a.c;
-            float* yrow = y + (n * a.ho + oh) * a.wo * a.c;
-            const index_t ih0 = oh * a.s - a.p;
-            const bool row_inside = oh >= oh_lo && oh < oh_hi;
-            index_t lo = 0, hi = 0;  // columns left to the fast path
-            if (fast && row_inside) {
-                lo = ow_lo;
-                hi = ow_hi;
-                dwconv_f32_fwd_interior<3>(a, ximg + ih0 * a.w * a.c, w, yrow, lo, hi);
+    const index_t C = a.c;
+#pragma omp parallel
+    {
+        Taps taps(a.kh * a.kw);
+#pragma omp for collapse(2) schedule(static)
+        for (index_t n = 0; n < a.n; ++n)
+            for (index_t oh = 0; oh < a.ho; ++oh) {
+                const float* ximg = x + n * a.h * a.w * C;
+                float* yrow = y + (n * a.ho + oh) * a.wo * C;
+                const index_t ih0 = oh * a.s - a.p;
+                index_t lo = 0, hi = 0;  // columns done by the fast path
+                if (fast && oh >= oh_lo && oh < oh_hi) {
+                    lo = ow_lo;
+                    hi = ow_hi;
+                    dwconv_f32_fwd_interior<3>(a, ximg + ih0 * a.w * C, w, yrow, lo, hi);
+                }
+                const index_t i0 = std::max<index_t>(0, -ih0), i1 = std::min(a.kh, a.h - ih0);
+                for (index_t ow = 0; ow < a.wo; ++ow) {
+                    if (ow >= lo && ow < hi) continue;
+                    const index_t iw0 = ow * a.s - a.p;
+                    const index_t j0 = std::max<index_t>(0, -iw0), j1 = std::min(a.kw, a.w - iw0);
+                    taps.n = 0;
+                    for (index_t i = i0; i < i1; ++i)
+                        for (index_t j = j0; j < j1; ++j)
+                            taps.add(((ih0 + i) * a.w + iw0 + j) * C, (i * a.kw + j) * C);
+                    sum_taps_f32(C, taps, ximg, w, yrow + ow * C);
+                }
             }
-            for (index_t ow = 0; ow < a.wo; ++ow)
-                if (ow < lo || ow >= hi)
-                    dwconv_f32_fwd_pixel(a, ximg, w, yrow + ow * a.c, ih0, ow * a.s - a.p);
-        }
+    }
 }
 
 // ---- input gradient (a gather: each input pixel sums the taps that reach it) ------------------
-
-// dx[c] at input (ih, iw) = sum of dy[oh][ow][c] * w[i][j][c] over oh*s - p + i = ih and
-// ow*s - p + j = iw with (oh, ow) inside the output; any K and stride.
-void dwconv_f32_bwd_input_pixel(const DwShape& a, const float* __restrict__ dyimg,
-                                const float* __restrict__ w, float* __restrict__ dx, index_t ih,
-                                index_t iw) {
-    const index_t C = a.c;
-    for (index_t c = 0; c < C; ++c) dx[c] = 0.f;
-    for (index_t i = 0; i < a.kh; ++i) {
-        const index_t th = ih + a.p - i;
-        if (th < 0 || th % a.s != 0 || th / a.s >= a.ho) continue;
-        const index_t oh = th / a.s;
-        for (index_t j = 0; j < a.kw; ++j) {
-            const index_t tw = iw + a.p - j;
-            if (tw < 0 || tw % a.s != 0 || tw / a.s >= a.wo) continue;
-            const float* __restrict__ dp = dyimg + (oh * a.wo + tw / a.s) * C;
-            const float* __restrict__ wp = w + (i * a.kw + j) * C;
-            for (index_t c = 0; c < C; ++c) dx[c] += dp[c] * wp[c];
-        }
-    }
-}
 
 // Stride 1, inputs [iw_lo, iw_hi) of row ih whose K*K taps all land inside dy: a forward pass over
 // dy with the flipped kernel. dyrow points at dy row ih + p - (K-1).
@@ -169,6 +180,8 @@ void dwconv_f32_bwd_input_interior_s1(const DwShape& a, const float* __restrict_
     }
 }
 
+// dx at input (ih, iw) sums dy[oh][ow] * w[i][j] over oh*s - p + i = ih, ow*s - p + j = iw with
+// (oh, ow) inside dy: i runs over (ih + p) mod s, + s, ... while oh = (ih + p - i) / s >= 0.
 void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
                           const float* __restrict__ w, float* __restrict__ dx) {
     // With stride 1 and a KxK kernel, input position i gets taps from outputs i + p - (K-1) .. i + p.
@@ -180,28 +193,49 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
         iw_lo = std::min(std::max<index_t>(0, a.kw - 1 - a.p), a.w);
         iw_hi = std::max(iw_lo, std::min(a.w, a.wo - a.p));
     }
-#pragma omp parallel for collapse(2) schedule(static)
-    for (index_t n = 0; n < a.n; ++n)
-        for (index_t ih = 0; ih < a.h; ++ih) {
-            const float* dyimg = dy + n * a.ho * a.wo * a.c;
-            float* dxrow = dx + (n * a.h + ih) * a.w * a.c;
-            index_t lo = 0, hi = 0;
-            if (fast && ih >= ih_lo && ih < ih_hi) {
-                lo = iw_lo;
-                hi = iw_hi;
-                dwconv_f32_bwd_input_interior_s1<3>(
-                    a, dyimg + (ih + a.p - (a.kh - 1)) * a.wo * a.c, w, dxrow, lo, hi);
+    const index_t C = a.c;
+#pragma omp parallel
+    {
+        Taps taps(a.kh * a.kw);
+        std::vector<index_t> row_i(a.kh), row_oh(a.kh);
+#pragma omp for collapse(2) schedule(static)
+        for (index_t n = 0; n < a.n; ++n)
+            for (index_t ih = 0; ih < a.h; ++ih) {
+                const float* dyimg = dy + n * a.ho * a.wo * C;
+                float* dxrow = dx + (n * a.h + ih) * a.w * C;
+                index_t lo = 0, hi = 0;
+                if (fast && ih >= ih_lo && ih < ih_hi) {
+                    lo = iw_lo;
+                    hi = iw_hi;
+                    dwconv_f32_bwd_input_interior_s1<3>(
+                        a, dyimg + (ih + a.p - (a.kh - 1)) * a.wo * C, w, dxrow, lo, hi);
+                }
+                index_t nrows = 0;
+                const index_t rh = (ih + a.p) % a.s;
+                for (index_t i = rh, oh = (ih + a.p - rh) / a.s; i < a.kh && oh >= 0; i += a.s, --oh)
+                    if (oh < a.ho) {
+                        row_i[nrows] = i;
+                        row_oh[nrows++] = oh;
+                    }
+                for (index_t iw = 0; iw < a.w; ++iw) {
+                    if (iw >= lo && iw < hi) continue;
+                    const index_t rw = (iw + a.p) % a.s;
+                    taps.n = 0;
+                    for (index_t r = 0; r < nrows; ++r)
+                        for (index_t j = rw, ow = (iw + a.p - rw) / a.s; j < a.kw && ow >= 0;
+                             j += a.s, --ow)
+                            if (ow < a.wo)
+                                taps.add((row_oh[r] * a.wo + ow) * C, (row_i[r] * a.kw + j) * C);
+                    sum_taps_f32(C, taps, dyimg, w, dxrow + iw * C);
+                }
             }
-            for (index_t iw = 0; iw < a.w; ++iw)
-                if (iw < lo || iw >= hi)
-                    dwconv_f32_bwd_input_pixel(a, dyimg, w, dxrow + iw * a.c, ih, iw);
-        }
+    }
 }
 
 // ---- weight gradient ---------------------------------------------------------------------------
 
-// part[i][j][c] += sum over ow of x[oh*s - p + i][ow*s - p + j][c] * dy[oh][ow][c], one output row.
-// Each (tap, channel block) sums its Wo terms in registers before touching `part`.
+// Any K: part[i][j][c] += sum over ow of x[oh*s - p + i][ow*s - p + j][c] * dy[oh][ow][c] for one
+// output row. Each (tap, channel block) sums its Wo terms in registers before touching `part`.
 void dwconv_f32_bwd_weight_row(const DwShape& a, const float* __restrict__ ximg,
                                const float* __restrict__ dyrow, float* __restrict__ part,
                                index_t oh) {
@@ -234,26 +268,113 @@ void dwconv_f32_bwd_weight_row(const DwShape& a, const float* __restrict__ ximg,
     }
 }
 
+// xb (kh, wp, c) = the input rows under output row oh, zero-padded: xb[i][q] = x[oh*s - p + i][q - p].
+void dwconv_f32_padded_rows(const DwShape& a, const float* __restrict__ ximg, index_t oh,
+                            index_t wp, float* __restrict__ xb) {
+    const index_t C = a.c;
+    const index_t left = std::min(a.p, wp), mid = std::max<index_t>(0, std::min(a.w, wp - a.p));
+    for (index_t i = 0; i < a.kh; ++i) {
+        const index_t ih = oh * a.s - a.p + i;
+        float* __restrict__ dst = xb + i * wp * C;
+        if (ih < 0 || ih >= a.h) {
+            for (index_t e = 0; e < wp * C; ++e) dst[e] = 0.f;
+            continue;
+        }
+        const float* __restrict__ src = ximg + ih * a.w * C;
+        for (index_t e = 0; e < left * C; ++e) dst[e] = 0.f;
+        for (index_t e = 0; e < mid * C; ++e) dst[left * C + e] = src[e];
+        for (index_t e = (left + mid) * C; e < wp * C; ++e) dst[e] = 0.f;
+    }
+}
+
+// 3x3 taps over zero-padded rows xb (3, wp, c): the nine accumulators of a channel block stay in
+// registers while the row's Wo pixels stream past (nine named arrays: GCC keeps those in registers,
+// but not a [9][CB] array).
+void dwconv3x3_f32_bwd_weight_row(index_t C, index_t wo, index_t s, index_t wp,
+                                  const float* __restrict__ xb, const float* __restrict__ dyrow,
+                                  float* __restrict__ part) {
+    const index_t r1 = wp * C, r2 = 2 * wp * C;
+    index_t c0 = 0;
+    for (; c0 + CB <= C; c0 += CB) {
+        float a0[CB] = {}, a1[CB] = {}, a2[CB] = {}, a3[CB] = {}, a4[CB] = {}, a5[CB] = {},
+              a6[CB] = {}, a7[CB] = {}, a8[CB] = {};
+        for (index_t ow = 0; ow < wo; ++ow) {
+            const float* __restrict__ dq = dyrow + ow * C + c0;
+            const float* __restrict__ xq = xb + ow * s * C + c0;
+            for (index_t cc = 0; cc < CB; ++cc) {
+                const float d = dq[cc];
+                a0[cc] += xq[cc] * d;
+                a1[cc] += xq[C + cc] * d;
+                a2[cc] += xq[2 * C + cc] * d;
+                a3[cc] += xq[r1 + cc] * d;
+                a4[cc] += xq[r1 + C + cc] * d;
+                a5[cc] += xq[r1 + 2 * C + cc] * d;
+                a6[cc] += xq[r2 + cc] * d;
+                a7[cc] += xq[r2 + C + cc] * d;
+                a8[cc] += xq[r2 + 2 * C + cc] * d;
+            }
+        }
+        float* __restrict__ pp = part + c0;
+#pragma GCC ivdep
+        for (index_t cc = 0; cc < CB; ++cc) {
+            pp[cc] += a0[cc];
+            pp[C + cc] += a1[cc];
+            pp[2 * C + cc] += a2[cc];
+            pp[3 * C + cc] += a3[cc];
+            pp[4 * C + cc] += a4[cc];
+            pp[5 * C + cc] += a5[cc];
+            pp[6 * C + cc] += a6[cc];
+            pp[7 * C + cc] += a7[cc];
+            pp[8 * C + cc] += a8[cc];
+        }
+    }
+    for (index_t c = c0; c < C; ++c) {
+        float acc[9] = {};
+        for (index_t ow = 0; ow < wo; ++ow)
+            for (int i = 0; i < 3; ++i)
+                for (int j = 0; j < 3; ++j)
+                    acc[i * 3 + j] += xb[(i * wp + ow * s + j) * C + c] * dyrow[ow * C + c];
+        for (int t = 0; t < 9; ++t) part[t * C + c] += acc[t];
+    }
+}
+
 // The N*Ho output rows are cut into a fixed number of chunks (independent of the thread count, so
 // results are too); each chunk sums in float, and the chunks are added up in double.
 void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
                            const float* __restrict__ dy, float* __restrict__ dw) {
     const index_t rows = a.n * a.ho, taps = a.kh * a.kw * a.c;
-    const index_t nchunks = std::min<index_t>(rows, 64);
-    std::vector<float> parts(nchunks * taps, 0.f);
-#pragma omp parallel for schedule(dynamic, 1)
-    for (index_t k = 0; k < nchunks; ++k) {
-        float* part = parts.data() + k * taps;
-        for (index_t r = rows * k / nchunks; r < rows * (k + 1) / nchunks; ++r) {
-            const index_t n = r / a.ho, oh = r % a.ho;
-            dwconv_f32_bwd_weight_row(a, x + n * a.h * a.w * a.c, dy + r * a.wo * a.c, part, oh);
+    const index_t nchunks = std::min<index_t>(rows, 32);
+    const bool fast = a.kh == 3 && a.kw == 3;
+    const index_t wp = (a.wo - 1) * a.s + a.kw;  // padded row width under one output row
+    std::vector<float> parts(nchunks * taps);
+#pragma omp parallel
+    {
+        std::vector<float> xb(fast ? a.kh * wp * a.c : 0);
+#pragma omp for schedule(dynamic, 1)
+        for (index_t k = 0; k < nchunks; ++k) {
+            float* part = parts.data() + k * taps;
+            for (index_t t = 0; t < taps; ++t) part[t] = 0.f;
+            for (index_t r = rows * k / nchunks; r < rows * (k + 1) / nchunks; ++r) {
+                const index_t n = r / a.ho, oh = r % a.ho;
+                const float* ximg = x + n * a.h * a.w * a.c;
+                if (fast) {
+                    dwconv_f32_padded_rows(a, ximg, oh, wp, xb.data());
+                    dwconv3x3_f32_bwd_weight_row(a.c, a.wo, a.s, wp, xb.data(),
+                                                 dy + r * a.wo * a.c, part);
+                } else {
+                    dwconv_f32_bwd_weight_row(a, ximg, dy + r * a.wo * a.c, part, oh);
+                }
+            }
         }
     }
+    constexpr index_t TB = 256;
 #pragma omp parallel for schedule(static)
-    for (index_t t = 0; t < taps; ++t) {
-        double sum = 0.0;
-        for (index_t k = 0; k < nchunks; ++k) sum += parts[k * taps + t];
-        dw[t] = static_cast<float>(sum);
+    for (index_t t0 = 0; t0 < taps; t0 += TB) {
+        const index_t len = std::min(TB, taps - t0);
+        double sum[TB] = {};
+        for (index_t k = 0; k < nchunks; ++k)
+            for (index_t t = 0; t < len; ++t) sum[t] += parts[k * taps + t0 + t];
+        for (index_t t = 0; t < len; ++t) dw[t0 + t] = static_cast<float>(sum[t]);
     }
 }
 
