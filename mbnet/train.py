@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -252,11 +253,14 @@ class InterruptFlag:
         print("\nmbnet: interrupted; saving after the current step (Ctrl-C again to abort)", file=sys.stderr)
 
     def __enter__(self):
-        self.old = signal.signal(signal.SIGINT, self._handler)
+        self.old = None
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            self.old = signal.signal(signal.SIGINT, self._handler)
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.old)
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
 
 
 # ----------------------------------------------------------------------------------------------
