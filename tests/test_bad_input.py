@@ -329,7 +329,9 @@ LABEL_MUTATIONS = {
     "empty labels": lambda l, k: l[:0],
 }
 
-INTS = [0, -1, -2, -(2**31), 2**31, 2**40, 2**62, 2**63, 2**64, -(2**63) - 1, 10**9, None, 1.5, "1",
+# Paddings from 2**31 up make outputs of more than 2**63 bytes (numpy: ValueError); between 10**5
+# and 10**9 numpy would try to allocate them: test_huge_padding_is_a_value_error covers those.
+INTS = [0, -1, -2, -(2**31), 2**31, 2**40, 2**62, 2**63, 2**64, -(2**63) - 1, None, 1.5, "1",
         np.int64(2), np.int32(1), True, np.float64(1.0)]
 HUGE_PADDING = 10**6  # a call that returns with a larger padding must be wrong: outputs would be enormous
 HWS = [(0, 3), (3, 0), (-1, 3), (3, -5), (1,), (3, 3, 3), (), None, "hw", (1.5, 2), ("a", "b"),
@@ -364,7 +366,7 @@ def mutate(draw, kinds_values):
         new = draw(st.sampled_from(HWS + [(h + 1, w), (h, w + 7), [h, w], np.array([h, w]), (w, h)]))
         name = repr(new)
     else:
-        pool = {"stride": INTS + [3, 10**9], "padding": INTS + [5, 40], "act": ACTS, "real": REALS,
+        pool = {"stride": INTS + [3, 10**9], "padding": INTS + [5, 40, 2**33], "act": ACTS, "real": REALS,
                 "bool": BOOLS, "threads": THREADS}[kind]
         new = draw(st.sampled_from(pool))
         name = repr(new)
@@ -477,6 +479,17 @@ def test_two_broken_arguments_do_not_crash(name, data, seed):
     if name not in ("set_num_threads", "get_num_threads", "build_info"):
         for r in result if isinstance(result, tuple) else (result,):
             assert isinstance(r, float) or (isinstance(r, np.ndarray) and r.dtype == np.float32), what1
+
+
+@pytest.mark.parametrize("name", ["conv2d_fwd", "dwconv2d_fwd"])
+@pytest.mark.parametrize("padding", [10**6, 10**9])
+def test_huge_padding_is_a_value_error(name, padding):
+    """Outputs of terabytes to exabytes: a clean ValueError, not numpy's MemoryError while
+    allocating them (nor, worse, an allocation that succeeds)."""
+    x = np.ones((1, 4, 4, 2), np.float32)
+    w = np.ones((3, 3, 2, 2) if name == "conv2d_fwd" else (3, 3, 2), np.float32)
+    with pytest.raises(ValueError):
+        call(name, [x, w, 1, padding])
 
 
 def test_table_covers_every_binding():
