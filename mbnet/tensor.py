@@ -51,7 +51,7 @@ class Tensor:
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self.creator = None
-        self.generation = 0
+        self.output_index = 0
 
     # --- array-like properties ---
     @property
@@ -89,7 +89,6 @@ class Tensor:
     def set_creator(self, func, index=0):
         self.creator = func
         self.output_index = index
-        self.generation = func.generation + 1
 
     # --- backward ---
     def backward(self, grad=None):
@@ -211,7 +210,6 @@ class Function:
     are not Tensors (arrays, Python numbers) are constants of the first Tensor input's dtype.
     """
 
-    generation = 0
     inputs = ()
 
     def __call__(self, *inputs):
@@ -223,7 +221,6 @@ class Function:
         ys = (ys,) if single else ys
         outputs = [Tensor(y) for y in ys]
         if any(self.needs_input_grad):
-            self.generation = max(x.generation for x in inputs)
             self.inputs = inputs
             self.output_shapes = [y.shape for y in ys]
             self.output_dtype = ys[0].dtype
