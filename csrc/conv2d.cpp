@@ -134,7 +134,25 @@ void conv2d_f32_bwd_weight(const ConvShape& a, const float* x, const float* dy, 
 
 // ---- bindings ----------------------------------------------------------------------------------
 
-// A (height, width) pair of positive ints.
+constexpr index_t kMaxDim = index_t(1) << 30;       // bound on padding and (h, w) arguments
+constexpr index_t kMaxElements = index_t(1) << 31;  // bound on any output we allocate
+
+// conv_out_size with padding bounded first, so that h + 2p cannot overflow.
+index_t out_size(index_t in, index_t k, index_t s, index_t p, const char* axis) {
+    check_stride_padding(s, p);
+    require(p <= kMaxDim, "padding must be <= 2^30, got " + std::to_string(p));
+    return conv_out_size(in, k, s, p, axis);
+}
+
+// Refuses outputs no machine holds (numpy would raise MemoryError instead of ValueError).
+void check_alloc(const std::vector<index_t>& shape, const std::string& what) {
+    double total = 1.0;
+    for (auto d : shape) total *= static_cast<double>(d);
+    require(total <= static_cast<double>(kMaxElements),
+            what + " of shape " + shape_str(shape) + " would have more than 2^31 elements");
+}
+
+// A (height, width) pair of ints in [1, 2^30].
 std::pair<index_t, index_t> parse_hw(const py::object& obj, const char* name) {
     if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
         throw py::type_error(std::string(name) + " must be a (height, width) tuple of ints");
@@ -147,16 +165,18 @@ std::pair<index_t, index_t> parse_hw(const py::object& obj, const char* name) {
         py::object v = seq[i];
         if (!py::isinstance<py::int_>(v) && !py::hasattr(v, "__index__"))
             throw py::type_error(std::string(name) + " must hold ints");
-        hw[i] = py::cast<index_t>(py::int_(v));
-        require(hw[i] >= 1, std::string(name) + " entries must be >= 1, got " +
-                                std::to_string(hw[i]));
+        py::int_ iv(v);
+        require(iv >= py::int_(1) && iv <= py::int_(kMaxDim),
+                std::string(name) + " entries must be in [1, 2^30], got " +
+                    std::string(py::str(iv)));
+        hw[i] = py::cast<index_t>(iv);
     }
     return {hw[0], hw[1]};
 }
 
 void set_out_size(ConvShape& a) {
-    a.ho = conv_out_size(a.h, a.kh, a.s, a.p, "height");
-    a.wo = conv_out_size(a.w, a.kw, a.s, a.p, "width");
+    a.ho = out_size(a.h, a.kh, a.s, a.p, "height");
+    a.wo = out_size(a.w, a.kw, a.s, a.p, "width");
 }
 
 void check_dy_shape(const F32& dy, const ConvShape& a) {
@@ -172,6 +192,8 @@ py::array_t<float> conv2d_fwd(const py::object& x_, const py::object& w_, index_
     check_same_dim(x, 3, "x", w, 2, "w");
     ConvShape a{x[0], x[1], x[2], x[3], w[0], w[1], w[3], 0, 0, stride, padding};
     set_out_size(a);
+    check_alloc({a.n, a.ho, a.wo, a.co}, "y");
+    check_alloc({a.pixels(), a.kdim()}, "the im2col matrix of one image");
     auto y = new_f32({a.n, a.ho, a.wo, a.co});
     float* yp = ptr(y);
     {
@@ -189,6 +211,8 @@ py::array_t<float> conv2d_bwd_input(const py::object& dy_, const py::object& w_,
     ConvShape a{dy[0], h, wd, w[2], w[0], w[1], w[3], 0, 0, stride, padding};
     set_out_size(a);
     check_dy_shape(dy, a);
+    check_alloc({a.n, a.h, a.w, a.ci}, "dx");
+    check_alloc({a.pixels(), a.kdim()}, "the im2col matrix of one image");
     auto dx = new_f32({a.n, a.h, a.w, a.ci});
     float* dxp = ptr(dx);
     {
@@ -207,6 +231,8 @@ py::array_t<float> conv2d_bwd_weight(const py::object& x_, const py::object& dy_
     ConvShape a{x[0], x[1], x[2], x[3], kh, kw, dy[3], 0, 0, stride, padding};
     set_out_size(a);
     check_dy_shape(dy, a);
+    check_alloc({a.kh, a.kw, a.ci, a.co}, "dw");
+    check_alloc({a.pixels(), a.kdim()}, "the im2col matrix of one image");
     auto dw = new_f32({a.kh, a.kw, a.ci, a.co});
     float* dwp = ptr(dw);
     {
