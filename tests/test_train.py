@@ -186,3 +186,16 @@ def test_defaults_follow_the_recipe():
 def test_confusion_matrix():
     m = evaluate.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
     np.testing.assert_array_equal(m, [[1, 1, 0], [0, 1, 0], [0, 1, 0]])
+
+
+@pytest.mark.parametrize("opt,schedule", [("rmsprop", "cosine"), ("adam", "step")])
+def test_other_optimizers_and_schedules_run(tiny, tmp_path, opt, schedule):
+    out = tmp_path / "r"
+    args = ["--alpha", "0.25", "--resolution", "16", "--batch-size", "32", "--epochs", "2", "--limit-train", "64",
+            "--limit-test", "32", "--optimizer", opt, "--schedule", schedule, "--no-ema", "--data-dir", str(tiny),
+            "--out", str(out)]
+    assert train.main(args) == 0
+    meta = _meta(out / "last.npz")
+    assert meta["config"]["optimizer"] == opt and meta["step"] == 4
+    assert all(np.isfinite(m["train_loss"]) and "ema_test_acc" not in m for m in meta["metrics"])
+    assert not any(k.startswith("ema/") for k in _arrays(out / "last.npz"))
