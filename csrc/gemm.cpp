@@ -52,17 +52,20 @@ struct AlignedBuffer {
 // Written for GCC's vectorizer: i is unrolled, the j loop is left to the loop vectorizer, which
 // turns acc into MR x NR/lanes registers fed by NR/lanes loads of b and one broadcast of a[i].
 // Unrolling j by pragma instead makes GCC 12 vectorize across k with permutes: 30% slower.
-void micro_kernel(index_t kc, const float* __restrict__ a, const float* __restrict__ b,
-                  float* __restrict__ c, index_t ldc, int mr, int nr, bool add) {
+// kPackedA: a is a packed panel, a[k*MR + i]; otherwise a points into row-major A, a[i*lda + k].
+template <bool kPackedA>
+void micro_kernel(index_t kc, const float* __restrict__ a, index_t lda,
+                  const float* __restrict__ b, float* __restrict__ c, index_t ldc, int mr, int nr,
+                  bool add) {
     float acc[MR][NR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 64
         for (int j = 0; j < NR; ++j) acc[i][j] = 0.f;
-    for (index_t k = 0; k < kc; ++k, a += MR, b += NR) {
+    for (index_t k = 0; k < kc; ++k, b += NR) {
 #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) {
-            const float ai = a[i];
+            const float ai = kPackedA ? a[k * MR + i] : a[i * lda + k];
             for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[j];
         }
     }
@@ -130,6 +133,9 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
     const index_t nc_max = std::min<index_t>(NC, (N + NR - 1) / NR * NR);
     const index_t kc_max = std::min<index_t>(KC, K);
     AlignedBuffer abuf(mc_max * kc_max), bbuf(kc_max * nc_max);
+    // Row-major A is read in place by the microkernel (MR rows, unit stride along k): packing it
+    // would cost as much as the multiply when N is small, and gains nothing measurable when large.
+    const bool direct_a = csa == 1;
     for (index_t jc = 0; jc < N; jc += NC) {
         const index_t nc = std::min(NC, N - jc);
         for (index_t pc = 0; pc < K; pc += KC) {
@@ -138,13 +144,23 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
             pack_b(kc, nc, B + pc * rsb + jc * csb, rsb, csb, bbuf.p);
             for (index_t ic = 0; ic < M; ic += MC) {
                 const index_t mc = std::min(MC, M - ic);
-                pack_a(mc, kc, A + ic * rsa + pc * csa, rsa, csa, abuf.p);
+                // Unpacked A: only a last, partial panel is packed (reading past row M is out
+                // of bounds), to the start of abuf.
+                const index_t packed_from = direct_a ? mc / MR * MR : 0;
+                if (packed_from < mc)
+                    pack_a(mc - packed_from, kc, A + (ic + packed_from) * rsa + pc * csa, rsa, csa,
+                           abuf.p);
                 for (index_t jr = 0; jr < nc; jr += NR) {
                     const int nr = static_cast<int>(std::min<index_t>(NR, nc - jr));
                     for (index_t ir = 0; ir < mc; ir += MR) {
                         const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
-                        micro_kernel(kc, abuf.p + ir * kc, bbuf.p + jr * kc,
-                                     C + (ic + ir) * ldc + jc + jr, ldc, mr, nr, add);
+                        float* c = C + (ic + ir) * ldc + jc + jr;
+                        if (ir < packed_from)
+                            micro_kernel<false>(kc, A + (ic + ir) * rsa + pc, rsa,
+                                                bbuf.p + jr * kc, c, ldc, mr, nr, add);
+                        else
+                            micro_kernel<true>(kc, abuf.p + (ir - packed_from) * kc, 0,
+                                               bbuf.p + jr * kc, c, ldc, mr, nr, add);
                     }
                 }
             }

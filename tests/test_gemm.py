@@ -1,0 +1,191 @@
+"""GEMM family (matmul, pointwise convolution, linear) against mbnet.reference in float64.
+
+Shapes cover channel counts 1, 3, 17, 100, sizes that are not multiples of the register tile
+(MR x NR: 8 x 32 for AVX-512, 4 x 24 for AVX2), more than one cache block along every axis, K
+long enough to be split across threads, and transposed operands.
+"""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mbnet import _C
+from mbnet import reference as ref
+
+CHANNELS = st.sampled_from([1, 3, 17, 32, 100])
+DIM = st.one_of(st.sampled_from([1, 3, 17, 33, 100]), st.integers(1, 150))
+
+
+def rand(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def f64(*arrays):
+    return [a.astype(np.float64) for a in arrays]
+
+
+def assert_close(got, want, k):
+    """float32 products summed over k terms of unit variance: error grows like sqrt(k)."""
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.sqrt(k) + 1e-6)
+
+
+@pytest.fixture
+def threads():
+    """Runs a test body at 1 and 2 threads, restoring the setting afterwards."""
+    before = _C.get_num_threads()
+    yield lambda n: _C.set_num_threads(n)
+    _C.set_num_threads(before)
+
+
+@given(m=DIM, k=DIM, n=DIM, trans_a=st.booleans(), trans_b=st.booleans(), seed=st.integers(0, 2**16))
+def test_matmul(m, k, n, trans_a, trans_b, seed):
+    rng = np.random.default_rng(seed)
+    a = rand(rng, (k, m) if trans_a else (m, k))
+    b = rand(rng, (n, k) if trans_b else (k, n))
+    want = ref.matmul(*f64(a, b), trans_a, trans_b)
+    assert_close(_C.matmul(a, b, trans_a, trans_b), want, k)
+    assert_close(_C.matmul(a, b, trans_a=trans_a, trans_b=trans_b), want, k)
+
+
+@pytest.mark.parametrize(
+    "m, k, n",
+    [
+        (130, 260, 2060),  # more than one MC, KC and NC block
+        (1, 2000, 1),  # a dot product
+        (5, 40000, 7),  # small C, long K: split across threads
+        (2000, 1, 3),
+    ],
+)
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, True)])
+def test_matmul_blocks(m, k, n, trans_a, trans_b, threads):
+    rng = np.random.default_rng(m + k + n)
+    a = rand(rng, (k, m) if trans_a else (m, k))
+    b = rand(rng, (n, k) if trans_b else (k, n))
+    want = ref.matmul(*f64(a, b), trans_a, trans_b)
+    for t in (1, 2):
+        threads(t)
+        assert_close(_C.matmul(a, b, trans_a, trans_b), want, k)
+
+
+@given(n=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), ci=CHANNELS, co=CHANNELS,
+       seed=st.integers(0, 2**16))
+def test_pwconv2d(n, h, w, ci, co, seed):
+    rng = np.random.default_rng(seed)
+    x, wt, dy = rand(rng, (n, h, w, ci)), rand(rng, (ci, co)), rand(rng, (n, h, w, co))
+    assert_close(_C.pwconv2d_fwd(x, wt), ref.pwconv2d_fwd(*f64(x, wt)), ci)
+    assert_close(_C.pwconv2d_bwd_input(dy, wt), ref.pwconv2d_bwd_input(*f64(dy, wt)), co)
+    assert_close(_C.pwconv2d_bwd_weight(x, dy), ref.pwconv2d_bwd_weight(*f64(x, dy)), n * h * w)
+
+
+@pytest.mark.parametrize(
+    "shape_x, co",
+    [
+        ((8, 32, 32, 3), 17),  # bwd_weight: C is 3 x 17, K = 8192 rows, split across threads
+        ((2, 32, 32, 32), 64),  # the first MobileNet pointwise layer at batch 2
+        ((4, 2, 2, 100), 300),
+    ],
+)
+def test_pwconv2d_threads_agree(shape_x, co, threads):
+    rng = np.random.default_rng(0)
+    ci = shape_x[-1]
+    x, wt, dy = rand(rng, shape_x), rand(rng, (ci, co)), rand(rng, shape_x[:3] + (co,))
+    rows = x.size // ci
+    results = []
+    for t in (1, 2):
+        threads(t)
+        results.append((_C.pwconv2d_fwd(x, wt), _C.pwconv2d_bwd_input(dy, wt), _C.pwconv2d_bwd_weight(x, dy)))
+    for got in results:
+        assert_close(got[0], ref.pwconv2d_fwd(*f64(x, wt)), ci)
+        assert_close(got[1], ref.pwconv2d_bwd_input(*f64(dy, wt)), co)
+        assert_close(got[2], ref.pwconv2d_bwd_weight(*f64(x, dy)), rows)
+    np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-4, atol=1e-5 * np.sqrt(rows))
+
+
+@given(n=st.sampled_from([1, 2, 17, 128]), din=CHANNELS, dout=st.sampled_from([1, 3, 10, 17, 100]),
+       seed=st.integers(0, 2**16))
+def test_linear(n, din, dout, seed):
+    rng = np.random.default_rng(seed)
+    x, w, b, dy = rand(rng, (n, din)), rand(rng, (din, dout)), rand(rng, (dout,)), rand(rng, (n, dout))
+    assert_close(_C.linear_fwd(x, w, b), ref.linear_fwd(*f64(x, w, b)), din)
+    got = _C.linear_bwd(x, w, dy)
+    want = ref.linear_bwd(*f64(x, w, dy))
+    assert isinstance(got, tuple) and len(got) == 3
+    for g, r, k in zip(got, want, (dout, n, n)):
+        assert_close(g, r, k)
+
+
+def test_linear_classifier_shape(threads):
+    """The MobileNet head: 1024 features to 10 classes at batch 128, at 1 and 2 threads."""
+    rng = np.random.default_rng(1)
+    x, w, b, dy = rand(rng, (128, 1024)), rand(rng, (1024, 10)), rand(rng, (10,)), rand(rng, (128, 10))
+    for t in (1, 2):
+        threads(t)
+        assert_close(_C.linear_fwd(x, w, b), ref.linear_fwd(*f64(x, w, b)), 1024)
+        for g, r, k in zip(_C.linear_bwd(x, w, dy), ref.linear_bwd(*f64(x, w, dy)), (10, 128, 128)):
+            assert_close(g, r, k)
+
+
+def test_linear_long_input_accumulates_bias(threads):
+    """x @ w is added onto the bias; with din this long the sum is split across threads."""
+    rng = np.random.default_rng(3)
+    x, w, b = rand(rng, (3, 40000)), rand(rng, (40000, 3)), rand(rng, (3,)) * 100
+    for t in (1, 2):
+        threads(t)
+        assert_close(_C.linear_fwd(x, w, b), ref.linear_fwd(*f64(x, w, b)), 40000)
+
+
+def test_inputs_not_modified():
+    rng = np.random.default_rng(2)
+    x, w, dy = rand(rng, (2, 3, 3, 17)), rand(rng, (17, 5)), rand(rng, (2, 3, 3, 5))
+    copies = [a.copy() for a in (x, w, dy)]
+    _C.pwconv2d_fwd(x, w), _C.pwconv2d_bwd_input(dy, w), _C.pwconv2d_bwd_weight(x, dy)
+    for a, c in zip((x, w, dy), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+# --- bad arguments -----------------------------------------------------------------------------
+
+def test_wrong_dtype_is_type_error():
+    a = np.ones((3, 4), np.float32)
+    with pytest.raises(TypeError, match="b"):
+        _C.matmul(a, np.ones((4, 2), np.float64))
+    with pytest.raises(TypeError, match="x"):
+        _C.pwconv2d_fwd([[1.0]], np.ones((1, 1), np.float32))
+    with pytest.raises(TypeError, match="b"):
+        _C.linear_fwd(a, np.ones((4, 2), np.float32), np.ones(2, np.int64))
+
+
+def test_non_contiguous_is_value_error():
+    x = np.ones((2, 3, 3, 8), np.float32)
+    with pytest.raises(ValueError, match="x.*contiguous"):
+        _C.pwconv2d_fwd(x[..., ::2], np.ones((4, 4), np.float32))
+    with pytest.raises(ValueError, match="a.*contiguous"):
+        _C.matmul(np.ones((4, 3), np.float32).T, np.ones((4, 2), np.float32))
+
+
+def test_mismatched_inner_dims_name_the_arguments():
+    a, b = np.ones((3, 4), np.float32), np.ones((5, 2), np.float32)
+    with pytest.raises(ValueError, match=r"a .*b .*4 vs 5"):
+        _C.matmul(a, b)
+    with pytest.raises(ValueError, match=r"a \(transposed\).*b"):
+        _C.matmul(a, b, trans_a=True)
+    with pytest.raises(ValueError, match=r"x .*w "):
+        _C.pwconv2d_fwd(np.ones((1, 2, 2, 3), np.float32), np.ones((4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"dy .*w "):
+        _C.pwconv2d_bwd_input(np.ones((1, 2, 2, 3), np.float32), np.ones((3, 5), np.float32))
+    with pytest.raises(ValueError, match=r"x .*dy "):
+        _C.pwconv2d_bwd_weight(np.ones((1, 2, 2, 3), np.float32), np.ones((1, 2, 3, 5), np.float32))
+    with pytest.raises(ValueError, match=r"b .*w "):
+        _C.linear_fwd(np.ones((2, 3), np.float32), np.ones((3, 5), np.float32), np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=r"dy .*x "):
+        _C.linear_bwd(np.ones((2, 3), np.float32), np.ones((3, 5), np.float32), np.ones((4, 5), np.float32))
+
+
+def test_wrong_rank_is_value_error():
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        _C.pwconv2d_fwd(np.ones((4, 3), np.float32), np.ones((3, 5), np.float32))
+    with pytest.raises(ValueError, match="a must have 2 dimensions"):
+        _C.matmul(np.ones(3, np.float32), np.ones((3, 5), np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        _C.matmul(np.ones((0, 3), np.float32), np.ones((3, 5), np.float32))
