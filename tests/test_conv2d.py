@@ -154,3 +154,9 @@ def test_bad_arguments():
         _C.conv2d_bwd_weight(x[:1].copy(), dy, (3, 3), 1, 1)
     with pytest.raises(ValueError, match="input_hw"):
         _C.conv2d_bwd_input(dy, wt, (6,), 1, 1)
+    with pytest.raises(ValueError, match="input_hw"):
+        _C.conv2d_bwd_input(dy, wt, (2**70, 6), 1, 1)
+    with pytest.raises(ValueError, match="padding"):
+        _C.conv2d_fwd(x, wt, 1, 2**62)
+    with pytest.raises(ValueError, match="2\\^31 elements"):
+        _C.conv2d_fwd(x, wt, 1, 10**6)

@@ -164,3 +164,9 @@ def test_bad_arguments():
         _C.dwconv2d_bwd_weight(x, dy, (0, 3), 1, 1)
     with pytest.raises(TypeError, match="kernel_hw"):
         _C.dwconv2d_bwd_weight(x, dy, 3, 1, 1)
+    with pytest.raises(ValueError, match="input_hw"):
+        _C.dwconv2d_bwd_input(dy, wt, (2**63, 2), 1, 1)
+    with pytest.raises(ValueError, match="padding"):
+        _C.dwconv2d_fwd(x, wt, 1, 2**40)
+    with pytest.raises(ValueError, match="2\\^31 elements"):
+        _C.dwconv2d_fwd(x, wt, 1, 10**6)
