@@ -40,16 +40,25 @@ void im2col_f32(const ConvShape& a, const float* __restrict__ x, index_t n0, ind
             const float* ximg = x + (n0 + b) * a.h * a.w * C;
             for (index_t ow = 0; ow < a.wo; ++ow) {
                 float* __restrict__ row = cols + ((b * a.ho + oh) * a.wo + ow) * K;
+                const index_t iw0 = ow * a.s - a.p;
+                const bool cols_inside = iw0 >= 0 && iw0 + a.kw <= a.w;
                 for (index_t i = 0; i < a.kh; ++i) {
                     const index_t ih = oh * a.s - a.p + i;
-                    for (index_t j = 0; j < a.kw; ++j) {
-                        const index_t iw = ow * a.s - a.p + j;
-                        float* __restrict__ dst = row + (i * a.kw + j) * C;
-                        if (ih < 0 || ih >= a.h || iw < 0 || iw >= a.w) {
-                            for (index_t c = 0; c < C; ++c) dst[c] = 0.f;
-                        } else {
-                            const float* __restrict__ src = ximg + (ih * a.w + iw) * C;
-                            for (index_t c = 0; c < C; ++c) dst[c] = src[c];
+                    float* __restrict__ dst = row + i * a.kw * C;
+                    if (ih < 0 || ih >= a.h) {
+                        for (index_t e = 0; e < a.kw * C; ++e) dst[e] = 0.f;
+                    } else if (cols_inside) {  // the kw taps are one contiguous run of x
+                        const float* __restrict__ src = ximg + (ih * a.w + iw0) * C;
+                        for (index_t e = 0; e < a.kw * C; ++e) dst[e] = src[e];
+                    } else {
+                        for (index_t j = 0; j < a.kw; ++j) {
+                            const index_t iw = iw0 + j;
+                            if (iw < 0 || iw >= a.w) {
+                                for (index_t c = 0; c < C; ++c) dst[j * C + c] = 0.f;
+                            } else {
+                                const float* __restrict__ src = ximg + (ih * a.w + iw) * C;
+                                for (index_t c = 0; c < C; ++c) dst[j * C + c] = src[c];
+                            }
                         }
                     }
                 }
@@ -73,6 +82,13 @@ void col2im_f32(const ConvShape& a, const float* __restrict__ cols, index_t n0, 
                 const index_t oh = th / a.s;
                 for (index_t ow = 0; ow < a.wo; ++ow) {
                     const float* __restrict__ row = cols + ((b * a.ho + oh) * a.wo + ow) * K;
+                    const index_t iw0 = ow * a.s - a.p;
+                    if (iw0 >= 0 && iw0 + a.kw <= a.w) {  // the kw taps are one contiguous run
+                        const float* __restrict__ src = row + i * a.kw * C;
+                        float* __restrict__ dst = dxrow + iw0 * C;
+                        for (index_t e = 0; e < a.kw * C; ++e) dst[e] += src[e];
+                        continue;
+                    }
                     for (index_t j = 0; j < a.kw; ++j) {
                         const index_t iw = ow * a.s - a.p + j;
                         if (iw < 0 || iw >= a.w) continue;
