@@ -54,7 +54,7 @@ def cpu_name():
 def median_time(fn, repeat):
     # Pause first: the other library's worker threads (OpenMP or OpenBLAS) keep spinning for a
     # moment after their last call and would steal a core from this one on a 2-core machine.
-    time.sleep(0.05)
+    time.sleep(0.2)
     fn()  # warm-up: page faults, thread pool start
     times = []
     for _ in range(repeat):

@@ -26,10 +26,16 @@ namespace {
 // 6 x 16: GCC 12 vectorizes a two-vector-wide j loop across k with permutes and spills.
 #if defined(__AVX512F__)
 constexpr int MR = 8, NR = 32;
+// NR = 32 is two zmm wide; make sure GCC uses zmm whatever the tuning's preferred width (GCC 12
+// tunes -march=native on Zen 4/5 as znver3).
+#define MBNET_KERNEL_TARGET __attribute__((target("prefer-vector-width=512")))
 #elif defined(__AVX2__)
 constexpr int MR = 4, NR = 24;
 #else
 constexpr int MR = 4, NR = 8;
+#endif
+#ifndef MBNET_KERNEL_TARGET
+#define MBNET_KERNEL_TARGET
 #endif
 // Cache blocks: a KC x NR panel of B (32 KB for AVX-512) stays in L1, an MC x KC block of A
 // (128 KB) in L2, the KC x NC block of B in L2/L3.
@@ -54,7 +60,7 @@ struct AlignedBuffer {
 // Unrolling j by pragma instead makes GCC 12 vectorize across k with permutes: 30% slower.
 // kPackedA: a is a packed panel, a[k*MR + i]; otherwise a points into row-major A, a[i*lda + k].
 template <bool kPackedA>
-void micro_kernel(index_t kc, const float* __restrict__ a, index_t lda,
+MBNET_KERNEL_TARGET void micro_kernel(index_t kc, const float* __restrict__ a, index_t lda,
                   const float* __restrict__ b, float* __restrict__ c, index_t ldc, int mr, int nr,
                   bool add) {
     float acc[MR][NR];
