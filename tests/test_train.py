@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 
-from mbnet import data, evaluate, optim, train
+from mbnet import _C, data, evaluate, optim, train
 from mbnet.models import MobileNetV1
 
 
@@ -40,7 +40,15 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MBNET_CACHE", str(tmp_path / "cache"))
 
 
-SMALL = ["--alpha", "0.25", "--resolution", "16", "--batch-size", "32", "--lr", "0.05", "--warmup", "0.5",
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = _C.get_num_threads()
+    yield
+    _C.set_num_threads(n)
+
+
+# One kernel thread: tiny layers gain nothing from two, and the suite shares 2 cores.
+SMALL = ["--threads", "1", "--alpha", "0.25", "--resolution", "16", "--batch-size", "32", "--lr", "0.05", "--warmup", "0.5",
          "--ema-decay", "0.9", "--no-tta"]
 
 
@@ -91,7 +99,8 @@ def test_tiny_run_learns_and_writes_its_files(tiny, tmp_path, capsys):
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(tiny, tmp_path, capsys):
-    common = ["--epochs", "2", "--limit-train", "200", "--limit-test", "32", "--dropout", "0.2"]
+    # two kernel threads in every part (results depend on the thread count, not on the interruptions)
+    common = ["--epochs", "2", "--limit-train", "200", "--limit-test", "32", "--dropout", "0.2", "--threads", "2"]
     assert train.main(_args(tiny, tmp_path / "a", *common)) == 0
 
     def interrupt_at(k):
@@ -105,10 +114,11 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny, tmp_path, capsys):
     assert train.main(_args(tiny, b, *common), on_step=interrupt_at(2)) == 130
     assert "--resume" in capsys.readouterr().err
     assert _meta(b / "last.npz")["step"] == 3 and not (b / "metrics.jsonl").exists()
-    assert train.main(_args(tiny, b, "--resume"), on_step=interrupt_at(5)) == 130
+    assert train.main(_args(tiny, b, "--resume", "--threads", "2"), on_step=interrupt_at(5)) == 130
     assert _meta(b / "last.npz")["step"] == 6
-    assert train.main(["--out", str(b), "--resume", "--data-dir", str(tiny)], on_step=interrupt_at(8)) == 130
-    assert train.main(["--out", str(b), "--resume", "--data-dir", str(tiny), "--lr", "1"]) == 0
+    resume = ["--out", str(b), "--resume", "--data-dir", str(tiny), "--threads", "2"]
+    assert train.main(resume, on_step=interrupt_at(8)) == 130
+    assert train.main(resume + ["--lr", "1"]) == 0
     assert "ignoring lr" in capsys.readouterr().err
 
     wa, wb = _arrays(tmp_path / "a" / "last.npz"), _arrays(b / "last.npz")
@@ -191,8 +201,8 @@ def test_confusion_matrix():
 @pytest.mark.parametrize("opt,schedule", [("rmsprop", "cosine"), ("adam", "step")])
 def test_other_optimizers_and_schedules_run(tiny, tmp_path, opt, schedule):
     out = tmp_path / "r"
-    args = ["--alpha", "0.25", "--resolution", "16", "--batch-size", "32", "--epochs", "2", "--limit-train", "64",
-            "--limit-test", "32", "--optimizer", opt, "--schedule", schedule, "--no-ema", "--data-dir", str(tiny),
+    args = ["--threads", "1", "--alpha", "0.25", "--resolution", "16", "--batch-size", "32", "--epochs", "2",
+            "--limit-train", "64", "--limit-test", "32", "--optimizer", opt, "--schedule", schedule, "--no-ema", "--data-dir", str(tiny),
             "--out", str(out)]
     assert train.main(args) == 0
     meta = _meta(out / "last.npz")
