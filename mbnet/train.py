@@ -329,6 +329,10 @@ def main(argv=None, *, on_step=None):
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         pos = {k: ckpt["meta"][k] for k in fresh}
+        saved_threads = ckpt["meta"].get("threads")
+        if saved_threads is not None and saved_threads != _C.get_num_threads():
+            print(f"mbnet: note: this run used {saved_threads} kernel threads, now {_C.get_num_threads()}; "
+                  "the result will not be bit-identical to an unbroken run (pass --threads)", file=sys.stderr)
         print(f"mbnet: resuming {out} at epoch {pos['epoch'] + 1}, step {pos['batch']}/{spe}", file=sys.stderr)
     else:
         (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
@@ -337,7 +341,7 @@ def main(argv=None, *, on_step=None):
           f"{len(ytr)} train / {len(yte)} test images, {spe} steps/epoch; run dir {out}", file=sys.stderr)
 
     def meta():
-        return dict(pos, config=cfg, step=pos["epoch"] * spe + pos["batch"])
+        return dict(pos, config=cfg, step=pos["epoch"] * spe + pos["batch"], threads=_C.get_num_threads())
 
     def save(name):
         save_checkpoint(out / name, model, opt, ema, meta())
