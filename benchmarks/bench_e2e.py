@@ -1,0 +1,237 @@
+"""End to end: MobileNetV1 training-step and inference throughput and peak memory, mbnet against
+the same network in PyTorch, at alpha 1, 0.75, 0.5, 0.25, batch 128, 32x32x3 input (CIFAR).
+
+    python -m benchmarks.bench_e2e [--alphas 1,0.75,0.5,0.25] [--batch 128] [--steps 10]
+                                   [--threads T] [--no-torch] [--tiny] [--json out.json]
+
+Each (engine, alpha, mode) runs in its own fresh subprocess (`--worker`), so one engine's memory and
+thread pool never touch the other's. A training step is zero_grad + forward + cross-entropy +
+backward + SGD update (lr 0.01, momentum 0.9, weight decay 5e-4); inference is an eval-mode forward
+under no_grad. images/s = batch / median step time over --steps after --warmup steps.
+
+Memory (tracemalloc cannot see C++ or PyTorch allocations): the worker reads VmRSS / VmHWM from
+/proc/self/status. After the warm-up steps it resets the high-water mark (writing 5 to
+/proc/self/clear_refs) and notes the resident size then ("steady": interpreter, libraries,
+parameters, gradients, optimizer state, the input batch); after the timed steps VmHWM is the peak
+resident size, and peak - steady is what one step needs on top (activations kept for backward,
+workspaces). If the reset is not allowed, it falls back to getrusage's ru_maxrss, which then also
+covers the warm-up steps. Resident memory counts pages touched, not bytes allocated.
+
+PyTorch's model is built here: conv 3x3 + BN + ReLU stem, the 13 depthwise-separable blocks (3x3
+depthwise + BN + ReLU, 1x1 + BN + ReLU), global average pool, linear, channels_last memory format,
+torch.set_num_threads equal to mbnet's; its parameter count is checked against mbnet's.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import common
+
+ROOT = Path(__file__).resolve().parent.parent
+ALPHAS = (1.0, 0.75, 0.5, 0.25)
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+def _status_kb(field):
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak():
+    """Resets VmHWM to the current resident size; returns the method name for the report."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM reset after warm-up"
+    except OSError:
+        return "ru_maxrss (no reset: includes warm-up)"
+
+
+def peak_kb():
+    hwm = _status_kb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# --- the two engines ----------------------------------------------------------------------------
+
+def mbnet_fns(alpha, batch, size, threads):
+    from mbnet import _C
+    from mbnet.models import MobileNetV1
+
+    _C.set_num_threads(threads)
+    model = MobileNetV1(alpha, num_classes=10, input_size=size, seed=0)
+    train_step, infer = common.mbnet_steps(model, batch, size)
+    return train_step, infer, model.summary(show=False)["params"], "mbnet"
+
+
+def torch_model(alpha, num_classes=10, stem_stride=1):
+    from torch import nn
+
+    from mbnet.models import BLOCKS, STEM_CHANNELS
+
+    def conv_bn_relu(cin, cout, k, stride, groups=1):
+        return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True)]
+
+    c = int(STEM_CHANNELS * alpha)
+    layers = conv_bn_relu(3, c, 3, stem_stride)
+    for cout, stride in BLOCKS:
+        cout = int(cout * alpha)
+        layers += conv_bn_relu(c, c, 3, stride, groups=c) + conv_bn_relu(c, cout, 1, 1)
+        c = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+
+def torch_fns(alpha, batch, size, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = torch_model(alpha, stem_stride=2 if size > 64 else 1).to(memory_format=torch.channels_last)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((batch, size, size, 3), dtype=np.float32)).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(rng.integers(0, 10, batch))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train_step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), labels)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            return model(x)
+
+    params = sum(p.numel() for p in model.parameters())
+    return train_step, infer, params, f"PyTorch {torch.__version__}"
+
+
+def worker(engine, alpha, mode, batch, size, steps, warmup, threads):
+    """Runs in the subprocess: returns the measurements of one configuration."""
+    rss_start = _status_kb("VmRSS")
+    fns = mbnet_fns if engine == "mbnet" else torch_fns
+    train_step, infer, params, name = fns(alpha, batch, size, threads)
+    fn = train_step if mode == "train" else infer
+    for _ in range(warmup):
+        fn()
+    method = reset_peak()
+    steady = _status_kb("VmRSS")
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    peak = peak_kb()
+    med = float(np.median(times))
+    return {"engine": engine, "name": name, "alpha": alpha, "mode": mode, "batch": batch, "size": size,
+            "threads": threads, "params": params, "median_s": med, "min_s": min(times), "times": times,
+            "images_per_s": batch / med, "rss_start_mb": rss_start / 1024 if rss_start else None,
+            "steady_rss_mb": steady / 1024 if steady else None, "peak_rss_mb": peak / 1024,
+            "step_peak_mb": (peak - steady) / 1024 if steady else None, "memory_method": method}
+
+
+def run_worker(engine, alpha, mode, batch, size, steps, warmup, threads):
+    cmd = [sys.executable, "-m", "benchmarks.bench_e2e", "--worker", engine, str(alpha), mode,
+           "--batch", str(batch), "--size", str(size), "--steps", str(steps), "--warmup", str(warmup),
+           "--threads", str(threads)]
+    time.sleep(0.1)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(alphas=ALPHAS, batch=128, size=32, steps=10, warmup=2, threads=None, tiny=False, use_torch=True):
+    from mbnet import _C
+
+    if threads is None:
+        threads = _C.get_num_threads()
+    if tiny:
+        alphas, batch, steps, warmup = (0.25,), 2, 1, 1
+    have_torch = use_torch and common.optional_import("torch") is not None
+    engines = ["mbnet"] + (["torch"] if have_torch else [])
+    t0 = time.perf_counter()
+    rows = []
+    for alpha in alphas:
+        for mode in ("train", "infer"):
+            for engine in engines:
+                rows.append(run_worker(engine, alpha, mode, batch, size, steps, warmup, threads))
+    return {"benchmark": "e2e", **common.machine_info(), "threads": threads, "batch": batch, "size": size,
+            "steps": steps, "warmup": warmup, "torch": have_torch or None, "rows": rows,
+            "seconds": time.perf_counter() - t0}
+
+
+def markdown(res):
+    rows, by = [], {(r["engine"], r["alpha"], r["mode"]): r for r in res["rows"]}
+    for r in res["rows"]:
+        other = by.get(("torch" if r["engine"] == "mbnet" else "mbnet", r["alpha"], r["mode"]))
+        vs = None
+        if r["engine"] == "mbnet" and other is not None:
+            vs = f"{r['images_per_s'] / other['images_per_s']:.2f}"
+            if other["params"] != r["params"]:
+                vs += f" (params differ: {other['params']:,})"
+        rows.append((r["name"], r["alpha"], r["mode"], f"{r['params'] / 1e6:.2f}M", r["median_s"] * 1e3,
+                     r["images_per_s"], vs, r["peak_rss_mb"], r["step_peak_mb"], r["steady_rss_mb"]))
+    method = sorted({r["memory_method"] for r in res["rows"]})
+    lines = ["## End to end: MobileNetV1 training step and inference", ""] + common.header(res) + [
+        "",
+        f"Batch {res['batch']}, {res['size']}x{res['size']}x3, {res['threads']} threads for both engines, "
+        f"median of {res['steps']} steps after {res['warmup']} warm-up, one fresh process per row. "
+        "train = forward + cross-entropy + backward + SGD(momentum) update; infer = eval forward, no grad. "
+        "vs torch = our images/s / PyTorch's (> 1: ours is faster). "
+        f"Memory from /proc/self/status ({', '.join(method)}): peak = VmHWM during the timed steps, "
+        "steady = VmRSS before them (interpreter, libraries, weights, gradients, optimizer state), "
+        "step = peak - steady." + ("" if res["torch"] else " PyTorch is not installed: its rows are skipped."),
+        "",
+        common.table(["engine", "α", "mode", "params", "ms / step", "images/s", "vs torch", "peak RSS MB",
+                      "step MB", "steady MB"], rows, "lrlrrrrrrr"),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--alphas", default=",".join(str(a) for a in ALPHAS))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="default: mbnet's current OpenMP setting")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="alpha 0.25, batch 2, 1 step: a smoke run")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--worker", nargs=3, metavar=("ENGINE", "ALPHA", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        engine, alpha, mode = args.worker
+        res = worker(engine, float(alpha), mode, args.batch, args.size, args.steps, args.warmup, args.threads)
+        print(json.dumps(res))
+        return res
+    res = run(tuple(float(a) for a in args.alphas.split(",")), args.batch, args.size, args.steps, args.warmup,
+              args.threads, args.tiny, not args.no_torch)
+    print(markdown(res))
+    if args.json:
+        common.write_json(args.json, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

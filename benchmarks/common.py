@@ -1,0 +1,175 @@
+"""Helpers shared by the benchmarks of this package: timing, the machine's description, Markdown
+tables and JSON output.
+
+Timing is warm-up call(s), then the median of ``repeat`` timed calls (time.perf_counter). Before
+each measurement we sleep briefly: the worker threads of another OpenMP runtime (PyTorch's, numba's,
+OpenBLAS's) keep spinning for a moment after their last call and would steal one of the cores.
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")
+PAUSE = 0.05  # seconds of sleep before each measurement; the --tiny smoke runs set it to 0
+
+
+def measure(fn, repeat=5, warmup=1, pause=None):
+    """Calls fn() ``warmup`` times, then times ``repeat`` calls. Returns {"median", "min", "times"}
+    in seconds."""
+    pause = PAUSE if pause is None else pause
+    if pause:
+        time.sleep(pause)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(repeat, 1)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times), "times": times}
+
+
+def median_time(fn, repeat=5, warmup=1):
+    """The median of ``repeat`` timed calls after ``warmup`` untimed ones, in seconds."""
+    return measure(fn, repeat, warmup)["median"]
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def optional_import(name):
+    """The module, or None when it is not installed (torch and numba are not dependencies)."""
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def machine_info():
+    """CPU, SIMD level of the build, thread count, library versions, OpenBLAS environment."""
+    from mbnet import _C
+
+    info = _C.build_info()
+    return {
+        "cpu": cpu_name(),
+        "simd": info.get("simd"),
+        "threads": _C.get_num_threads(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "build": {k: v for k, v in info.items()},
+        "env": {k: os.environ.get(k) for k in OPENBLAS_VARS},
+    }
+
+
+def openblas_note(env=None):
+    """One line saying whether OPENBLAS_CORETYPE is set (it slows NumPy's BLAS on AVX-512)."""
+    env = os.environ if env is None else env
+    core = env.get("OPENBLAS_CORETYPE")
+    if core:
+        return (f"OPENBLAS_CORETYPE={core} is set (OPENBLAS_L2_SIZE={env.get('OPENBLAS_L2_SIZE')}): NumPy's BLAS is "
+                "held to that core type. For a fair NumPy comparison run "
+                "`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks ...`")
+    return "OPENBLAS_CORETYPE is not set: NumPy's BLAS picks its kernels for this CPU."
+
+
+def header(info):
+    """Markdown lines describing the machine (from machine_info())."""
+    return [
+        f"CPU: {info['cpu']}; mbnet build: {info['simd']}, {info['threads']} threads; "
+        f"Python {info['python']}, NumPy {info['numpy']}",
+        "",
+        openblas_note(info["env"]),
+    ]
+
+
+def table(headers, rows, align=None):
+    """A Markdown table. align: a string of 'l'/'r' per column (default: first left, rest right).
+    Cells that are floats print with 3 significant digits; None prints as an em dash."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if a == "l" else "--:" for a in align) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def fmt(v):
+    if v is None:
+        return "—"
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        if abs(v) >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def millions(n, digits=1):
+    return f"{n / 1e6:.{digits}f}M"
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def write_json(path, data):
+    """Writes data (dicts, lists, numbers, NumPy scalars/arrays) as indented JSON."""
+    Path(path).write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+
+
+def eprint(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def mbnet_steps(model, batch, size, num_classes=10, seed=0):
+    """(train_step, infer) closures over one random batch (batch, size, size, 3) for an mbnet
+    model. train_step is zero_grad + forward + cross-entropy + backward + SGD update (momentum 0.9,
+    weight decay 5e-4, as torch.optim.SGD in bench_e2e); infer is an eval-mode forward under
+    no_grad (call model.train() / model.eval() yourself: train_step sets train mode, infer eval)."""
+    from mbnet import Tensor, no_grad, optim
+    from mbnet.functional import cross_entropy
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
+    labels = rng.integers(0, num_classes, batch)
+    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def train_step():
+        model.train()
+        opt.zero_grad()
+        loss = cross_entropy(model(Tensor(x)), labels)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def infer():
+        model.eval()
+        with no_grad():
+            return model(Tensor(x))
+
+    return train_step, infer
