@@ -213,9 +213,9 @@ def _download(url, dest):
 
 def _fetch_official(cache_dir, download):
     """Makes sure cache_dir/cifar-10-batches-py exists (extracting or downloading the archive)."""
-    target = cache_dir / "cifar-10-batches-py"
-    if _find_pickle_dir(cache_dir) is not None:
-        return target
+    found = _find_pickle_dir(cache_dir)
+    if found is not None:
+        return found
     archive = cache_dir / "cifar-10-python.tar.gz"
     if not archive.exists():
         if not download:
@@ -235,7 +235,10 @@ def _fetch_official(cache_dir, download):
             t.extractall(cache_dir, filter="data")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{archive}: cannot extract ({e})") from None
-    return target
+    found = _find_pickle_dir(cache_dir)
+    if found is None:
+        raise DataError(f"{archive}: holds no cifar-10-batches-py")
+    return found
 
 
 def _atomic_savez(path, **arrays):

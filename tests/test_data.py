@@ -163,6 +163,29 @@ def test_missing_data_gives_a_clear_message(tmp_path, cache, monkeypatch):
         data.load_cifar10(tmp_path / "empty")
 
 
+def test_download_is_checked_and_extracted(tmp_path, batches, cache, monkeypatch):
+    import hashlib
+    import tarfile
+
+    src = _write_pickles(tmp_path / "src", batches)
+    archive = tmp_path / "archive.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(src, arcname="cifar-10-batches-py")
+    fetched = []
+
+    def fake_download(url, dest):
+        fetched.append(url)
+        dest.write_bytes(archive.read_bytes())
+
+    monkeypatch.setattr(data, "_download", fake_download)
+    monkeypatch.setattr(data, "CIFAR_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    out = data.load_cifar10()
+    assert fetched == [data.CIFAR_URL] and (cache / "cifar-10-batches-py" / "test_batch").is_file()
+    np.testing.assert_array_equal(out["train_y"], _expected(batches, data.TRAIN_BATCHES)[1])
+    data.load_cifar10()
+    assert len(fetched) == 1
+
+
 def test_archive_with_wrong_md5_is_refused(tmp_path, cache):
     cache.mkdir()
     (cache / "cifar-10-python.tar.gz").write_bytes(b"truncated")
