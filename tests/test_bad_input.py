@@ -244,7 +244,7 @@ def zero_dim(a, axis):
 
 def mismatched(a, axis, delta):
     shape = list(a.shape)
-    shape[axis] = max(1, shape[axis] + delta) if shape[axis] + delta >= 1 else shape[axis] + 1
+    shape[axis] = shape[axis] + delta if shape[axis] + delta >= 1 else shape[axis] + 1
     return np.ones(shape, a.dtype)
 
 
