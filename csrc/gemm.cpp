@@ -3,10 +3,11 @@
 //
 // Layout of the computation (Goto/BLIS): for each NC-wide column block of C and each KC-deep slice
 // of K, B's block is packed into NR-column panels (k-major within a panel, zero-padded to NR);
-// for each MC-high row block, A's block is packed into MR-row panels (zero-padded to MR); then
-// the microkernel computes one MR x NR tile of C per (A panel, B panel) pair, keeping the tile in
-// registers for the whole KC loop. Packing reads through arbitrary strides, so transposed
-// operands cost nothing extra.
+// for each MC-high row block, A's block is packed into MR-row panels (zero-padded to MR) unless A
+// is row-major, which the microkernel reads in place; then the microkernel computes one MR x NR
+// tile of C per (A panel, B panel) pair, keeping the tile in registers for the whole KC loop.
+// Packing reads through arbitrary strides, so transposed operands cost nothing extra. Threads
+// split C's rows or columns, or, when C is small and K long, K (partial sums added at the end).
 #include "gemm.h"
 
 #include <omp.h>
@@ -54,15 +55,15 @@ struct AlignedBuffer {
     AlignedBuffer& operator=(const AlignedBuffer&) = delete;
 };
 
-// C[0:mr, 0:nr] (+)= sum_k a[k*MR + i] * b[k*NR + j].  a: kc x MR panel, b: kc x NR panel.
+// C[0:mr, 0:nr] (+)= sum_k A(i, k) * b[k*NR + j] over a kc x NR panel b of B.
 // Written for GCC's vectorizer: i is unrolled, the j loop is left to the loop vectorizer, which
 // turns acc into MR x NR/lanes registers fed by NR/lanes loads of b and one broadcast of a[i].
 // Unrolling j by pragma instead makes GCC 12 vectorize across k with permutes: 30% slower.
 // kPackedA: a is a packed panel, a[k*MR + i]; otherwise a points into row-major A, a[i*lda + k].
 template <bool kPackedA>
 MBNET_KERNEL_TARGET void micro_kernel(index_t kc, const float* __restrict__ a, index_t lda,
-                  const float* __restrict__ b, float* __restrict__ c, index_t ldc, int mr, int nr,
-                  bool add) {
+                                      const float* __restrict__ b, float* __restrict__ c,
+                                      index_t ldc, int mr, int nr, bool add) {
     float acc[MR][NR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i)
@@ -106,9 +107,10 @@ void pack_a(index_t mc, index_t kc, const float* A, index_t rsa, index_t csa,
             for (int i = 0; i < MR; ++i)
                 for (index_t k = 0; k < kc; ++k) dst[k * MR + i] = a[i * rsa + k * csa];
         } else {
-            for (index_t i = 0; i < MR; ++i)
-                for (index_t k = 0; k < kc; ++k)
-                    dst[k * MR + i] = i < mr ? a[i * rsa + k * csa] : 0.f;
+            for (index_t i = 0; i < mr; ++i)
+                for (index_t k = 0; k < kc; ++k) dst[k * MR + i] = a[i * rsa + k * csa];
+            for (index_t i = mr; i < MR; ++i)
+                for (index_t k = 0; k < kc; ++k) dst[k * MR + i] = 0.f;
         }
     }
 }
@@ -124,9 +126,10 @@ void pack_b(index_t kc, index_t nc, const float* B, index_t rsb, index_t csb,
 #pragma GCC unroll 64
                 for (int j = 0; j < NR; ++j) dst[k * NR + j] = b[k * rsb + j];
         } else {
-            for (index_t j = 0; j < NR; ++j)
-                for (index_t k = 0; k < kc; ++k)
-                    dst[k * NR + j] = j < nr ? b[k * rsb + j * csb] : 0.f;
+            for (index_t j = 0; j < nr; ++j)
+                for (index_t k = 0; k < kc; ++k) dst[k * NR + j] = b[k * rsb + j * csb];
+            for (index_t j = nr; j < NR; ++j)
+                for (index_t k = 0; k < kc; ++k) dst[k * NR + j] = 0.f;
         }
     }
 }
