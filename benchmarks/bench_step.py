@@ -93,7 +93,7 @@ def main():
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="default: mbnet's current thread count")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
