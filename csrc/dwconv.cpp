@@ -1,10 +1,14 @@
 // Depthwise KxK convolution: forward, input gradient and weight gradient.
 //
 // x (n, h, w, c) NHWC, w (kh, kw, c), y (n, ho, wo, c); symmetric padding p, stride s.
-// Every kernel vectorizes along channels. Output pixels whose taps all fall inside the image (the
-// interior) take a fast path: for 3x3 a compile-time-K kernel with channel blocks of CB floats held
-// in registers; everything else (borders, other K, the channel remainder) takes a generic path that
-// accumulates tap by tap into the output row, which stays in L1.
+// Every kernel vectorizes along channels, in blocks of CB floats plus a remainder loop.
+// 3x3 has fixed-tap kernels: forward and the stride-1 input gradient run dwconv3x3_f32_row on the
+// interior (pixels whose taps are all in bounds; the input gradient is a forward pass over dy with
+// the flipped kernel), the weight gradient runs dwconv3x3_f32_bwd_weight_row over zero-padded rows.
+// Everything else (borders, strided input gradients, other K) goes through a list of the in-bounds
+// taps summed channel row by channel row (sum_taps_f32).
+// Threads: forward and input gradient over (n, output or input row); each element is written by
+// one thread, and every sum runs in a fixed order, so results do not depend on the thread count.
 #include <omp.h>
 
 #include <algorithm>
@@ -78,34 +82,52 @@ void sum_taps_f32(index_t C, const Taps& taps, const float* __restrict__ a,
 
 // ---- forward --------------------------------------------------------------------------------
 
-// Interior output pixels [ow_lo, ow_hi) of one output row; xrow points at input row ih0, column 0.
-// Sums the taps in the same order as the generic path, so both give identical results.
-template <int K>
-void dwconv_f32_fwd_interior(const DwShape& a, const float* __restrict__ xrow,
-                             const float* __restrict__ w, float* __restrict__ yrow, index_t ow_lo,
-                             index_t ow_hi) {
-    const index_t C = a.c, W = a.w;
-    for (index_t ow = ow_lo; ow < ow_hi; ++ow) {
-        const float* __restrict__ xp = xrow + (ow * a.s - a.p) * C;
-        float* __restrict__ yp = yrow + ow * C;
-        index_t c0 = 0;
-        for (; c0 + CB <= C; c0 += CB) {
-            float acc[CB] = {};
-            for (int i = 0; i < K; ++i)
-                for (int j = 0; j < K; ++j) {
-                    const float* __restrict__ xq = xp + (i * W + j) * C + c0;
-                    const float* __restrict__ wq = w + (i * K + j) * C + c0;
-                    for (index_t cc = 0; cc < CB; ++cc) acc[cc] += xq[cc] * wq[cc];
-                }
-            for (index_t cc = 0; cc < CB; ++cc) yp[c0 + cc] = acc[cc];
+// 3x3 taps for `count` output pixels of one row: out[k][c] = sum over i, j of
+// src[i * rs + k * step + j * C + c] * w[i][j][c]. The nine weights of a channel block stay in
+// registers (nine named arrays: GCC keeps those in registers, not a [9][CB] array) while the
+// pixels stream past; taps are summed in the same order as sum_taps_f32.
+void dwconv3x3_f32_row(index_t C, index_t count, index_t step, index_t rs,
+                       const float* __restrict__ src, const float* __restrict__ w,
+                       float* __restrict__ out) {
+    const index_t r1 = rs, r2 = 2 * rs;
+    index_t c0 = 0;
+    for (; c0 + CB <= C; c0 += CB) {
+        float w0[CB], w1[CB], w2[CB], w3[CB], w4[CB], w5[CB], w6[CB], w7[CB], w8[CB];
+        for (index_t cc = 0; cc < CB; ++cc) {
+            w0[cc] = w[c0 + cc];
+            w1[cc] = w[C + c0 + cc];
+            w2[cc] = w[2 * C + c0 + cc];
+            w3[cc] = w[3 * C + c0 + cc];
+            w4[cc] = w[4 * C + c0 + cc];
+            w5[cc] = w[5 * C + c0 + cc];
+            w6[cc] = w[6 * C + c0 + cc];
+            w7[cc] = w[7 * C + c0 + cc];
+            w8[cc] = w[8 * C + c0 + cc];
         }
-        for (index_t c = c0; c < C; ++c) {
-            float acc = 0.f;
-            for (int i = 0; i < K; ++i)
-                for (int j = 0; j < K; ++j) acc += xp[(i * W + j) * C + c] * w[(i * K + j) * C + c];
-            yp[c] = acc;
+        for (index_t k = 0; k < count; ++k) {
+            const float* __restrict__ xq = src + k * step + c0;
+            float* __restrict__ yq = out + k * C + c0;
+            for (index_t cc = 0; cc < CB; ++cc) {
+                float acc = xq[cc] * w0[cc];
+                acc += xq[C + cc] * w1[cc];
+                acc += xq[2 * C + cc] * w2[cc];
+                acc += xq[r1 + cc] * w3[cc];
+                acc += xq[r1 + C + cc] * w4[cc];
+                acc += xq[r1 + 2 * C + cc] * w5[cc];
+                acc += xq[r2 + cc] * w6[cc];
+                acc += xq[r2 + C + cc] * w7[cc];
+                acc += xq[r2 + 2 * C + cc] * w8[cc];
+                yq[cc] = acc;
+            }
         }
     }
+    for (index_t c = c0; c < C; ++c)
+        for (index_t k = 0; k < count; ++k) {
+            const float* __restrict__ xq = src + k * step + c;
+            float acc = xq[0] * w[c];
+            for (int t = 1; t < 9; ++t) acc += xq[(t / 3) * rs + (t % 3) * C] * w[t * C + c];
+            out[k * C + c] = acc;
+        }
 }
 
 void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* __restrict__ w,
@@ -128,7 +150,9 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
                 if (fast && oh >= oh_lo && oh < oh_hi) {
                     lo = ow_lo;
                     hi = ow_hi;
-                    dwconv_f32_fwd_interior<3>(a, ximg + ih0 * a.w * C, w, yrow, lo, hi);
+                    if (hi > lo)
+                        dwconv3x3_f32_row(C, hi - lo, a.s * C, a.w * C,
+                                          ximg + (ih0 * a.w + lo * a.s - a.p) * C, w, yrow + lo * C);
                 }
                 const index_t i0 = std::max<index_t>(0, -ih0), i1 = std::min(a.kh, a.h - ih0);
                 for (index_t ow = 0; ow < a.wo; ++ow) {
@@ -147,37 +171,6 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
 
 // ---- input gradient (a gather: each input pixel sums the taps that reach it) ------------------
 
-// Stride 1, inputs [iw_lo, iw_hi) of row ih whose K*K taps all land inside dy: a forward pass over
-// dy with the flipped kernel. dyrow points at dy row ih + p - (K-1).
-template <int K>
-void dwconv_f32_bwd_input_interior_s1(const DwShape& a, const float* __restrict__ dyrow,
-                                      const float* __restrict__ w, float* __restrict__ dxrow,
-                                      index_t iw_lo, index_t iw_hi) {
-    const index_t C = a.c, WO = a.wo;
-    for (index_t iw = iw_lo; iw < iw_hi; ++iw) {
-        const float* __restrict__ dp = dyrow + (iw + a.p - (K - 1)) * C;
-        float* __restrict__ xp = dxrow + iw * C;
-        index_t c0 = 0;
-        for (; c0 + CB <= C; c0 += CB) {
-            float acc[CB] = {};
-            for (int i = 0; i < K; ++i)
-                for (int j = 0; j < K; ++j) {
-                    const float* __restrict__ dq = dp + (i * WO + j) * C + c0;
-                    const float* __restrict__ wq = w + ((K - 1 - i) * K + (K - 1 - j)) * C + c0;
-                    for (index_t cc = 0; cc < CB; ++cc) acc[cc] += dq[cc] * wq[cc];
-                }
-            for (index_t cc = 0; cc < CB; ++cc) xp[c0 + cc] = acc[cc];
-        }
-        for (index_t c = c0; c < C; ++c) {
-            float acc = 0.f;
-            for (int i = 0; i < K; ++i)
-                for (int j = 0; j < K; ++j)
-                    acc += dp[(i * WO + j) * C + c] * w[((K - 1 - i) * K + (K - 1 - j)) * C + c];
-            xp[c] = acc;
-        }
-    }
-}
-
 // dx at input (ih, iw) sums dy[oh][ow] * w[i][j] over oh*s - p + i = ih, ow*s - p + j = iw with
 // (oh, ow) inside dy: i runs over (ih + p) mod s, + s, ... while oh = (ih + p - i) / s >= 0.
 void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
@@ -191,6 +184,9 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
         iw_lo = std::min(std::max<index_t>(0, a.kw - 1 - a.p), a.w);
         iw_hi = std::max(iw_lo, std::min(a.w, a.wo - a.p));
     }
+    std::vector<float> wflip(fast ? 9 * a.c : 0);  // wflip[i][j] = w[2 - i][2 - j]
+    for (index_t t = 0; t < (fast ? 9 : 0); ++t)
+        for (index_t c = 0; c < a.c; ++c) wflip[t * a.c + c] = w[(8 - t) * a.c + c];
     // Columns whose taps all reach outputs inside dy: iw + p - (kw-1) >= 0 and (iw + p) / s < wo.
     const index_t clo = std::min(a.w, std::max<index_t>(0, a.kw - 1 - a.p));
     const index_t chi = std::max(clo, std::min(a.w, a.wo * a.s - a.p));
@@ -210,8 +206,11 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
                 if (fast && ih >= ih_lo && ih < ih_hi) {
                     lo = iw_lo;
                     hi = iw_hi;
-                    dwconv_f32_bwd_input_interior_s1<3>(
-                        a, dyimg + (ih + a.p - (a.kh - 1)) * a.wo * C, w, dxrow, lo, hi);
+                    // A forward pass over dy with the flipped kernel.
+                    if (hi > lo)
+                        dwconv3x3_f32_row(C, hi - lo, C, a.wo * C,
+                                          dyimg + ((ih + a.p - 2) * a.wo + lo + a.p - 2) * C,
+                                          wflip.data(), dxrow + lo * C);
                 }
                 index_t nrows = 0;
                 const index_t rh = (ih + a.p) % a.s;
