@@ -80,6 +80,30 @@ void sum_taps_f32(index_t C, const Taps& taps, const float* __restrict__ a,
     }
 }
 
+// out (nrows, wp, c) = a window of img (h, w, c) from row row0 and column col0, zero where the
+// window leaves the image: out[i][q] = img[row0 + i][col0 + q].
+void padded_rows_f32(const float* __restrict__ img, index_t h, index_t w, index_t C, index_t row0,
+                     index_t nrows, index_t col0, index_t wp, float* __restrict__ out) {
+    const index_t left = std::min(std::max<index_t>(0, -col0), wp);               // zeros
+    const index_t mid = std::max<index_t>(0, std::min(w - (col0 + left), wp - left));  // copied
+    for (index_t i = 0; i < nrows; ++i) {
+        const index_t r = row0 + i;
+        float* __restrict__ dst = out + i * wp * C;
+        if (r < 0 || r >= h) {
+            for (index_t e = 0; e < wp * C; ++e) dst[e] = 0.f;
+            continue;
+        }
+        const float* __restrict__ src = img + (r * w + col0 + left) * C;
+        for (index_t e = 0; e < left * C; ++e) dst[e] = 0.f;
+        for (index_t e = 0; e < mid * C; ++e) dst[left * C + e] = src[e];
+        for (index_t e = (left + mid) * C; e < wp * C; ++e) dst[e] = 0.f;
+    }
+}
+
+// Whether a 3x3 row with `inside` of its `total` pixels in the interior is better done whole over
+// zero-padded rows (copying three rows) than as interior kernel plus border taps.
+inline bool pad_whole_row(index_t inside, index_t total) { return (total - inside) * 4 > total; }
+
 // ---- forward --------------------------------------------------------------------------------
 
 // 3x3 taps for `count` output pixels of one row: out[k][c] = sum over i, j of
@@ -137,17 +161,26 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
     interior_range(a.w, a.kw, a.s, a.p, a.wo, ow_lo, ow_hi);
     const bool fast = a.kh == 3 && a.kw == 3;
     const index_t C = a.c;
+    const index_t wp = (a.wo - 1) * a.s + a.kw;  // padded width under one output row
 #pragma omp parallel
     {
         Taps taps(a.kh * a.kw);
+        std::vector<float> xb;
 #pragma omp for collapse(2) schedule(static)
         for (index_t n = 0; n < a.n; ++n)
             for (index_t oh = 0; oh < a.ho; ++oh) {
                 const float* ximg = x + n * a.h * a.w * C;
                 float* yrow = y + (n * a.ho + oh) * a.wo * C;
                 const index_t ih0 = oh * a.s - a.p;
+                const bool row_inside = oh >= oh_lo && oh < oh_hi;
+                if (fast && (!row_inside || pad_whole_row(ow_hi - ow_lo, a.wo))) {
+                    xb.resize(3 * wp * C);
+                    padded_rows_f32(ximg, a.h, a.w, C, ih0, 3, -a.p, wp, xb.data());
+                    dwconv3x3_f32_row(C, a.wo, a.s * C, wp * C, xb.data(), w, yrow);
+                    continue;
+                }
                 index_t lo = 0, hi = 0;  // columns done by the fast path
-                if (fast && oh >= oh_lo && oh < oh_hi) {
+                if (fast) {
                     lo = ow_lo;
                     hi = ow_hi;
                     if (hi > lo)
@@ -195,6 +228,7 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
     {
         Taps taps(a.kh * a.kw);
         std::vector<index_t> row_i(a.kh), row_oh(a.kh);
+        std::vector<float> dyb;
         const index_t nres = std::min(a.s, a.kw);  // residues (iw + p) mod s that have taps
         std::vector<Taps> res_taps(nres, Taps(a.kh * a.kw));
 #pragma omp for collapse(2) schedule(static)
@@ -202,8 +236,17 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
             for (index_t ih = 0; ih < a.h; ++ih) {
                 const float* dyimg = dy + n * a.ho * a.wo * C;
                 float* dxrow = dx + (n * a.h + ih) * a.w * C;
+                const bool row_inside = ih >= ih_lo && ih < ih_hi;
+                if (fast && (!row_inside || pad_whole_row(iw_hi - iw_lo, a.w))) {
+                    // dyb[i][q] = dy[ih + p - 2 + i][p - 2 + q]; dx row = 3x3 row of dyb, wflip.
+                    dyb.resize(3 * (a.w + 2) * C);
+                    padded_rows_f32(dyimg, a.ho, a.wo, C, ih + a.p - 2, 3, a.p - 2, a.w + 2,
+                                    dyb.data());
+                    dwconv3x3_f32_row(C, a.w, C, (a.w + 2) * C, dyb.data(), wflip.data(), dxrow);
+                    continue;
+                }
                 index_t lo = 0, hi = 0;
-                if (fast && ih >= ih_lo && ih < ih_hi) {
+                if (fast) {
                     lo = iw_lo;
                     hi = iw_hi;
                     // A forward pass over dy with the flipped kernel.
@@ -290,25 +333,6 @@ void dwconv_f32_bwd_weight_row(const DwShape& a, const float* __restrict__ ximg,
     }
 }
 
-// xb (kh, wp, c) = the input rows under output row oh, zero-padded: xb[i][q] = x[oh*s - p + i][q - p].
-void dwconv_f32_padded_rows(const DwShape& a, const float* __restrict__ ximg, index_t oh,
-                            index_t wp, float* __restrict__ xb) {
-    const index_t C = a.c;
-    const index_t left = std::min(a.p, wp), mid = std::max<index_t>(0, std::min(a.w, wp - a.p));
-    for (index_t i = 0; i < a.kh; ++i) {
-        const index_t ih = oh * a.s - a.p + i;
-        float* __restrict__ dst = xb + i * wp * C;
-        if (ih < 0 || ih >= a.h) {
-            for (index_t e = 0; e < wp * C; ++e) dst[e] = 0.f;
-            continue;
-        }
-        const float* __restrict__ src = ximg + ih * a.w * C;
-        for (index_t e = 0; e < left * C; ++e) dst[e] = 0.f;
-        for (index_t e = 0; e < mid * C; ++e) dst[left * C + e] = src[e];
-        for (index_t e = (left + mid) * C; e < wp * C; ++e) dst[e] = 0.f;
-    }
-}
-
 // 3x3 taps over zero-padded rows xb (3, wp, c): the nine accumulators of a channel block stay in
 // registers while the row's Wo pixels stream past (nine named arrays: GCC keeps those in registers,
 // but not a [9][CB] array).
@@ -380,7 +404,7 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
                 const index_t n = r / a.ho, oh = r % a.ho;
                 const float* ximg = x + n * a.h * a.w * a.c;
                 if (fast) {
-                    dwconv_f32_padded_rows(a, ximg, oh, wp, xb.data());
+                    padded_rows_f32(ximg, a.h, a.w, a.c, oh * a.s - a.p, 3, -a.p, wp, xb.data());
                     dwconv3x3_f32_bwd_weight_row(a.c, a.wo, a.s, wp, xb.data(),
                                                  dy + r * a.wo * a.c, part);
                 } else {
