@@ -9,13 +9,15 @@ thread pool never touch the other's. A training step is zero_grad + forward + cr
 backward + SGD update (lr 0.01, momentum 0.9, weight decay 5e-4); inference is an eval-mode forward
 under no_grad. images/s = batch / median step time over --steps after --warmup steps.
 
-Memory (tracemalloc cannot see C++ or PyTorch allocations): the worker reads VmRSS / VmHWM from
-/proc/self/status. After the warm-up steps it resets the high-water mark (writing 5 to
-/proc/self/clear_refs) and notes the resident size then ("steady": interpreter, libraries,
-parameters, gradients, optimizer state, the input batch); after the timed steps VmHWM is the peak
-resident size, and peak - steady is what one step needs on top (activations kept for backward,
-workspaces). If the reset is not allowed, it falls back to getrusage's ru_maxrss, which then also
-covers the warm-up steps. Resident memory counts pages touched, not bytes allocated.
+Memory (tracemalloc cannot see C++ or PyTorch allocations): the worker imports its engine (NumPy +
+mbnet, or PyTorch), reads its resident size ("libs": interpreter and libraries), resets the
+high-water mark (writing 5 to /proc/self/clear_refs), then builds the model, optimizer and input
+batch and runs the warm-up and timed steps; VmHWM from /proc/self/status is then the peak resident
+size, and "need" = peak - libs is what the engine used for weights, gradients, optimizer state, the
+input, activations, workspaces and what its allocator kept. (Measuring only after warm-up would
+miss most of it: glibc keeps freed activation memory mapped, so the next step's peak hides under
+it.) If the reset is not allowed, getrusage's ru_maxrss is the peak and also covers the imports.
+Resident memory counts pages touched, not bytes allocated.
 
 PyTorch's model is built here: conv 3x3 + BN + ReLU stem, the 13 depthwise-separable blocks (3x3
 depthwise + BN + ReLU, 1x1 + BN + ReLU), global average pool, linear, channels_last memory format,
@@ -55,9 +57,9 @@ def reset_peak():
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return "VmHWM reset after warm-up"
+        return "VmHWM reset after the imports"
     except OSError:
-        return "ru_maxrss (no reset: includes warm-up)"
+        return "ru_maxrss (no reset: includes the imports)"
 
 
 def peak_kb():
@@ -126,14 +128,19 @@ def torch_fns(alpha, batch, size, threads):
 
 def worker(engine, alpha, mode, batch, size, steps, warmup, threads):
     """Runs in the subprocess: returns the measurements of one configuration."""
-    rss_start = _status_kb("VmRSS")
-    fns = mbnet_fns if engine == "mbnet" else torch_fns
+    if engine == "mbnet":
+        import mbnet  # noqa: F401
+        fns = mbnet_fns
+    else:
+        import torch  # noqa: F401
+        import mbnet.models  # noqa: F401  (torch_model reads the block table)
+        fns = torch_fns
+    libs = _status_kb("VmRSS")
+    method = reset_peak()
     train_step, infer, params, name = fns(alpha, batch, size, threads)
     fn = train_step if mode == "train" else infer
     for _ in range(warmup):
         fn()
-    method = reset_peak()
-    steady = _status_kb("VmRSS")
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -143,9 +150,8 @@ def worker(engine, alpha, mode, batch, size, steps, warmup, threads):
     med = float(np.median(times))
     return {"engine": engine, "name": name, "alpha": alpha, "mode": mode, "batch": batch, "size": size,
             "threads": threads, "params": params, "median_s": med, "min_s": min(times), "times": times,
-            "images_per_s": batch / med, "rss_start_mb": rss_start / 1024 if rss_start else None,
-            "steady_rss_mb": steady / 1024 if steady else None, "peak_rss_mb": peak / 1024,
-            "step_peak_mb": (peak - steady) / 1024 if steady else None, "memory_method": method}
+            "images_per_s": batch / med, "libs_rss_mb": libs / 1024 if libs else None, "peak_rss_mb": peak / 1024,
+            "need_mb": (peak - libs) / 1024 if libs else None, "memory_method": method}
 
 
 def run_worker(engine, alpha, mode, batch, size, steps, warmup, threads):
@@ -189,7 +195,7 @@ def markdown(res):
             if other["params"] != r["params"]:
                 vs += f" (params differ: {other['params']:,})"
         rows.append((r["name"], r["alpha"], r["mode"], f"{r['params'] / 1e6:.2f}M", r["median_s"] * 1e3,
-                     r["images_per_s"], vs, r["peak_rss_mb"], r["step_peak_mb"], r["steady_rss_mb"]))
+                     r["images_per_s"], vs, r["need_mb"], r["peak_rss_mb"], r["libs_rss_mb"]))
     method = sorted({r["memory_method"] for r in res["rows"]})
     lines = ["## End to end: MobileNetV1 training step and inference", ""] + common.header(res) + [
         "",
@@ -197,12 +203,12 @@ def markdown(res):
         f"median of {res['steps']} steps after {res['warmup']} warm-up, one fresh process per row. "
         "train = forward + cross-entropy + backward + SGD(momentum) update; infer = eval forward, no grad. "
         "vs torch = our images/s / PyTorch's (> 1: ours is faster). "
-        f"Memory from /proc/self/status ({', '.join(method)}): peak = VmHWM during the timed steps, "
-        "steady = VmRSS before them (interpreter, libraries, weights, gradients, optimizer state), "
-        "step = peak - steady." + ("" if res["torch"] else " PyTorch is not installed: its rows are skipped."),
+        f"Memory from /proc/self/status ({', '.join(method)}): libs = VmRSS after importing the engine, "
+        "peak = VmHWM over model building, warm-up and timed steps, need = peak - libs (weights, gradients, "
+        "optimizer state, input, activations, workspaces, allocator cache)." + ("" if res["torch"] else " PyTorch is not installed: its rows are skipped."),
         "",
-        common.table(["engine", "α", "mode", "params", "ms / step", "images/s", "vs torch", "peak RSS MB",
-                      "step MB", "steady MB"], rows, "lrlrrrrrrr"),
+        common.table(["engine", "α", "mode", "params", "ms / step", "images/s", "vs torch", "need MB",
+                      "peak RSS MB", "libs MB"], rows, "lrlrrrrrrr"),
     ]
     return "\n".join(lines)
 

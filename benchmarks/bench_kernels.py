@@ -248,8 +248,8 @@ def _first(out):
 
 
 def _agree(ours, theirs):
-    """True when the other implementation's forward output matches ours (a check that the same
-    thing is being timed; not a test)."""
+    """True when the other implementation's main output (y, or dx for a backward) matches ours:
+    a check that the same thing is being timed, not a test."""
     a, b = _first(ours()), _first(theirs())
     scale = float(np.abs(a).max()) if a.size else 1.0
     return bool(a.shape == b.shape and np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0)))
@@ -269,7 +269,7 @@ def run_case(case, repeat, ref_repeat, warmup):
                 continue
             t = common.measure(fn, reps, max(warmup, 1) if impl == "numba" else warmup)["median"]
             row[f"{impl}_s"], row[f"{impl}_ratio"] = t, t / ours
-            if op == "fwd" and impl != "ref":
+            if impl != "ref" and (op == "fwd" or not case["kernel"].startswith("stem")):
                 row[f"{impl}_agrees"] = _agree(case["ours"][op], fn)
         rows.append(row)
     return rows
