@@ -26,8 +26,12 @@ struct ConvShape {
     index_t kdim() const { return kh * kw * ci; }
     index_t pixels() const { return ho * wo; }
     bool is_pointwise() const { return kh == 1 && kw == 1 && s == 1 && p == 0; }
-    // Images per im2col chunk (at least one).
-    index_t chunk() const { return std::max<index_t>(1, kColBudget / (pixels() * kdim())); }
+    // Images per im2col chunk: at least one, within the budget, and the chunks of equal size.
+    index_t chunk() const {
+        const index_t most = std::max<index_t>(1, kColBudget / (pixels() * kdim()));
+        const index_t chunks = (n + most - 1) / most;
+        return (n + chunks - 1) / chunks;
+    }
 };
 
 // cols (nb*ho*wo, kh*kw*ci) from images [n0, n0 + nb) of x; out-of-image taps are zero.
@@ -107,7 +111,7 @@ void conv2d_f32_fwd(const ConvShape& a, const float* x, const float* w, float* y
         sgemm(a.n * P, a.co, K, x, K, 1, w, a.co, 1, y, a.co, false);
         return;
     }
-    const index_t nb_max = std::min(a.chunk(), a.n);
+    const index_t nb_max = a.chunk();
     std::vector<float> cols(nb_max * P * K);
     for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
         const index_t nb = std::min(nb_max, a.n - n0);
@@ -123,7 +127,7 @@ void conv2d_f32_bwd_input(const ConvShape& a, const float* dy, const float* w, f
         sgemm(a.n * P, K, a.co, dy, a.co, 1, w, 1, a.co, dx, K, false);
         return;
     }
-    const index_t nb_max = std::min(a.chunk(), a.n);
+    const index_t nb_max = a.chunk();
     std::vector<float> cols(nb_max * P * K);
     for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
         const index_t nb = std::min(nb_max, a.n - n0);
@@ -139,7 +143,7 @@ void conv2d_f32_bwd_weight(const ConvShape& a, const float* x, const float* dy, 
         sgemm(K, a.co, a.n * P, x, 1, K, dy, a.co, 1, dw, a.co, false);
         return;
     }
-    const index_t nb_max = std::min(a.chunk(), a.n);
+    const index_t nb_max = a.chunk();
     std::vector<float> cols(nb_max * P * K);
     for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
         const index_t nb = std::min(nb_max, a.n - n0);
