@@ -55,7 +55,9 @@ inline F32 check_f32(const py::object& obj, const char* name, int ndim) {
                               " must be C-contiguous (use numpy.ascontiguousarray)");
     F32 out;
     out.arr = a;
-    out.ptr = static_cast<float*>(a.mutable_data());
+    // Inputs may be read-only (e.g. memory-mapped data); bindings that write in place check
+    // writeability of those arguments themselves.
+    out.ptr = const_cast<float*>(static_cast<const float*>(a.data()));
     for (py::ssize_t i = 0; i < a.ndim(); ++i) out.shape.push_back(a.shape(i));
     for (auto d : out.shape)
         if (d <= 0)
@@ -93,6 +95,8 @@ inline void check_same_dim(const F32& a, int ia, const char* na, const F32& b, i
 inline void check_stride_padding(index_t stride, index_t padding) {
     require(stride >= 1, "stride must be >= 1, got " + std::to_string(stride));
     require(padding >= 0, "padding must be >= 0, got " + std::to_string(padding));
+    require(stride < (index_t(1) << 31), "stride must be < 2**31, got " + std::to_string(stride));
+    require(padding < (index_t(1) << 31), "padding must be < 2**31, got " + std::to_string(padding));
 }
 
 // Output size of a convolution along one axis, checked to be at least 1.
@@ -117,7 +121,7 @@ inline float* ptr(py::array_t<float>& a) { return a.mutable_data(); }
 // Activation fused into BatchNorm and friends.
 enum class Act { None = 0, ReLU = 1, ReLU6 = 2 };
 inline Act parse_act(const std::string& s) {
-    if (s == "none" || s == "identity") return Act::None;
+    if (s == "none") return Act::None;
     if (s == "relu") return Act::ReLU;
     if (s == "relu6") return Act::ReLU6;
     throw py::value_error("act must be 'none', 'relu' or 'relu6', got '" + s + "'");

@@ -7,6 +7,11 @@ namespace mbnet {
 
 static void set_num_threads(int n) {
     require(n >= 1, "n must be >= 1, got " + std::to_string(n));
+    // libgomp dies (not raises) when it cannot create threads: refuse absurd counts up front.
+    const int limit = 4 * omp_get_num_procs();
+    require(n <= limit, "n must be <= " + std::to_string(limit) + " (4x the " +
+                            std::to_string(omp_get_num_procs()) + " processors), got " +
+                            std::to_string(n));
     omp_set_num_threads(n);
 }
 

@@ -376,13 +376,11 @@ def all_mutations(kinds_values):
 
 def as_reference_arg(v):
     """float32 arrays become float64 copies; act names as parse_act reads them (pybind11 passes
-    bytes as str, common.h takes 'identity' for 'none'); everything else as given (copied)."""
+    bytes as str); everything else as given (copied)."""
     if isinstance(v, np.ndarray) and v.dtype == np.float32:
         return np.array(v, np.float64)
     if isinstance(v, bytes):
         v = v.decode()
-    if isinstance(v, str) and v == "identity":
-        return "none"
     return copy.deepcopy(v)
 
 
