@@ -7,6 +7,9 @@ Layer shapes follow Table 1 of Howard et al. (2017) with the first stride remove
 spatial size is the ImageNet one divided by 7 (112 -> 32 ... 7 -> 2). Table 1 prints the last
 depthwise layer as "s2" on a 7x7 input although its output stays 7x7; it is stride 1, as here.
 GB/s counts the bytes of the op's input plus output activation (x + y, or dy + dx, or x + dy) once.
+Every call allocates its output, as in training: "fwd+bwd" (the three in a row, all outputs alive)
+includes the page faults of outputs glibc maps fresh each time (>= 32 MB, or when the heap was
+trimmed), which the single-op columns mostly avoid by reusing the block freed the call before.
 Run timings under `flock /tmp/mbnet-bench.lock` on a shared machine.
 """
 import argparse
