@@ -249,10 +249,14 @@ def _first(out):
 
 def _agree(ours, theirs):
     """True when the other implementation's main output (y, or dx for a backward) matches ours:
-    a check that the same thing is being timed, not a test."""
+    a check that the same thing is being timed, not a test. Up to 1e-4 of the elements may differ:
+    where BN's output rounds to either side of zero, the ReLU masks of two engines disagree."""
     a, b = _first(ours()), _first(theirs())
-    scale = float(np.abs(a).max()) if a.size else 1.0
-    return bool(a.shape == b.shape and np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0)))
+    if a.shape != b.shape:
+        return False
+    scale = max(float(np.abs(a).max()) if a.size else 1.0, 1.0)
+    bad = ~np.isclose(a, b, rtol=1e-3, atol=1e-4 * scale)
+    return bool(bad.mean() <= 1e-4)
 
 
 def run_case(case, repeat, ref_repeat, warmup):
