@@ -205,7 +205,7 @@ def markdown(res):
         "vs torch = our images/s / PyTorch's (> 1: ours is faster). "
         f"Memory from /proc/self/status ({', '.join(method)}): libs = VmRSS after importing the engine, "
         "peak = VmHWM over model building, warm-up and timed steps, need = peak - libs (weights, gradients, "
-        "optimizer state, input, activations, workspaces, allocator cache)." + ("" if res["torch"] else " PyTorch is not installed: its rows are skipped."),
+        "optimizer state, input, activations, workspaces, allocator cache)." + ("" if res["torch"] else " No PyTorch rows (not installed, or --no-torch)."),
         "",
         common.table(["engine", "α", "mode", "params", "ms / step", "images/s", "vs torch", "need MB",
                       "peak RSS MB", "libs MB"], rows, "lrlrrrrrrr"),
