@@ -330,17 +330,18 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
 
 // Any K: part[i][j][c] += sum over ow of x[oh*s - p + i][ow*s - p + j][c] * dy[oh][ow][c] for one
 // output row. Each (tap, channel block) sums its Wo terms in registers before touching `part`.
+// tap_lo/tap_hi[j]: the output columns for which tap j is in bounds (tap_range).
 void dwconv_f32_bwd_weight_row(const DwShape& a, const float* __restrict__ ximg,
                                const float* __restrict__ dyrow, float* __restrict__ part,
-                               index_t oh) {
+                               index_t oh, index_t ow_begin, index_t ow_end,
+                               const index_t* tap_lo, const index_t* tap_hi) {
     const index_t C = a.c;
     for (index_t i = 0; i < a.kh; ++i) {
         const index_t ih = oh * a.s - a.p + i;
         if (ih < 0 || ih >= a.h) continue;
         const float* __restrict__ xrow = ximg + ih * a.w * C;
         for (index_t j = 0; j < a.kw; ++j) {
-            index_t lo, hi;
-            tap_range(a.w, j, a.s, a.p, a.wo, lo, hi);
+            const index_t lo = std::max(tap_lo[j], ow_begin), hi = std::min(tap_hi[j], ow_end);
             float* __restrict__ pp = part + (i * a.kw + j) * C;
             index_t c0 = 0;
             for (; c0 + CB <= C; c0 += CB) {
@@ -362,31 +363,32 @@ void dwconv_f32_bwd_weight_row(const DwShape& a, const float* __restrict__ ximg,
     }
 }
 
-// 3x3 taps over zero-padded rows xb (3, wp, c): the nine accumulators of a channel block stay in
-// registers while the row's Wo pixels stream past (nine named arrays: GCC keeps those in registers,
-// but not a [9][CB] array).
-void dwconv3x3_f32_bwd_weight_row(index_t C, index_t wo, index_t s, index_t wp,
-                                  const float* __restrict__ xb, const float* __restrict__ dyrow,
-                                  float* __restrict__ part) {
-    const index_t r1 = wp * C, r2 = 2 * wp * C;
+// 3x3 taps over the zero-padded input rows x0, x1, x2 (wp, c) under one output row: the nine
+// accumulators of a channel block stay in registers while the row's Wo pixels stream past (nine
+// named arrays: GCC keeps those in registers, but not a [9][CB] array).
+void dwconv3x3_f32_bwd_weight_row(index_t C, index_t wo, index_t s, const float* __restrict__ x0,
+                                  const float* __restrict__ x1, const float* __restrict__ x2,
+                                  const float* __restrict__ dyrow, float* __restrict__ part) {
     index_t c0 = 0;
     for (; c0 + CB <= C; c0 += CB) {
         float a0[CB] = {}, a1[CB] = {}, a2[CB] = {}, a3[CB] = {}, a4[CB] = {}, a5[CB] = {},
               a6[CB] = {}, a7[CB] = {}, a8[CB] = {};
         for (index_t ow = 0; ow < wo; ++ow) {
             const float* __restrict__ dq = dyrow + ow * C + c0;
-            const float* __restrict__ xq = xb + ow * s * C + c0;
+            const float* __restrict__ p0 = x0 + ow * s * C + c0;
+            const float* __restrict__ p1 = x1 + ow * s * C + c0;
+            const float* __restrict__ p2 = x2 + ow * s * C + c0;
             for (index_t cc = 0; cc < CB; ++cc) {
                 const float d = dq[cc];
-                a0[cc] += xq[cc] * d;
-                a1[cc] += xq[C + cc] * d;
-                a2[cc] += xq[2 * C + cc] * d;
-                a3[cc] += xq[r1 + cc] * d;
-                a4[cc] += xq[r1 + C + cc] * d;
-                a5[cc] += xq[r1 + 2 * C + cc] * d;
-                a6[cc] += xq[r2 + cc] * d;
-                a7[cc] += xq[r2 + C + cc] * d;
-                a8[cc] += xq[r2 + 2 * C + cc] * d;
+                a0[cc] += p0[cc] * d;
+                a1[cc] += p0[C + cc] * d;
+                a2[cc] += p0[2 * C + cc] * d;
+                a3[cc] += p1[cc] * d;
+                a4[cc] += p1[C + cc] * d;
+                a5[cc] += p1[2 * C + cc] * d;
+                a6[cc] += p2[cc] * d;
+                a7[cc] += p2[C + cc] * d;
+                a8[cc] += p2[2 * C + cc] * d;
             }
         }
         float* __restrict__ pp = part + c0;
@@ -403,12 +405,13 @@ void dwconv3x3_f32_bwd_weight_row(index_t C, index_t wo, index_t s, index_t wp,
             pp[8 * C + cc] += a8[cc];
         }
     }
+    const float* rows[3] = {x0, x1, x2};
     for (index_t c = c0; c < C; ++c) {
         float acc[9] = {};
         for (index_t ow = 0; ow < wo; ++ow)
             for (int i = 0; i < 3; ++i)
                 for (int j = 0; j < 3; ++j)
-                    acc[i * 3 + j] += xb[(i * wp + ow * s + j) * C + c] * dyrow[ow * C + c];
+                    acc[i * 3 + j] += rows[i][(ow * s + j) * C + c] * dyrow[ow * C + c];
         for (int t = 0; t < 9; ++t) part[t * C + c] += acc[t];
     }
 }
@@ -421,10 +424,13 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
     const index_t nchunks = std::min<index_t>(rows, 32);
     const bool fast = a.kh == 3 && a.kw == 3;
     const index_t wp = (a.wo - 1) * a.s + a.kw;  // padded row width under one output row
+    std::vector<index_t> tlo(a.kw), thi(a.kw);
+    for (index_t j = 0; j < a.kw; ++j) tap_range(a.w, j, a.s, a.p, a.wo, tlo[j], thi[j]);
     std::vector<float> parts(nchunks * taps);
 #pragma omp parallel
     {
-        std::vector<float> xb(fast ? a.kh * wp * a.c : 0);
+        std::vector<float> xb(fast ? 3 * wp * a.c : 0);
+        index_t ring_n[3] = {-1, -1, -1}, ring_ih[3] = {0, 0, 0};
 #pragma omp for schedule(dynamic, 1)
         for (index_t k = 0; k < nchunks; ++k) {
             float* part = parts.data() + k * taps;
@@ -432,13 +438,26 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
             for (index_t r = rows * k / nchunks; r < rows * (k + 1) / nchunks; ++r) {
                 const index_t n = r / a.ho, oh = r % a.ho;
                 const float* ximg = x + n * a.h * a.w * a.c;
-                if (fast) {
-                    padded_rows_f32(ximg, a.h, a.w, a.c, oh * a.s - a.p, 3, -a.p, wp, xb.data());
-                    dwconv3x3_f32_bwd_weight_row(a.c, a.wo, a.s, wp, xb.data(),
-                                                 dy + r * a.wo * a.c, part);
-                } else {
-                    dwconv_f32_bwd_weight_row(a, ximg, dy + r * a.wo * a.c, part, oh);
+                const float* dyrow = dy + r * a.wo * a.c;
+                if (!fast) {
+                    dwconv_f32_bwd_weight_row(a, ximg, dyrow, part, oh, 0, a.wo, tlo.data(),
+                                              thi.data());
+                    continue;
                 }
+                // Zero-padded input rows, kept in a ring of three slots (slot ih mod 3) so that
+                // the next output row of the same image reuses the rows it shares.
+                const float* prow[3];
+                for (index_t i = 0; i < 3; ++i) {
+                    const index_t ih = oh * a.s - a.p + i, slot = ((ih % 3) + 3) % 3;
+                    float* dst = xb.data() + slot * wp * a.c;
+                    if (ring_n[slot] != n || ring_ih[slot] != ih) {
+                        padded_rows_f32(ximg, a.h, a.w, a.c, ih, 1, -a.p, wp, dst);
+                        ring_n[slot] = n;
+                        ring_ih[slot] = ih;
+                    }
+                    prow[i] = dst;
+                }
+                dwconv3x3_f32_bwd_weight_row(a.c, a.wo, a.s, prow[0], prow[1], prow[2], dyrow, part);
             }
         }
     }
