@@ -7,8 +7,9 @@
 // the flipped kernel), the weight gradient runs dwconv3x3_f32_bwd_weight_row over zero-padded rows.
 // Everything else (borders, strided input gradients, other K) goes through a list of the in-bounds
 // taps summed channel row by channel row (sum_taps_f32).
-// Threads: forward and input gradient over (n, output or input row); each element is written by
-// one thread, and every sum runs in a fixed order, so results do not depend on the thread count.
+// Threads: forward and input gradient over (n, output or input row), each element written by one
+// thread; the weight gradient over a fixed number of chunks of output rows (float partial sums,
+// added up in double). Every sum runs in a fixed order: results do not depend on the thread count.
 #include <omp.h>
 
 #include <algorithm>
