@@ -8,6 +8,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -112,11 +113,11 @@ void conv2d_f32_fwd(const ConvShape& a, const float* x, const float* w, float* y
         return;
     }
     const index_t nb_max = a.chunk();
-    std::vector<float> cols(nb_max * P * K);
+    std::unique_ptr<float[]> cols(new float[nb_max * P * K]);  // not zeroed: fully written
     for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
         const index_t nb = std::min(nb_max, a.n - n0);
-        im2col_f32(a, x, n0, nb, cols.data());
-        sgemm(nb * P, a.co, K, cols.data(), K, 1, w, a.co, 1, y + n0 * P * a.co, a.co, false);
+        im2col_f32(a, x, n0, nb, cols.get());
+        sgemm(nb * P, a.co, K, cols.get(), K, 1, w, a.co, 1, y + n0 * P * a.co, a.co, false);
     }
 }
 
@@ -128,11 +129,11 @@ void conv2d_f32_bwd_input(const ConvShape& a, const float* dy, const float* w, f
         return;
     }
     const index_t nb_max = a.chunk();
-    std::vector<float> cols(nb_max * P * K);
+    std::unique_ptr<float[]> cols(new float[nb_max * P * K]);  // not zeroed: fully written
     for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
         const index_t nb = std::min(nb_max, a.n - n0);
-        sgemm(nb * P, K, a.co, dy + n0 * P * a.co, a.co, 1, w, 1, a.co, cols.data(), K, false);
-        col2im_f32(a, cols.data(), n0, nb, dx);
+        sgemm(nb * P, K, a.co, dy + n0 * P * a.co, a.co, 1, w, 1, a.co, cols.get(), K, false);
+        col2im_f32(a, cols.get(), n0, nb, dx);
     }
 }
 
@@ -144,11 +145,11 @@ void conv2d_f32_bwd_weight(const ConvShape& a, const float* x, const float* dy, 
         return;
     }
     const index_t nb_max = a.chunk();
-    std::vector<float> cols(nb_max * P * K);
+    std::unique_ptr<float[]> cols(new float[nb_max * P * K]);  // not zeroed: fully written
     for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
         const index_t nb = std::min(nb_max, a.n - n0);
-        im2col_f32(a, x, n0, nb, cols.data());
-        sgemm(K, a.co, nb * P, cols.data(), 1, K, dy + n0 * P * a.co, a.co, 1, dw, a.co, n0 > 0);
+        im2col_f32(a, x, n0, nb, cols.get());
+        sgemm(K, a.co, nb * P, cols.get(), 1, K, dy + n0 * P * a.co, a.co, 1, dw, a.co, n0 > 0);
     }
 }
 
