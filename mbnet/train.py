@@ -35,7 +35,7 @@ def build_parser():
     a = p.add_argument
     a("--alpha", type=float, default=1.0, help="width multiplier (default 1.0)")
     a("--resolution", type=int, default=32, help="input side in pixels; images are resized once (default 32)")
-    a("--epochs", type=int, default=60, help="default 60: about 75 minutes at alpha=1 on 2 Zen 5 cores")
+    a("--epochs", type=int, default=50)
     a("--batch-size", type=int, default=128)
     a("--optimizer", choices=("sgd", "rmsprop", "adam"), default="sgd",
       help="sgd = Nesterov momentum 0.9; rmsprop = TF-style (decay 0.9, momentum 0.9, eps 1.0); adam")
