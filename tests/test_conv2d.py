@@ -96,7 +96,7 @@ def test_named_cases(name, shape):
 
 
 def test_several_im2col_chunks():
-    # 64x64 outputs with kh*kw*ci = 2304 columns fill more than one 64 MB column buffer per image,
+    # 64x64 outputs with kh*kw*ci = 2304 columns (36 MB per image) overflow the 8 MB column budget,
     # so each of the 3 images is its own chunk and bwd_weight accumulates across chunks.
     check_all(3, 64, 64, 256, 2, 3, 1, 1)
 
