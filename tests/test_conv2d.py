@@ -101,6 +101,11 @@ def test_several_im2col_chunks():
     check_all(3, 64, 64, 256, 2, 3, 1, 1)
 
 
+def test_uneven_im2col_chunks():
+    # 1024 x 639 columns (2.6 MB) per image: 3 images per 8 MB chunk, so 7 images go as 3 + 3 + 1.
+    check_all(7, 32, 32, 71, 2, 3, 1, 1)
+
+
 @pytest.fixture
 def restore_threads():
     before = _C.get_num_threads()
