@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mbnet {
@@ -92,11 +93,14 @@ inline void check_same_dim(const F32& a, int ia, const char* na, const F32& b, i
                               " vs " + std::to_string(b[ib]) + ")");
 }
 
+constexpr index_t kMaxDim = index_t(1) << 30;       // bound on stride, padding and (h, w) arguments
+constexpr index_t kMaxElements = index_t(1) << 31;  // bound on any output we allocate
+
 inline void check_stride_padding(index_t stride, index_t padding) {
     require(stride >= 1, "stride must be >= 1, got " + std::to_string(stride));
     require(padding >= 0, "padding must be >= 0, got " + std::to_string(padding));
-    require(stride < (index_t(1) << 31), "stride must be < 2**31, got " + std::to_string(stride));
-    require(padding < (index_t(1) << 31), "padding must be < 2**31, got " + std::to_string(padding));
+    require(stride <= kMaxDim, "stride must be <= 2^30, got " + std::to_string(stride));
+    require(padding <= kMaxDim, "padding must be <= 2^30, got " + std::to_string(padding));
 }
 
 // Output size of a convolution along one axis, checked to be at least 1.
@@ -110,6 +114,36 @@ inline index_t conv_out_size(index_t in, index_t k, index_t stride, index_t padd
                               std::to_string(in) + ", kernel=" + std::to_string(k) +
                               ", padding=" + std::to_string(padding));
     return span / stride + 1;
+}
+
+// Refuses outputs no machine holds (numpy would raise MemoryError instead of ValueError).
+inline void check_alloc(const std::vector<index_t>& shape, const std::string& what) {
+    double total = 1.0;
+    for (auto d : shape) total *= static_cast<double>(d);
+    require(total <= static_cast<double>(kMaxElements),
+            what + " of shape " + shape_str(shape) + " would have more than 2^31 elements");
+}
+
+// A (height, width) pair of ints in [1, 2^30].
+inline std::pair<index_t, index_t> parse_hw(const py::object& obj, const char* name) {
+    if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
+        throw py::type_error(std::string(name) + " must be a (height, width) tuple of ints");
+    py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
+    if (seq.size() != 2)
+        throw py::value_error(std::string(name) + " must have 2 entries (height, width), got " +
+                              std::to_string(seq.size()));
+    index_t hw[2];
+    for (int i = 0; i < 2; ++i) {
+        py::object v = seq[i];
+        if (!py::isinstance<py::int_>(v) && !py::hasattr(v, "__index__"))
+            throw py::type_error(std::string(name) + " must hold ints");
+        py::int_ iv(v);
+        require(iv >= py::int_(1) && iv <= py::int_(kMaxDim),
+                std::string(name) + " entries must be in [1, 2^30], got " +
+                    std::string(py::str(iv)));
+        hw[i] = py::cast<index_t>(iv);
+    }
+    return {hw[0], hw[1]};
 }
 
 inline py::array_t<float> new_f32(const std::vector<index_t>& shape) {

@@ -157,49 +157,10 @@ void conv2d_f32_bwd_weight(const ConvShape& a, const float* x, const float* dy, 
 
 // ---- bindings ----------------------------------------------------------------------------------
 
-constexpr index_t kMaxDim = index_t(1) << 30;       // bound on padding and (h, w) arguments
-constexpr index_t kMaxElements = index_t(1) << 31;  // bound on any output we allocate
-
-// conv_out_size with padding bounded first, so that h + 2p cannot overflow.
-index_t out_size(index_t in, index_t k, index_t s, index_t p, const char* axis) {
-    check_stride_padding(s, p);
-    require(p <= kMaxDim, "padding must be <= 2^30, got " + std::to_string(p));
-    return conv_out_size(in, k, s, p, axis);
-}
-
-// Refuses outputs no machine holds (numpy would raise MemoryError instead of ValueError).
-void check_alloc(const std::vector<index_t>& shape, const std::string& what) {
-    double total = 1.0;
-    for (auto d : shape) total *= static_cast<double>(d);
-    require(total <= static_cast<double>(kMaxElements),
-            what + " of shape " + shape_str(shape) + " would have more than 2^31 elements");
-}
-
-// A (height, width) pair of ints in [1, 2^30].
-std::pair<index_t, index_t> parse_hw(const py::object& obj, const char* name) {
-    if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
-        throw py::type_error(std::string(name) + " must be a (height, width) tuple of ints");
-    py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
-    if (seq.size() != 2)
-        throw py::value_error(std::string(name) + " must have 2 entries (height, width), got " +
-                              std::to_string(seq.size()));
-    index_t hw[2];
-    for (int i = 0; i < 2; ++i) {
-        py::object v = seq[i];
-        if (!py::isinstance<py::int_>(v) && !py::hasattr(v, "__index__"))
-            throw py::type_error(std::string(name) + " must hold ints");
-        py::int_ iv(v);
-        require(iv >= py::int_(1) && iv <= py::int_(kMaxDim),
-                std::string(name) + " entries must be in [1, 2^30], got " +
-                    std::string(py::str(iv)));
-        hw[i] = py::cast<index_t>(iv);
-    }
-    return {hw[0], hw[1]};
-}
 
 void set_out_size(ConvShape& a) {
-    a.ho = out_size(a.h, a.kh, a.s, a.p, "height");
-    a.wo = out_size(a.w, a.kw, a.s, a.p, "width");
+    a.ho = conv_out_size(a.h, a.kh, a.s, a.p, "height");
+    a.wo = conv_out_size(a.w, a.kw, a.s, a.p, "width");
 }
 
 void check_dy_shape(const F32& dy, const ConvShape& a) {

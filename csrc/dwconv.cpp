@@ -475,45 +475,6 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
 
 // ---- bindings ----------------------------------------------------------------------------------
 
-constexpr index_t kMaxDim = index_t(1) << 30;       // bound on padding and (h, w) arguments
-constexpr index_t kMaxElements = index_t(1) << 31;  // bound on any output we allocate
-
-// conv_out_size with padding bounded first, so that h + 2p cannot overflow.
-index_t out_size(index_t in, index_t k, index_t s, index_t p, const char* axis) {
-    check_stride_padding(s, p);
-    require(p <= kMaxDim, "padding must be <= 2^30, got " + std::to_string(p));
-    return conv_out_size(in, k, s, p, axis);
-}
-
-// Refuses outputs no machine holds (numpy would raise MemoryError instead of ValueError).
-void check_alloc(const std::vector<index_t>& shape, const std::string& what) {
-    double total = 1.0;
-    for (auto d : shape) total *= static_cast<double>(d);
-    require(total <= static_cast<double>(kMaxElements),
-            what + " of shape " + shape_str(shape) + " would have more than 2^31 elements");
-}
-
-// A (height, width) pair of ints in [1, 2^30].
-std::pair<index_t, index_t> parse_hw(const py::object& obj, const char* name) {
-    if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
-        throw py::type_error(std::string(name) + " must be a (height, width) tuple of ints");
-    py::sequence seq = py::reinterpret_borrow<py::sequence>(obj);
-    if (seq.size() != 2)
-        throw py::value_error(std::string(name) + " must have 2 entries (height, width), got " +
-                              std::to_string(seq.size()));
-    index_t hw[2];
-    for (int i = 0; i < 2; ++i) {
-        py::object v = seq[i];
-        if (!py::isinstance<py::int_>(v) && !py::hasattr(v, "__index__"))
-            throw py::type_error(std::string(name) + " must hold ints");
-        py::int_ iv(v);
-        require(iv >= py::int_(1) && iv <= py::int_(kMaxDim),
-                std::string(name) + " entries must be in [1, 2^30], got " +
-                    std::string(py::str(iv)));
-        hw[i] = py::cast<index_t>(iv);
-    }
-    return {hw[0], hw[1]};
-}
 
 void check_dy_shape(const F32& dy, const DwShape& a) {
     if (dy[1] != a.ho || dy[2] != a.wo)
@@ -527,8 +488,8 @@ py::array_t<float> dwconv2d_fwd(const py::object& x_, const py::object& w_, inde
     F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 3);
     check_same_dim(x, 3, "x", w, 2, "w");
     DwShape a{x[0], x[1], x[2], x[3], w[0], w[1], 0, 0, stride, padding};
-    a.ho = out_size(a.h, a.kh, stride, padding, "height");
-    a.wo = out_size(a.w, a.kw, stride, padding, "width");
+    a.ho = conv_out_size(a.h, a.kh, stride, padding, "height");
+    a.wo = conv_out_size(a.w, a.kw, stride, padding, "width");
     check_alloc({a.n, a.ho, a.wo, a.c}, "y");
     auto y = new_f32({a.n, a.ho, a.wo, a.c});
     float* yp = ptr(y);
@@ -546,8 +507,8 @@ py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w
     check_same_dim(dy, 3, "dy", w, 2, "w");
     auto [h, wd] = parse_hw(input_hw, "input_hw");
     DwShape a{dy[0], h, wd, dy[3], w[0], w[1], 0, 0, stride, padding};
-    a.ho = out_size(a.h, a.kh, stride, padding, "height");
-    a.wo = out_size(a.w, a.kw, stride, padding, "width");
+    a.ho = conv_out_size(a.h, a.kh, stride, padding, "height");
+    a.wo = conv_out_size(a.w, a.kw, stride, padding, "width");
     check_dy_shape(dy, a);
     check_alloc({a.n, a.h, a.w, a.c}, "dx");
     auto dx = new_f32({a.n, a.h, a.w, a.c});
@@ -567,8 +528,8 @@ py::array_t<float> dwconv2d_bwd_weight(const py::object& x_, const py::object& d
     check_same_dim(x, 3, "x", dy, 3, "dy");
     auto [kh, kw] = parse_hw(kernel_hw, "kernel_hw");
     DwShape a{x[0], x[1], x[2], x[3], kh, kw, 0, 0, stride, padding};
-    a.ho = out_size(a.h, a.kh, stride, padding, "height");
-    a.wo = out_size(a.w, a.kw, stride, padding, "width");
+    a.ho = conv_out_size(a.h, a.kh, stride, padding, "height");
+    a.wo = conv_out_size(a.w, a.kw, stride, padding, "width");
     check_dy_shape(dy, a);
     check_alloc({a.kh, a.kw, a.c}, "dw");
     auto dw = new_f32({a.kh, a.kw, a.c});
