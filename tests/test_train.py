@@ -190,7 +190,7 @@ def test_defaults_follow_the_recipe():
     cfg = train.make_config(train.build_parser().parse_args(["--batch-size", "256"]))
     assert cfg["optimizer"] == "sgd" and cfg["lr"] == pytest.approx(0.2) and cfg["weight_decay"] == 5e-4
     assert cfg["label_smoothing"] == 0.1 and cfg["ema"] and cfg["tta"] and cfg["schedule"] == "onecycle"
-    assert cfg["epochs"] == 30 and cfg["warmup"] == pytest.approx(6)
+    assert cfg["epochs"] == 50 and cfg["warmup"] == pytest.approx(10)
 
 
 def test_confusion_matrix():
