@@ -12,16 +12,11 @@ includes the page faults of outputs glibc maps fresh each time (>= 32 MB, or whe
 trimmed), which the single-op columns mostly avoid by reusing the block freed the call before.
 Run timings under `flock /tmp/mbnet-bench.lock` on a shared machine.
 """
-import argparse
-import json
-import platform
-import statistics
-import time
-from pathlib import Path
-
 import numpy as np
 
 from mbnet import _C
+
+from . import common
 
 # (channels, input size, stride) of each depthwise layer, in network order.
 DEPTHWISE_LAYERS = [
@@ -38,24 +33,8 @@ DEPTHWISE_LAYERS = [
 STEM = (3, 32, 32, 1)  # cin, cout, input size, stride
 
 
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def median_time(fn, repeat):
-    fn()  # warm-up: page faults, thread pool start
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return common.measure(fn, repeat, warmup=1, pause=0)["median"]
 
 
 def bench_op(fwd, bwd_input, bwd_weight, repeat):
@@ -68,66 +47,59 @@ def bench_op(fwd, bwd_input, bwd_weight, repeat):
     return t
 
 
-def bench_depthwise(c, size, stride, batch, repeat, rng):
-    x = rng.standard_normal((batch, size, size, c), dtype=np.float32)
-    w = rng.standard_normal((3, 3, c), dtype=np.float32)
-    y = _C.dwconv2d_fwd(x, w, stride, 1)
+def bench_layer(layer, kernels, x, w, stride, flops_per_output, repeat, rng):
+    """Times the (fwd, bwd_input, bwd_weight) kernels of a 3x3 convolution, padding 1, on x
+    (n, size, size, c) and w; returns the layer's row."""
+    fwd, bwd_input, bwd_weight = kernels
+    size = x.shape[1]
+    y = fwd(x, w, stride, 1)
     dy = rng.standard_normal(y.shape, dtype=np.float32)
     t = bench_op(
-        lambda: _C.dwconv2d_fwd(x, w, stride, 1),
-        lambda: _C.dwconv2d_bwd_input(dy, w, (size, size), stride, 1),
-        lambda: _C.dwconv2d_bwd_weight(x, dy, (3, 3), stride, 1),
+        lambda: fwd(x, w, stride, 1),
+        lambda: bwd_input(dy, w, (size, size), stride, 1),
+        lambda: bwd_weight(x, dy, (3, 3), stride, 1),
         repeat,
     )
     moved = x.nbytes + y.nbytes
     return {
-        "layer": f"dw {c}@{size} s{stride}",
-        "shape": [batch, size, size, c],
+        "layer": layer,
+        "shape": list(x.shape),
         "stride": stride,
         "bytes": moved,
-        "flops": 2 * 9 * y.size,
+        "flops": flops_per_output * y.size,
         **{f"{k}_s": v for k, v in t.items()},
         **{f"{k}_gbs": moved / t[k] / 1e9 for k in ("fwd", "bwd_input", "bwd_weight")},
     }
+
+
+def bench_depthwise(c, size, stride, batch, repeat, rng):
+    x = rng.standard_normal((batch, size, size, c), dtype=np.float32)
+    w = rng.standard_normal((3, 3, c), dtype=np.float32)
+    kernels = (_C.dwconv2d_fwd, _C.dwconv2d_bwd_input, _C.dwconv2d_bwd_weight)
+    return bench_layer(f"dw {c}@{size} s{stride}", kernels, x, w, stride, 2 * 9, repeat, rng)
 
 
 def bench_stem(batch, repeat, rng):
     cin, cout, size, stride = STEM
     x = rng.standard_normal((batch, size, size, cin), dtype=np.float32)
     w = rng.standard_normal((3, 3, cin, cout), dtype=np.float32)
-    y = _C.conv2d_fwd(x, w, stride, 1)
-    dy = rng.standard_normal(y.shape, dtype=np.float32)
-    t = bench_op(
-        lambda: _C.conv2d_fwd(x, w, stride, 1),
-        lambda: _C.conv2d_bwd_input(dy, w, (size, size), stride, 1),
-        lambda: _C.conv2d_bwd_weight(x, dy, (3, 3), stride, 1),
-        repeat,
-    )
-    moved = x.nbytes + y.nbytes
-    return {
-        "layer": f"stem conv {cin}->{cout}@{size} s{stride}",
-        "shape": [batch, size, size, cin],
-        "stride": stride,
-        "bytes": moved,
-        "flops": 2 * 9 * cin * y.size,
-        **{f"{k}_s": v for k, v in t.items()},
-        **{f"{k}_gbs": moved / t[k] / 1e9 for k in ("fwd", "bwd_input", "bwd_weight")},
-    }
+    kernels = (_C.conv2d_fwd, _C.conv2d_bwd_input, _C.conv2d_bwd_weight)
+    return bench_layer(f"stem conv {cin}->{cout}@{size} s{stride}", kernels, x, w, stride, 2 * 9 * cin, repeat, rng)
 
 
 def run(batch=128, repeat=10, threads=None, tiny=False):
-    """Returns {"cpu", "simd", "threads", "batch", "layers": [row per layer]}."""
+    """Returns {"cpu", "simd", "threads", ... (common.machine_info()), "batch", "layers": [row per layer]}."""
     if threads is not None:
         _C.set_num_threads(threads)
+    if tiny:
+        batch, repeat = 2, 1
     rng = np.random.default_rng(0)
     layers = DEPTHWISE_LAYERS[:2] if tiny else DEPTHWISE_LAYERS
     rows = [bench_stem(batch, repeat, rng)]
     rows += [bench_depthwise(c, size, s, batch, repeat, rng) for c, size, s in layers]
     return {
         "benchmark": "depthwise",
-        "cpu": cpu_name(),
-        "simd": _C.build_info()["simd"],
-        "threads": _C.get_num_threads(),
+        **common.machine_info(),
         "batch": batch,
         "repeat": repeat,
         "layers": rows,
@@ -135,45 +107,31 @@ def run(batch=128, repeat=10, threads=None, tiny=False):
 
 
 def markdown(result):
-    lines = [
-        f"CPU: {result['cpu']} ({result['simd']}), {result['threads']} threads, "
-        f"batch {result['batch']}, median of {result['repeat']}",
-        "",
-        "| layer | fwd ms | bwd_input ms | bwd_weight ms | fwd+bwd ms | fwd GB/s | bwd_in GB/s | bwd_w GB/s | fwd GFLOP/s |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    ms = lambda t: f"{t * 1e3:.2f}"  # noqa: E731
+    rows = []
     total = {"fwd_s": 0.0, "bwd_input_s": 0.0, "bwd_weight_s": 0.0, "total_s": 0.0}
     for r in result["layers"]:
-        lines.append(
-            f"| {r['layer']} | {r['fwd_s'] * 1e3:.2f} | {r['bwd_input_s'] * 1e3:.2f} | "
-            f"{r['bwd_weight_s'] * 1e3:.2f} | {r['total_s'] * 1e3:.2f} | {r['fwd_gbs']:.1f} | "
-            f"{r['bwd_input_gbs']:.1f} | {r['bwd_weight_gbs']:.1f} | {r['flops'] / r['fwd_s'] / 1e9:.1f} |"
-        )
+        rows.append((r["layer"], *(ms(r[k]) for k in total),
+                     *(f"{r[k]:.1f}" for k in ("fwd_gbs", "bwd_input_gbs", "bwd_weight_gbs")),
+                     f"{r['flops'] / r['fwd_s'] / 1e9:.1f}"))
         if r["layer"].startswith("dw"):
             for k in total:
                 total[k] += r[k]
-    lines.append(
-        f"| all depthwise | {total['fwd_s'] * 1e3:.2f} | {total['bwd_input_s'] * 1e3:.2f} | "
-        f"{total['bwd_weight_s'] * 1e3:.2f} | {total['total_s'] * 1e3:.2f} | | | | |"
-    )
-    return "\n".join(lines)
+    rows.append(("all depthwise", *(ms(t) for t in total.values()), "", "", "", ""))
+    return "\n".join([
+        f"CPU: {result['cpu']} ({result['simd']}), {result['threads']} threads, "
+        f"batch {result['batch']}, median of {result['repeat']}",
+        "",
+        common.table(["layer", "fwd ms", "bwd_input ms", "bwd_weight ms", "fwd+bwd ms", "fwd GB/s", "bwd_in GB/s",
+                      "bwd_w GB/s", "fwd GFLOP/s"], rows),
+    ])
+
+
+OPTIONS = [(("--batch",), {"type": int, "default": 128}), (("--repeat",), {"type": int, "default": 10})]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None, help="default: the current OpenMP setting")
-    ap.add_argument("--tiny", action="store_true", help="batch 2, 1 repeat, 2 layers: a smoke run")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = ap.parse_args(argv)
-    if args.tiny:
-        args.batch, args.repeat = 2, 1
-    result = run(args.batch, args.repeat, args.threads, args.tiny)
-    print(markdown(result))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1))
-    return result
+    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="batch 2, 1 repeat, 2 layers: a smoke run")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Helpers shared by the benchmarks of this package: timing, the machine's description, Markdown
-tables and JSON output.
+tables, JSON output and the command line every bench_*.py module offers.
 
 Timing is warm-up call(s), then the median of ``repeat`` timed calls (time.perf_counter). Before
 each measurement we sleep briefly: the worker threads of another OpenMP runtime (PyTorch's, numba's,
 OpenBLAS's) keep spinning for a moment after their last call and would steal one of the cores.
 """
+import argparse
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -33,11 +33,6 @@ def measure(fn, repeat=5, warmup=1, pause=None):
         fn()
         times.append(time.perf_counter() - t0)
     return {"median": statistics.median(times), "min": min(times), "times": times}
-
-
-def median_time(fn, repeat=5, warmup=1):
-    """The median of ``repeat`` timed calls after ``warmup`` untimed ones, in seconds."""
-    return measure(fn, repeat, warmup)["median"]
 
 
 def cpu_name():
@@ -142,8 +137,28 @@ def write_json(path, data):
     Path(path).write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
 
 
-def eprint(*args):
-    print(*args, file=sys.stderr, flush=True)
+def cli(doc, run, markdown, options=(), argv=None, tiny_help="a smoke run"):
+    """The command line of a benchmark module: its ``options`` ((flags, add_argument keywords)
+    pairs, whose dests are keywords of ``run``), then --threads, --tiny and --json. Calls
+    run(**options, threads=, tiny=), prints markdown(result), writes the result as JSON if asked,
+    and returns it."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    for flags, kwargs in options:
+        ap.add_argument(*flags, **kwargs)
+    ap.add_argument("--threads", type=int, default=None, help="default: mbnet's current OpenMP setting")
+    ap.add_argument("--tiny", action="store_true", help=tiny_help)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    kwargs = vars(ap.parse_args(argv))
+    path = kwargs.pop("json")
+    result = run(**kwargs)
+    print(markdown(result), flush=True)
+    if path:
+        write_json(path, result)
+    return result
+
+
+NO_TORCH = (("--no-torch",), {"dest": "use_torch", "action": "store_false", "help": "skip the PyTorch comparison"})
+NO_NUMBA = (("--no-numba",), {"dest": "use_numba", "action": "store_false", "help": "skip the numba comparison"})
 
 
 def mbnet_steps(model, batch, size, num_classes=10, seed=0):
