@@ -15,18 +15,12 @@ which slows NumPy on AVX-512 machines. For the fair comparison run
 `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks.bench_pointwise`; the script
 prints what was set. Run timings under `flock /tmp/mbnet-bench.lock` on a shared machine.
 """
-import argparse
-import json
-import os
-import platform
-import statistics
-import time
-from pathlib import Path
-
 import numpy as np
 
 from mbnet import _C
 from mbnet.models import BLOCKS, STEM_CHANNELS
+
+from . import common
 
 OPS = ("fwd", "bwd_input", "bwd_weight")
 
@@ -41,27 +35,10 @@ def pointwise_layers(input_size=32):
     return layers
 
 
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def median_time(fn, repeat):
-    # Pause first: the other library's worker threads (OpenMP or OpenBLAS) keep spinning for a
+    # A long pause: the other library's worker threads (OpenMP or OpenBLAS) keep spinning for a
     # moment after their last call and would steal a core from this one on a 2-core machine.
-    time.sleep(0.2)
-    fn()  # warm-up: page faults, thread pool start
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return common.measure(fn, repeat, warmup=1, pause=0.2)["median"]
 
 
 def bench_layer(cin, cout, size, batch, repeat, rng):
@@ -90,29 +67,40 @@ def bench_layer(cin, cout, size, batch, repeat, rng):
 
 
 def run(batch=128, repeat=10, threads=None, tiny=False):
-    """Returns {"cpu", "simd", "threads", "batch", "openblas_coretype", "layers": [row per layer]}."""
+    """Returns {"cpu", "simd", "threads", "numpy", "env", ... (common.machine_info()), "batch",
+    "layers": [row per layer]}."""
     if threads is not None:
         _C.set_num_threads(threads)
+    if tiny:
+        batch, repeat = 2, 1
     rng = np.random.default_rng(0)
     layers = pointwise_layers()
     rows = [bench_layer(ci, co, s, batch, repeat, rng) for ci, co, s in (layers[:2] if tiny else layers)]
     return {
         "benchmark": "pointwise",
-        "cpu": cpu_name(),
-        "simd": _C.build_info()["simd"],
-        "threads": _C.get_num_threads(),
+        **common.machine_info(),
         "batch": batch,
         "repeat": repeat,
-        "numpy": np.__version__,
-        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
-        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "layers": rows,
     }
 
 
 def markdown(result):
-    coretype = result["openblas_coretype"]
-    lines = [
+    coretype = result["env"]["OPENBLAS_CORETYPE"]
+    rows = []
+    for r in result["layers"]:
+        cells = [r["layer"], f"{r['fwd_s'] * 1e3:.2f}"]
+        for op in OPS:
+            cells += [f"{r[f'{op}_gflops']:.0f}", f"{r[f'{op}_numpy_gflops']:.0f}", f"{r[f'{op}_ratio']:.2f}"]
+        rows.append(cells)
+    flops = sum(r["flops"] for r in result["layers"])
+    cells = ["all", f"{sum(r['fwd_s'] for r in result['layers']) * 1e3:.2f}"]
+    for op in OPS:
+        t = sum(r[f"{op}_s"] for r in result["layers"])
+        t_np = sum(r[f"{op}_numpy_s"] for r in result["layers"])
+        cells += [f"{flops / t / 1e9:.0f}", f"{flops / t_np / 1e9:.0f}", f"{t_np / t:.2f}"]
+    rows.append(cells)
+    return "\n".join([
         f"CPU: {result['cpu']} ({result['simd']}), {result['threads']} threads, "
         f"batch {result['batch']}, median of {result['repeat']}; NumPy {result['numpy']}, "
         + (f"OPENBLAS_CORETYPE={coretype} (set: NumPy's BLAS is held to that core type)"
@@ -120,39 +108,16 @@ def markdown(result):
         "",
         "GFLOP/s, ours / NumPy (ratio = NumPy time / our time; > 1 means we are faster)",
         "",
-        "| layer | fwd ms | fwd | fwd NumPy | ratio | bwd_input | NumPy | ratio | bwd_weight | NumPy | ratio |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for r in result["layers"]:
-        cells = [r["layer"], f"{r['fwd_s'] * 1e3:.2f}"]
-        for op in OPS:
-            cells += [f"{r[f'{op}_gflops']:.0f}", f"{r[f'{op}_numpy_gflops']:.0f}", f"{r[f'{op}_ratio']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    flops = sum(r["flops"] for r in result["layers"])
-    cells = ["all", f"{sum(r['fwd_s'] for r in result['layers']) * 1e3:.2f}"]
-    for op in OPS:
-        t = sum(r[f"{op}_s"] for r in result["layers"])
-        t_np = sum(r[f"{op}_numpy_s"] for r in result["layers"])
-        cells += [f"{flops / t / 1e9:.0f}", f"{flops / t_np / 1e9:.0f}", f"{t_np / t:.2f}"]
-    lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        common.table(["layer", "fwd ms", "fwd", "fwd NumPy", "ratio", "bwd_input", "NumPy", "ratio", "bwd_weight",
+                      "NumPy", "ratio"], rows),
+    ])
+
+
+OPTIONS = [(("--batch",), {"type": int, "default": 128}), (("--repeat",), {"type": int, "default": 10})]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None, help="default: the current OpenMP setting")
-    ap.add_argument("--tiny", action="store_true", help="batch 2, 1 repeat, 2 layers: a smoke run")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = ap.parse_args(argv)
-    if args.tiny:
-        args.batch, args.repeat = 2, 1
-    result = run(args.batch, args.repeat, args.threads, args.tiny)
-    print(markdown(result))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1))
-    return result
+    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="batch 2, 1 repeat, 2 layers: a smoke run")
 
 
 if __name__ == "__main__":
