@@ -79,30 +79,12 @@ def mbnet_fns(alpha, batch, size, threads):
     return train_step, infer, model.summary(show=False)["params"], "mbnet"
 
 
-def torch_model(alpha, num_classes=10, stem_stride=1):
-    from torch import nn
-
-    from mbnet.models import BLOCKS, STEM_CHANNELS
-
-    def conv_bn_relu(cin, cout, k, stride, groups=1):
-        return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True)]
-
-    c = int(STEM_CHANNELS * alpha)
-    layers = conv_bn_relu(3, c, 3, stem_stride)
-    for cout, stride in BLOCKS:
-        cout = int(cout * alpha)
-        layers += conv_bn_relu(c, c, 3, stride, groups=c) + conv_bn_relu(c, cout, 1, 1)
-        c = cout
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
-
-
 def torch_fns(alpha, batch, size, threads):
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = torch_model(alpha, stem_stride=2 if size > 64 else 1).to(memory_format=torch.channels_last)
+    model = common.torch_model(alpha, stem_stride=2 if size > 64 else 1).to(memory_format=torch.channels_last)
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((batch, size, size, 3), dtype=np.float32)).permute(0, 3, 1, 2)
     labels = torch.from_numpy(rng.integers(0, 10, batch))
@@ -133,7 +115,7 @@ def worker(engine, alpha, mode, batch, size, steps, warmup, threads):
         fns = mbnet_fns
     else:
         import torch  # noqa: F401
-        import mbnet.models  # noqa: F401  (torch_model reads the block table)
+        import mbnet.models  # noqa: F401  (common.torch_model reads the block table)
         fns = torch_fns
     libs = _status_kb("VmRSS")
     method = reset_peak()

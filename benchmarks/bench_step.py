@@ -2,14 +2,13 @@
 if it is installed, in PyTorch (channels_last, same thread count), and break mbnet's step down by
 kernel.
 
-    flock /tmp/mbnet-bench.lock python benchmarks/bench_step.py [--batch 128 --size 32 --alpha 1.0]
+    flock /tmp/mbnet-bench.lock python -m benchmarks.bench_step [--batch 128 --size 32 --alpha 1.0]
+                                   [--steps 7] [--warmup 2] [--threads T] [--no-torch] [--tiny] [--json out.json]
 
 Prints Markdown tables: the step times (median of --steps after --warmup; the engines' steps
 alternate) with the ratio, and the per-kernel time of one mbnet step (the rest is Python, NumPy and
 allocation outside the kernels).
 """
-import argparse
-import platform
 import statistics
 import time
 
@@ -20,16 +19,7 @@ from mbnet import _C
 from mbnet import functional as F
 from mbnet.models import MobileNetV1
 
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from . import common
 
 
 def timed(step):
@@ -38,11 +28,11 @@ def timed(step):
     return time.perf_counter() - start
 
 
-def mbnet_step_fn(args):
-    model = MobileNetV1(args.alpha, num_classes=10, input_size=args.size, dtype=np.float32, seed=0)
+def mbnet_step_fn(alpha, batch, size):
+    model = MobileNetV1(alpha, num_classes=10, input_size=size, dtype=np.float32, seed=0)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32)
-    labels = rng.integers(0, 10, args.batch)
+    x = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, batch)
 
     def step():
         model.zero_grad()
@@ -53,29 +43,16 @@ def mbnet_step_fn(args):
     return model, step
 
 
-def torch_step_fn(args, threads):
+def torch_step_fn(alpha, batch, size, threads):
     import torch
     from torch import nn
 
     torch.set_num_threads(threads)
-
-    def conv_bn(cin, cout, k, stride, groups=1):
-        return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True)]
-
-    a = args.alpha
-    c = int(32 * a)
-    layers = conv_bn(3, c, 3, 2 if args.size > 64 else 1)
-    for cout, stride in [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1),
-                         (512, 1), (512, 1), (1024, 2), (1024, 1)]:
-        cout = int(cout * a)
-        layers += conv_bn(c, c, 3, stride, groups=c) + conv_bn(c, cout, 1, 1)
-        c = cout
-    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+    model = common.torch_model(alpha, stem_stride=2 if size > 64 else 1)
     model = model.to(memory_format=torch.channels_last).train()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (args.batch,), generator=gen)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch,), generator=gen)
     loss_fn = nn.CrossEntropyLoss()
 
     def step():
@@ -87,72 +64,88 @@ def torch_step_fn(args, threads):
     return step, torch.__version__
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="default: mbnet's current thread count")
-    parser.add_argument("--no-torch", action="store_true")
-    args = parser.parse_args()
-
-    if args.threads is not None:
-        _C.set_num_threads(args.threads)
+def run(batch=128, size=32, alpha=1.0, steps=7, warmup=2, threads=None, tiny=False, use_torch=True):
+    if threads is not None:
+        _C.set_num_threads(threads)
     threads = _C.get_num_threads()
+    if tiny:
+        batch, steps, warmup = 2, 1, 0
 
-    model, step = mbnet_step_fn(args)
-    torch_step, torch_version = None, None
-    if not args.no_torch:
+    model, step = mbnet_step_fn(alpha, batch, size)
+    torch_step, torch_version, note = None, None, None
+    if use_torch:
         try:
-            torch_step, torch_version = torch_step_fn(args, threads)
+            torch_step, torch_version = torch_step_fn(alpha, batch, size, threads)
         except ImportError:
-            print("(PyTorch is not installed: skipping the comparison)\n")
+            note = "(PyTorch is not installed: skipping the comparison)"
 
     # The two engines' steps alternate, so a neighbour's load on the shared cores hits both alike.
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
         if torch_step:
             torch_step()
     # Kernel timers cost ~100 perf_counter() calls a step, so every mbnet step is profiled and the
     # breakdown shown is the median step's own.
     our_times, their_times, our_kernels = [], [], []
-    for _ in range(args.steps):
+    for _ in range(steps):
         with F.profile() as kernels:
             our_times.append(timed(step))
         our_kernels.append(dict(kernels))
         if torch_step:
             their_times.append(timed(torch_step))
-    median_step = sorted(range(args.steps), key=our_times.__getitem__)[args.steps // 2]
-    ours, kernels = our_times[median_step], our_kernels[median_step]
-    theirs = statistics.median(their_times) if their_times else None
+    median_step = sorted(range(steps), key=our_times.__getitem__)[steps // 2]
+    return {"benchmark": "step", **common.machine_info(), "mbnet": mbnet.__version__, "torch": torch_version,
+            "torch_note": note, "alpha": alpha, "batch": batch, "size": size, "steps": steps, "warmup": warmup,
+            "mult_adds": model.summary(size, show=False)["mult_adds"] * batch,  # forward multiply-adds
+            "mbnet_s": our_times[median_step], "mbnet_times": our_times, "kernels": our_kernels[median_step],
+            "torch_s": statistics.median(their_times) if their_times else None, "torch_times": their_times}
 
-    macs = model.summary(args.size, show=False)["mult_adds"] * args.batch  # forward multiply-adds
-    print(f"MobileNetV1 alpha={args.alpha}, batch {args.batch}, {args.size}x{args.size}x3, float32, "
-          f"{threads} threads, one training step = forward + cross-entropy + backward (no optimizer)")
-    print(f"CPU: {cpu_name()}; mbnet {mbnet.__version__} ({_C.build_info() if hasattr(_C, 'build_info') else ''})"
-          + (f"; torch {torch_version}" if torch_version else ""))
-    print(f"Forward mult-adds per step: {macs / 1e9:.2f} G (a training step is about 3x that)\n")
-    print("| engine | median step (ms) | min (ms) | all steps (ms) | GMAC/s (3x fwd, median) | vs PyTorch |")
-    print("|---|---:|---:|---|---:|---:|")
+
+def markdown(res):
+    ours, theirs, macs = res["mbnet_s"], res["torch_s"], res["mult_adds"]
+    all_ms = lambda times: ", ".join(f"{t * 1e3:.0f}" for t in times)  # noqa: E731
+    lines = [res["torch_note"], ""] if res["torch_note"] else []
+    lines += [
+        f"MobileNetV1 alpha={res['alpha']}, batch {res['batch']}, {res['size']}x{res['size']}x3, float32, "
+        f"{res['threads']} threads, one training step = forward + cross-entropy + backward (no optimizer)",
+        f"CPU: {res['cpu']}; mbnet {res['mbnet']} ({res['build']})" + (f"; torch {res['torch']}" if res["torch"] else ""),
+        f"Forward mult-adds per step: {macs / 1e9:.2f} G (a training step is about 3x that)",
+        "",
+    ]
     ratio = "n/a"
     if theirs:
         ratio = f"{ours / theirs:.2f}x slower" if ours >= theirs else f"{theirs / ours:.2f}x faster"
-    print(f"| mbnet | {ours * 1e3:.1f} | {min(our_times) * 1e3:.1f} | {', '.join(f'{t * 1e3:.0f}' for t in our_times)} | "
-          f"{3 * macs / ours / 1e9:.1f} | {ratio} |")
+    rows = [("mbnet", f"{ours * 1e3:.1f}", f"{min(res['mbnet_times']) * 1e3:.1f}", all_ms(res["mbnet_times"]),
+             f"{3 * macs / ours / 1e9:.1f}", ratio)]
     if theirs:
-        print(f"| PyTorch {torch_version} channels_last | {theirs * 1e3:.1f} | {min(their_times) * 1e3:.1f} | "
-              f"{', '.join(f'{t * 1e3:.0f}' for t in their_times)} | {3 * macs / theirs / 1e9:.1f} | 1.00 |")
+        rows.append((f"PyTorch {res['torch']} channels_last", f"{theirs * 1e3:.1f}",
+                     f"{min(res['torch_times']) * 1e3:.1f}", all_ms(res["torch_times"]),
+                     f"{3 * macs / theirs / 1e9:.1f}", "1.00"))
+    lines.append(common.table(["engine", "median step (ms)", "min (ms)", "all steps (ms)", "GMAC/s (3x fwd, median)",
+                               "vs PyTorch"], rows, "lrrlrr"))
 
-    total = sum(t for _, t in kernels.values())
-    print(f"\nPer-kernel time of the median mbnet step ({ours * 1e3:.1f} ms):\n")
-    print("| kernel | calls | ms | % of step |")
-    print("|---|---:|---:|---:|")
-    for name, (calls, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
-        print(f"| {name} | {calls} | {t * 1e3:.1f} | {100 * t / ours:.1f} |")
-    rest = ours - total
-    print(f"| (outside kernels: Python, NumPy, allocation) | | {rest * 1e3:.1f} | {100 * rest / ours:.1f} |")
+    kernels = res["kernels"]
+    rows = [(name, calls, f"{t * 1e3:.1f}", f"{100 * t / ours:.1f}")
+            for name, (calls, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1])]
+    rest = ours - sum(t for _, t in kernels.values())
+    rows.append(("(outside kernels: Python, NumPy, allocation)", "", f"{rest * 1e3:.1f}", f"{100 * rest / ours:.1f}"))
+    lines += ["", f"Per-kernel time of the median mbnet step ({ours * 1e3:.1f} ms):", "",
+              common.table(["kernel", "calls", "ms", "% of step"], rows)]
+    return "\n".join(lines)
+
+
+OPTIONS = [
+    (("--batch",), {"type": int, "default": 128}),
+    (("--size",), {"type": int, "default": 32}),
+    (("--alpha",), {"type": float, "default": 1.0}),
+    (("--steps",), {"type": int, "default": 7}),
+    (("--warmup",), {"type": int, "default": 2}),
+    common.NO_TORCH,
+]
+
+
+def main(argv=None):
+    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="batch 2, 1 step, no warm-up: a smoke run")
 
 
 if __name__ == "__main__":

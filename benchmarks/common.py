@@ -188,3 +188,23 @@ def mbnet_steps(model, batch, size, num_classes=10, seed=0):
             return model(Tensor(x))
 
     return train_step, infer
+
+
+def torch_model(alpha, num_classes=10, stem_stride=1):
+    """MobileNetV1 in PyTorch (NCHW modules; call .to(memory_format=torch.channels_last)): conv 3x3 +
+    BN + ReLU stem, the 13 depthwise-separable blocks of mbnet.models.BLOCKS, average pool, linear."""
+    from torch import nn
+
+    from mbnet.models import BLOCKS, STEM_CHANNELS
+
+    def conv_bn_relu(cin, cout, k, stride, groups=1):
+        return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True)]
+
+    c = int(STEM_CHANNELS * alpha)
+    layers = conv_bn_relu(3, c, 3, stem_stride)
+    for cout, stride in BLOCKS:
+        cout = int(cout * alpha)
+        layers += conv_bn_relu(c, c, 3, stride, groups=c) + conv_bn_relu(c, cout, 1, 1)
+        c = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
