@@ -23,9 +23,7 @@ PyTorch's model is built here: conv 3x3 + BN + ReLU stem, the 13 depthwise-separ
 depthwise + BN + ReLU, 1x1 + BN + ReLU), global average pool, linear, channels_last memory format,
 torch.set_num_threads equal to mbnet's; its parameter count is checked against mbnet's.
 """
-import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -121,25 +119,17 @@ def worker(engine, alpha, mode, batch, size, steps, warmup, threads):
     method = reset_peak()
     train_step, infer, params, name = fns(alpha, batch, size, threads)
     fn = train_step if mode == "train" else infer
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    t = common.measure(fn, steps, warmup, pause=0)
     peak = peak_kb()
-    med = float(np.median(times))
     return {"engine": engine, "name": name, "alpha": alpha, "mode": mode, "batch": batch, "size": size,
-            "threads": threads, "params": params, "median_s": med, "min_s": min(times), "times": times,
-            "images_per_s": batch / med, "libs_rss_mb": libs / 1024 if libs else None, "peak_rss_mb": peak / 1024,
+            "threads": threads, "params": params, "median_s": t["median"], "min_s": t["min"], "times": t["times"],
+            "images_per_s": batch / t["median"], "libs_rss_mb": libs / 1024 if libs else None, "peak_rss_mb": peak / 1024,
             "need_mb": (peak - libs) / 1024 if libs else None, "memory_method": method}
 
 
 def run_worker(engine, alpha, mode, batch, size, steps, warmup, threads):
-    cmd = [sys.executable, "-m", "benchmarks.bench_e2e", "--worker", engine, str(alpha), mode,
-           "--batch", str(batch), "--size", str(size), "--steps", str(steps), "--warmup", str(warmup),
-           "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_e2e", "--worker", engine, str(alpha), mode, str(batch), str(size),
+           str(steps), str(warmup), str(threads)]
     time.sleep(0.1)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -195,30 +185,25 @@ def markdown(res):
     return "\n".join(lines)
 
 
+OPTIONS = [
+    (("--alphas",), {"type": lambda s: tuple(float(a) for a in s.split(",")), "default": ALPHAS,
+                     "help": f"comma-separated (default {','.join(str(a) for a in ALPHAS)})"}),
+    (("--batch",), {"type": int, "default": 128}),
+    (("--size",), {"type": int, "default": 32}),
+    (("--steps",), {"type": int, "default": 10}),
+    (("--warmup",), {"type": int, "default": 2}),
+    common.NO_TORCH,
+]
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--alphas", default=",".join(str(a) for a in ALPHAS))
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None, help="default: mbnet's current OpenMP setting")
-    ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="alpha 0.25, batch 2, 1 step: a smoke run")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--worker", nargs=3, metavar=("ENGINE", "ALPHA", "MODE"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        engine, alpha, mode = args.worker
-        res = worker(engine, float(alpha), mode, args.batch, args.size, args.steps, args.warmup, args.threads)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # run_worker's subprocess: ENGINE ALPHA MODE BATCH SIZE STEPS WARMUP THREADS
+        engine, alpha, mode, *ints = argv[1:]
+        res = worker(engine, float(alpha), mode, *map(int, ints))
         print(json.dumps(res))
         return res
-    res = run(tuple(float(a) for a in args.alphas.split(",")), args.batch, args.size, args.steps, args.warmup,
-              args.threads, args.tiny, not args.no_torch)
-    print(markdown(res))
-    if args.json:
-        common.write_json(args.json, res)
-    return res
+    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="alpha 0.25, batch 2, 1 step: a smoke run")
 
 
 if __name__ == "__main__":
