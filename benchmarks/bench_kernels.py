@@ -22,7 +22,6 @@ Rates: GFLOP/s (2 per multiply-add) for the convolutions, GB/s for depthwise and
 arrays the op must read and write once: fwd x + y; bwd dy + x + dx, and + y for BN). "x ref" etc.
 are the other implementation's time divided by ours: above 1 means ours is faster.
 """
-import argparse
 import time
 
 import numpy as np
@@ -342,23 +341,17 @@ def markdown(res):
     return "\n".join(lines)
 
 
+OPTIONS = [
+    (("--batch",), {"type": int, "default": 128}),
+    (("--repeat",), {"type": int, "default": 10}),
+    (("--ref-repeat",), {"type": int, "default": 2, "help": "repeats of the slow NumPy reference"}),
+    common.NO_NUMBA,
+    common.NO_TORCH,
+]
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--ref-repeat", type=int, default=2, help="repeats of the slow NumPy reference")
-    ap.add_argument("--threads", type=int, default=None, help="default: the current OpenMP setting")
-    ap.add_argument("--no-numba", action="store_true")
-    ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="batch 2, 1 repeat, a few layers: a smoke run")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args(argv)
-    res = run(args.batch, args.repeat, args.ref_repeat, args.threads, args.tiny, not args.no_numba,
-              not args.no_torch)
-    print(markdown(res))
-    if args.json:
-        common.write_json(args.json, res)
-    return res
+    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="batch 2, 1 repeat, a few layers: a smoke run")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ dwconv2d_bwd_input + dwconv2d_bwd_weight. The BatchNorm + ReLU that the real blo
 two convolutions is not timed. Whole network: forward (eval, no_grad) and a training step (forward
 + cross-entropy + backward + SGD update) of MobileNetV1 and ConvMobileNet at --net-batch.
 """
-import argparse
 import time
 
 import numpy as np
@@ -231,24 +230,18 @@ def markdown(res):
     return "\n".join(lines)
 
 
+OPTIONS = [
+    (("--alpha",), {"type": float, "default": 1.0}),
+    (("--input-size",), {"type": int, "default": 32}),
+    (("--batch",), {"type": int, "default": 32, "help": "batch of the per-layer timings"}),
+    (("--textbook-batch",), {"type": int, "default": 8}),
+    (("--net-batch",), {"type": int, "default": 16, "help": "batch of the whole-network timings"}),
+    (("--repeat",), {"type": int, "default": 5}),
+]
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--input-size", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=32, help="batch of the per-layer timings")
-    ap.add_argument("--textbook-batch", type=int, default=8)
-    ap.add_argument("--net-batch", type=int, default=16, help="batch of the whole-network timings")
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="default: the current OpenMP setting")
-    ap.add_argument("--tiny", action="store_true", help="batch 2, 1 repeat, fewer shapes: a smoke run")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args(argv)
-    res = run(args.alpha, args.input_size, args.batch, args.textbook_batch, args.net_batch, args.repeat,
-              args.threads, args.tiny)
-    print(markdown(res))
-    if args.json:
-        common.write_json(args.json, res)
-    return res
+    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="batch 2, 1 repeat, fewer shapes: a smoke run")
 
 
 if __name__ == "__main__":
