@@ -124,6 +124,22 @@ inline void check_alloc(const std::vector<index_t>& shape, const std::string& wh
             what + " of shape " + shape_str(shape) + " would have more than 2^31 elements");
 }
 
+// Sets a.ho and a.wo, the output size of a convolution shape with fields h, w, kh, kw, s, p.
+template <class Shape>
+void set_out_size(Shape& a) {
+    a.ho = conv_out_size(a.h, a.kh, a.s, a.p, "height");
+    a.wo = conv_out_size(a.w, a.kw, a.s, a.p, "width");
+}
+
+// dy (n, ho, wo, c) of a convolution's backward must have the output size of shape a.
+template <class Shape>
+void check_dy_shape(const F32& dy, const Shape& a) {
+    if (dy[1] != a.ho || dy[2] != a.wo)
+        throw py::value_error("dy " + shape_str(dy.shape) + " does not match the output size (" +
+                              std::to_string(a.ho) + ", " + std::to_string(a.wo) +
+                              ") of input_hw/kernel_hw, stride and padding");
+}
+
 // A (height, width) pair of ints in [1, 2^30].
 inline std::pair<index_t, index_t> parse_hw(const py::object& obj, const char* name) {
     if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
@@ -151,6 +167,18 @@ inline py::array_t<float> new_f32(const std::vector<index_t>& shape) {
     return py::array_t<float>(s);
 }
 inline float* ptr(py::array_t<float>& a) { return a.mutable_data(); }
+
+// A new float32 array of `shape` (check its size first), filled by kernel(data) without the GIL.
+template <class Kernel>
+py::array_t<float> compute_f32(const std::vector<index_t>& shape, Kernel&& kernel) {
+    auto out = new_f32(shape);
+    float* p = ptr(out);
+    {
+        py::gil_scoped_release nogil;
+        kernel(p);
+    }
+    return out;
+}
 
 // Activation fused into BatchNorm and friends.
 enum class Act { None = 0, ReLU = 1, ReLU6 = 2 };

@@ -157,17 +157,14 @@ void conv2d_f32_bwd_weight(const ConvShape& a, const float* x, const float* dy, 
 
 // ---- bindings ----------------------------------------------------------------------------------
 
-
-void set_out_size(ConvShape& a) {
-    a.ho = conv_out_size(a.h, a.kh, a.s, a.p, "height");
-    a.wo = conv_out_size(a.w, a.kw, a.s, a.p, "width");
-}
-
-void check_dy_shape(const F32& dy, const ConvShape& a) {
-    if (dy[1] != a.ho || dy[2] != a.wo)
-        throw py::value_error("dy " + shape_str(dy.shape) + " does not match the output size (" +
-                              std::to_string(a.ho) + ", " + std::to_string(a.wo) +
-                              ") of input_hw/kernel_hw, stride and padding");
+// Refuses an output `name` of `shape`, or an im2col matrix, that no machine holds; then computes
+// the output by kernel(out) without the GIL.
+template <class Kernel>
+py::array_t<float> run(const ConvShape& a, const std::vector<index_t>& shape, const char* name,
+                       Kernel&& kernel) {
+    check_alloc(shape, name);
+    check_alloc({a.pixels(), a.kdim()}, "the im2col matrix of one image");
+    return compute_f32(shape, kernel);
 }
 
 py::array_t<float> conv2d_fwd(const py::object& x_, const py::object& w_, index_t stride,
@@ -176,15 +173,8 @@ py::array_t<float> conv2d_fwd(const py::object& x_, const py::object& w_, index_
     check_same_dim(x, 3, "x", w, 2, "w");
     ConvShape a{x[0], x[1], x[2], x[3], w[0], w[1], w[3], 0, 0, stride, padding};
     set_out_size(a);
-    check_alloc({a.n, a.ho, a.wo, a.co}, "y");
-    check_alloc({a.pixels(), a.kdim()}, "the im2col matrix of one image");
-    auto y = new_f32({a.n, a.ho, a.wo, a.co});
-    float* yp = ptr(y);
-    {
-        py::gil_scoped_release nogil;
-        conv2d_f32_fwd(a, x.ptr, w.ptr, yp);
-    }
-    return y;
+    return run(a, {a.n, a.ho, a.wo, a.co}, "y",
+               [&](float* y) { conv2d_f32_fwd(a, x.ptr, w.ptr, y); });
 }
 
 py::array_t<float> conv2d_bwd_input(const py::object& dy_, const py::object& w_,
@@ -195,15 +185,8 @@ py::array_t<float> conv2d_bwd_input(const py::object& dy_, const py::object& w_,
     ConvShape a{dy[0], h, wd, w[2], w[0], w[1], w[3], 0, 0, stride, padding};
     set_out_size(a);
     check_dy_shape(dy, a);
-    check_alloc({a.n, a.h, a.w, a.ci}, "dx");
-    check_alloc({a.pixels(), a.kdim()}, "the im2col matrix of one image");
-    auto dx = new_f32({a.n, a.h, a.w, a.ci});
-    float* dxp = ptr(dx);
-    {
-        py::gil_scoped_release nogil;
-        conv2d_f32_bwd_input(a, dy.ptr, w.ptr, dxp);
-    }
-    return dx;
+    return run(a, {a.n, a.h, a.w, a.ci}, "dx",
+               [&](float* dx) { conv2d_f32_bwd_input(a, dy.ptr, w.ptr, dx); });
 }
 
 py::array_t<float> conv2d_bwd_weight(const py::object& x_, const py::object& dy_,
@@ -215,15 +198,8 @@ py::array_t<float> conv2d_bwd_weight(const py::object& x_, const py::object& dy_
     ConvShape a{x[0], x[1], x[2], x[3], kh, kw, dy[3], 0, 0, stride, padding};
     set_out_size(a);
     check_dy_shape(dy, a);
-    check_alloc({a.kh, a.kw, a.ci, a.co}, "dw");
-    check_alloc({a.pixels(), a.kdim()}, "the im2col matrix of one image");
-    auto dw = new_f32({a.kh, a.kw, a.ci, a.co});
-    float* dwp = ptr(dw);
-    {
-        py::gil_scoped_release nogil;
-        conv2d_f32_bwd_weight(a, x.ptr, dy.ptr, dwp);
-    }
-    return dw;
+    return run(a, {a.kh, a.kw, a.ci, a.co}, "dw",
+               [&](float* dw) { conv2d_f32_bwd_weight(a, x.ptr, dy.ptr, dw); });
 }
 
 }  // namespace

@@ -475,12 +475,12 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
 
 // ---- bindings ----------------------------------------------------------------------------------
 
-
-void check_dy_shape(const F32& dy, const DwShape& a) {
-    if (dy[1] != a.ho || dy[2] != a.wo)
-        throw py::value_error("dy " + shape_str(dy.shape) + " does not match the output size (" +
-                              std::to_string(a.ho) + ", " + std::to_string(a.wo) +
-                              ") of input_hw/kernel_hw, stride and padding");
+// Refuses an output `name` of `shape` that no machine holds; then computes it by kernel(out)
+// without the GIL.
+template <class Kernel>
+py::array_t<float> run(const std::vector<index_t>& shape, const char* name, Kernel&& kernel) {
+    check_alloc(shape, name);
+    return compute_f32(shape, kernel);
 }
 
 py::array_t<float> dwconv2d_fwd(const py::object& x_, const py::object& w_, index_t stride,
@@ -488,16 +488,8 @@ py::array_t<float> dwconv2d_fwd(const py::object& x_, const py::object& w_, inde
     F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 3);
     check_same_dim(x, 3, "x", w, 2, "w");
     DwShape a{x[0], x[1], x[2], x[3], w[0], w[1], 0, 0, stride, padding};
-    a.ho = conv_out_size(a.h, a.kh, stride, padding, "height");
-    a.wo = conv_out_size(a.w, a.kw, stride, padding, "width");
-    check_alloc({a.n, a.ho, a.wo, a.c}, "y");
-    auto y = new_f32({a.n, a.ho, a.wo, a.c});
-    float* yp = ptr(y);
-    {
-        py::gil_scoped_release nogil;
-        dwconv_f32_fwd(a, x.ptr, w.ptr, yp);
-    }
-    return y;
+    set_out_size(a);
+    return run({a.n, a.ho, a.wo, a.c}, "y", [&](float* y) { dwconv_f32_fwd(a, x.ptr, w.ptr, y); });
 }
 
 py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w_,
@@ -507,17 +499,10 @@ py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w
     check_same_dim(dy, 3, "dy", w, 2, "w");
     auto [h, wd] = parse_hw(input_hw, "input_hw");
     DwShape a{dy[0], h, wd, dy[3], w[0], w[1], 0, 0, stride, padding};
-    a.ho = conv_out_size(a.h, a.kh, stride, padding, "height");
-    a.wo = conv_out_size(a.w, a.kw, stride, padding, "width");
+    set_out_size(a);
     check_dy_shape(dy, a);
-    check_alloc({a.n, a.h, a.w, a.c}, "dx");
-    auto dx = new_f32({a.n, a.h, a.w, a.c});
-    float* dxp = ptr(dx);
-    {
-        py::gil_scoped_release nogil;
-        dwconv_f32_bwd_input(a, dy.ptr, w.ptr, dxp);
-    }
-    return dx;
+    return run({a.n, a.h, a.w, a.c}, "dx",
+               [&](float* dx) { dwconv_f32_bwd_input(a, dy.ptr, w.ptr, dx); });
 }
 
 py::array_t<float> dwconv2d_bwd_weight(const py::object& x_, const py::object& dy_,
@@ -528,17 +513,10 @@ py::array_t<float> dwconv2d_bwd_weight(const py::object& x_, const py::object& d
     check_same_dim(x, 3, "x", dy, 3, "dy");
     auto [kh, kw] = parse_hw(kernel_hw, "kernel_hw");
     DwShape a{x[0], x[1], x[2], x[3], kh, kw, 0, 0, stride, padding};
-    a.ho = conv_out_size(a.h, a.kh, stride, padding, "height");
-    a.wo = conv_out_size(a.w, a.kw, stride, padding, "width");
+    set_out_size(a);
     check_dy_shape(dy, a);
-    check_alloc({a.kh, a.kw, a.c}, "dw");
-    auto dw = new_f32({a.kh, a.kw, a.c});
-    float* dwp = ptr(dw);
-    {
-        py::gil_scoped_release nogil;
-        dwconv_f32_bwd_weight(a, x.ptr, dy.ptr, dwp);
-    }
-    return dw;
+    return run({a.kh, a.kw, a.c}, "dw",
+               [&](float* dw) { dwconv_f32_bwd_weight(a, x.ptr, dy.ptr, dw); });
 }
 
 }  // namespace
