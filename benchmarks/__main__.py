@@ -3,10 +3,9 @@
     python -m benchmarks [--tiny] [--json out.json] [--only NAME[,NAME]] [--threads T]
                          [--no-torch] [--no-numba]
 
-NAME is one of: separable, kernels, e2e (this package's suite, run in this process, e2e spawning
-one process per configuration), depthwise, pointwise, step (the kernel and model engineers' own
-benchmarks, each run as `python -m benchmarks.bench_NAME` in a subprocess with the flags its
---help offers: --tiny or the smallest sizes it takes, --json, --threads, --no-torch).
+NAME is one of: separable, kernels, e2e, depthwise, pointwise, step. Each is the module
+benchmarks/bench_NAME.py (also runnable alone: `python -m benchmarks.bench_NAME --help`), run in
+this process through its run(...) and markdown(result); e2e spawns one process per configuration.
 
 --tiny runs everything once on tiny sizes (batch 2, few layers, 1 repeat): a check that the
 benchmarks still run (CI), not a measurement. Timings belong under `flock /tmp/mbnet-bench.lock`.
@@ -14,72 +13,25 @@ Exits 1 if any benchmark failed (after running the others).
 """
 import argparse
 import importlib
-import json
-import re
-import subprocess
+import inspect
 import sys
-import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
-from pathlib import Path
 
 from . import common
 
-ROOT = Path(__file__).resolve().parent.parent
-OURS = ("separable", "kernels", "e2e")
-THEIRS = ("depthwise", "pointwise", "step")
-ALL = OURS + THEIRS
+ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step")
 
 
-def run_ours(name, args):
+def run_one(name, args):
+    """Runs benchmarks/bench_NAME.py with the options its run() takes; prints its tables."""
     mod = importlib.import_module(f"benchmarks.bench_{name}")
-    if name == "separable":
-        res = mod.run(threads=args.threads, tiny=args.tiny)
-    elif name == "kernels":
-        res = mod.run(threads=args.threads, tiny=args.tiny, use_numba=not args.no_numba, use_torch=not args.no_torch)
-    else:
-        res = mod.run(threads=args.threads, tiny=args.tiny, use_torch=not args.no_torch)
+    options = {"threads": args.threads, "tiny": args.tiny, "use_torch": not args.no_torch,
+               "use_numba": not args.no_numba}
+    takes = inspect.signature(mod.run).parameters
+    res = mod.run(**{k: v for k, v in options.items() if k in takes})
     print(mod.markdown(res), flush=True)
-    return res
-
-
-def _flags(help_text):
-    return set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
-
-
-def run_theirs(name, args):
-    """Runs benchmarks/bench_NAME.py in a subprocess with the options its --help lists."""
-    base = [sys.executable, "-m", f"benchmarks.bench_{name}"]
-    helped = subprocess.run(base + ["--help"], cwd=ROOT, capture_output=True, text=True)
-    if helped.returncode != 0:
-        raise RuntimeError(f"bench_{name} --help failed:\n{helped.stderr[-3000:]}")
-    flags = _flags(helped.stdout)
-    cmd = list(base)
-    if args.tiny:
-        if "--tiny" in flags:
-            cmd.append("--tiny")
-        else:  # the smallest run its options allow
-            small = {"--batch": "2", "--steps": "1", "--warmup": "0", "--repeat": "1"}
-            for flag, value in small.items():
-                if flag in flags:
-                    cmd += [flag, value]
-    if args.threads is not None and "--threads" in flags:
-        cmd += ["--threads", str(args.threads)]
-    if (args.no_torch or args.tiny) and "--no-torch" in flags:
-        cmd.append("--no-torch")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        if "--json" in flags:
-            cmd += ["--json", str(out)]
-        print(f"`{' '.join(['python'] + cmd[1:]).replace(str(out), 'TMP.json')}`\n", flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        print(proc.stdout, flush=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench_{name} exited with {proc.returncode}")
-        res = {"command": cmd[1:], "stdout": proc.stdout}
-        if out.exists():
-            res["result"] = json.loads(out.read_text())
     return res
 
 
@@ -117,7 +69,7 @@ def main(argv=None):
         print(f"\n<!-- {name} -->\n", flush=True)
         t0 = time.perf_counter()
         try:
-            results[name] = run_ours(name, args) if name in OURS else run_theirs(name, args)
+            results[name] = run_one(name, args)
         except Exception as e:  # report, run the others, fail at the end
             traceback.print_exc()
             results[name] = {"error": f"{type(e).__name__}: {e}"}
