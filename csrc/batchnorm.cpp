@@ -210,12 +210,8 @@ py::tuple bn_train_fwd(const py::object& x_, const py::object& gamma_, const py:
     check_eps(eps);
     Act a = parse_act(act_name);
     const index_t C = x[-1], M = x.size() / C;
-    auto y = new_f32(x.shape);
-    auto mean_out = new_f32({C});
-    auto invstd_out = new_f32({C});
-    float* yp = ptr(y);
-    float* mp = ptr(mean_out);
-    float* ip = ptr(invstd_out);
+    auto y = new_f32(x.shape), mean_out = new_f32({C}), invstd_out = new_f32({C});
+    float *yp = ptr(y), *mp = ptr(mean_out), *ip = ptr(invstd_out);
     {
         py::gil_scoped_release release;
         Rows R = make_rows(M, C);
@@ -255,12 +251,8 @@ py::tuple bn_train_bwd(const py::object& dy_, const py::object& x_, const py::ob
     F32 invstd = check_channel_vec(invstd_, "invstd", x);
     Act a = parse_act(act_name);
     const index_t C = x[-1], M = x.size() / C;
-    auto dx = new_f32(x.shape);
-    auto dgamma = new_f32({C});
-    auto dbeta = new_f32({C});
-    float* dxp = ptr(dx);
-    float* dgp = ptr(dgamma);
-    float* dbp = ptr(dbeta);
+    auto dx = new_f32(x.shape), dgamma = new_f32({C}), dbeta = new_f32({C});
+    float *dxp = ptr(dx), *dgp = ptr(dgamma), *dbp = ptr(dbeta);
     {
         py::gil_scoped_release release;
         Rows R = make_rows(M, C);
@@ -316,10 +308,7 @@ py::array_t<float> bn_infer_fwd(const py::object& x_, const py::object& gamma_,
     check_eps(eps);
     Act a = parse_act(act_name);
     const index_t C = x[-1], M = x.size() / C;
-    auto y = new_f32(x.shape);
-    float* yp = ptr(y);
-    {
-        py::gil_scoped_release release;
+    return compute_f32(x.shape, [&](float* yp) {
         Rows R = make_rows(M, C);
         std::vector<float> scale(C);
         for (index_t c = 0; c < C; ++c)
@@ -327,8 +316,7 @@ py::array_t<float> bn_infer_fwd(const py::object& x_, const py::object& gamma_,
         auto mean_r = rep<float>(R, mean.ptr), scale_r = rep<float>(R, scale.data()),
              shift_r = rep<float>(R, beta.ptr);
         with_act(a, [&](auto A) { normalize_act<decltype(A)::value>(R, x.ptr, yp, mean_r, scale_r, shift_r); });
-    }
-    return y;
+    });
 }
 
 py::tuple bn_infer_bwd(const py::object& dy_, const py::object& x_, const py::object& y_,
@@ -346,12 +334,8 @@ py::tuple bn_infer_bwd(const py::object& dy_, const py::object& x_, const py::ob
     check_eps(eps);
     Act a = parse_act(act_name);
     const index_t C = x[-1], M = x.size() / C;
-    auto dx = new_f32(x.shape);
-    auto dgamma = new_f32({C});
-    auto dbeta = new_f32({C});
-    float* dxp = ptr(dx);
-    float* dgp = ptr(dgamma);
-    float* dbp = ptr(dbeta);
+    auto dx = new_f32(x.shape), dgamma = new_f32({C}), dbeta = new_f32({C});
+    float *dxp = ptr(dx), *dgp = ptr(dgamma), *dbp = ptr(dbeta);
     {
         py::gil_scoped_release release;
         Rows R = make_rows(M, C);
@@ -398,18 +382,14 @@ py::tuple bn_infer_bwd(const py::object& dy_, const py::object& x_, const py::ob
 py::array_t<float> act_fwd(const py::object& x_, const std::string& act_name) {
     F32 x = check_f32(x_, "x", -1);
     Act a = parse_act(act_name);
-    auto y = new_f32(x.shape);
-    float* __restrict__ yp = ptr(y);
     const float* __restrict__ xp = x.ptr;
     const index_t n = x.size();
-    {
-        py::gil_scoped_release release;
+    return compute_f32(x.shape, [&](float* __restrict__ yp) {
         with_act(a, [&](auto A) {
 #pragma omp parallel for simd if (n >= kParallelMin)
             for (index_t i = 0; i < n; ++i) yp[i] = act<decltype(A)::value>(xp[i]);
         });
-    }
-    return y;
+    });
 }
 
 py::array_t<float> act_bwd(const py::object& dy_, const py::object& y_, const std::string& act_name) {
@@ -417,19 +397,15 @@ py::array_t<float> act_bwd(const py::object& dy_, const py::object& y_, const st
     F32 y = check_f32(y_, "y", -1);
     check_same_shape(dy, "dy", y, "y");
     Act a = parse_act(act_name);
-    auto dx = new_f32(y.shape);
-    float* __restrict__ dxp = ptr(dx);
     const float* __restrict__ dyp = dy.ptr;
     const float* __restrict__ yp = y.ptr;
     const index_t n = y.size();
-    {
-        py::gil_scoped_release release;
+    return compute_f32(y.shape, [&](float* __restrict__ dxp) {
         with_act(a, [&](auto A) {
 #pragma omp parallel for simd if (n >= kParallelMin)
             for (index_t i = 0; i < n; ++i) dxp[i] = masked<decltype(A)::value>(dyp[i], yp[i]);
         });
-    }
-    return dx;
+    });
 }
 
 }  // namespace

@@ -267,14 +267,10 @@ py::array_t<float> matmul(const py::object& a_obj, const py::object& b_obj, bool
                    trans_b ? "b (transposed)" : "b");
     const index_t M = trans_a ? a[1] : a[0], K = trans_a ? a[0] : a[1];
     const index_t N = trans_b ? b[0] : b[1];
-    auto y = new_f32({M, N});
-    float* yp = ptr(y);
-    {
-        py::gil_scoped_release release;
+    return compute_f32({M, N}, [&](float* y) {
         sgemm(M, N, K, a.ptr, trans_a ? 1 : a[1], trans_a ? a[1] : 1, b.ptr, trans_b ? 1 : b[1],
-              trans_b ? b[1] : 1, yp, N, false);
-    }
-    return y;
+              trans_b ? b[1] : 1, y, N, false);
+    });
 }
 
 // x (n, h, w, ci), w (ci, co) -> y (n, h, w, co)
@@ -282,13 +278,9 @@ py::array_t<float> pwconv2d_fwd(const py::object& x_obj, const py::object& w_obj
     F32 x = check_f32(x_obj, "x", 4), w = check_f32(w_obj, "w", 2);
     check_same_dim(x, 3, "x", w, 0, "w");
     const index_t rows = x[0] * x[1] * x[2], ci = w[0], co = w[1];
-    auto y = new_f32({x[0], x[1], x[2], co});
-    float* yp = ptr(y);
-    {
-        py::gil_scoped_release release;
-        sgemm(rows, co, ci, x.ptr, ci, 1, w.ptr, co, 1, yp, co, false);
-    }
-    return y;
+    return compute_f32({x[0], x[1], x[2], co}, [&](float* y) {
+        sgemm(rows, co, ci, x.ptr, ci, 1, w.ptr, co, 1, y, co, false);
+    });
 }
 
 // dy (n, h, w, co), w (ci, co) -> dx (n, h, w, ci) = dy @ w.T
@@ -296,13 +288,9 @@ py::array_t<float> pwconv2d_bwd_input(const py::object& dy_obj, const py::object
     F32 dy = check_f32(dy_obj, "dy", 4), w = check_f32(w_obj, "w", 2);
     check_same_dim(dy, 3, "dy", w, 1, "w");
     const index_t rows = dy[0] * dy[1] * dy[2], ci = w[0], co = w[1];
-    auto dx = new_f32({dy[0], dy[1], dy[2], ci});
-    float* dxp = ptr(dx);
-    {
-        py::gil_scoped_release release;
-        sgemm(rows, ci, co, dy.ptr, co, 1, w.ptr, 1, co, dxp, ci, false);
-    }
-    return dx;
+    return compute_f32({dy[0], dy[1], dy[2], ci}, [&](float* dx) {
+        sgemm(rows, ci, co, dy.ptr, co, 1, w.ptr, 1, co, dx, ci, false);
+    });
 }
 
 // x (n, h, w, ci), dy (n, h, w, co) -> dw (ci, co) = x.T @ dy over the n*h*w rows
@@ -310,13 +298,9 @@ py::array_t<float> pwconv2d_bwd_weight(const py::object& x_obj, const py::object
     F32 x = check_f32(x_obj, "x", 4), dy = check_f32(dy_obj, "dy", 4);
     for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dy, d, "dy");
     const index_t rows = x[0] * x[1] * x[2], ci = x[3], co = dy[3];
-    auto dw = new_f32({ci, co});
-    float* dwp = ptr(dw);
-    {
-        py::gil_scoped_release release;
-        sgemm(ci, co, rows, x.ptr, 1, ci, dy.ptr, co, 1, dwp, co, false);
-    }
-    return dw;
+    return compute_f32({ci, co}, [&](float* dw) {
+        sgemm(ci, co, rows, x.ptr, 1, ci, dy.ptr, co, 1, dw, co, false);
+    });
 }
 
 // x (n, din), w (din, dout), b (dout,) -> y (n, dout) = x @ w + b
@@ -326,14 +310,10 @@ py::array_t<float> linear_fwd(const py::object& x_obj, const py::object& w_obj,
     check_same_dim(x, 1, "x", w, 0, "w");
     check_same_dim(b, 0, "b", w, 1, "w");
     const index_t n = x[0], din = x[1], dout = w[1];
-    auto y = new_f32({n, dout});
-    float* yp = ptr(y);
-    {
-        py::gil_scoped_release release;
-        for (index_t i = 0; i < n; ++i) std::memcpy(yp + i * dout, b.ptr, sizeof(float) * dout);
-        sgemm(n, dout, din, x.ptr, din, 1, w.ptr, dout, 1, yp, dout, true);
-    }
-    return y;
+    return compute_f32({n, dout}, [&](float* y) {
+        for (index_t i = 0; i < n; ++i) std::memcpy(y + i * dout, b.ptr, sizeof(float) * dout);
+        sgemm(n, dout, din, x.ptr, din, 1, w.ptr, dout, 1, y, dout, true);
+    });
 }
 
 // x (n, din), w (din, dout), dy (n, dout) -> (dx (n, din), dw (din, dout), db (dout,))
