@@ -68,9 +68,13 @@ def _common_dtype(op, **tensors):
     return dtype
 
 
-# --- full convolution ----------------------------------------------------------------------------
+# --- full and depthwise convolution -------------------------------------------------------------
 
-class Conv2d(Function):
+class _StridedConv(Function):
+    """x, w -> y by the kernels ``{kernel}_fwd``, ``{kernel}_bwd_input`` and ``{kernel}_bwd_weight``,
+    which take (stride, padding) and, in backward, the (h, w) of the input or of the kernel."""
+    kernel = None
+
     def __init__(self, stride, padding):
         self.stride, self.padding = stride, padding
 
@@ -78,15 +82,19 @@ class Conv2d(Function):
         self.x = x if self.needs_input_grad[1] else None
         self.w = w if self.needs_input_grad[0] else None
         self.input_hw, self.kernel_hw = x.shape[1:3], w.shape[:2]
-        return _run("conv2d_fwd", x.dtype, x, w, self.stride, self.padding)
+        return _run(self.kernel + "_fwd", x.dtype, x, w, self.stride, self.padding)
 
     def backward(self, gy):
         gx = gw = None
         if self.needs_input_grad[0]:
-            gx = _run("conv2d_bwd_input", gy.dtype, gy, self.w, self.input_hw, self.stride, self.padding)
+            gx = _run(self.kernel + "_bwd_input", gy.dtype, gy, self.w, self.input_hw, self.stride, self.padding)
         if self.needs_input_grad[1]:
-            gw = _run("conv2d_bwd_weight", gy.dtype, self.x, gy, self.kernel_hw, self.stride, self.padding)
+            gw = _run(self.kernel + "_bwd_weight", gy.dtype, self.x, gy, self.kernel_hw, self.stride, self.padding)
         return gx, gw
+
+
+class Conv2d(_StridedConv):
+    kernel = "conv2d"
 
 
 def conv2d(x, w, stride=1, padding=0):
@@ -96,25 +104,8 @@ def conv2d(x, w, stride=1, padding=0):
     return Conv2d(stride, padding)(x, w)
 
 
-# --- depthwise convolution -----------------------------------------------------------------------
-
-class DepthwiseConv2d(Function):
-    def __init__(self, stride, padding):
-        self.stride, self.padding = stride, padding
-
-    def forward(self, x, w):
-        self.x = x if self.needs_input_grad[1] else None
-        self.w = w if self.needs_input_grad[0] else None
-        self.input_hw, self.kernel_hw = x.shape[1:3], w.shape[:2]
-        return _run("dwconv2d_fwd", x.dtype, x, w, self.stride, self.padding)
-
-    def backward(self, gy):
-        gx = gw = None
-        if self.needs_input_grad[0]:
-            gx = _run("dwconv2d_bwd_input", gy.dtype, gy, self.w, self.input_hw, self.stride, self.padding)
-        if self.needs_input_grad[1]:
-            gw = _run("dwconv2d_bwd_weight", gy.dtype, self.x, gy, self.kernel_hw, self.stride, self.padding)
-        return gx, gw
+class DepthwiseConv2d(_StridedConv):
+    kernel = "dwconv2d"
 
 
 def depthwise_conv2d(x, w, stride=1, padding=1):
