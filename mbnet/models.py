@@ -23,13 +23,35 @@ BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
 STEM_CHANNELS = 32
 
 
-class _ImageClassifier(nn.Module):
-    """features (a Sequential) -> global average pool -> dropout -> classifier (Linear)."""
+def _stem_stride(input_size, stem_stride):
+    if stem_stride is not None:
+        return stem_stride
+    return 2 if input_size > 64 else 1
 
-    def _head(self, cin, num_classes, dropout, seed, rng, dtype):
+
+class _ImageClassifier(nn.Module):
+    """features (a Sequential: stem 3x3 conv + BN + act, then ``_block`` for each row of BLOCKS)
+    -> global average pool -> dropout -> classifier (Linear)."""
+
+    def __init__(self, alpha=1.0, num_classes=10, input_size=32, stem_stride=None, dropout=0.0, act="relu",
+                 dtype=np.float32, seed=0):
+        rng = np.random.default_rng(seed)
+        self.alpha, self.num_classes, self.input_size = alpha, num_classes, input_size
+        c = int(STEM_CHANNELS * alpha)
+        layers = [nn.Conv2d(3, c, 3, _stem_stride(input_size, stem_stride), rng=rng, dtype=dtype),
+                  nn.BatchNorm2d(c, act, dtype=dtype)]
+        for cout, stride in BLOCKS:
+            cout = int(cout * alpha)
+            layers += self._block(c, cout, stride, act, rng, dtype)
+            c = cout
+        self.features = nn.Sequential(*layers)
         self.pool = nn.GlobalAvgPool2d()
         self.dropout = nn.Dropout(dropout, seed=seed)
-        self.classifier = nn.Linear(cin, num_classes, rng=rng, dtype=dtype)
+        self.classifier = nn.Linear(c, num_classes, rng=rng, dtype=dtype)
+
+    def _block(self, cin, cout, stride, act, rng, dtype):
+        """The layers of one row of BLOCKS, (n, h, w, cin) -> (n, h / stride, w / stride, cout)."""
+        raise NotImplementedError
 
     def forward(self, x):
         """x (n, h, w, 3) Tensor or ndarray of the model's dtype -> logits (n, num_classes)."""
@@ -43,12 +65,6 @@ class _ImageClassifier(nn.Module):
         return super().summary((s, s, 3), show=show)
 
 
-def _stem_stride(input_size, stem_stride):
-    if stem_stride is not None:
-        return stem_stride
-    return 2 if input_size > 64 else 1
-
-
 class MobileNetV1(_ImageClassifier):
     """MobileNetV1 with width multiplier alpha: stem 3x3 conv (int(32·alpha) channels, stride 2
     for ImageNet-sized inputs > 64, else 1) + BN + act, the 13 depthwise-separable blocks of
@@ -59,19 +75,8 @@ class MobileNetV1(_ImageClassifier):
     features.14 (the blocks: dw, bn1, pw, bn2), classifier.weight / classifier.bias.
     """
 
-    def __init__(self, alpha=1.0, num_classes=10, input_size=32, stem_stride=None, dropout=0.0, act="relu",
-                 dtype=np.float32, seed=0):
-        rng = np.random.default_rng(seed)
-        self.alpha, self.num_classes, self.input_size = alpha, num_classes, input_size
-        c = int(STEM_CHANNELS * alpha)
-        layers = [nn.Conv2d(3, c, 3, _stem_stride(input_size, stem_stride), rng=rng, dtype=dtype),
-                  nn.BatchNorm2d(c, act, dtype=dtype)]
-        for cout, stride in BLOCKS:
-            cout = int(cout * alpha)
-            layers.append(nn.DepthwiseSeparable(c, cout, stride, act, rng=rng, dtype=dtype))
-            c = cout
-        self.features = nn.Sequential(*layers)
-        self._head(c, num_classes, dropout, seed, rng, dtype)
+    def _block(self, cin, cout, stride, act, rng, dtype):
+        return [nn.DepthwiseSeparable(cin, cout, stride, act, rng=rng, dtype=dtype)]
 
 
 class ConvMobileNet(_ImageClassifier):
@@ -79,16 +84,5 @@ class ConvMobileNet(_ImageClassifier):
     full 3x3 convolution (the block's stride and output channels) + BN + act. Same arguments and
     init as MobileNetV1; features is a flat Sequential of conv, BN, conv, BN, ..."""
 
-    def __init__(self, alpha=1.0, num_classes=10, input_size=32, stem_stride=None, dropout=0.0, act="relu",
-                 dtype=np.float32, seed=0):
-        rng = np.random.default_rng(seed)
-        self.alpha, self.num_classes, self.input_size = alpha, num_classes, input_size
-        c = int(STEM_CHANNELS * alpha)
-        layers = [nn.Conv2d(3, c, 3, _stem_stride(input_size, stem_stride), rng=rng, dtype=dtype),
-                  nn.BatchNorm2d(c, act, dtype=dtype)]
-        for cout, stride in BLOCKS:
-            cout = int(cout * alpha)
-            layers += [nn.Conv2d(c, cout, 3, stride, rng=rng, dtype=dtype), nn.BatchNorm2d(cout, act, dtype=dtype)]
-            c = cout
-        self.features = nn.Sequential(*layers)
-        self._head(c, num_classes, dropout, seed, rng, dtype)
+    def _block(self, cin, cout, stride, act, rng, dtype):
+        return [nn.Conv2d(cin, cout, 3, stride, rng=rng, dtype=dtype), nn.BatchNorm2d(cout, act, dtype=dtype)]
