@@ -127,11 +127,8 @@ def markdown(result):
     ])
 
 
-OPTIONS = [(("--batch",), {"type": int, "default": 128}), (("--repeat",), {"type": int, "default": 10})]
-
-
 def main(argv=None):
-    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="batch 2, 1 repeat, 2 layers: a smoke run")
+    return common.cli(__doc__, run, markdown, argv, {"tiny": "batch 2, 1 repeat, 2 layers: a smoke run"})
 
 
 if __name__ == "__main__":

@@ -185,17 +185,6 @@ def markdown(res):
     return "\n".join(lines)
 
 
-OPTIONS = [
-    (("--alphas",), {"type": lambda s: tuple(float(a) for a in s.split(",")), "default": ALPHAS,
-                     "help": f"comma-separated (default {','.join(str(a) for a in ALPHAS)})"}),
-    (("--batch",), {"type": int, "default": 128}),
-    (("--size",), {"type": int, "default": 32}),
-    (("--steps",), {"type": int, "default": 10}),
-    (("--warmup",), {"type": int, "default": 2}),
-    common.NO_TORCH,
-]
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:  # run_worker's subprocess: ENGINE ALPHA MODE BATCH SIZE STEPS WARMUP THREADS
@@ -203,7 +192,7 @@ def main(argv=None):
         res = worker(engine, float(alpha), mode, *map(int, ints))
         print(json.dumps(res))
         return res
-    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="alpha 0.25, batch 2, 1 step: a smoke run")
+    return common.cli(__doc__, run, markdown, argv, {"tiny": "alpha 0.25, batch 2, 1 step: a smoke run"})
 
 
 if __name__ == "__main__":

@@ -341,17 +341,9 @@ def markdown(res):
     return "\n".join(lines)
 
 
-OPTIONS = [
-    (("--batch",), {"type": int, "default": 128}),
-    (("--repeat",), {"type": int, "default": 10}),
-    (("--ref-repeat",), {"type": int, "default": 2, "help": "repeats of the slow NumPy reference"}),
-    common.NO_NUMBA,
-    common.NO_TORCH,
-]
-
-
 def main(argv=None):
-    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="batch 2, 1 repeat, a few layers: a smoke run")
+    return common.cli(__doc__, run, markdown, argv, {"ref_repeat": "repeats of the slow NumPy reference",
+                                                     "tiny": "batch 2, 1 repeat, a few layers: a smoke run"})
 
 
 if __name__ == "__main__":

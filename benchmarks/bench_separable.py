@@ -230,18 +230,10 @@ def markdown(res):
     return "\n".join(lines)
 
 
-OPTIONS = [
-    (("--alpha",), {"type": float, "default": 1.0}),
-    (("--input-size",), {"type": int, "default": 32}),
-    (("--batch",), {"type": int, "default": 32, "help": "batch of the per-layer timings"}),
-    (("--textbook-batch",), {"type": int, "default": 8}),
-    (("--net-batch",), {"type": int, "default": 16, "help": "batch of the whole-network timings"}),
-    (("--repeat",), {"type": int, "default": 5}),
-]
-
-
 def main(argv=None):
-    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="batch 2, 1 repeat, fewer shapes: a smoke run")
+    return common.cli(__doc__, run, markdown, argv, {"batch": "batch of the per-layer timings",
+                                                     "net_batch": "batch of the whole-network timings",
+                                                     "tiny": "batch 2, 1 repeat, fewer shapes: a smoke run"})
 
 
 if __name__ == "__main__":

@@ -134,18 +134,8 @@ def markdown(res):
     return "\n".join(lines)
 
 
-OPTIONS = [
-    (("--batch",), {"type": int, "default": 128}),
-    (("--size",), {"type": int, "default": 32}),
-    (("--alpha",), {"type": float, "default": 1.0}),
-    (("--steps",), {"type": int, "default": 7}),
-    (("--warmup",), {"type": int, "default": 2}),
-    common.NO_TORCH,
-]
-
-
 def main(argv=None):
-    return common.cli(__doc__, run, markdown, OPTIONS, argv, tiny_help="batch 2, 1 step, no warm-up: a smoke run")
+    return common.cli(__doc__, run, markdown, argv, {"tiny": "batch 2, 1 step, no warm-up: a smoke run"})
 
 
 if __name__ == "__main__":

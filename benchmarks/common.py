@@ -6,6 +6,7 @@ each measurement we sleep briefly: the worker threads of another OpenMP runtime 
 OpenBLAS's) keep spinning for a moment after their last call and would steal one of the cores.
 """
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -137,16 +138,31 @@ def write_json(path, data):
     Path(path).write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
 
 
-def cli(doc, run, markdown, options=(), argv=None, tiny_help="a smoke run"):
-    """The command line of a benchmark module: its ``options`` ((flags, add_argument keywords)
-    pairs, whose dests are keywords of ``run``), then --threads, --tiny and --json. Calls
-    run(**options, threads=, tiny=), prints markdown(result), writes the result as JSON if asked,
-    and returns it."""
+def _list_of(kind):
+    return lambda text: tuple(kind(v) for v in text.split(","))
+
+
+def cli(doc, run, markdown, argv=None, help=None):
+    """The command line of a benchmark module, read off run's keywords so the defaults live in one
+    place: --threads, --tiny, --no-X for use_X, --NAME-WITH-DASHES of the default's type for the
+    others (a tuple default takes a comma-separated list); then --json. help: {keyword: text}.
+    Calls run(**options), prints markdown(result), writes the result as JSON if asked, returns it."""
+    help = {"threads": "default: mbnet's current OpenMP setting", "tiny": "a smoke run", **(help or {})}
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    for flags, kwargs in options:
-        ap.add_argument(*flags, **kwargs)
-    ap.add_argument("--threads", type=int, default=None, help="default: mbnet's current OpenMP setting")
-    ap.add_argument("--tiny", action="store_true", help=tiny_help)
+    for name, param in inspect.signature(run).parameters.items():
+        default, flag = param.default, "--" + name.replace("_", "-")
+        if name.startswith("use_"):
+            ap.add_argument("--no-" + name[4:], dest=name, action="store_false",
+                            help=help.get(name, f"skip the {name[4:]} comparison"))
+        elif name == "tiny":
+            ap.add_argument(flag, action="store_true", help=help[name])
+        elif name == "threads":
+            ap.add_argument(flag, type=int, default=None, help=help[name])
+        elif isinstance(default, tuple):
+            ap.add_argument(flag, type=_list_of(type(default[0])), default=default,
+                            help=help.get(name, f"comma-separated (default {','.join(map(str, default))})"))
+        else:
+            ap.add_argument(flag, type=type(default), default=default, help=help.get(name))
     ap.add_argument("--json", default=None, help="also write the results here")
     kwargs = vars(ap.parse_args(argv))
     path = kwargs.pop("json")
@@ -155,10 +171,6 @@ def cli(doc, run, markdown, options=(), argv=None, tiny_help="a smoke run"):
     if path:
         write_json(path, result)
     return result
-
-
-NO_TORCH = (("--no-torch",), {"dest": "use_torch", "action": "store_false", "help": "skip the PyTorch comparison"})
-NO_NUMBA = (("--no-numba",), {"dest": "use_numba", "action": "store_false", "help": "skip the numba comparison"})
 
 
 def mbnet_steps(model, batch, size, num_classes=10, seed=0):
