@@ -120,7 +120,8 @@ class Module:
 
     # --- summary (from shapes; no forward pass) ---
     def output_shape(self, in_shape):
-        """Per-image output shape for a per-image input shape (h, w, c) or (d,)."""
+        """Per-image output shape for a per-image input shape (h, w, c) or (d,); a module without
+        sub-modules keeps the shape unless it says otherwise."""
         for _, child in self.named_children():
             in_shape = child.output_shape(in_shape)
         return in_shape
@@ -177,7 +178,21 @@ def _conv_out(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-class Conv2d(Module):
+class _StridedConv(Module):
+    """Output shape and mult-adds of a k x k convolution with weight (k, k, ..., cout), stride and
+    padding."""
+
+    def output_shape(self, in_shape):
+        h, w, _ = in_shape
+        k, s, p = self.weight.shape[0], self.stride, self.padding
+        return _conv_out(h, k, s, p), _conv_out(w, k, s, p), self.weight.shape[-1]
+
+    def mult_adds(self, in_shape):
+        ho, wo, _ = self.output_shape(in_shape)
+        return ho * wo * self.weight.size
+
+
+class Conv2d(_StridedConv):
     """Full k x k convolution, no bias: (n, h, w, cin) -> (n, ho, wo, cout); weight (k, k, cin, cout),
     Kaiming normal with fan_out = k·k·cout. padding defaults to k // 2."""
 
@@ -188,18 +203,8 @@ class Conv2d(Module):
     def forward(self, x):
         return F.conv2d(x, self.weight, self.stride, self.padding)
 
-    def output_shape(self, in_shape):
-        h, w, _ = in_shape
-        k = self.weight.shape[0]
-        return (_conv_out(h, k, self.stride, self.padding), _conv_out(w, k, self.stride, self.padding),
-                self.weight.shape[3])
 
-    def mult_adds(self, in_shape):
-        ho, wo, _ = self.output_shape(in_shape)
-        return ho * wo * self.weight.size
-
-
-class DepthwiseConv2d(Module):
+class DepthwiseConv2d(_StridedConv):
     """Depthwise k x k convolution, no bias: (n, h, w, c) -> (n, ho, wo, c); weight (k, k, c),
     Kaiming normal with fan_out = k·k (PyTorch's k·k·out_channels/groups). padding defaults to k // 2."""
 
@@ -209,15 +214,6 @@ class DepthwiseConv2d(Module):
 
     def forward(self, x):
         return F.depthwise_conv2d(x, self.weight, self.stride, self.padding)
-
-    def output_shape(self, in_shape):
-        h, w, c = in_shape
-        k = self.weight.shape[0]
-        return _conv_out(h, k, self.stride, self.padding), _conv_out(w, k, self.stride, self.padding), c
-
-    def mult_adds(self, in_shape):
-        ho, wo, _ = self.output_shape(in_shape)
-        return ho * wo * self.weight.size
 
 
 class PointwiseConv2d(Module):
@@ -254,24 +250,15 @@ class BatchNorm2d(Module):
         return F.batch_norm(x, self.gamma, self.beta, self.running_mean, self.running_var, self.training,
                             self.momentum, self.eps, self.act)
 
-    def output_shape(self, in_shape):
-        return in_shape
-
 
 class ReLU(Module):
     def forward(self, x):
         return F.relu(x)
 
-    def output_shape(self, in_shape):
-        return in_shape
-
 
 class ReLU6(Module):
     def forward(self, x):
         return F.relu6(x)
-
-    def output_shape(self, in_shape):
-        return in_shape
 
 
 class GlobalAvgPool2d(Module):
@@ -315,9 +302,6 @@ class Dropout(Module):
 
     def forward(self, x):
         return F.dropout(x, self.p, self.training, self.rng)
-
-    def output_shape(self, in_shape):
-        return in_shape
 
 
 class Sequential(Module):
