@@ -10,51 +10,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import check_family, make_problem, restore_threads, run_1_and_2_threads  # noqa: F401 (a fixture)
 from mbnet import _C
-from mbnet import reference as R
-
-
-def out_size(size, k, s, p):
-    return (size + 2 * p - k) // s + 1 if size + 2 * p - k >= 0 else 0
 
 
 def make(n, h, w, ci, co, k, s, p, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, h, w, ci)).astype(np.float32)
-    wt = rng.standard_normal((k, k, ci, co)).astype(np.float32)
-    dy = rng.standard_normal((n, max(out_size(h, k, s, p), 1), max(out_size(w, k, s, p), 1), co))
-    return x, wt, dy.astype(np.float32)
+    return make_problem((n, h, w, ci), (k, k, ci, co), co, k, s, p, seed)
 
 
 def check_all(n, h, w, ci, co, k, s, p, seed=0):
     """Forward and both gradients equal the float64 reference; out-of-range shapes raise."""
     x, wt, dy = make(n, h, w, ci, co, k, s, p, seed)
-    where = f"n={n} h={h} w={w} ci={ci} co={co} k={k} stride={s} padding={p}"
-    if out_size(h, k, s, p) < 1 or out_size(w, k, s, p) < 1:
-        with pytest.raises(ValueError, match="output"):
-            _C.conv2d_fwd(x, wt, s, p)
-        with pytest.raises(ValueError, match="output"):
-            _C.conv2d_bwd_input(dy, wt, (h, w), s, p)
-        with pytest.raises(ValueError, match="output"):
-            _C.conv2d_bwd_weight(x, dy, (k, k), s, p)
-        return
-    x64, w64, dy64 = x.astype(np.float64), wt.astype(np.float64), dy.astype(np.float64)
-
-    y = _C.conv2d_fwd(x, wt, s, p)
-    assert y.dtype == np.float32 and y.shape == dy.shape, where
-    np.testing.assert_allclose(y, R.conv2d_fwd(x64, w64, s, p), rtol=1e-4,
-                               atol=1e-4 * np.sqrt(k * k * ci), err_msg="forward, " + where)
-
-    dx = _C.conv2d_bwd_input(dy, wt, (h, w), s, p)
-    assert dx.shape == x.shape, where
-    np.testing.assert_allclose(dx, R.conv2d_bwd_input(dy64, w64, (h, w), s, p), rtol=1e-4,
-                               atol=1e-4 * np.sqrt(k * k * co), err_msg="input gradient, " + where)
-
-    dw = _C.conv2d_bwd_weight(x, dy, (k, k), s, p)
-    assert dw.shape == wt.shape, where
-    terms = n * dy.shape[1] * dy.shape[2]
-    np.testing.assert_allclose(dw, R.conv2d_bwd_weight(x64, dy64, (k, k), s, p), rtol=1e-4,
-                               atol=1e-4 * np.sqrt(terms), err_msg="weight gradient, " + where)
+    check_family("conv2d", x, wt, dy, s, p, f"n={n} h={h} w={w} ci={ci} co={co} k={k} stride={s} padding={p}",
+                 atol_y=1e-4 * np.sqrt(k * k * ci), atol_dx=1e-4 * np.sqrt(k * k * co))
 
 
 @given(
@@ -106,26 +74,11 @@ def test_uneven_im2col_chunks():
     check_all(7, 32, 32, 71, 2, 3, 1, 1)
 
 
-@pytest.fixture
-def restore_threads():
-    before = _C.get_num_threads()
-    yield
-    _C.set_num_threads(before)
-
-
 @pytest.mark.parametrize("shape", [(3, 13, 11, 3, 32, 3, 1, 1), (4, 12, 9, 20, 7, 3, 2, 1)])
 def test_thread_count_agreement(shape, restore_threads):
     n, h, w, ci, co, k, s, p = shape
     x, wt, dy = make(n, h, w, ci, co, k, s, p, seed=1)
-    results = []
-    for threads in (1, 2):
-        _C.set_num_threads(threads)
-        results.append((
-            _C.conv2d_fwd(x, wt, s, p),
-            _C.conv2d_bwd_input(dy, wt, (h, w), s, p),
-            _C.conv2d_bwd_weight(x, dy, (k, k), s, p),
-        ))
-    for one, two in zip(*results):
+    for one, two in zip(*run_1_and_2_threads("conv2d", x, wt, dy, s, p)):
         np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-5)
 
 

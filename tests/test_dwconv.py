@@ -9,51 +9,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import check_family, make_problem, restore_threads, run_1_and_2_threads  # noqa: F401 (a fixture)
 from mbnet import _C
-from mbnet import reference as R
-
-
-def out_size(size, k, s, p):
-    return (size + 2 * p - k) // s + 1 if size + 2 * p - k >= 0 else 0
 
 
 def make(n, h, w, c, k, s, p, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
-    wt = rng.standard_normal((k, k, c)).astype(np.float32)
-    dy = rng.standard_normal((n, max(out_size(h, k, s, p), 1), max(out_size(w, k, s, p), 1), c))
-    return x, wt, dy.astype(np.float32)
+    return make_problem((n, h, w, c), (k, k, c), c, k, s, p, seed)
 
 
 def check_all(n, h, w, c, k, s, p, seed=0):
     """Forward and both gradients equal the float64 reference; out-of-range shapes raise."""
     x, wt, dy = make(n, h, w, c, k, s, p, seed)
     where = f"n={n} h={h} w={w} c={c} k={k} stride={s} padding={p}"
-    if out_size(h, k, s, p) < 1 or out_size(w, k, s, p) < 1:
-        with pytest.raises(ValueError, match="output"):
-            _C.dwconv2d_fwd(x, wt, s, p)
-        with pytest.raises(ValueError, match="output"):
-            _C.dwconv2d_bwd_input(dy, wt, (h, w), s, p)
-        with pytest.raises(ValueError, match="output"):
-            _C.dwconv2d_bwd_weight(x, dy, (k, k), s, p)
+    results = check_family("dwconv2d", x, wt, dy, s, p, where, atol_y=1e-4 * k, atol_dx=1e-4 * k)
+    if results is None:
         return
+    y, dx, dw = results
     x64, w64, dy64 = x.astype(np.float64), wt.astype(np.float64), dy.astype(np.float64)
-
-    y = _C.dwconv2d_fwd(x, wt, s, p)
-    assert y.dtype == np.float32 and y.shape == dy.shape, where
-    np.testing.assert_allclose(y, R.dwconv2d_fwd(x64, w64, s, p), rtol=1e-4, atol=1e-4 * k,
-                               err_msg="forward, " + where)
-
-    dx = _C.dwconv2d_bwd_input(dy, wt, (h, w), s, p)
-    assert dx.shape == x.shape, where
-    np.testing.assert_allclose(dx, R.dwconv2d_bwd_input(dy64, w64, (h, w), s, p), rtol=1e-4,
-                               atol=1e-4 * k, err_msg="input gradient, " + where)
-
-    dw = _C.dwconv2d_bwd_weight(x, dy, (k, k), s, p)
-    assert dw.shape == wt.shape, where
-    terms = n * dy.shape[1] * dy.shape[2]
-    np.testing.assert_allclose(dw, R.dwconv2d_bwd_weight(x64, dy64, (k, k), s, p), rtol=1e-4,
-                               atol=1e-4 * np.sqrt(terms), err_msg="weight gradient, " + where)
 
     # The three are one bilinear form: <dy, y(x, w)> = <dx, x> = <dw, w>.
     form = float(np.vdot(dy64, y))
@@ -104,27 +76,12 @@ def test_named_cases(name, shape):
     check_all(*shape)
 
 
-@pytest.fixture
-def restore_threads():
-    before = _C.get_num_threads()
-    yield
-    _C.set_num_threads(before)
-
-
 @pytest.mark.parametrize("shape", [(3, 13, 11, 37, 3, 1, 1), (4, 12, 9, 20, 3, 2, 1), (2, 8, 8, 7, 5, 1, 2)])
 def test_thread_count_agreement(shape, restore_threads):
     n, h, w, c, k, s, p = shape
     x, wt, dy = make(n, h, w, c, k, s, p, seed=1)
-    results = []
-    for threads in (1, 2):
-        _C.set_num_threads(threads)
-        results.append((
-            _C.dwconv2d_fwd(x, wt, s, p),
-            _C.dwconv2d_bwd_input(dy, wt, (h, w), s, p),
-            _C.dwconv2d_bwd_weight(x, dy, (k, k), s, p),
-        ))
     # Each output element is summed in the same order whatever the thread count.
-    for one, two in zip(*results):
+    for one, two in zip(*run_1_and_2_threads("dwconv2d", x, wt, dy, s, p)):
         np.testing.assert_array_equal(one, two)
 
 
