@@ -120,18 +120,26 @@ def bn_params(rng, c):
     return gamma, beta, mean, var
 
 
+def draw_act(draw):
+    return draw(st.sampled_from(["none", "relu", "relu6"]))
+
+
+def bn_bwd_inputs(draw, rng):
+    """shape, act, float32 x and bn_params of a BatchNorm backward call."""
+    shape = bn_shape(draw)
+    act = draw_act(draw)
+    x = rng.standard_normal(shape).astype(np.float32)
+    return shape, act, x, bn_params(rng, shape[-1])
+
+
 def b_bn_train_fwd(draw, rng):
     shape = bn_shape(draw)
     gamma, beta, rm, rv = bn_params(rng, shape[-1])
-    return [f32(rng, *shape), gamma, beta, rm, rv, ("real", 0.1), ("real", 1e-5),
-            ("act", draw(st.sampled_from(["none", "relu", "relu6"])))]
+    return [f32(rng, *shape), gamma, beta, rm, rv, ("real", 0.1), ("real", 1e-5), ("act", draw_act(draw))]
 
 
 def b_bn_train_bwd(draw, rng):
-    shape = bn_shape(draw)
-    act = draw(st.sampled_from(["none", "relu", "relu6"]))
-    x = rng.standard_normal(shape).astype(np.float32)
-    gamma, beta, rm, rv = bn_params(rng, shape[-1])
+    shape, act, x, (gamma, beta, rm, rv) = bn_bwd_inputs(draw, rng)
     y, mean, invstd = R.batchnorm_act_train_fwd(x, gamma[1], beta[1], rm[1].copy(), rv[1].copy(), 0.1, 1e-5, act)
     return [f32(rng, *shape), ("f32", x), ("f32", y.astype(np.float32)), gamma, beta,
             ("f32", mean.astype(np.float32)), ("f32", invstd.astype(np.float32)), ("act", act)]
@@ -140,27 +148,23 @@ def b_bn_train_bwd(draw, rng):
 def b_bn_infer_fwd(draw, rng):
     shape = bn_shape(draw)
     gamma, beta, mean, var = bn_params(rng, shape[-1])
-    return [f32(rng, *shape), gamma, beta, mean, var, ("real", 1e-5),
-            ("act", draw(st.sampled_from(["none", "relu", "relu6"])))]
+    return [f32(rng, *shape), gamma, beta, mean, var, ("real", 1e-5), ("act", draw_act(draw))]
 
 
 def b_bn_infer_bwd(draw, rng):
-    shape = bn_shape(draw)
-    act = draw(st.sampled_from(["none", "relu", "relu6"]))
-    x = rng.standard_normal(shape).astype(np.float32)
-    gamma, beta, mean, var = bn_params(rng, shape[-1])
+    shape, act, x, (gamma, beta, mean, var) = bn_bwd_inputs(draw, rng)
     y = R.batchnorm_act_infer_fwd(x, gamma[1], beta[1], mean[1], var[1], 1e-5, act)
     return [f32(rng, *shape), ("f32", x), ("f32", y.astype(np.float32)), gamma, beta, mean, var,
             ("real", 1e-5), ("act", act)]
 
 
 def b_act_fwd(draw, rng):
-    return [f32(rng, *bn_shape(draw)), ("act", draw(st.sampled_from(["none", "relu", "relu6"])))]
+    return [f32(rng, *bn_shape(draw)), ("act", draw_act(draw))]
 
 
 def b_act_bwd(draw, rng):
     shape = bn_shape(draw)
-    act = draw(st.sampled_from(["none", "relu", "relu6"]))
+    act = draw_act(draw)
     return [f32(rng, *shape), ("f32", R.act_fwd(3 * rng.standard_normal(shape).astype(np.float32), act)),
             ("act", act)]
 
