@@ -108,19 +108,25 @@ void col2im_f32(const ConvShape& a, const float* __restrict__ cols, index_t n0, 
         }
 }
 
+// Calls f(n0, nb, cols) for each chunk of images [n0, n0 + nb), in order, with one column buffer
+// of a.chunk() * ho * wo * kh * kw * ci floats, not zeroed.
+template <class F>
+void for_each_chunk(const ConvShape& a, F&& f) {
+    const index_t nb_max = a.chunk();
+    std::unique_ptr<float[]> cols(new float[nb_max * a.pixels() * a.kdim()]);
+    for (index_t n0 = 0; n0 < a.n; n0 += nb_max) f(n0, std::min(nb_max, a.n - n0), cols.get());
+}
+
 void conv2d_f32_fwd(const ConvShape& a, const float* x, const float* w, float* y) {
     const index_t K = a.kdim(), P = a.pixels();
     if (a.is_pointwise()) {
         sgemm(a.n * P, a.co, K, x, K, 1, w, a.co, 1, y, a.co, false);
         return;
     }
-    const index_t nb_max = a.chunk();
-    std::unique_ptr<float[]> cols(new float[nb_max * P * K]);  // not zeroed: fully written
-    for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
-        const index_t nb = std::min(nb_max, a.n - n0);
-        im2col_f32(a, x, n0, nb, cols.get());
-        sgemm(nb * P, a.co, K, cols.get(), K, 1, w, a.co, 1, y + n0 * P * a.co, a.co, false);
-    }
+    for_each_chunk(a, [&](index_t n0, index_t nb, float* cols) {
+        im2col_f32(a, x, n0, nb, cols);
+        sgemm(nb * P, a.co, K, cols, K, 1, w, a.co, 1, y + n0 * P * a.co, a.co, false);
+    });
 }
 
 // dx = col2im(dy @ w^T).
@@ -130,13 +136,10 @@ void conv2d_f32_bwd_input(const ConvShape& a, const float* dy, const float* w, f
         sgemm(a.n * P, K, a.co, dy, a.co, 1, w, 1, a.co, dx, K, false);
         return;
     }
-    const index_t nb_max = a.chunk();
-    std::unique_ptr<float[]> cols(new float[nb_max * P * K]);  // not zeroed: fully written
-    for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
-        const index_t nb = std::min(nb_max, a.n - n0);
-        sgemm(nb * P, K, a.co, dy + n0 * P * a.co, a.co, 1, w, 1, a.co, cols.get(), K, false);
-        col2im_f32(a, cols.get(), n0, nb, dx);
-    }
+    for_each_chunk(a, [&](index_t n0, index_t nb, float* cols) {
+        sgemm(nb * P, K, a.co, dy + n0 * P * a.co, a.co, 1, w, 1, a.co, cols, K, false);
+        col2im_f32(a, cols, n0, nb, dx);
+    });
 }
 
 // dw (kh*kw*ci, co) = cols^T @ dy, summed over the chunks.
@@ -146,13 +149,10 @@ void conv2d_f32_bwd_weight(const ConvShape& a, const float* x, const float* dy, 
         sgemm(K, a.co, a.n * P, x, 1, K, dy, a.co, 1, dw, a.co, false);
         return;
     }
-    const index_t nb_max = a.chunk();
-    std::unique_ptr<float[]> cols(new float[nb_max * P * K]);  // not zeroed: fully written
-    for (index_t n0 = 0; n0 < a.n; n0 += nb_max) {
-        const index_t nb = std::min(nb_max, a.n - n0);
-        im2col_f32(a, x, n0, nb, cols.get());
-        sgemm(K, a.co, nb * P, cols.get(), 1, K, dy + n0 * P * a.co, a.co, 1, dw, a.co, n0 > 0);
-    }
+    for_each_chunk(a, [&](index_t n0, index_t nb, float* cols) {
+        im2col_f32(a, x, n0, nb, cols);
+        sgemm(K, a.co, nb * P, cols, 1, K, dy + n0 * P * a.co, a.co, 1, dw, a.co, n0 > 0);
+    });
 }
 
 // ---- bindings ----------------------------------------------------------------------------------
