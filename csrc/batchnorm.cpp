@@ -191,6 +191,20 @@ F32 check_writeable_channel_vec(const py::object& obj, const char* name, const F
     return check_channel_vec(obj, name, x);
 }
 
+// The arguments both backwards open with: dy, x, y (..., C) of one shape; gamma, beta, mean (C,).
+struct BwdArgs {
+    F32 dy, x, y, gamma, mean;
+    BwdArgs(const py::object& dy_, const py::object& x_, const py::object& y_,
+            const py::object& gamma_, const py::object& beta_, const py::object& mean_)
+        : dy(check_f32(dy_, "dy", -2)), x(check_f32(x_, "x", -2)), y(check_f32(y_, "y", -2)) {
+        check_same_shape(dy, "dy", x, "x");
+        check_same_shape(y, "y", x, "x");
+        gamma = check_channel_vec(gamma_, "gamma", x);
+        check_channel_vec(beta_, "beta", x);
+        mean = check_channel_vec(mean_, "mean", x);
+    }
+};
+
 void check_eps(double eps) {
     require(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got " + std::to_string(eps));
 }
@@ -240,14 +254,8 @@ py::tuple bn_train_fwd(const py::object& x_, const py::object& gamma_, const py:
 py::tuple bn_train_bwd(const py::object& dy_, const py::object& x_, const py::object& y_,
                        const py::object& gamma_, const py::object& beta_, const py::object& mean_,
                        const py::object& invstd_, const std::string& act_name) {
-    F32 dy = check_f32(dy_, "dy", -2);
-    F32 x = check_f32(x_, "x", -2);
-    F32 y = check_f32(y_, "y", -2);
-    check_same_shape(dy, "dy", x, "x");
-    check_same_shape(y, "y", x, "x");
-    F32 gamma = check_channel_vec(gamma_, "gamma", x);
-    check_channel_vec(beta_, "beta", x);
-    F32 mean = check_channel_vec(mean_, "mean", x);
+    const BwdArgs args(dy_, x_, y_, gamma_, beta_, mean_);
+    const F32 &dy = args.dy, &x = args.x, &y = args.y, &gamma = args.gamma, &mean = args.mean;
     F32 invstd = check_channel_vec(invstd_, "invstd", x);
     Act a = parse_act(act_name);
     const index_t C = x[-1], M = x.size() / C;
@@ -322,14 +330,8 @@ py::array_t<float> bn_infer_fwd(const py::object& x_, const py::object& gamma_,
 py::tuple bn_infer_bwd(const py::object& dy_, const py::object& x_, const py::object& y_,
                        const py::object& gamma_, const py::object& beta_, const py::object& mean_,
                        const py::object& var_, double eps, const std::string& act_name) {
-    F32 dy = check_f32(dy_, "dy", -2);
-    F32 x = check_f32(x_, "x", -2);
-    F32 y = check_f32(y_, "y", -2);
-    check_same_shape(dy, "dy", x, "x");
-    check_same_shape(y, "y", x, "x");
-    F32 gamma = check_channel_vec(gamma_, "gamma", x);
-    check_channel_vec(beta_, "beta", x);
-    F32 mean = check_channel_vec(mean_, "mean", x);
+    const BwdArgs args(dy_, x_, y_, gamma_, beta_, mean_);
+    const F32 &dy = args.dy, &x = args.x, &y = args.y, &gamma = args.gamma, &mean = args.mean;
     F32 var = check_channel_vec(var_, "var", x);
     check_eps(eps);
     Act a = parse_act(act_name);
