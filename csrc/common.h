@@ -171,6 +171,7 @@ inline float* ptr(py::array_t<float>& a) { return a.mutable_data(); }
 // A new float32 array of `shape` (check its size first), filled by kernel(data) without the GIL.
 template <class Kernel>
 py::array_t<float> compute_f32(const std::vector<index_t>& shape, Kernel&& kernel) {
+    check_alloc(shape, "the output");
     auto out = new_f32(shape);
     float* p = ptr(out);
     {
