@@ -189,7 +189,7 @@ def _no_data_message(where, cache_dir, why):
         f"  Looked in: {where}\n"
         "  Either pass --data-dir DIR (or set MBNET_DATA=DIR), where DIR holds the official\n"
         "  cifar-10-batches-py/ (data_batch_1..5, test_batch) or an image tree train/<class>/*.png,\n"
-        "  test/<class>/*.png (e.g. /work/shared/data/cifar10-jpeg),\n"
+        "  test/<class>/*.png (JPEG works too),\n"
         f"  or put {CIFAR_URL.rsplit('/', 1)[1]} (MD5 {CIFAR_MD5}) into {cache_dir}\n"
         f"  (download it from {CIFAR_URL})."
     )
