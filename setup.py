@@ -17,14 +17,20 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def cpu_flags():
+    """The flags line of /proc/cpuinfo, as a list (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
+
+
 def cpu_tag():
     """A short tag of this CPU's flags: a -march=native build is only reused on the same kind of CPU."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next(line for line in text.splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = "unknown"
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+    return hashlib.sha1(" ".join(cpu_flags()).encode()).hexdigest()[:10]
 
 
 class CMakeExtension(Extension):
@@ -64,13 +70,9 @@ def required_flags(portable):
     """The CPU flags a -march=native build may use (the ones that matter for float kernels)."""
     if portable:
         return []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next(line for line in text.splitlines() if line.startswith("flags")).split(":")[1].split()
-    except (OSError, StopIteration, IndexError):
-        return []
     wanted = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl")
-    return [f for f in wanted if f in flags]
+    have = set(cpu_flags())
+    return [f for f in wanted if f in have]
 
 
 setup(ext_modules=[CMakeExtension("mbnet._C")], cmdclass={"build_ext": CMakeBuild})
