@@ -1,16 +1,18 @@
-"""Evaluates a checkpoint on the CIFAR-10 test split: `python -m mbnet.evaluate CHECKPOINT [options]`.
+"""Evaluates weights on the CIFAR-10 test split: `python -m mbnet.evaluate WEIGHTS [options]`.
 
-Prints the test accuracy, the accuracy of each class and the confusion matrix (rows: true class,
-columns: predicted). Uses the checkpoint's EMA weights when it has them (--no-ema for the raw ones)
-and the training split's normalization stored in the checkpoint.
+WEIGHTS is any mbnet weights file (model.save) or training checkpoint (last.npz, best.npz). Prints
+the test accuracy, the accuracy of each class and the confusion matrix (rows: true class, columns:
+predicted). Uses the checkpoint's EMA weights when it has them (--no-ema for the raw ones) and the
+input normalization stored in the file.
 """
 import argparse
 import sys
 
 import numpy as np
 
+from . import checkpoint
 from . import data as D
-from .train import EVAL_BATCH, build_model, evaluate, load_checkpoint, prepare_data
+from .train import EVAL_BATCH, evaluate, prepare_data
 
 
 def confusion_matrix(labels, preds, k=10):
@@ -37,7 +39,7 @@ def format_report(labels, preds, classes=D.CLASSES):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mbnet.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
+    p.add_argument("weights", help="an mbnet weights file or training checkpoint")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="horizontal-flip TTA")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -49,23 +51,26 @@ def main(argv=None):
 
     if args.threads:
         _C.set_num_threads(args.threads)
-    ck = load_checkpoint(args.checkpoint)
-    cfg = dict(ck["meta"]["config"], limit_train=0, limit_test=args.limit_test)
+    try:
+        ck = checkpoint.read(args.weights)
+        model = checkpoint.build(ck, args.weights, ema=args.ema)
+    except checkpoint.CheckpointError as e:
+        print(f"mbnet: {e}", file=sys.stderr)
+        return 2
+    cfg = {"resolution": model.input_size, "limit_train": 0, "limit_test": args.limit_test,
+           "mean": model.mean, "std": model.std}
     try:
         _, _, xte, yte = prepare_data(cfg, args.data_dir, verbose=False)
     except D.DataError as e:
         print(f"mbnet: {e}", file=sys.stderr)
         return 2
-    model = build_model(cfg)
-    ema = {k[2:]: v for k, v in ck["ema"].items() if k.startswith("w.")}
-    use_ema = args.ema and ema
-    model.load_state_dict(ema if use_ema else ck["model"])
-    loader = D.Loader(xte, yte, EVAL_BATCH, np.array(cfg["mean"]), np.array(cfg["std"]), train=False)
+    use_ema = args.ema and checkpoint.weights(ck) is not ck["model"]
+    loader = D.Loader(xte, yte, EVAL_BATCH, np.array(model.mean), np.array(model.std), train=False)
     _, _, preds = evaluate(model, loader, tta=args.tta)
     meta = ck["meta"]
-    print(f"{args.checkpoint}: epoch {meta['epoch']}, step {meta['step']}, "
-          f"{'EMA' if use_ema else 'raw'} weights{', flip TTA' if args.tta else ''}")
-    print(format_report(yte, preds))
+    where = f"epoch {meta['epoch']}, step {meta['step']}, " if "epoch" in meta else ""
+    print(f"{args.weights}: {where}{'EMA' if use_ema else 'raw'} weights{', flip TTA' if args.tta else ''}")
+    print(format_report(yte, preds, model.classes))
     return 0
 
 

@@ -21,6 +21,9 @@ from .tensor import Tensor
 BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
           (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)]
 STEM_CHANNELS = 32
+# The input normalization a model carries until training sets its data's own: CIFAR-10's training
+# split, per channel, on the [0, 1] pixel scale.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def _stem_stride(input_size, stem_stride):
@@ -33,12 +36,19 @@ class _ImageClassifier(nn.Module):
     """features (a Sequential: stem 3x3 conv + BN + act, then ``_block`` for each row of BLOCKS)
     -> global average pool -> dropout -> classifier (Linear)."""
 
+    ARCH = None  # the name from_config() knows the class by
+
     def __init__(self, alpha=1.0, num_classes=10, input_size=32, stem_stride=None, dropout=0.0, act="relu",
-                 dtype=np.float32, seed=0):
+                 dtype=np.float32, seed=0, classes=None, mean=CIFAR10_MEAN, std=CIFAR10_STD):
         rng = np.random.default_rng(seed)
         self.alpha, self.num_classes, self.input_size = alpha, num_classes, input_size
+        self.stem_stride, self.act = _stem_stride(input_size, stem_stride), act
+        self.classes = tuple(str(k) for k in range(num_classes)) if classes is None else tuple(classes)
+        if len(self.classes) != num_classes:
+            raise ValueError(f"classes: {len(self.classes)} names for num_classes={num_classes}")
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
         c = int(STEM_CHANNELS * alpha)
-        layers = [nn.Conv2d(3, c, 3, _stem_stride(input_size, stem_stride), rng=rng, dtype=dtype),
+        layers = [nn.Conv2d(3, c, 3, self.stem_stride, rng=rng, dtype=dtype),
                   nn.BatchNorm2d(c, act, dtype=dtype)]
         for cout, stride in BLOCKS:
             cout = int(cout * alpha)
@@ -58,6 +68,14 @@ class _ImageClassifier(nn.Module):
         x = x if isinstance(x, Tensor) else Tensor(x)
         return self.classifier(self.dropout(self.pool(self.features(x))))
 
+    def config(self):
+        """Everything needed to rebuild this model (``from_config``) and feed it images: the
+        architecture, the class names and the input normalization; stored in every weights file."""
+        return {"arch": self.ARCH, "alpha": self.alpha, "num_classes": self.num_classes,
+                "input_size": self.input_size, "stem_stride": self.stem_stride, "act": self.act,
+                "dropout": self.dropout.p, "classes": list(self.classes), "mean": list(self.mean),
+                "std": list(self.std)}
+
     def summary(self, input_size=None, show=True):
         """Per-layer table for (input_size, input_size, 3) images (default: the model's
         input_size); returns {"params", "mult_adds", "buffers"}. See the module docstring."""
@@ -75,6 +93,8 @@ class MobileNetV1(_ImageClassifier):
     features.14 (the blocks: dw, bn1, pw, bn2), classifier.weight / classifier.bias.
     """
 
+    ARCH = "mobilenet"
+
     def _block(self, cin, cout, stride, act, rng, dtype):
         return [nn.DepthwiseSeparable(cin, cout, stride, act, rng=rng, dtype=dtype)]
 
@@ -84,5 +104,36 @@ class ConvMobileNet(_ImageClassifier):
     full 3x3 convolution (the block's stride and output channels) + BN + act. Same arguments and
     init as MobileNetV1; features is a flat Sequential of conv, BN, conv, BN, ..."""
 
+    ARCH = "conv"
+
     def _block(self, cin, cout, stride, act, rng, dtype):
         return [nn.Conv2d(cin, cout, 3, stride, rng=rng, dtype=dtype), nn.BatchNorm2d(cout, act, dtype=dtype)]
+
+
+ARCHS = {cls.ARCH: cls for cls in (MobileNetV1, ConvMobileNet)}
+
+
+def from_config(config, **kwargs):
+    """A freshly initialized model from ``model.config()`` (kwargs: dtype, seed)."""
+    config = dict(config)
+    arch = config.pop("arch")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
+    return ARCHS[arch](**config, **kwargs)
+
+
+def load(path, *, ema=True, **import_options):
+    """The model stored at ``path``, with its weights, in eval mode: an mbnet weights file or
+    training checkpoint (the EMA weights when it has them and ``ema``), or a PyTorch state_dict
+    file (.pt/.pth; needs torch; ``import_options`` as ``mbnet.torch_import.load_torch_weights``)."""
+    from pathlib import Path
+
+    if Path(path).suffix in (".pt", ".pth"):
+        from .torch_import import load_torch_weights
+
+        return load_torch_weights(path, **import_options).eval()
+    if import_options:
+        raise TypeError(f"load: {', '.join(import_options)} apply to PyTorch files only")
+    from .checkpoint import load_model
+
+    return load_model(path, ema=ema)

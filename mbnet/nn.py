@@ -111,12 +111,18 @@ class Module:
                 a[...] = state[name]
 
     def save(self, path):
-        """Writes ``state_dict()`` to an .npz file."""
-        np.savez(path, **self.state_dict())
+        """Writes ``state_dict()`` (and, for a model with ``config()``, its architecture) to an
+        .npz weights file; see mbnet.checkpoint."""
+        from . import checkpoint
 
-    def load(self, path, strict=True):
-        with np.load(path) as f:
-            self.load_state_dict({name: f[name] for name in f.files}, strict=strict)
+        checkpoint.save(path, self)
+
+    def load(self, path, strict=True, ema=True):
+        """Loads the weights of an mbnet weights file or training checkpoint (its EMA weights when
+        it has them and ``ema``) into this module."""
+        from . import checkpoint
+
+        self.load_state_dict(checkpoint.weights(checkpoint.read(path), ema), strict=strict)
 
     # --- summary (from shapes; no forward pass) ---
     def output_shape(self, in_shape):

@@ -6,9 +6,10 @@ continues from last.npz at the exact step it was saved; with the same thread cou
 ends with bit-identical weights to an unbroken one, because every random choice (shuffle,
 augmentation, dropout) is a pure function of (seed, epoch, batch / step).
 
-Checkpoint (.npz): "model/<name>" (parameters and BN buffers), "optim/<key>", "ema/<key>" arrays and
-"meta", a JSON string: config, position (epoch, batch, step), per-epoch metrics so far, and the
-running sums of the epoch in progress.
+Checkpoint: mbnet's weights file (mbnet/checkpoint.py: "model/<name>" arrays, the architecture,
+class names and normalization in "meta") plus "optim/<key>" and "ema/<key>" arrays and, in "meta",
+the config, position (epoch, batch, step), per-epoch metrics so far, and the running sums of the
+epoch in progress.
 """
 import argparse
 import json
@@ -16,15 +17,14 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from . import checkpoint, optim
 from . import data as D
-from . import optim
 
 DEFAULT_LR = {"sgd": 0.1, "rmsprop": 0.045, "adam": 1e-3}  # at batch size 128; scaled linearly
 EVAL_BATCH = 250
@@ -78,8 +78,8 @@ def make_config(args):
 def build_model(cfg):
     from .models import MobileNetV1
 
-    return MobileNetV1(alpha=cfg["alpha"], num_classes=10, input_size=cfg["resolution"],
-                       dropout=cfg["dropout"], seed=cfg["seed"])
+    return MobileNetV1(alpha=cfg["alpha"], num_classes=len(D.CLASSES), input_size=cfg["resolution"],
+                       dropout=cfg["dropout"], seed=cfg["seed"], classes=D.CLASSES, mean=cfg["mean"], std=cfg["std"])
 
 
 def _subset(n, limit):
@@ -174,39 +174,17 @@ class swapped_weights:
 
 
 def save_checkpoint(path, model, opt, ema, meta):
-    """Writes the checkpoint atomically (temp file in the same directory, then os.replace)."""
-    arrays = {"meta": np.array(json.dumps(meta))}
-    arrays.update({"model/" + k: v for k, v in model.state_dict().items()})
-    if opt is not None:
-        arrays.update({"optim/" + k: v for k, v in opt.state_dict().items()})
-    if ema is not None:
-        arrays.update({"ema/" + k: v for k, v in ema.state_dict().items()})
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """The weights file of ``model`` plus the optimizer, the EMA and the run's position (atomic)."""
+    checkpoint.save(path, model, optim=None if opt is None else opt.state_dict(),
+                    ema=None if ema is None else ema.state_dict(), meta=meta)
 
 
 def load_checkpoint(path):
     """-> dict(meta, model, optim, ema) with the arrays of each part keyed without their prefix."""
-    out = {"model": {}, "optim": {}, "ema": {}}
     try:
-        with np.load(path) as z:
-            out["meta"] = json.loads(str(z["meta"]))
-            for k in z.files:
-                part, _, name = k.partition("/")
-                if part in out and name:
-                    out[part][name] = z[k]
-    except FileNotFoundError:
-        raise SystemExit(f"mbnet: no checkpoint at {path}") from None
-    except Exception as e:
-        raise SystemExit(f"mbnet: cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    return out
+        return checkpoint.read(path)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"mbnet: cannot read checkpoint {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_checkpoint_round_trip(tmp_path, rng):
     train.save_checkpoint(tmp_path / "c.npz", model, opt, ema, meta)
 
     ck = train.load_checkpoint(tmp_path / "c.npz")
-    assert ck["meta"] == meta
+    assert {k: ck["meta"][k] for k in meta} == meta and ck["meta"]["model"] == model.config()
     model2 = MobileNetV1(alpha=0.25, input_size=8, seed=2)
     model2.load_state_dict(ck["model"])
     opt2 = optim.make_optimizer("adam", model2.parameters(), 1e-3)
@@ -155,7 +155,7 @@ def test_checkpoint_round_trip(tmp_path, rng):
         np.testing.assert_array_equal(v, opt2.state_dict()[k], err_msg=k)
     assert ema2.updates == 1 and all(np.array_equal(ema.shadow[k], ema2.shadow[k]) for k in ema.shadow)
 
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(SystemExit, match="missing.npz: no such file"):
         train.load_checkpoint(tmp_path / "missing.npz")
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(SystemExit, match="bad.npz"):

@@ -1,0 +1,133 @@
+"""The one weights file of mbnet, and the training checkpoint that extends it.
+
+A weights file is an .npz archive:
+  "meta"          a JSON string: {"format": "mbnet", "version": 1, "model": ARCH or null, ...}
+  "model/<name>"  every parameter and buffer of ``Module.state_dict()`` (float32)
+ARCH is ``model.config()`` of an image classifier: the architecture (arch, alpha, num_classes,
+input_size, stem_stride, act, dropout), the class names and the input normalization (mean, std on
+the [0, 1] pixel scale), so ``mbnet.models.load(path)`` rebuilds the model with no flag repeated.
+
+A training checkpoint (``python -m mbnet.train``'s last.npz / best.npz) is the same file plus
+"optim/<key>" and "ema/<key>" arrays and the run's position in "meta" (config, epoch, batch, step,
+metrics...). Every reader takes both. Where a checkpoint holds an EMA of the weights, readers yield
+the EMA weights unless asked for the raw ones (``ema=False``): the EMA is what training reports.
+"""
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT, VERSION = "mbnet", 1
+PARTS = ("model", "optim", "ema")
+_EMA_PREFIX = "w."  # optim.EMA.state_dict() keys: "updates" and "w.<name>"
+
+
+class CheckpointError(ValueError):
+    """A weights file is missing, corrupt or not mbnet's; the message names the file."""
+
+
+def write_npz(path, arrays):
+    """Writes ``arrays`` to ``path`` atomically: a temp file in the same directory, then os.replace
+    (an interrupted write leaves the previous file intact)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save(path, model, *, optim=None, ema=None, meta=None):
+    """Writes ``model`` (and, for a training checkpoint, the optimizer and EMA state and the run's
+    ``meta`` keys) to ``path`` in the one weights format."""
+    config = model.config() if hasattr(model, "config") else None
+    head = {"format": FORMAT, "version": VERSION, "model": config}
+    arrays = {"meta": np.array(json.dumps({**(meta or {}), **head}))}
+    for part, state in (("model", model.state_dict()), ("optim", optim), ("ema", ema)):
+        arrays.update({f"{part}/{k}": v for k, v in (state or {}).items()})
+    write_npz(path, arrays)
+
+
+def read(path):
+    """-> {"meta": dict, "model": {...}, "optim": {...}, "ema": {...}}, each part's arrays keyed
+    without their prefix. Raises CheckpointError naming the file and what is wrong."""
+    path = Path(path)
+    out = {p: {} for p in PARTS}
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                raise CheckpointError(f"{path}: not an mbnet weights file (no 'meta' entry; "
+                                      f"it holds {', '.join(z.files[:4]) or 'nothing'}{'...' if len(z.files) > 4 else ''})")
+            out["meta"] = json.loads(str(z["meta"]))
+            for k in z.files:
+                part, _, name = k.partition("/")
+                if part in out and name:
+                    out[part][name] = z[k]
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or not an .npz weights file ({type(e).__name__}: {e})") from None
+    meta = out["meta"]
+    if not isinstance(meta, dict) or (meta.get("format") != FORMAT and "config" not in meta):
+        raise CheckpointError(f"{path}: 'meta' is not mbnet's (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
+    if meta.get("version", VERSION) > VERSION:
+        raise CheckpointError(f"{path}: written by a newer mbnet (format version {meta['version']} > {VERSION})")
+    if not out["model"]:
+        raise CheckpointError(f"{path}: holds no model weights")
+    return out
+
+
+def model_config(ck, path="weights"):
+    """The architecture stored in a read() result; training checkpoints from before the format
+    (version 0: only the run's config) are translated."""
+    meta = ck["meta"]
+    if meta.get("model"):
+        return dict(meta["model"])
+    cfg = meta.get("config")
+    if not cfg:
+        raise CheckpointError(f"{path}: holds weights but no architecture (a bare Module.save of a "
+                              "non-classifier?); build the module yourself and call module.load()")
+    from .data import CLASSES
+
+    return {"arch": "mobilenet", "alpha": cfg["alpha"], "num_classes": len(CLASSES), "input_size": cfg["resolution"],
+            "stem_stride": None, "act": "relu", "dropout": cfg.get("dropout", 0.0),
+            "classes": list(CLASSES), "mean": cfg["mean"], "std": cfg["std"]}
+
+
+def weights(ck, ema=True):
+    """The model's state from a read() result: the EMA's when ``ema`` and the checkpoint has one."""
+    shadow = {k[len(_EMA_PREFIX):]: v for k, v in ck["ema"].items() if k.startswith(_EMA_PREFIX)}
+    return shadow if ema and shadow else ck["model"]
+
+
+def build(ck, path="weights", *, ema=True):
+    """The classifier of a read() result with its weights (the EMA's when it has them and
+    ``ema``), in eval mode."""
+    from .models import from_config
+
+    try:
+        model = from_config(model_config(ck, path))
+        model.load_state_dict(weights(ck, ema))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: does not describe a model this mbnet can build ({type(e).__name__}: {e})") from None
+    return model.eval()
+
+
+def load_model(path, *, ema=True):
+    """Rebuilds the classifier stored in an mbnet weights file or training checkpoint."""
+    return build(read(path), path, ema=ema)
