@@ -28,9 +28,11 @@ CONFIGS = ("1@224", "0.5@224", "0.25@224", "0.25@128", "1@32")
 
 def parse_config(text):
     """'α@s' -> (alpha, size, num_classes, stem_stride)."""
+    from mbnet.models import _stem_stride  # the one stem-stride rule: 2 above 64 px
+
     alpha, _, size = text.partition("@")
     alpha, size = float(alpha), int(size)
-    return alpha, size, (1000, 2) if size > 64 else (10, 1)
+    return alpha, size, 1000 if size > 64 else 10, _stem_stride(size, None)
 
 
 def build(alpha, size, num_classes, stem_stride, use_torch):
@@ -113,7 +115,8 @@ def run(configs=CONFIGS, runs=100, warmup=10, threads=None, tiny=False, use_torc
         configs, runs, warmup = ("0.25@32",), 1, 1
     pause = 0 if tiny else 0.2
     absent = {}  # engine -> why it has no row
-    for engine, wanted, modules in (("torch", use_torch, ("torch",)), ("onnxruntime", use_onnxruntime, ("onnx", "onnxruntime"))):
+    for engine, wanted, modules in (("torch", use_torch, ("torch",)),
+                                    ("onnxruntime", use_onnxruntime, ("onnx", "onnxruntime"))):
         if not wanted:
             absent[engine] = "disabled"
         elif any(common.optional_import(m) is None for m in modules):
@@ -121,7 +124,7 @@ def run(configs=CONFIGS, runs=100, warmup=10, threads=None, tiny=False, use_torc
     have = {engine: engine not in absent for engine in ("torch", "onnxruntime")}
     versions, rows = {}, []
     for text in configs:
-        alpha, size, (num_classes, stem_stride) = parse_config(text)
+        alpha, size, num_classes, stem_stride = parse_config(text)
         model, net = build(alpha, size, num_classes, stem_stride, have["torch"])
         x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
         fns = {"mbnet": mbnet_fn(model, x)}

@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from . import nn
+from . import __version__, nn
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 11  # Clip takes min/max as inputs from opset 11 on
@@ -57,7 +57,8 @@ def conv_bn_layers(model):
               if not m.named_children()]
     layers = []
     for i in range(0, len(leaves), 2):
-        (name, conv), (bn_name, bn) = leaves[i], leaves[i + 1] if i + 1 < len(leaves) else (None, None)
+        name, conv = leaves[i]
+        bn_name, bn = leaves[i + 1] if i + 1 < len(leaves) else (None, None)
         if isinstance(conv, nn.BatchNorm2d) or not isinstance(bn, nn.BatchNorm2d):
             raise TypeError(f"export: expected a convolution followed by a BatchNorm at {name}")
         layers.append((name, conv, bn_name, bn))
@@ -126,8 +127,6 @@ def to_onnx(model, *, opset=DEFAULT_OPSET, dynamic_batch=True, batch_size=1, fol
         inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, [n, 3, s, s])],
         outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, [n, model.num_classes])])
     opsets = [helper.make_opsetid("", opset)]
-    from . import __version__
-
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="mbnet", producer_version=__version__,
                               ir_version=helper.find_min_ir_version_for(opsets),
                               doc_string="mbnet image classifier. input: float32 NCHW (batch, 3, H, W), RGB on "
@@ -156,8 +155,10 @@ def main(argv=None):
     p.add_argument("weights", help="an mbnet weights file or training checkpoint (its EMA weights when it has them), "
                                    "or a PyTorch MobileNetV1 state_dict (.pt/.pth)")
     p.add_argument("out", help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, at least {MIN_OPSET})")
-    p.add_argument("--batch", default="dynamic", help="'dynamic' (default: a symbolic batch dimension) or a fixed batch size")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset (default {DEFAULT_OPSET}, at least {MIN_OPSET})")
+    p.add_argument("--batch", default="dynamic",
+                   help="'dynamic' (default: a symbolic batch dimension) or a fixed batch size")
     p.add_argument("--keep-bn", action="store_true",
                    help="emit BatchNormalization nodes instead of folding BN into the convolutions")
     from .torch_import import add_import_arguments, import_options

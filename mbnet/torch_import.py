@@ -83,7 +83,8 @@ class _Reader:
     def take(self, role, shape, what):
         """The next array if its shape matches ``shape`` (None = any length on that axis)."""
         name, a = self.peek()
-        expected = f"{what} of shape ({', '.join('*' if d is None else str(d) for d in shape)}{',' * (len(shape) == 1)})"
+        dims = ", ".join("*" if d is None else str(d) for d in shape)
+        expected = f"{what} of shape ({dims}{',' * (len(shape) == 1)})"
         if a is None or a.ndim != len(shape) or any(d is not None and d != n for d, n in zip(shape, a.shape)):
             self.fail(expected)
         suffix = name.rsplit(".", 1)[-1]

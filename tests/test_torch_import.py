@@ -53,7 +53,8 @@ def pytorch_layout(model):
 def random_bn(model, rng):
     for name, a in model._named_state().items():
         if name.rsplit(".", 1)[-1] in ("gamma", "beta", "running_mean", "running_var"):
-            a[...] = rng.uniform(0.5, 1.5, a.shape) if name.endswith(("gamma", "var")) else rng.uniform(-0.3, 0.3, a.shape)
+            scale_like = name.endswith(("gamma", "var"))
+            a[...] = rng.uniform(0.5, 1.5, a.shape) if scale_like else rng.uniform(-0.3, 0.3, a.shape)
     return model
 
 
@@ -110,7 +111,8 @@ def test_widths_of_no_alpha_are_named(state):
     for k in ("weight", "bias", "running_mean", "running_var"):
         widths[f"model.2.1.{k}"] = np.ones(12, np.float32)
     widths["model.3.0.weight"] = np.zeros((16, 12, 1, 1), np.float32)
-    with pytest.raises(ValueError, match=r"model.3.0.weight has 16 output channels where MobileNetV1 has int\(64·α\)"):
+    with pytest.raises(ValueError, match=r"model.3.0.weight has 16 output channels where MobileNetV1 has "
+                                         r"int\(64·α\)"):
         load_torch_weights(widths)
 
 
