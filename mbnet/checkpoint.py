@@ -29,19 +29,48 @@ class CheckpointError(ValueError):
     """A weights file is missing, corrupt or not mbnet's; the message names the file."""
 
 
-def write_npz(path, arrays):
-    """Writes ``arrays`` to ``path`` atomically: a temp file in the same directory, then os.replace
-    (an interrupted write leaves the previous file intact)."""
+class WriteError(Exception):
+    """Writing a file failed (full disk, no permission...): the message is one line naming the file
+    and the errno (also in ``errno``); the previous version of the file is intact."""
+
+    def __init__(self, path, err):
+        super().__init__(f"cannot write {path}: [Errno {err.errno}] {err.strerror or err}")
+        self.errno, self.path = err.errno, path
+
+
+def atomic_write(path, write, suffix=None):
+    """Calls ``write(f)`` on a binary temp file beside ``path`` (named <name><random>.tmp<suffix>,
+    suffix default path's), then renames it over ``path``: an interrupted or failed write leaves the
+    previous file intact and no temp file. The file gets the umask's usual mode. Raises WriteError."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp" + (suffix or path.suffix))
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o666 & ~_umask())
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk shows here, before the rename, not after
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        raise WriteError(path, e) from None
     except BaseException:
-        os.unlink(tmp)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp):
+    if tmp is not None:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def write_npz(path, arrays):
+    """Writes ``arrays`` to ``path`` atomically (``atomic_write``)."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _umask():

@@ -72,8 +72,9 @@ class Module:
         return self.train(False)
 
     # --- state ---
-    def _named_state(self, prefix=""):
-        """name -> the live array (parameter data or buffer), in attribute order."""
+    def named_state(self, prefix=""):
+        """name -> the live array (parameter data or buffer), in attribute order: what
+        state_dict() copies and load_state_dict() fills."""
         state = {}
         for name, v in vars(self).items():
             if isinstance(v, Tensor) and v.requires_grad:
@@ -81,18 +82,18 @@ class Module:
             elif name in self._buffer_names:
                 state[prefix + name] = v
             elif isinstance(v, Module):
-                state.update(v._named_state(f"{prefix}{name}."))
+                state.update(v.named_state(f"{prefix}{name}."))
         return state
 
     def state_dict(self):
         """name -> float32 copy, for every parameter and buffer."""
-        return {name: np.array(a, dtype=np.float32) for name, a in self._named_state().items()}
+        return {name: np.array(a, dtype=np.float32) for name, a in self.named_state().items()}
 
     def load_state_dict(self, state, strict=True):
         """Copies ``state`` (name -> array) into the parameters and buffers in place (cast to the
         module's dtype). Raises ValueError naming missing or unexpected entries (when strict) and
         any entry whose shape differs; nothing is modified when it raises."""
-        own = self._named_state()
+        own = self.named_state()
         missing = [n for n in own if n not in state]
         unexpected = [n for n in state if n not in own]
         if strict and (missing or unexpected):

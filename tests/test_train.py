@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 
-from mbnet import _C, data, evaluate, optim, train
+from mbnet import _C, data, evaluate, optim, run, train
 from mbnet.models import MobileNetV1
 
 
@@ -62,7 +62,7 @@ def _arrays(path):
 
 
 def _meta(path):
-    return train.load_checkpoint(path)["meta"]
+    return run.load_checkpoint(path)["meta"]
 
 
 TIMING = ("train_time", "images_per_s", "epoch_time", "wall_time")
@@ -126,7 +126,8 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny, tmp_path, capsys):
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
     ma, mb = _meta(tmp_path / "a" / "last.npz")["metrics"], _meta(b / "last.npz")["metrics"]
-    for ra, rb in zip(ma, mb, strict=True):
+    assert len(ma) == len(mb) == 2
+    for ra, rb in zip(ma, mb):
         assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
 
 
@@ -137,11 +138,11 @@ def test_checkpoint_round_trip(tmp_path, rng):
     opt = optim.make_optimizer("adam", model.parameters(), 1e-3, weight_decay=1e-4)
     opt.step()
     ema = optim.EMA(model.state_dict())
-    ema.update(train.live_arrays(model))
+    ema.update(run.live_arrays(model))
     meta = {"config": {"alpha": 0.25}, "epoch": 1, "step": 7, "metrics": [{"test_acc": 0.5}]}
-    train.save_checkpoint(tmp_path / "c.npz", model, opt, ema, meta)
+    run.save_checkpoint(tmp_path / "c.npz", model, opt, ema, meta)
 
-    ck = train.load_checkpoint(tmp_path / "c.npz")
+    ck = run.load_checkpoint(tmp_path / "c.npz")
     assert {k: ck["meta"][k] for k in meta} == meta and ck["meta"]["model"] == model.config()
     model2 = MobileNetV1(alpha=0.25, input_size=8, seed=2)
     model2.load_state_dict(ck["model"])
@@ -155,11 +156,11 @@ def test_checkpoint_round_trip(tmp_path, rng):
         np.testing.assert_array_equal(v, opt2.state_dict()[k], err_msg=k)
     assert ema2.updates == 1 and all(np.array_equal(ema.shadow[k], ema2.shadow[k]) for k in ema.shadow)
 
-    with pytest.raises(SystemExit, match="missing.npz: no such file"):
-        train.load_checkpoint(tmp_path / "missing.npz")
+    with pytest.raises(run.RunError, match="missing.npz: no such file"):
+        run.load_checkpoint(tmp_path / "missing.npz")
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(SystemExit, match="bad.npz"):
-        train.load_checkpoint(tmp_path / "bad.npz")
+    with pytest.raises(run.RunError, match="bad.npz"):
+        run.load_checkpoint(tmp_path / "bad.npz")
 
 
 def test_missing_data_is_a_message_not_a_traceback(tmp_path, capsys):
@@ -167,19 +168,19 @@ def test_missing_data_is_a_message_not_a_traceback(tmp_path, capsys):
     assert "--data-dir" in capsys.readouterr().err
 
 
-def test_refuses_to_overwrite_a_run(tiny, tmp_path):
+def test_refuses_to_overwrite_a_run(tiny, tmp_path, capsys):
     out = tmp_path / "r"
     out.mkdir()
     (out / "last.npz").write_bytes(b"")
-    with pytest.raises(SystemExit, match="--resume"):
-        train.main(_args(tiny, out))
+    assert train.main(_args(tiny, out)) == 2
+    assert "pass --resume" in capsys.readouterr().err and (out / "last.npz").read_bytes() == b""
 
 
 def test_progress_plain_lines_off_a_terminal(capsys):
     import io
 
     s = io.StringIO()
-    p = train.Progress(s, every=3600)
+    p = run.Progress(s, every=3600)
     p.update("a")
     p.update("b")
     p.update("c", final=True)
