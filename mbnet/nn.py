@@ -1,4 +1,7 @@
-"""Layers: modules that own parameters (Tensors with requires_grad) and buffers (ndarrays).
+"""Layers: modules that own parameters (Tensors) and buffers (ndarrays).
+
+A parameter with requires_grad False is frozen: ``parameters()`` (what an optimizer gets) leaves it
+out, ``state_dict()``, ``save`` and ``load_state_dict`` keep it.
 
 A module's parameters, buffers and sub-modules are its attributes, found in the order they were
 assigned; dotted names follow attribute names (``features.3.bn1.gamma``). Activations are NHWC;
@@ -73,11 +76,11 @@ class Module:
 
     # --- state ---
     def named_state(self, prefix=""):
-        """name -> the live array (parameter data or buffer), in attribute order: what
-        state_dict() copies and load_state_dict() fills."""
+        """name -> the live array of every parameter (frozen ones, requires_grad False, too) and
+        buffer, in attribute order: what state_dict() copies and load_state_dict() fills."""
         state = {}
         for name, v in vars(self).items():
-            if isinstance(v, Tensor) and v.requires_grad:
+            if isinstance(v, Tensor):
                 state[prefix + name] = v.data
             elif name in self._buffer_names:
                 state[prefix + name] = v
@@ -86,7 +89,7 @@ class Module:
         return state
 
     def state_dict(self):
-        """name -> float32 copy, for every parameter and buffer."""
+        """name -> float32 copy, for every parameter (frozen or not) and buffer."""
         return {name: np.array(a, dtype=np.float32) for name, a in self.named_state().items()}
 
     def load_state_dict(self, state, strict=True):

@@ -146,6 +146,10 @@ def make_parser():
     p.add_argument("--on-nan", choices=("stop", "skip"), default="stop",
                    help="on a non-finite loss or gradient: stop (default; exit 3) or skip the step "
                         f"(stop after {SKIP_LIMIT} in a row); non-finite weights are never saved")
+    p.epilog = ("Checkpoints (last.npz, best.npz) hold the raw weights and, with --ema, their EMA; every reader "
+                "(--init, mbnet.evaluate, predict, export, mbnet.models.load) yields the EMA weights when the file has "
+                "them (mbnet.evaluate --no-ema: the raw ones). Exit status: 0 done, 1 a file could not be written, "
+                "2 bad options, data or run directory, 3 diverged (non-finite), 130 Ctrl-C, 143 SIGTERM.")
     run.check_values(p, VALUE_TYPES)
     return p
 

@@ -210,3 +210,68 @@ def test_other_optimizers_and_schedules_run(tiny, tmp_path, opt, schedule):
     assert meta["config"]["optimizer"] == opt and meta["step"] == 4
     assert all(np.isfinite(m["train_loss"]) and "ema_test_acc" not in m for m in meta["metrics"])
     assert not any(k.startswith("ema/") for k in _arrays(out / "last.npz"))
+
+
+def _init_args(tiny, out, *extra):
+    """_args without --alpha: --init takes it from the weights."""
+    argv = _args(tiny, out, *extra)
+    i = argv.index("--alpha")
+    return argv[:i] + argv[i + 2:]
+
+
+def _start(tiny, out, *extra):
+    """Stage 1 alone: the Run that `python -m mbnet.train ...` would train."""
+    parser = train.make_parser()
+    argv = _init_args(tiny, out, *extra)
+    args = parser.parse_args(argv)
+    out.mkdir(parents=True, exist_ok=True)
+    return train.start_run(args, argv, parser, out)
+
+
+def test_init_from_a_checkpoint_with_the_same_classes_keeps_everything(tiny, tmp_path, rng, capsys):
+    source = MobileNetV1(alpha=0.5, input_size=16, classes=data.CLASSES, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), seed=7)
+    ema = optim.EMA(source.state_dict())
+    for v in ema.shadow.values():  # the EMA differs from the raw weights: --init takes the EMA
+        v += rng.uniform(0.5, 1.0, v.shape).astype(np.float32)
+    from mbnet import checkpoint
+
+    checkpoint.save(tmp_path / "ck.npz", source, ema=ema.state_dict(), meta={"epoch": 3})
+    r = _start(tiny, tmp_path / "r", "--init", str(tmp_path / "ck.npz"))  # --alpha comes from the file
+    assert r.model.alpha == 0.5 and r.cfg["alpha"] == 0.5 and r.cfg["init"] == str(tmp_path / "ck.npz")
+    assert r.cfg["mean"] == [0.5, 0.4, 0.3] and r.model.std == (0.2, 0.2, 0.2)
+    state = r.model.state_dict()
+    assert state.keys() == ema.shadow.keys()
+    for k, v in ema.shadow.items():
+        np.testing.assert_array_equal(state[k], v, err_msg=k)
+    assert "classifier kept" in capsys.readouterr().err
+    # the optimizer and the EMA start from these weights
+    assert r.opt.params[0] is r.model.features[0].weight
+    np.testing.assert_array_equal(r.ema.shadow["classifier.weight"], ema.shadow["classifier.weight"])
+
+    assert train.main(_args(tiny, tmp_path / "bad", "--init", str(tmp_path / "ck.npz"))) == 2  # --alpha 0.25
+    assert "--alpha 0.25 disagrees with --init" in capsys.readouterr().err
+    assert train.main(_init_args(tiny, tmp_path / "none", "--init", str(tmp_path / "nope.npz"))) == 2
+    assert "--init: " in capsys.readouterr().err and not (tmp_path / "none" / "config.json").exists()
+
+
+def test_init_with_other_classes_remakes_the_classifier_then_trains_and_resumes(tiny, tmp_path, capsys):
+    source = MobileNetV1(alpha=0.25, num_classes=4, input_size=32, act="relu6", seed=3)
+    source.save(tmp_path / "w4.npz")
+    r = _start(tiny, tmp_path / "r", "--init", str(tmp_path / "w4.npz"))
+    assert r.model.num_classes == 10 and r.model.act == "relu6" and r.model.input_size == 16
+    assert r.model.classifier.weight.shape == (256, 10)
+    fresh = train.build_model(r.cfg)  # the classifier is a fresh one; everything else is the source's
+    np.testing.assert_array_equal(r.model.classifier.weight.data, fresh.classifier.weight.data)
+    src = source.state_dict()
+    for k, v in r.model.state_dict().items():
+        if not k.startswith("classifier."):
+            np.testing.assert_array_equal(v, src[k], err_msg=k)
+    assert "classifier re-made for 10 classes (the weights have 4)" in capsys.readouterr().err
+
+    # the whole command: trains from there, is interrupted, resumes the relu6 model from its checkpoint
+    out = tmp_path / "run"
+    common = ["--init", str(tmp_path / "w4.npz"), "--epochs", "2", "--limit-train", "96", "--limit-test", "32"]
+    assert train.main(_init_args(tiny, out, *common), on_step=lambda step: step == 1 and signal.raise_signal(signal.SIGINT)) == 130
+    assert train.main(["--out", str(out), "--resume", "--data-dir", str(tiny), "--threads", "1"]) == 0
+    meta = _meta(out / "last.npz")
+    assert meta["step"] == 6 and meta["model"]["act"] == "relu6" and meta["config"]["init"] == str(tmp_path / "w4.npz")
