@@ -206,7 +206,7 @@ class Run:
         path = self.out / name
         states = [self.model.named_state().values()] + ([self.ema.shadow.values()] if self.ema else [])
         if not all(all_finite(s) for s in states):
-            raise RunError(f"the weights became non-finite in epoch {self.pos['epoch'] + 1} (an overflow: the "
+            raise RunError(f"the weights became non-finite by step {self.meta()['step']} (an overflow: the "
                            f"learning rate, peak {self.cfg['lr']:.3g}, is likely too high); "
                            f"{self._kept(name)}", status=3)
         try:
@@ -239,8 +239,10 @@ class Run:
             model.zero_grad()
             logits = model(Tensor(x))
             loss = cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
-            loss.backward()
-            bad = _non_finite(loss, params)
+            bad = None if np.isfinite(loss.data).all() else "loss"
+            if bad is None:
+                loss.backward()
+                bad = None if grads_finite(params) else "gradient"
             if bad:
                 self._diverged(bad, epoch, i)
                 sums["skipped"] += 1
@@ -355,14 +357,10 @@ class Run:
         return 0
 
 
-def _non_finite(loss, params):
-    """"loss" or "gradient" when that is not finite (NaN or infinite), else None."""
-    if not np.isfinite(loss.data).all():
-        return "loss"
-    # one sum per gradient: NaN and infinities propagate into it (an overflow counts too)
-    if not np.isfinite(sum(float(p.grad.sum()) for p in params if p.grad is not None)):
-        return "gradient"
-    return None
+def grads_finite(params):
+    """False when a gradient holds NaN or an infinity (one sum per gradient: they propagate into it;
+    an overflow of the sum counts too)."""
+    return bool(np.isfinite(sum(float(p.grad.sum()) for p in params if p.grad is not None)))
 
 
 def _load_init(path):
@@ -478,10 +476,12 @@ def main(argv=None, *, on_step=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     out = Path(args.out or Path("runs") / (args.name or time.strftime("%Y%m%d-%H%M%S")))
+    created = False
     try:
         set_threads(args.threads)
         if args.resume and not (out / "last.npz").is_file():
             raise RunError(f"--resume: {out / 'last.npz'}: no such file")
+        created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -494,7 +494,19 @@ def main(argv=None, *, on_step=None):
             return start_run(args, argv, parser, out).train(on_step)
     except RunError as e:
         print(f"mbnet: {e}", file=sys.stderr)
+        if created and e.status == 2:  # a run that never started leaves no directory behind
+            _remove_unused(out)
         return e.status
+
+
+def _remove_unused(out):
+    """Deletes ``out`` if it holds nothing but an empty lock file."""
+    try:
+        if [p.name for p in out.iterdir()] == [RunLock.NAME] and not (out / RunLock.NAME).stat().st_size:
+            (out / RunLock.NAME).unlink()
+            out.rmdir()
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -166,6 +166,7 @@ def test_checkpoint_round_trip(tmp_path, rng):
 def test_missing_data_is_a_message_not_a_traceback(tmp_path, capsys):
     assert train.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "--data-dir" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # a run that never started leaves no directory
 
 
 def test_refuses_to_overwrite_a_run(tiny, tmp_path, capsys):
