@@ -75,7 +75,8 @@ def float_in(lo, hi=None, *, lo_open=False, hi_open=False):
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(v) or v < lo or (lo_open and v == lo) or (
                 hi is not None and (v > hi or (hi_open and v == hi))):
-            raise argparse.ArgumentTypeError(f"must be a finite number {_range(lo, hi, not lo_open, not hi_open)}, got {text}")
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {_range(lo, hi, not lo_open, not hi_open)}, got {text}")
         return v
 
     return parse
@@ -232,8 +233,11 @@ def remove_orphans(out):
     for name in RUN_FILES:
         stem = Path(name)
         for f in Path(out).glob(f"{name}*.tmp{stem.suffix}"):
-            f.unlink(missing_ok=True)
-            removed.append(f.name)
+            try:
+                f.unlink()
+                removed.append(f.name)
+            except OSError:  # gone already, or not ours to delete: harmless
+                pass
     return sorted(removed)
 
 
@@ -278,9 +282,13 @@ class RunLock:
             print(f"mbnet: note: {self.path} was left by a run that is no longer running ({_describe(owner)}); "
                   "taking it over", file=sys.stderr)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        except OSError as e:
+            self.__exit__()
+            raise RunError(f"cannot write {self.path}: [Errno {e.errno}] {e.strerror}", status=1) from None
         return self
 
     def __exit__(self, *exc):

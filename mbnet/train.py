@@ -448,7 +448,8 @@ def start_run(args, argv, parser, out):
             if ema is not None:
                 ema.load_state_dict(ckpt["ema"])
         except (KeyError, ValueError) as e:
-            raise RunError(f"{out / 'last.npz'}: does not fit its own configuration ({type(e).__name__}: {e})") from None
+            raise RunError(f"{out / 'last.npz'}: does not fit its own configuration "
+                           f"({type(e).__name__}: {e})") from None
         pos = {k: ckpt["meta"][k] for k in pos}
         saved_threads = ckpt["meta"].get("threads")
         if saved_threads is not None and saved_threads != _C.get_num_threads():

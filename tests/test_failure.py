@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mbnet import Tensor, checkpoint, evaluate, run, train
+from mbnet import Tensor, checkpoint, data, evaluate, run, train
 from mbnet import functional as F
 from mbnet.models import MobileNetV1
 from test_train import _args, _cache, _meta, _restore_threads, _tiny_cifar, tiny  # noqa: F401  (fixtures)
@@ -67,7 +67,8 @@ def test_nan_in_epoch_2_keeps_epoch_1s_checkpoints(tiny, tmp_path, monkeypatch, 
     hook = lambda step: step == SPE and saved.update(_snapshot(out))  # noqa: E731  (epoch 1 is on disk)
     assert train.main(_args(tiny, out, "--epochs", "3"), on_step=hook) == 3
     err = capsys.readouterr().err
-    assert f"mbnet: non-finite loss at epoch 2, step 3/{SPE} (global step {SPE + 3}); likely cause: the learning rate" in err
+    assert (f"mbnet: non-finite loss at epoch 2, step 3/{SPE} (global step {SPE + 3}); "
+            "likely cause: the learning rate") in err
     assert f"{out / 'last.npz'} is intact" in err
     assert saved.keys() == {"last.npz", "best.npz"} and _snapshot(out) == saved
     assert [m["epoch"] for m in _strict_json_lines(out / "metrics.jsonl")] == [1]
@@ -197,7 +198,8 @@ def test_bad_values_are_one_line_errors_before_anything_is_written(tmp_path, mon
 def test_evaluate_checks_its_values_too(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["w.npz", "--limit-test", "0"])
-    assert capsys.readouterr().err == "python -m mbnet.evaluate: error: argument --limit-test: must be ≥ 1, got 0 (see --help)\n"
+    assert capsys.readouterr().err == ("python -m mbnet.evaluate: error: argument --limit-test: must be ≥ 1, got 0 "
+                                       "(see --help)\n")
 
 
 # --- 6. SIGTERM -----------------------------------------------------------------------------------
@@ -277,7 +279,8 @@ def test_a_failed_save_on_sigint_is_one_line_too(tiny, tmp_path, monkeypatch, ca
 
     assert train.main(_args(tiny, out, "--epochs", "1"), on_step=hook) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"mbnet: cannot write {out / 'last.npz'}: [Errno 28] {os.strerror(28)}; nothing was saved to {out / 'last.npz'}")
+        f"mbnet: cannot write {out / 'last.npz'}: [Errno 28] {os.strerror(28)}; "
+        f"nothing was saved to {out / 'last.npz'}")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "run.lock"]
 
 
@@ -303,9 +306,9 @@ def test_orphaned_temp_files_are_removed_and_files_get_umask_modes(tiny, tmp_pat
 
 
 def test_evaluate_reads_a_weights_only_file(tiny, tmp_path, capsys):
-    model = MobileNetV1(alpha=0.25, input_size=16, classes=("airplane", "automobile", "bird", "cat", "deer", "dog",
-                                                            "frog", "horse", "ship", "truck"))
+    model = MobileNetV1(alpha=0.25, input_size=16, classes=data.CLASSES)
     model.save(tmp_path / "w.npz")
-    assert evaluate.main([str(tmp_path / "w.npz"), "--data-dir", str(tiny), "--limit-test", "20", "--threads", "1"]) == 0
+    argv = [str(tmp_path / "w.npz"), "--data-dir", str(tiny), "--limit-test", "20", "--threads", "1"]
+    assert evaluate.main(argv) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"{tmp_path / 'w.npz'}: raw weights") and "test accuracy:" in text

@@ -230,7 +230,8 @@ def _start(tiny, out, *extra):
 
 
 def test_init_from_a_checkpoint_with_the_same_classes_keeps_everything(tiny, tmp_path, rng, capsys):
-    source = MobileNetV1(alpha=0.5, input_size=16, classes=data.CLASSES, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), seed=7)
+    source = MobileNetV1(alpha=0.5, input_size=16, classes=data.CLASSES, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2),
+                         seed=7)
     ema = optim.EMA(source.state_dict())
     for v in ema.shadow.values():  # the EMA differs from the raw weights: --init takes the EMA
         v += rng.uniform(0.5, 1.0, v.shape).astype(np.float32)
@@ -272,7 +273,8 @@ def test_init_with_other_classes_remakes_the_classifier_then_trains_and_resumes(
     # the whole command: trains from there, is interrupted, resumes the relu6 model from its checkpoint
     out = tmp_path / "run"
     common = ["--init", str(tmp_path / "w4.npz"), "--epochs", "2", "--limit-train", "96", "--limit-test", "32"]
-    assert train.main(_init_args(tiny, out, *common), on_step=lambda step: step == 1 and signal.raise_signal(signal.SIGINT)) == 130
+    stop_at_1 = lambda step: step == 1 and signal.raise_signal(signal.SIGINT)  # noqa: E731
+    assert train.main(_init_args(tiny, out, *common), on_step=stop_at_1) == 130
     assert train.main(["--out", str(out), "--resume", "--data-dir", str(tiny), "--threads", "1"]) == 0
     meta = _meta(out / "last.npz")
     assert meta["step"] == 6 and meta["model"]["act"] == "relu6" and meta["config"]["init"] == str(tmp_path / "w4.npz")
