@@ -13,6 +13,7 @@ metrics...). Every reader takes both. Where a checkpoint holds an EMA of the wei
 the EMA weights unless asked for the raw ones (``ema=False``): the EMA is what training reports.
 """
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -79,12 +80,28 @@ def _umask():
     return mask
 
 
+def _json_safe(v):
+    """v with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def dumps(obj, **kwargs):
+    """json.dumps where NaN and infinities become null: always valid JSON."""
+    return json.dumps(_json_safe(obj), allow_nan=False, **kwargs)
+
+
 def save(path, model, *, optim=None, ema=None, meta=None):
     """Writes ``model`` (and, for a training checkpoint, the optimizer and EMA state and the run's
     ``meta`` keys) to ``path`` in the one weights format."""
     config = model.config() if hasattr(model, "config") else None
     head = {"format": FORMAT, "version": VERSION, "model": config}
-    arrays = {"meta": np.array(json.dumps({**(meta or {}), **head}))}
+    arrays = {"meta": np.array(dumps({**(meta or {}), **head}))}
     for part, state in (("model", model.state_dict()), ("optim", optim), ("ema", ema)):
         arrays.update({f"{part}/{k}": v for k, v in (state or {}).items()})
     write_npz(path, arrays)

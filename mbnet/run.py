@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint
+from .checkpoint import dumps  # noqa: F401  (json.dumps with non-finite values as null)
 
 EVAL_BATCH = 250
 
@@ -195,22 +196,6 @@ def load_checkpoint(path):
 
 # ----------------------------------------------------------------------------------------------
 # The run directory
-
-
-def _json_safe(v):
-    """v with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
-
-
-def dumps(obj, **kwargs):
-    """json.dumps where NaN and infinities become null: always valid JSON."""
-    return json.dumps(_json_safe(obj), allow_nan=False, **kwargs)
 
 
 def write_text(path, text):

@@ -122,6 +122,10 @@ def test_non_finite_gradient_is_detected():
 def test_metrics_are_valid_json_whatever_the_values(tmp_path):
     run.write_metrics(tmp_path, [{"epoch": 1, "test_loss": float("nan"), "x": [float("inf"), 1.5]}])
     assert _strict_json_lines(tmp_path / "metrics.jsonl") == [{"epoch": 1, "test_loss": None, "x": [None, 1.5]}]
+    checkpoint.save(tmp_path / "c.npz", MobileNetV1(alpha=0.25, input_size=8), meta={"metrics": [{"loss": float("inf")}]})
+    with np.load(tmp_path / "c.npz") as z:
+        (tmp_path / "meta.json").write_text(str(z["meta"]))
+    assert _strict_json_lines(tmp_path / "meta.json")[0]["metrics"] == [{"loss": None}]
 
 
 # --- 4. run directory lock ------------------------------------------------------------------------
