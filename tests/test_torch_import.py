@@ -51,7 +51,7 @@ def pytorch_layout(model):
 
 
 def random_bn(model, rng):
-    for name, a in model._named_state().items():
+    for name, a in model.named_state().items():
         if name.rsplit(".", 1)[-1] in ("gamma", "beta", "running_mean", "running_var"):
             scale_like = name.endswith(("gamma", "var"))
             a[...] = rng.uniform(0.5, 1.5, a.shape) if scale_like else rng.uniform(-0.3, 0.3, a.shape)
