@@ -1,7 +1,8 @@
-"""Evaluates a checkpoint on the CIFAR-10 test split: `python -m mbnet.evaluate CHECKPOINT [options]`.
+"""Evaluates a checkpoint on its data set's test split: `python -m mbnet.evaluate CHECKPOINT [options]`.
 
 Prints the test accuracy, the accuracy of each class and the confusion matrix (rows: true class,
-columns: predicted). Uses the checkpoint's EMA weights when it has them (--no-ema for the raw ones)
+columns: predicted; with more than 20 classes the 20 largest confusions instead), named by the
+run's classes. Uses the checkpoint's EMA weights when it has them (--no-ema for the raw ones)
 and the training split's normalization stored in the checkpoint.
 """
 import argparse
@@ -13,25 +14,35 @@ from . import data as D
 from .train import EVAL_BATCH, build_model, evaluate, load_checkpoint, prepare_data
 
 
-def confusion_matrix(labels, preds, k=10):
+def confusion_matrix(labels, preds, k):
     """(N,), (N,) -> (k, k) int64 counts, rows true class, columns predicted."""
     m = np.zeros((k, k), dtype=np.int64)
     np.add.at(m, (labels, preds), 1)
     return m
 
 
-def format_report(labels, preds, classes=D.CLASSES):
+MATRIX_MAX = 20  # classes up to which the whole confusion matrix is printed
+
+
+def format_report(labels, preds, classes):
     cm = confusion_matrix(labels, preds, len(classes))
+    name = max(10, *(len(c) for c in classes))
     lines = [f"test accuracy: {100 * (labels == preds).mean():.2f}% ({int((labels == preds).sum())}/{len(labels)})", "",
              "per-class accuracy:"]
     for k, c in enumerate(classes):
         n = cm[k].sum()
-        lines.append(f"  {c:<11s} {100 * cm[k, k] / max(n, 1):6.2f}%  ({cm[k, k]}/{n})")
+        lines.append(f"  {c:<{name}s} {100 * cm[k, k] / max(n, 1):6.2f}%  ({cm[k, k]}/{n})")
+    if len(classes) > MATRIX_MAX:
+        off = cm - np.diag(np.diag(cm))
+        top = [divmod(int(i), len(classes)) for i in np.argsort(-off, axis=None, kind="stable")[:MATRIX_MAX]]
+        lines += ["", f"largest confusions (true -> predicted: count), of {len(classes)} classes:"]
+        lines += [f"  {classes[t]} -> {classes[p]}: {off[t, p]}" for t, p in top if off[t, p]]
+        return "\n".join(lines)
     w = max(5, len(str(cm.max())) + 1)
     lines += ["", "confusion matrix (rows: true, columns: predicted):",
-              " " * 12 + "".join(f"{c[:w - 1]:>{w}s}" for c in classes)]
+              " " * (name + 2) + "".join(f"{c[:w - 1]:>{w}s}" for c in classes)]
     for k, c in enumerate(classes):
-        lines.append(f"  {c:<10s}" + "".join(f"{v:>{w}d}" for v in cm[k]))
+        lines.append(f"  {c:<{name}s}" + "".join(f"{v:>{w}d}" for v in cm[k]))
     return "\n".join(lines)
 
 
@@ -65,7 +76,7 @@ def main(argv=None):
     meta = ck["meta"]
     print(f"{args.checkpoint}: epoch {meta['epoch']}, step {meta['step']}, "
           f"{'EMA' if use_ema else 'raw'} weights{', flip TTA' if args.tta else ''}")
-    print(format_report(yte, preds))
+    print(format_report(yte, preds, cfg["classes"]))
     return 0
 
 
