@@ -38,11 +38,12 @@ def format_report(labels, preds, classes):
         lines += ["", f"largest confusions (true -> predicted: count), of {len(classes)} classes:"]
         lines += [f"  {classes[t]} -> {classes[p]}: {off[t, p]}" for t, p in top if off[t, p]]
         return "\n".join(lines)
-    w = max(5, len(str(cm.max())) + 1)
-    lines += ["", "confusion matrix (rows: true, columns: predicted):",
-              " " * (name + 2) + "".join(f"{c[:w - 1]:>{w}s}" for c in classes)]
+    kw = len(str(len(classes) - 1))
+    w = max(4, len(str(cm.max())) + 1, kw + 1)
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class, by index):",
+              " " * (kw + name + 3) + "".join(f"{k:>{w}d}" for k in range(len(classes)))]
     for k, c in enumerate(classes):
-        lines.append(f"  {c:<{name}s}" + "".join(f"{v:>{w}d}" for v in cm[k]))
+        lines.append(f"  {k:>{kw}d} {c:<{name}s}" + "".join(f"{v:>{w}d}" for v in cm[k]))
     return "\n".join(lines)
 
 
