@@ -638,18 +638,18 @@ def resized_crop(images, top, left, h, w, flip):
     return out
 
 
-def augment_batch(images, seed, epoch, batch, pad=4, resized_crop_area=None):
-    """Random crop and horizontal flip, drawn from (seed, epoch, batch): with resized_crop_area a
-    random-resized crop (area fraction in [resized_crop_area, 1]), else a crop of the image
-    zero-padded by `pad` pixels."""
+def augment_batch(images, seed, epoch, batch, pad=4, resized_crop_area=None, hflip=True):
+    """Random crop and (if hflip) horizontal flip, drawn from (seed, epoch, batch): with
+    resized_crop_area a random-resized crop (area fraction in [resized_crop_area, 1]), else a crop
+    of the image zero-padded by `pad` pixels."""
     rng = np.random.default_rng([seed, _AUGMENT, epoch, batch])
     b = len(images)
     if resized_crop_area is not None:
         box = resized_crop_boxes(b, images.shape[1], resized_crop_area, rng)
-        return resized_crop(images, *box, rng.random(b) < 0.5)
+        return resized_crop(images, *box, (rng.random(b) < 0.5) & hflip)
     dy = rng.integers(0, 2 * pad + 1, b)
     dx = rng.integers(0, 2 * pad + 1, b)
-    flip = rng.random(b) < 0.5
+    flip = (rng.random(b) < 0.5) & hflip
     return crop_flip(images, dy, dx, flip, pad)
 
 
@@ -671,8 +671,8 @@ class Loader:
     """Batches of one split: (x (B,S,S,3) float32 normalized, y (B,) int64).
 
     Training loaders (train=True) shuffle each epoch, augment (crop with `pad` pixels of zero
-    padding, or a random-resized crop of area fraction >= resized_crop_area; horizontal flip; a
-    cutout square of `cutout` pixels if > 0), and drop the last incomplete batch; evaluation
+    padding, or a random-resized crop of area fraction >= resized_crop_area; a horizontal flip
+    of half the images if hflip; a cutout square of `cutout` pixels if > 0), and drop the last incomplete batch; evaluation
     loaders go in order over every image.
 
     `for x, y in loader` runs one epoch (the first loop epoch 0, the next epoch 1, ...);
@@ -681,11 +681,11 @@ class Loader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, resized_crop_area=None,
-                 cutout=0, prefetch=2):
+                 cutout=0, hflip=True, prefetch=2):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.train, self.seed, self.pad, self.prefetch = train, seed, pad, prefetch
-        self.resized_crop_area, self.cutout = resized_crop_area, cutout
+        self.resized_crop_area, self.cutout, self.hflip = resized_crop_area, cutout, hflip
         self.next_epoch = 0
 
     def __len__(self):
@@ -699,7 +699,8 @@ class Loader:
         if not self.train:
             return normalize(self.images[i * b:(i + 1) * b], self.mean, self.std), self.labels[i * b:(i + 1) * b]
         idx = order[i * b:(i + 1) * b]
-        x = augment_batch(np.asarray(self.images[idx]), self.seed, epoch, i, self.pad, self.resized_crop_area)
+        x = augment_batch(np.asarray(self.images[idx]), self.seed, epoch, i, self.pad, self.resized_crop_area,
+                          self.hflip)
         x = cutout_batch(normalize(x, self.mean, self.std), self.seed, epoch, i, self.cutout)
         return x, self.labels[idx]
 

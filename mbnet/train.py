@@ -84,6 +84,8 @@ def build_parser():
     a("--cutout", type=_fraction("--cutout", 0, 1, low_open=False), default=0.0, metavar="F",
       help="zero (the mean colour, after normalization) one square of side F x the resolution inside each "
            "training image (default 0: off)")
+    a("--hflip", action=argparse.BooleanOptionalAction, default=True,
+      help="mirror half the training images left-right (default on; off for digits or text)")
     a("--limit-train", type=int, default=None, help="use N training images (a fixed subset; smoke tests)")
     a("--limit-test", type=int, default=None, help="use N test images (a fixed subset)")
     a("--workers", type=int, default=None, help="processes decoding images into the cache (default: all cores)")
@@ -148,7 +150,8 @@ def augmentation(cfg):
     """Loader keywords from the config (runs saved before these options existed used a 4-pixel pad)."""
     s = cfg["resolution"]
     return {"pad": round(cfg["crop_padding"] * s) if "crop_padding" in cfg else 4,
-            "resized_crop_area": cfg.get("random_resized_crop"), "cutout": round(cfg.get("cutout", 0.0) * s)}
+            "resized_crop_area": cfg.get("random_resized_crop"), "cutout": round(cfg.get("cutout", 0.0) * s),
+            "hflip": cfg.get("hflip", True)}
 
 
 # ----------------------------------------------------------------------------------------------

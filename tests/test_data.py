@@ -223,6 +223,8 @@ def test_augmentation_statistics(rng):
     flipped = (out == x[:, :, ::-1]).all((1, 2, 3))
     kept = (out == x).all((1, 2, 3))
     assert 0.05 < flipped.mean() < 0.2 and 0.05 < kept.mean() < 0.2  # 1/2 flip x 1/9 offsets
+    out = data.augment_batch(x, seed=3, epoch=0, batch=0, pad=1, hflip=False)
+    assert not (out == x[:, :, ::-1]).all((1, 2, 3)).any() and 0.08 < (out == x).all((1, 2, 3)).mean() < 0.15
 
 
 def test_normalize(rng):
