@@ -475,15 +475,15 @@ def _check_cache(d):
     return out
 
 
-def _build_cache(d, kind, src, resolution, val_split, workers, verbose):
-    """Decodes/fits the source into a new cache directory d (written under a temporary name)."""
+def _build_cache(d, kind, src, resolution, val_split, listing, workers, verbose):
+    """Decodes/fits the source (for folders: list_folder's listing) into a new cache directory d,
+    written under a temporary name and renamed when complete."""
     tmp = d.with_name(f".{d.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         t0 = time.perf_counter()
         if kind == "folder":
-            listing = list_folder(src, val_split)
             meta = {"classes": listing["classes"], "test_split": listing["test_split"]}
             splits = {s: listing[s] for s in ("train", "test")}
         else:
@@ -534,6 +534,7 @@ def load_data(data_dir=None, *, dataset=None, resolution=32, val_split=None, cac
         raise DataError(f"--val-split {val_split}: must be between 0 and 1")
     kind, src = _locate(data_dir, dataset, cache_dir, download)
     src = src.resolve()
+    listing = None
     if kind == "folder":
         listing = list_folder(src, val_split)  # checks the tree before anything is decoded
         files = listing["train"][0] + listing["test"][0]
@@ -554,7 +555,7 @@ def load_data(data_dir=None, *, dataset=None, resolution=32, val_split=None, cac
         else:
             return dict(out, kind=kind, source=str(src), cache=str(d))
     try:
-        _build_cache(d, kind, src, resolution, val_split, workers, verbose)
+        _build_cache(d, kind, src, resolution, val_split, listing, workers, verbose)
         out = _check_cache(d)
     except OSError as e:
         raise DataError(f"cannot write the data cache {d} ({e}); set MBNET_CACHE to a writable directory") from None

@@ -466,3 +466,21 @@ def test_data_errors_are_one_line_messages(tmp_path, capsys):
     (root / "train" / "dogs" / "000.png").write_bytes(b"not a png")
     assert train.main(SMALL + ["--data-dir", str(root), "--out", str(tmp_path / "r")]) == 2
     assert "dogs/000.png" in capsys.readouterr().err
+
+
+def test_digits_tool_writes_a_fixed_folder_tree(tmp_path):
+    pytest.importorskip("sklearn", reason="tools/make_digits_folder.py needs scikit-learn")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "make_digits_folder.py"
+    spec = importlib.util.spec_from_file_location("make_digits_folder", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.write_digits(tmp_path / "a") == {"train": 1438, "test": 359}
+    tool.write_digits(tmp_path / "b")
+    listing = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))  # noqa: E731
+    assert listing(tmp_path / "a") == listing(tmp_path / "b")
+    d = data.load_data(tmp_path / "a", resolution=16)
+    assert d["classes"] == [str(k) for k in range(10)] and len(d["test_y"]) == 359
+    assert np.bincount(d["test_y"]).min() >= 35 and (d["train_x"][..., 0] == d["train_x"][..., 2]).all()  # grayscale
