@@ -478,9 +478,8 @@ def test_digits_tool_writes_a_fixed_folder_tree(tmp_path):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     assert tool.write_digits(tmp_path / "a") == {"train": 1438, "test": 359}
-    tool.write_digits(tmp_path / "b")
-    listing = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))  # noqa: E731
-    assert listing(tmp_path / "a") == listing(tmp_path / "b")
-    d = data.load_data(tmp_path / "a", resolution=16)
+    # the first test images of digit 0 for seed 0 (a fixed split: a change here changes the README figure)
+    assert sorted(p.name for p in (tmp_path / "a" / "test" / "0").iterdir())[:3] == ["0048.png", "0079.png", "0335.png"]
+    d = data.load_data(tmp_path / "a", resolution=8)
     assert d["classes"] == [str(k) for k in range(10)] and len(d["test_y"]) == 359
     assert np.bincount(d["test_y"]).min() >= 35 and (d["train_x"][..., 0] == d["train_x"][..., 2]).all()  # grayscale
