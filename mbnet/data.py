@@ -164,15 +164,11 @@ def decode_images(paths, size, workers=None):
 
 
 PICKLES = {  # --dataset -> its release
-    "cifar10": {"dir": "cifar-10-batches-py", "url": CIFAR_URL, "md5": "CIFAR_MD5",
+    "cifar10": {"dir": "cifar-10-batches-py", "url": CIFAR_URL, "md5": CIFAR_MD5,
                 "train": TRAIN_BATCHES, "test": (TEST_BATCH,), "marker": ("data_batch_1", TEST_BATCH)},
-    "cifar100": {"dir": "cifar-100-python", "url": CIFAR100_URL, "md5": "CIFAR100_MD5",
+    "cifar100": {"dir": "cifar-100-python", "url": CIFAR100_URL, "md5": CIFAR100_MD5,
                  "train": ("train",), "test": ("test",), "marker": ("meta",)},
 }
-
-
-def _md5_of(kind):
-    return globals()[PICKLES[kind]["md5"]]  # looked up late so tests can replace the constant
 
 
 def _find_pickle_dir(root, kind):
@@ -357,7 +353,7 @@ def _fetch_official(cache_dir, download, kind="cifar10"):
     if found is not None:
         return found
     spec = PICKLES[kind]
-    url, md5 = spec["url"], _md5_of(kind)
+    url, md5 = spec["url"], spec["md5"]
     archive = cache_dir / url.rsplit("/", 1)[1]
     if not archive.exists():
         if not download:
@@ -532,6 +528,8 @@ def load_data(data_dir=None, *, dataset=None, resolution=32, val_split=None, cac
         raise DataError(f"resolution {resolution!r}: must be a positive integer")
     if val_split is not None and not 0 < val_split < 1:
         raise DataError(f"--val-split {val_split}: must be between 0 and 1")
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers {workers}: must be at least 1")
     kind, src = _locate(data_dir, dataset, cache_dir, download)
     src = src.resolve()
     listing = None

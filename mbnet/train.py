@@ -128,11 +128,12 @@ def prepare_data(cfg, data_dir=None, verbose=True, workers=None):
     t0 = time.perf_counter()
     d = D.load_data(data_dir, dataset=cfg.get("dataset"), resolution=cfg["resolution"], val_split=cfg.get("val_split"),
                     workers=workers, verbose=verbose)
-    if cfg.get("classes", d["classes"]) != d["classes"]:
+    saved = cfg.get("classes", list(D.CLASSES)) if "mean" in cfg else d["classes"]  # older runs: CIFAR-10
+    if saved != d["classes"]:
         def names(cs):
             return f"{len(cs)}: {', '.join(cs[:8])}{', ...' if len(cs) > 8 else ''}"
         raise D.DataError(f"{d['source']}: its classes ({names(d['classes'])}) are not the run's "
-                          f"({names(cfg['classes'])}); pass the data the run was trained on")
+                          f"({names(saved)}); pass the data the run was trained on")
     cfg["dataset"], cfg["classes"], cfg["num_classes"] = d["kind"], d["classes"], len(d["classes"])
     if verbose:
         print(f"mbnet: {d['kind']} data from {d['source']} ({len(d['classes'])} classes, test split: "

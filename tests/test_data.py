@@ -179,7 +179,7 @@ def test_download_is_checked_and_extracted(tmp_path, batches, cache, monkeypatch
         dest.write_bytes(archive.read_bytes())
 
     monkeypatch.setattr(data, "_download", fake_download)
-    monkeypatch.setattr(data, "CIFAR_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setitem(data.PICKLES["cifar10"], "md5", hashlib.md5(archive.read_bytes()).hexdigest())
     out = data.load_data()
     assert fetched == [data.CIFAR_URL] and (cache / "cifar-10-batches-py" / "test_batch").is_file()
     np.testing.assert_array_equal(out["train_y"], _expected(batches, data.TRAIN_BATCHES)[1])

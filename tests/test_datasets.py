@@ -237,7 +237,7 @@ def test_cifar100_download_is_md5_checked(cifar100, tmp_path, cache, monkeypatch
     with pytest.raises(data.DataError, match="cifar-100-python.tar.gz: MD5"):
         data.load_data(dataset="cifar100")
     (cache / "cifar-100-python.tar.gz").unlink()
-    monkeypatch.setattr(data, "CIFAR100_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setitem(data.PICKLES["cifar100"], "md5", hashlib.md5(archive.read_bytes()).hexdigest())
     d = data.load_data(dataset="cifar100")
     assert fetched == [data.CIFAR100_URL] * 2 and d["classes"] == FINE and len(d["train_y"]) == 64
 
