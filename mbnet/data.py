@@ -405,9 +405,12 @@ def _locate(data_dir, dataset, cache_dir, download):
             raise DataError(f"--dataset folder: {root} has no train/ folder (expected train/<class>/*.png|jpg)")
         return "folder", root
     found = _find_pickle_dir(root, dataset)
-    if found is None:
+    if found is not None:
+        return dataset, found
+    archive = PICKLES[dataset]["url"].rsplit("/", 1)[1]
+    if (root / archive).exists():
         return dataset, _fetch_official(root, False, dataset)
-    return dataset, found
+    raise DataError(f"--dataset {dataset}: {root} holds neither {PICKLES[dataset]['dir']}/ nor {archive}")
 
 
 # ----------------------------------------------------------------------------------------------
