@@ -124,7 +124,8 @@ def markdown(res):
              f"a training Loader (shuffle, padded crop, flip, normalize, prefetch); MobileNetV1 training steps "
              f"with {res['threads']} kernel threads fed by the Loader vs. on one reused batch (medians)",
              "", *common.header(res), ""]
-    rows = [(f"{r['size']}x{r['size']}", r["images"], f"{r['decode_images_per_s']:.0f}", f"{r['cache_hit_s'] * 1e3:.0f}",
+    rows = [(f"{r['size']}x{r['size']}", r["images"], f"{r['decode_images_per_s']:.0f}",
+             f"{r['cache_hit_s'] * 1e3:.0f}",
              f"{r['loader_batches_per_s']:.1f} ({r['loader_images_per_s']:.0f} img/s)",
              f"{r['alpha']} / {r['batch']}", f"{r['step_with_loader_s'] * 1e3:.1f}",
              f"{r['step_reused_batch_s'] * 1e3:.1f}", f"{r['ratio']:.3f}") for r in res["rows"]]

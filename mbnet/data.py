@@ -184,8 +184,8 @@ def _unpickle(path, kind):
             return pickle.load(f, encoding="bytes")
     except FileNotFoundError:
         spec = PICKLES[kind]
-        raise DataError(f"{path}: missing (a complete {spec['dir']} has "
-                        f"{', '.join(spec['train'] + spec['test'])}" + (" and meta)" if kind == "cifar100" else ")")) from None
+        files = spec["train"] + spec["test"] + (("meta",) if kind == "cifar100" else ())
+        raise DataError(f"{path}: missing (a complete {spec['dir']} has {', '.join(files)})") from None
     except Exception as e:
         raise DataError(f"{path}: corrupt or truncated {kind} pickle ({type(e).__name__}: {e})") from None
 
@@ -197,7 +197,8 @@ def _read_pickle_batch(path, kind, label_keys, num_classes):
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = [np.asarray(d[k], dtype=np.int64) for k in label_keys]
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or any(y.shape != (data.shape[0],) for y in labels):
-            raise ValueError(f"expected b'data' (n, 3072) and n labels, got {data.shape} and {[y.shape for y in labels]}")
+            raise ValueError(f"expected b'data' (n, 3072) and n labels, got {data.shape} and "
+                             f"{[y.shape for y in labels]}")
     except Exception as e:
         raise DataError(f"{path}: corrupt or truncated {kind} pickle ({type(e).__name__}: {e})") from None
     for key, y, k in zip(label_keys, labels, num_classes):
@@ -220,8 +221,10 @@ def read_pickles(root, kind="cifar10"):
             fine = [s.decode() for s in meta[b"fine_label_names"]]
             coarse = [s.decode() for s in meta[b"coarse_label_names"]]
         except Exception as e:
-            raise DataError(f"{root / 'meta'}: no fine_label_names/coarse_label_names ({type(e).__name__}: {e})") from None
-        out, keys, counts = {"classes": fine, "coarse_classes": coarse}, (b"fine_labels", b"coarse_labels"), (len(fine), len(coarse))
+            raise DataError(f"{root / 'meta'}: no fine_label_names/coarse_label_names "
+                            f"({type(e).__name__}: {e})") from None
+        out = {"classes": fine, "coarse_classes": coarse}
+        keys, counts = (b"fine_labels", b"coarse_labels"), (len(fine), len(coarse))
     for split in ("train", "test"):
         parts = [_read_pickle_batch(root / n, kind, keys, counts) for n in spec[split]]
         x = np.concatenate([p[0] for p in parts])
@@ -290,7 +293,7 @@ def list_folder(root, val_split=None):
         other = _class_folders(d)
         missing, extra = [c for c in classes if c not in other], [c for c in other if c not in classes]
         if missing or extra:
-            what = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"extra {', '.join(extra)}"] if extra else [])
+            what = [f"{word} {', '.join(cs)}" for word, cs in (("missing", missing), ("extra", extra)) if cs]
             raise DataError(f"{d}: its class folders differ from {train}'s ({'; '.join(what)}); "
                             "both splits need the same class folders")
         te = _list_split(d, classes, require=False)
@@ -500,7 +503,8 @@ def _build_cache(d, kind, src, resolution, val_split, listing, workers, verbose)
             print(f"mbnet: decoding {n} images of {src} at {resolution}px into {d} ...", file=sys.stderr)
         for s, (items, labels) in splits.items():
             np.save(tmp / f"{s}_y.npy", labels)
-            np.lib.format.open_memmap(tmp / f"{s}_x.npy", "w+", np.uint8, (len(labels), resolution, resolution, 3)).flush()
+            shape = (len(labels), resolution, resolution, 3)
+            np.lib.format.open_memmap(tmp / f"{s}_x.npy", "w+", np.uint8, shape).flush()
             fit_all(str(tmp / f"{s}_x.npy"), list(items), resolution, workers)
         files = {p.name: {"bytes": p.stat().st_size, "digest": file_digest(p)} for p in sorted(tmp.glob("*.npy"))}
         meta.update(version=CACHE_VERSION, kind=kind, source=str(src), resolution=resolution, val_split=val_split,
@@ -676,8 +680,8 @@ class Loader:
 
     Training loaders (train=True) shuffle each epoch, augment (crop with `pad` pixels of zero
     padding, or a random-resized crop of area fraction >= resized_crop_area; a horizontal flip
-    of half the images if hflip; a cutout square of `cutout` pixels if > 0), and drop the last incomplete batch; evaluation
-    loaders go in order over every image.
+    of half the images if hflip; a cutout square of `cutout` pixels if > 0), and drop the last
+    incomplete batch; evaluation loaders go in order over every image.
 
     `for x, y in loader` runs one epoch (the first loop epoch 0, the next epoch 1, ...);
     `epoch(e, start)` iterates (i, x, y) of epoch e from batch `start`. Both prepare the next

@@ -45,7 +45,8 @@ def _fraction(name, low, high, low_open=True, high_open=True):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m mbnet.train", description="Train MobileNetV1 on CIFAR-10, CIFAR-100 or an image folder.")
+    p = argparse.ArgumentParser(prog="python -m mbnet.train",
+                                description="Train MobileNetV1 on CIFAR-10, CIFAR-100 or an image folder.")
     a = p.add_argument
     a("--alpha", type=float, default=1.0, help="width multiplier (default 1.0)")
     a("--resolution", type=int, default=32,

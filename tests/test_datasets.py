@@ -267,8 +267,9 @@ def test_damaged_cache_is_rebuilt_never_used(twelve, cache, capsys):
         np.testing.assert_array_equal(again["train_x"], train_x)
         assert (c / "train_x.npy").read_bytes() == raw
 
-    middle = len(raw) // 2
-    damage_and_reload(lambda: (c / "train_x.npy").write_bytes(raw[:middle] + bytes([raw[middle] ^ 1]) + raw[middle + 1:]))
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 1  # one bit of one pixel
+    damage_and_reload(lambda: (c / "train_x.npy").write_bytes(flipped))
     damage_and_reload(lambda: (c / "train_x.npy").write_bytes(raw[:-100]))
     damage_and_reload(lambda: (c / "test_y.npy").unlink())
     damage_and_reload(lambda: (c / "meta.json").write_text("{"))
