@@ -484,3 +484,24 @@ def test_digits_tool_writes_a_fixed_folder_tree(tmp_path):
     d = data.load_data(tmp_path / "a", resolution=8)
     assert d["classes"] == [str(k) for k in range(10)] and len(d["test_y"]) == 359
     assert np.bincount(d["test_y"]).min() >= 35 and (d["train_x"][..., 0] == d["train_x"][..., 2]).all()  # grayscale
+
+
+def test_resume_with_every_augmentation_option_is_bit_identical(twelve, tmp_path):
+    import signal
+
+    opts = ["--resolution", "16", "--limit-train", "40", "--cutout", "0.3", "--random-resized-crop", "0.4",
+            "--dropout", "0.1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(SMALL + ["--data-dir", str(twelve), "--out", str(a), *opts]) == 0
+
+    def interrupt(step):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    assert train.main(SMALL + ["--data-dir", str(twelve), "--out", str(b), *opts], on_step=interrupt) == 130
+    assert train.main(["--data-dir", str(twelve), "--out", str(b), "--resume", "--threads", "1"]) == 0
+    with np.load(a / "last.npz") as za, np.load(b / "last.npz") as zb:
+        assert set(za.files) == set(zb.files)
+        for k in za.files:
+            if k != "meta":
+                np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
