@@ -3,6 +3,7 @@ CIFAR-100 pickles, the checked memory-mapped cache, the augmentation options, an
 plus evaluate through each. Every data set here is written by the tests; nothing is downloaded."""
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import tarfile
@@ -168,6 +169,9 @@ def test_val_split_is_stratified_and_fixed(three):
     np.testing.assert_array_equal(a["test_y"], np.repeat(np.arange(3), 3))  # round(0.25 * 12) per class
     np.testing.assert_array_equal(a["train_y"], np.repeat(np.arange(3), 9))
     np.testing.assert_array_equal(a["test_x"], b["test_x"])
+    # at least one image of a class stays in training
+    held = data._carve(np.array([0, 0, 1]), 0.9)
+    assert held[:2].sum() == 1 and not held[2]
     every = data.load_data(three, val_split=0.5)
     rows = lambda x: {r.tobytes() for r in np.asarray(x)}  # noqa: E731
     assert not rows(a["train_x"]) & rows(a["test_x"])
@@ -176,7 +180,14 @@ def test_val_split_is_stratified_and_fixed(three):
 
 def test_val_folder_and_errors_name_the_folders(tmp_path):
     root = write_folder(tmp_path / "v", THREE, 2, 1, test_split="val")
-    assert data.load_data(root)["test_split"] == "val"
+    (root / "train" / "cats" / "notes.txt").write_text("not an image")  # other files are ignored
+    (root / "train" / "cats" / ".hidden.png").write_bytes(b"")
+    d = data.load_data(root)
+    assert d["test_split"] == "val" and len(d["train_y"]) == 6 and len(d["test_y"]) == 3
+    write_folder(tmp_path / "t", THREE, 0, 2)
+    shutil.copytree(tmp_path / "t" / "test", root / "test")
+    assert data.load_data(root)["test_split"] == "test"  # test/ wins over val/
+    shutil.rmtree(root / "test")
     with pytest.raises(data.DataError, match="already has a val/"):
         data.load_data(root, val_split=0.2)
 
@@ -290,7 +301,8 @@ def test_cache_key_follows_content_and_resolution_not_location(twelve, tmp_path,
     assert data.load_data(moved, resolution=16)["cache"] == a["cache"]
     meta = json.loads((_cache_dir(a) / "meta.json").read_text())
     assert meta["resolution"] == 16 and meta["classes"] == TWELVE
-    (moved / "test" / TWELVE[0] / "000.png").unlink()
+    touched = moved / "train" / TWELVE[3] / "002.png"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 1000))
     with pytest.raises(AssertionError, match="decoded again"):
         data.load_data(moved, resolution=16)
 
