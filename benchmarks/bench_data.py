@@ -56,9 +56,10 @@ def step_fn(model, opt):
 
 
 def timed_steps(step, batches, steps):
-    """Per-step seconds of `steps` steps, each taking the next (x, y) from batches (the wait for a
-    batch counts toward its step)."""
+    """Per-step seconds of `steps` steps after one untimed step, each taking the next (x, y) from
+    batches (the wait for a batch counts toward its step)."""
     it = iter(batches)
+    step(*next(it))  # warm-up; lets a prefetching loader get ahead as it does in training
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -83,7 +84,7 @@ def run_size(size, images, batch, alpha, steps, workers):
         x, y = d["train_x"], d["train_y"]
         mean, std = data.channel_stats(x[:256])
         loader = data.Loader(x, y, batch, mean, std, train=True, seed=0, pad=round(size / 8))
-        n_batches = min(steps, len(loader))
+        n_batches = max(1, min(steps, len(loader) - 1))  # + 1 warm-up step
 
         def drain():
             for i, _, _ in loader.epoch(0):
@@ -96,7 +97,6 @@ def run_size(size, images, batch, alpha, steps, workers):
         opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         step = step_fn(model, opt)
         x0, y0 = loader.batch(0, 0)
-        step(x0, y0)  # warm-up
         fixed = timed_steps(step, iter(lambda: (x0, y0), None), n_batches)
         with loader.epoch(1) as batches:
             fed = timed_steps(step, ((bx, by) for _, bx, by in batches), n_batches)
