@@ -461,3 +461,45 @@ class _Prefetcher:
     def __exit__(self, *exc):
         self.close()
 
+
+
+# --- predict helpers (to be replaced by the data branch's versions at merge) ---
+
+
+def load_image(path):
+    """An image file Pillow reads, of any mode -> (H, W, 3) uint8 RGB.
+
+    The first frame of an animation, EXIF orientation applied; grayscale and palette images become
+    RGB, an alpha channel is dropped (as the training decode does), 16- and 32-bit integer images
+    are scaled to 8 bits (65535 -> 255). Raises DataError naming the file.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+                a = np.asarray(im, dtype=np.float64) / 257.0
+                im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+            elif im.mode in ("P", "PA"):  # RGBA first: Pillow warns on P with byte transparency -> RGB
+                im = im.convert("RGBA")
+            return np.array(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def fit_image(img, size):
+    """(H, W, 3) uint8 -> (size, size, 3) uint8: the shorter side resized to ``size`` (Pillow
+    bilinear, which antialiases when shrinking), then the center crop."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((nw, nh), Image.BILINEAR))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(img[top:top + size, left:left + size])
+
+
+# --- end predict helpers ---
