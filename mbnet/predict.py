@@ -43,8 +43,8 @@ def list_images(paths):
 
 def _as_items(images_or_paths):
     """-> [(path str or None, ndarray or None)]: folders expanded, arrays checked."""
-    if isinstance(images_or_paths, (str, Path)) or (isinstance(images_or_paths, np.ndarray) and images_or_paths.ndim == 3):
-        images_or_paths = [images_or_paths]
+    if isinstance(images_or_paths, (str, Path)) or getattr(images_or_paths, "ndim", 0) == 3:
+        images_or_paths = [images_or_paths]  # one image; an (N, H, W, 3) array is N of them
     items = []
     for x in images_or_paths:
         if isinstance(x, np.ndarray):
@@ -71,9 +71,9 @@ def predict(model_or_path, images_or_paths, top_k=5, batch_size=BATCH_SIZE, *, e
     model_or_path: a model (``model.classes``, ``input_size``, ``mean``, ``std``) or a path for
     ``mbnet.models.load`` (``ema`` as there). images_or_paths: one or a list of image files,
     folders (searched recursively, sorted) and (H, W, 3) uint8 RGB arrays. top_k: how many classes
-    (all of them when the model has fewer; None: all). errors: "raise" (a DataError naming the first unreadable image) or
-    "skip" (its result is {"path", "error": message} and the others go on). progress: called as
-    progress(done, total) after each batch.
+    (all of them when the model has fewer; None: all). errors: "raise" (a DataError naming the first
+    unreadable image) or "skip" (its result is {"path", "error": message} and the others go on).
+    progress: called as progress(done, total) after each batch.
     """
     from . import Tensor, no_grad
     from .models import load
@@ -120,25 +120,29 @@ def predict(model_or_path, images_or_paths, top_k=5, batch_size=BATCH_SIZE, *, e
 def format_result(result):
     """One result -> its lines of text: the path, then one line per class, most probable first."""
     width = max(len(t["class"]) for t in result["top"])
-    return "\n".join([str(result["path"])] + [f"  {t['class']:<{width}s}  {100 * t['prob']:6.2f}%" for t in result["top"]])
+    lines = [f"  {t['class']:<{width}s}  {100 * t['prob']:6.2f}%" for t in result["top"]]
+    return "\n".join([str(result["path"])] + lines)
 
 
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m mbnet.predict", description="\n\n".join(__doc__.split("\n\n")[:2]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="An image that cannot be read is reported on stderr (in --json, as {path, error}) and the "
-               "others go on; the exit status is then 1. A missing path, an unreadable WEIGHTS file or a "
-               "bad option stops before any image is read, with exit status 2.")
-    p.add_argument("weights", help="an mbnet weights file, training checkpoint or PyTorch .pt/.pth state_dict")
+        epilog="Errors: an image that cannot be read is named on stderr (in --json also as {path, error})\n"
+               "and the others go on; the exit status is then 1. A missing path, an unreadable WEIGHTS\n"
+               "file or a bad option stops before any image is read, with exit status 2.")
+    p.add_argument("weights", metavar="WEIGHTS",
+                   help="an mbnet weights file, training checkpoint or PyTorch .pt/.pth state_dict")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                    help="image files, and folders searched recursively (in sorted order) for "
                         + ", ".join(FOLDER_EXTS))
-    p.add_argument("--top-k", type=int, default=None, help="classes shown per image (default: 5, or all if fewer)")
+    p.add_argument("--top-k", type=int, metavar="K", default=None,
+                   help="classes shown per image (default: 5, or all if fewer)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON document to stdout: a list of {path, top: [{class, index, prob}]}")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per forward pass (default {BATCH_SIZE})")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads (mbnet._C.set_num_threads)")
+    p.add_argument("--batch-size", type=int, metavar="B", default=BATCH_SIZE,
+                   help=f"images per forward pass (default {BATCH_SIZE})")
+    p.add_argument("--threads", type=int, metavar="N", default=None, help="kernel threads (mbnet._C.set_num_threads)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use a training checkpoint's EMA weights when it has them (default; --no-ema: the raw weights)")
     return p
