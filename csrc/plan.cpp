@@ -14,9 +14,9 @@
 // im2col rows of a full conv), (2) sgemm_single_thread with the (K, cout) weights into a scratch
 // tile, (3) bias + act written to the padded output while the tile is hot. The intermediate of a
 // separable block never leaves the thread's scratch. Threads: each thread takes whole tiles when
-// there are enough of them; a layer too small to be cut into tiles (late layers, batch 1) is one
-// tile that the whole team shares (phase 1 and 3 over rows, phase 2 over blocks of columns and
-// rows); below kParallelWork multiply-adds one thread runs the layer. Every output element is
+// there are at least as many tiles as threads; a layer with fewer (late layers, batch 1) has the
+// team share each tile (phases 1 and 3 over rows, phase 2 over blocks of columns, so each thread
+// packs only its part of the weights); below kParallelWork multiply-adds one thread runs it. Every output element is
 // computed by the same operations in the same order under any tiling, so results do not depend on
 // the thread count or on the batch size.
 #include <omp.h>
@@ -36,8 +36,9 @@ namespace mbnet {
 namespace {
 
 constexpr index_t kTileFloats = index_t(1) << 18;   // left operand + scratch of one tile (1 MB)
-constexpr index_t kMinTilePixels = 64;              // tiles are not cut smaller to balance threads
+constexpr index_t kMinGemmPixels = 256;             // GEMM rows per tile, at least
 constexpr double kParallelWork = double(1 << 18);   // multiply-adds below which one thread runs
+constexpr index_t kDirectRowPixels = 16;            // see run_tile
 constexpr index_t kColGrain = 32;                   // column blocks of a shared tile's GEMM
 constexpr index_t kRowGrain = 32;                   // row blocks of a shared tile's GEMM
 
@@ -82,8 +83,12 @@ struct Layer {
     index_t K() const { return dwpw ? cin : k * k * cin; }
     index_t in_floats(index_t n) const { return n * (h + 2 * p) * (w + 2 * p) * cin; }
     index_t out_floats(index_t n) const { return n * (ho + 2 * p_out) * (wo + 2 * p_out) * cout; }
-    // Output rows per tile within kTileFloats (at least one).
-    index_t tile_rows() const { return std::max<index_t>(1, kTileFloats / (wo * (K() + cout))); }
+    // Output rows per tile: within kTileFloats, but at least kMinGemmPixels pixels, so that
+    // packing the weights (once per tile) stays small against the tile's multiply-adds.
+    index_t tile_rows() const {
+        return std::max({index_t(1), kTileFloats / (wo * (K() + cout)),
+                         (kMinGemmPixels + wo - 1) / wo});
+    }
     index_t tile_floats() const { return tile_rows() * wo * std::max(K(), cout); }
 };
 
@@ -104,25 +109,49 @@ void left_row(const Layer& L, const float* in, index_t r, float* dst) {
                         sizeof(float) * run);
 }
 
-// Output row r = (n, oh) from the GEMM result src (wo x cout): bias, act, zero border.
-void store_row(const Layer& L, const float* src, index_t r, float* out) {
-    const index_t n = r / L.ho, oh = r % L.ho, p = L.p_out, C = L.cout;
+// The first pixel of output row r = (n, oh) inside the padded output.
+inline float* out_row(const Layer& L, float* out, index_t r) {
+    const index_t n = r / L.ho, oh = r % L.ho, p = L.p_out;
     const index_t wp = L.wo + 2 * p, hp = L.ho + 2 * p;
-    float* img = out + n * hp * wp * C;
-    float* row = img + (oh + p) * wp * C;
-    zero(row, p * C);
-    bias_act_f32(src, row + p * C, L.wo, C, L.gb.data(), L.act2);
-    zero(row + (p + L.wo) * C, p * C);
-    if (p > 0 && oh == 0) zero(img, p * wp * C);
-    if (p > 0 && oh == L.ho - 1) zero(img + (L.ho + p) * wp * C, p * wp * C);
+    return out + ((n * hp + oh + p) * wp + p) * L.cout;
 }
 
-// Output rows [r0, r1) on the calling thread; a and c are its scratch tiles.
+// Output row r = (n, oh) from the GEMM result src (wo x cout; may be the row itself): bias, act,
+// zero border.
+void store_row(const Layer& L, const float* src, index_t r, float* out) {
+    const index_t oh = r % L.ho, p = L.p_out, C = L.cout, wp = L.wo + 2 * p;
+    float* row = out_row(L, out, r);
+    zero(row - p * C, p * C);
+    bias_act_f32(src, row, L.wo, C, L.gb.data(), L.act2);
+    zero(row + L.wo * C, p * C);
+    if (p > 0 && oh == 0) zero(row - p * C - p * wp * C, p * wp * C);
+    if (p > 0 && oh == L.ho - 1) zero(row - p * C + wp * C, p * wp * C);
+}
+
+// Where the GEMM of output rows from r0 writes: the output itself when it has no border (its rows
+// are then contiguous and store_row works in place), else the scratch tile c.
+inline float* gemm_dst(const Layer& L, float* out, float* c, index_t r0) {
+    return L.p_out == 0 ? out + r0 * L.wo * L.cout : c;
+}
+
+// Output rows [r0, r1) on the calling thread; a and c are its scratch tiles. Rows of at least
+// kDirectRowPixels pixels are multiplied one by one straight into the padded output (the weights
+// are packed per row: cheap against wo pixels of work), others through c.
 void run_tile(const Layer& L, const float* in, float* out, index_t r0, index_t r1, float* a,
               float* c) {
-    const index_t K = L.K(), row_a = L.wo * K, row_c = L.wo * L.cout, M = (r1 - r0) * L.wo;
+    const index_t K = L.K(), N = L.cout, row_a = L.wo * K, row_c = L.wo * N, M = (r1 - r0) * L.wo;
     for (index_t r = r0; r < r1; ++r) left_row(L, in, r, a + (r - r0) * row_a);
-    sgemm_single_thread(M, L.cout, K, a, K, 1, L.gw.data(), L.cout, 1, c, L.cout, false);
+    if (L.p_out > 0 && L.wo >= kDirectRowPixels) {
+        for (index_t r = r0; r < r1; ++r) {
+            float* row = out_row(L, out, r);
+            sgemm_single_thread(L.wo, N, K, a + (r - r0) * row_a, K, 1, L.gw.data(), N, 1, row, N,
+                                false);
+            store_row(L, row, r, out);
+        }
+        return;
+    }
+    c = gemm_dst(L, out, c, r0);
+    sgemm_single_thread(M, N, K, a, K, 1, L.gw.data(), N, 1, c, N, false);
     for (index_t r = r0; r < r1; ++r) store_row(L, c + (r - r0) * row_c, r, out);
 }
 
@@ -138,19 +167,16 @@ struct Scratch {
 };
 
 void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vector<Scratch>& sc) {
-    const index_t R = n * L.ho, K = L.K(), tile = L.tile_rows();
+    const index_t R = n * L.ho, K = L.K(), N = L.cout, tile = L.tile_rows();
     const int T = static_cast<int>(sc.size());
-    const double work = double(R) * L.wo * K * L.cout;
-    if (T == 1 || work < kParallelWork) {
+    const index_t ntiles = (R + tile - 1) / tile;
+    if (T == 1 || double(R) * L.wo * K * N < kParallelWork) {
         for (index_t r0 = 0; r0 < R; r0 += tile)
             run_tile(L, in, out, r0, std::min(R, r0 + tile), sc[0].a.data(), sc[0].c.data());
         return;
     }
-    index_t ntiles = (R + tile - 1) / tile;
-    if (ntiles < 4 * T)  // more, smaller tiles balance the threads, down to kMinTilePixels
-        ntiles = std::min<index_t>({R, 4 * T, std::max(ntiles, R * L.wo / kMinTilePixels)});
-    if (ntiles >= T || R > tile) {  // each thread takes whole tiles
-        const index_t rows = (R + ntiles - 1) / ntiles;
+    if (ntiles >= T) {  // each thread takes whole tiles, the same number each
+        const index_t parts = (ntiles + T - 1) / T * T, rows = (R + parts - 1) / parts;
 #pragma omp parallel num_threads(T)
         {
             Scratch& s = sc[omp_get_thread_num()];
@@ -160,17 +186,18 @@ void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vect
         }
         return;
     }
-    // One tile shared by the team: rows, then GEMM blocks, then rows.
+    // Fewer tiles than threads: the team shares each tile (rows, then GEMM blocks, then rows), so
+    // each thread packs only its own columns of the weights.
     float* a = sc[0].a.data();
-    float* c = sc[0].c.data();
-    const index_t M = R * L.wo, N = L.cout;
     const index_t cb = std::min<index_t>((N + kColGrain - 1) / kColGrain, 2 * T);
-    const index_t rb = std::max<index_t>(1, std::min<index_t>((M + kRowGrain - 1) / kRowGrain,
-                                                              (2 * T + cb - 1) / cb));
 #pragma omp parallel num_threads(T)
-    {
+    for (index_t r0 = 0; r0 < R; r0 += tile) {
+        const index_t r1 = std::min(R, r0 + tile), M = (r1 - r0) * L.wo;
+        const index_t rb = std::max<index_t>(
+            1, std::min<index_t>((M + kRowGrain - 1) / kRowGrain, (2 * T + cb - 1) / cb));
+        float* c = gemm_dst(L, out, sc[0].c.data(), r0);
 #pragma omp for schedule(static)
-        for (index_t r = 0; r < R; ++r) left_row(L, in, r, a + r * L.wo * K);
+        for (index_t r = r0; r < r1; ++r) left_row(L, in, r, a + (r - r0) * L.wo * K);
 #pragma omp for schedule(static) collapse(2)
         for (index_t i = 0; i < rb; ++i)
             for (index_t j = 0; j < cb; ++j) {
@@ -182,7 +209,7 @@ void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vect
                                         1, c + m0 * N + n0, N, false);
             }
 #pragma omp for schedule(static)
-        for (index_t r = 0; r < R; ++r) store_row(L, c + r * L.wo * N, r, out);
+        for (index_t r = r0; r < r1; ++r) store_row(L, c + (r - r0) * L.wo * N, r, out);
     }
 }
 
