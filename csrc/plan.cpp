@@ -16,7 +16,8 @@
 // separable block never leaves the thread's scratch. Threads: each thread takes whole tiles when
 // there are at least as many tiles as threads; a layer with fewer (late layers, batch 1) has the
 // team share each tile (phases 1 and 3 over rows, phase 2 over blocks of columns, so each thread
-// packs only its part of the weights); below kParallelWork multiply-adds one thread runs it. Every output element is
+// packs only its part of the weights); below kParallelWork multiply-adds one thread runs it. The
+// whole network runs in one parallel region, the phases separated by barriers. Every output element is
 // computed by the same operations in the same order under any tiling, so results do not depend on
 // the thread count or on the batch size.
 #include <omp.h>
@@ -166,31 +167,28 @@ struct Scratch {
     std::vector<float> a, c;
 };
 
+// Called by every thread of the team (the plan runs in one parallel region); ends with a barrier.
 void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vector<Scratch>& sc) {
     const index_t R = n * L.ho, K = L.K(), N = L.cout, tile = L.tile_rows();
-    const int T = static_cast<int>(sc.size());
-    const index_t ntiles = (R + tile - 1) / tile;
+    const index_t T = omp_get_num_threads(), ntiles = (R + tile - 1) / tile;
     if (T == 1 || double(R) * L.wo * K * N < kParallelWork) {
+#pragma omp single
         for (index_t r0 = 0; r0 < R; r0 += tile)
             run_tile(L, in, out, r0, std::min(R, r0 + tile), sc[0].a.data(), sc[0].c.data());
         return;
     }
     if (ntiles >= T) {  // each thread takes whole tiles, the same number each
         const index_t parts = (ntiles + T - 1) / T * T, rows = (R + parts - 1) / parts;
-#pragma omp parallel num_threads(T)
-        {
-            Scratch& s = sc[omp_get_thread_num()];
+        Scratch& s = sc[omp_get_thread_num()];
 #pragma omp for schedule(static)
-            for (index_t r0 = 0; r0 < R; r0 += rows)
-                run_tile(L, in, out, r0, std::min(R, r0 + rows), s.a.data(), s.c.data());
-        }
+        for (index_t r0 = 0; r0 < R; r0 += rows)
+            run_tile(L, in, out, r0, std::min(R, r0 + rows), s.a.data(), s.c.data());
         return;
     }
     // Fewer tiles than threads: the team shares each tile (rows, then GEMM blocks, then rows), so
     // each thread packs only its own columns of the weights.
     float* a = sc[0].a.data();
     const index_t cb = std::min<index_t>((N + kColGrain - 1) / kColGrain, 2 * T);
-#pragma omp parallel num_threads(T)
     for (index_t r0 = 0; r0 < R; r0 += tile) {
         const index_t r1 = std::min(R, r0 + tile), M = (r1 - r0) * L.wo;
         const index_t rb = std::max<index_t>(
@@ -361,33 +359,43 @@ class InferencePlan {
                 s.a.resize(tile_floats_);
                 s.c.resize(tile_floats_);
             }
-        // The input, zero-padded for the first layer (its border was zeroed once, at compile).
-        const Layer& first = layers_[0];
-        const index_t p = first.p, C = first.cin, wp = w_ + 2 * p, hp = h_ + 2 * p;
-        for (index_t r = 0; r < n * h_; ++r)
-            std::memcpy(input_.data() + ((r / h_ * hp + r % h_ + p) * wp + p) * C, x + r * w_ * C,
-                        sizeof(float) * w_ * C);
-        const float* in = input_.data();
-        for (size_t i = 0; i < layers_.size(); ++i) {
-            float* out = buf_[i % 2].data();
-            run_layer(layers_[i], n, in, out, scratch_);
-            in = out;
-        }
-        // Global average pool (in double, like global_avg_pool_fwd), then the classifier.
-        const Layer& last = layers_.back();
-        const index_t hw = last.ho * last.wo, c = last.cout;
-#pragma omp parallel for schedule(static) num_threads(T) if (n * hw * c >= (1 << 15))
-        for (index_t b = 0; b < n; ++b) {
-            std::vector<double> acc(c, 0.0);
-            for (index_t q = 0; q < hw; ++q) {
-                const float* __restrict__ xr = in + (b * hw + q) * c;
-                for (index_t j = 0; j < c; ++j) acc[j] += double(xr[j]);
+        // One parallel region for the whole network: a layer's phases end in barriers, not in
+        // joins and forks.
+#pragma omp parallel num_threads(T)
+        {
+            // The input, zero-padded for the first layer (its border was zeroed at compile).
+            const Layer& first = layers_[0];
+            const index_t p = first.p, C = first.cin, wp = w_ + 2 * p, hp = h_ + 2 * p;
+#pragma omp for schedule(static)
+            for (index_t r = 0; r < n * h_; ++r)
+                std::memcpy(input_.data() + ((r / h_ * hp + r % h_ + p) * wp + p) * C,
+                            x + r * w_ * C, sizeof(float) * w_ * C);
+            const float* in = input_.data();
+            for (size_t i = 0; i < layers_.size(); ++i) {
+                float* out = buf_[i % 2].data();
+                run_layer(layers_[i], n, in, out, scratch_);
+                in = out;
             }
-            for (index_t j = 0; j < c; ++j) pooled_[b * c + j] = float(acc[j] / double(hw));
+            // Global average pool (in double, like global_avg_pool_fwd), then the classifier.
+            const Layer& last = layers_.back();
+            const index_t hw = last.ho * last.wo, c = last.cout;
+#pragma omp for schedule(static)
+            for (index_t b = 0; b < n; ++b) {
+                std::vector<double> acc(c, 0.0);
+                for (index_t q = 0; q < hw; ++q) {
+                    const float* __restrict__ xr = in + (b * hw + q) * c;
+                    for (index_t j = 0; j < c; ++j) acc[j] += double(xr[j]);
+                }
+                for (index_t j = 0; j < c; ++j) pooled_[b * c + j] = float(acc[j] / double(hw));
+            }
+#pragma omp single
+            {
+                for (index_t b = 0; b < n; ++b)
+                    std::memcpy(y + b * classes_, fc_b_.data(), sizeof(float) * classes_);
+                sgemm_single_thread(n, classes_, c, pooled_.data(), c, 1, fc_w_.data(), classes_,
+                                    1, y, classes_, true);
+            }
         }
-        for (index_t b = 0; b < n; ++b) std::memcpy(y + b * classes_, fc_b_.data(), sizeof(float) * classes_);
-        sgemm_single_thread(n, classes_, c, pooled_.data(), c, 1, fc_w_.data(), classes_, 1, y,
-                            classes_, true);
     }
 
     std::vector<Layer> layers_;
