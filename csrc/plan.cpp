@@ -39,7 +39,6 @@ namespace {
 constexpr index_t kTileFloats = index_t(1) << 18;   // left operand + scratch of one tile (1 MB)
 constexpr index_t kMinGemmPixels = 256;             // GEMM rows per tile, at least
 constexpr double kParallelWork = double(1 << 18);   // multiply-adds below which one thread runs
-constexpr index_t kDirectRowPixels = 16;            // see run_tile
 constexpr index_t kColGrain = 32;                   // column blocks of a shared tile's GEMM
 constexpr index_t kRowGrain = 32;                   // row blocks of a shared tile's GEMM
 
@@ -135,14 +134,14 @@ inline float* gemm_dst(const Layer& L, float* out, float* c, index_t r0) {
     return L.p_out == 0 ? out + r0 * L.wo * L.cout : c;
 }
 
-// Output rows [r0, r1) on the calling thread; a and c are its scratch tiles. Rows of at least
-// kDirectRowPixels pixels are multiplied one by one straight into the padded output (the weights
-// are packed per row: cheap against wo pixels of work), others through c.
+// Output rows [r0, r1) on the calling thread; a and c are its scratch tiles. Rows of wo >= K
+// pixels are multiplied one by one straight into the padded output: packing the weights per row
+// (~K*N) then costs less than copying the tile out of c (~wo*N per row).
 void run_tile(const Layer& L, const float* in, float* out, index_t r0, index_t r1, float* a,
               float* c) {
     const index_t K = L.K(), N = L.cout, row_a = L.wo * K, row_c = L.wo * N, M = (r1 - r0) * L.wo;
     for (index_t r = r0; r < r1; ++r) left_row(L, in, r, a + (r - r0) * row_a);
-    if (L.p_out > 0 && L.wo >= kDirectRowPixels) {
+    if (L.p_out > 0 && L.wo >= K) {
         for (index_t r = r0; r < r1; ++r) {
             float* row = out_row(L, out, r);
             sgemm_single_thread(L.wo, N, K, a + (r - r0) * row_a, K, 1, L.gw.data(), N, 1, row, N,
