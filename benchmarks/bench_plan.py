@@ -1,7 +1,7 @@
 """Inference latency and throughput: mbnet's autograd forward (eval, no_grad) against the compiled
 inference plan (mbnet.plan: BatchNorm folded, one call into the extension), and PyTorch when installed.
 
-    python -m benchmarks.bench_plan [--alphas 1.0,0.5,0.25] [--sizes 32,128,224] [--batches 1,128]
+    python -m benchmarks.bench_plan [--alphas 1.0,0.75,0.5,0.25] [--sizes 32,128,224] [--batches 1,128]
                                     [--threads T] [--no-torch] [--tiny] [--json out.json]
 
 Batch 1 runs at every size; larger batches only at sizes up to --large-batch-max-size (CIFAR-sized
@@ -45,7 +45,7 @@ def _torch_fn(alpha, size, batch, threads):
     return infer
 
 
-def run(alphas=(1.0, 0.5, 0.25), sizes=(32, 128, 224), batches=(1, 128), large_batch_max_size=64, repeat=20,
+def run(alphas=(1.0, 0.75, 0.5, 0.25), sizes=(32, 128, 224), batches=(1, 128), large_batch_max_size=64, repeat=20,
         threads=None, tiny=False, use_torch=True):
     from mbnet import _C
 

@@ -27,6 +27,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import _C, nn
+from .tensor import Tensor
 
 # kind: "conv" (weight (kh, kw, ci, co)), "dw" (weight (kh, kw, c)), "pw" (weight (ci, co)),
 # "pool" (no weight) or "linear" (weight (din, dout)); bias (co,); act "none" / "relu" / "relu6".
@@ -119,8 +120,8 @@ def _plan_layers(layers):
 
 
 class Plan:
-    """A compiled eval-mode network: ``plan(x)`` maps x (n, s, s, c) float32 with n <= ``batch``
-    to logits (n, k). ``info()`` lists the compiled layers, their tiles and the buffer bytes."""
+    """A compiled eval-mode network: ``plan(x)`` maps x (n, s, s, c) float32 (ndarray or Tensor)
+    with n <= ``batch`` to logits (n, k), a new ndarray. ``info()`` lists the compiled layers, their tiles and the buffer bytes."""
 
     def __init__(self, layers, batch, input_hw):
         self.batch, self.input_hw = batch, tuple(input_hw)
@@ -128,6 +129,7 @@ class Plan:
         self._plan = _C._InferencePlan(convs, fc_w, fc_b, batch, self.input_hw)
 
     def __call__(self, x):
+        x = x.data if isinstance(x, Tensor) else x
         if not isinstance(x, np.ndarray):
             raise TypeError(f"plan: x must be a numpy.ndarray of float32, got {type(x).__name__}")
         return self._plan.run(np.ascontiguousarray(x))

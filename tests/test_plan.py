@@ -142,6 +142,21 @@ def test_plan_independent_of_threads_and_batch(alpha, size, batch, restore_threa
     np.testing.assert_array_equal(plan(x[:1]), results[0][:1], err_msg="batch 1 vs batch of the plan")
 
 
+def test_plan_takes_tensors_and_concurrent_calls():
+    """Calls from several Python threads take turns (the plan's buffers are shared)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = randomize(models.MobileNetV1(alpha=0.25, input_size=32))
+    plan = P.compile(model, batch=2)
+    xs = [images(2, 32, seed=s) for s in range(6)]
+    want = [plan(x) for x in xs]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(plan, xs))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(plan(mbnet.Tensor(xs[0])), want[0])
+
+
 def test_plan_bad_inputs_raise_named_errors():
     model = randomize(models.MobileNetV1(alpha=0.25, input_size=32))
     plan = P.compile(model, batch=4)
