@@ -7,7 +7,9 @@
 //
 // Buffers: the input and each layer's output are stored zero-padded by the padding of the layer
 // that reads them, so a convolution reads its taps in place. Two ping-pong buffers hold the
-// activations; the producer of each row writes its zero border too.
+// activations; the producer of each row writes its zero border too. A batch runs through the whole
+// network a chunk of images at a time, the chunk as large as keeps each buffer within
+// kChunkFloats: memory stays bounded at any batch, and a chunk's activations stay in the caches.
 //
 // A layer runs in tiles of output rows (rows of the n*ho output rows; a tile may span images).
 // Per tile: (1) the GEMM's left operand, M = rows*wo pixels by K (depthwise rows + bias + act, or
@@ -36,6 +38,7 @@
 namespace mbnet {
 namespace {
 
+constexpr index_t kChunkFloats = index_t(1) << 22;  // an activation buffer (16 MB), see below
 constexpr index_t kTileFloats = index_t(1) << 18;   // left operand + scratch of one tile (1 MB)
 constexpr index_t kMinGemmPixels = 256;             // GEMM rows per tile, at least
 constexpr double kParallelWork = double(1 << 18);   // multiply-adds below which one thread runs
@@ -233,12 +236,14 @@ class InferencePlan {
     // layers: a list of ("conv", w (k, k, cin, cout), b (cout,), stride, padding, act) and
     // ("dwpw", w_dw (3, 3, c), b_dw (c,), stride, padding, act_dw, w_pw (c, cout), b_pw (cout,),
     // act_pw); then the classifier w (d, classes), b (classes,); batch: the largest batch;
-    // input_hw: the image size.
+    // input_hw: the image size; chunk: images per pass (0: as many as keep each activation
+    // buffer within kChunkFloats).
     InferencePlan(const py::list& layers, const py::object& fc_w, const py::object& fc_b,
-                  index_t batch, const py::object& input_hw) {
+                  index_t batch, const py::object& input_hw, index_t chunk) {
         require(batch >= 1 && batch <= (index_t(1) << 20),
                 "batch must be in [1, 2^20], got " + std::to_string(batch));
         require(py::len(layers) >= 1, "layers must not be empty");
+        require(chunk >= 0, "chunk must be >= 0, got " + std::to_string(chunk));
         batch_ = batch;
         std::tie(h_, w_) = parse_hw(input_hw, "input_hw");
         index_t h = h_, w = w_, c = -1;
@@ -286,8 +291,8 @@ class InferencePlan {
                 L.gw = take(t[1], name + " weight", {L.k, L.k, L.cin, L.cout});
                 L.gb = take(t[2], name + " bias", {L.cout});
             }
-            check_alloc({batch, L.ho + 2 * L.p, L.wo + 2 * L.p, std::max(L.cin, L.cout)},
-                        name + " activation");
+            check_alloc({L.ho + 2 * L.p, L.wo + 2 * L.p, std::max(L.cin, L.cout)},
+                        name + " activation of one image");
             check_alloc({L.tile_rows(), L.wo, std::max(L.K(), L.cout)}, name + " tile");
             if (!layers_.empty()) layers_.back().p_out = L.p;
             h = L.ho;
@@ -301,15 +306,16 @@ class InferencePlan {
         classes_ = fw[1];
         fc_w_ = take(fc_w, "classifier weight", {c, classes_});
         fc_b_ = take(fc_b, "classifier bias", {classes_});
-        index_t act = layers_[0].in_floats(batch), tile = 0;
+        index_t act = 0, tile = 0;  // per image
         for (const auto& L : layers_) {
-            act = std::max(act, L.out_floats(batch));
+            act = std::max(act, L.out_floats(1));
             tile = std::max(tile, L.tile_floats());
         }
-        input_.assign(layers_[0].in_floats(batch), 0.f);
-        buf_[0].assign(act, 0.f);
-        buf_[1].assign(act, 0.f);
-        pooled_.assign(batch * c, 0.f);
+        chunk_ = std::min(batch, chunk > 0 ? chunk : std::max<index_t>(1, kChunkFloats / act));
+        input_.assign(layers_[0].in_floats(chunk_), 0.f);
+        buf_[0].assign(act * chunk_, 0.f);
+        buf_[1].assign(act * chunk_, 0.f);
+        pooled_.assign(chunk_ * c, 0.f);
         tile_floats_ = tile;
     }
 
@@ -344,7 +350,8 @@ class InferencePlan {
                                    py::arg("output") = py::make_tuple(L.ho, L.wo, L.cout),
                                    py::arg("stride") = L.s, py::arg("tile_rows") = L.tile_rows()));
         const index_t floats = index_t(input_.size() + 2 * buf_[0].size() + pooled_.size());
-        return py::dict(py::arg("batch") = batch_, py::arg("input_hw") = py::make_tuple(h_, w_),
+        return py::dict(py::arg("batch") = batch_, py::arg("chunk") = chunk_,
+                        py::arg("input_hw") = py::make_tuple(h_, w_),
                         py::arg("classes") = classes_, py::arg("layers") = layers,
                         py::arg("buffer_bytes") = 4 * floats);
     }
@@ -361,45 +368,50 @@ class InferencePlan {
         // One parallel region for the whole network: a layer's phases end in barriers, not in
         // joins and forks.
 #pragma omp parallel num_threads(T)
-        {
-            // The input, zero-padded for the first layer (its border was zeroed at compile).
-            const Layer& first = layers_[0];
-            const index_t p = first.p, C = first.cin, wp = w_ + 2 * p, hp = h_ + 2 * p;
+        for (index_t b0 = 0; b0 < n; b0 += chunk_)
+            forward_chunk(std::min(chunk_, n - b0), x + b0 * h_ * w_ * layers_[0].cin,
+                          y + b0 * classes_);
+    }
+
+    // Images [0, n) of x (n <= chunk_) -> logits y; called by every thread of the team.
+    void forward_chunk(index_t n, const float* x, float* y) {
+        // The input, zero-padded for the first layer (its border was zeroed at compile).
+        const Layer& first = layers_[0];
+        const index_t p = first.p, C = first.cin, wp = w_ + 2 * p, hp = h_ + 2 * p;
 #pragma omp for schedule(static)
-            for (index_t r = 0; r < n * h_; ++r)
-                std::memcpy(input_.data() + ((r / h_ * hp + r % h_ + p) * wp + p) * C,
-                            x + r * w_ * C, sizeof(float) * w_ * C);
-            const float* in = input_.data();
-            for (size_t i = 0; i < layers_.size(); ++i) {
-                float* out = buf_[i % 2].data();
-                run_layer(layers_[i], n, in, out, scratch_);
-                in = out;
-            }
-            // Global average pool (in double, like global_avg_pool_fwd), then the classifier.
-            const Layer& last = layers_.back();
-            const index_t hw = last.ho * last.wo, c = last.cout;
+        for (index_t r = 0; r < n * h_; ++r)
+            std::memcpy(input_.data() + ((r / h_ * hp + r % h_ + p) * wp + p) * C,
+                        x + r * w_ * C, sizeof(float) * w_ * C);
+        const float* in = input_.data();
+        for (size_t i = 0; i < layers_.size(); ++i) {
+            float* out = buf_[i % 2].data();
+            run_layer(layers_[i], n, in, out, scratch_);
+            in = out;
+        }
+        // Global average pool (in double, like global_avg_pool_fwd), then the classifier.
+        const Layer& last = layers_.back();
+        const index_t hw = last.ho * last.wo, c = last.cout;
 #pragma omp for schedule(static)
-            for (index_t b = 0; b < n; ++b) {
-                std::vector<double> acc(c, 0.0);
-                for (index_t q = 0; q < hw; ++q) {
-                    const float* __restrict__ xr = in + (b * hw + q) * c;
-                    for (index_t j = 0; j < c; ++j) acc[j] += double(xr[j]);
-                }
-                for (index_t j = 0; j < c; ++j) pooled_[b * c + j] = float(acc[j] / double(hw));
+        for (index_t b = 0; b < n; ++b) {
+            std::vector<double> acc(c, 0.0);
+            for (index_t q = 0; q < hw; ++q) {
+                const float* __restrict__ xr = in + (b * hw + q) * c;
+                for (index_t j = 0; j < c; ++j) acc[j] += double(xr[j]);
             }
+            for (index_t j = 0; j < c; ++j) pooled_[b * c + j] = float(acc[j] / double(hw));
+        }
 #pragma omp single
-            {
-                for (index_t b = 0; b < n; ++b)
-                    std::memcpy(y + b * classes_, fc_b_.data(), sizeof(float) * classes_);
-                sgemm_single_thread(n, classes_, c, pooled_.data(), c, 1, fc_w_.data(), classes_,
-                                    1, y, classes_, true);
-            }
+        {
+            for (index_t b = 0; b < n; ++b)
+                std::memcpy(y + b * classes_, fc_b_.data(), sizeof(float) * classes_);
+            sgemm_single_thread(n, classes_, c, pooled_.data(), c, 1, fc_w_.data(), classes_, 1,
+                                y, classes_, true);
         }
     }
 
     std::vector<Layer> layers_;
     std::vector<float> fc_w_, fc_b_;
-    index_t batch_ = 0, h_ = 0, w_ = 0, classes_ = 0, tile_floats_ = 0;
+    index_t batch_ = 0, chunk_ = 0, h_ = 0, w_ = 0, classes_ = 0, tile_floats_ = 0;
     std::vector<float> input_, buf_[2], pooled_;
     std::vector<Scratch> scratch_;
     std::mutex mutex_;
@@ -412,9 +424,9 @@ void bind_plan(py::module_& m) {
                               "An eval-mode network with folded BatchNorm, compiled for one input "
                               "size and a maximum batch (built by mbnet.plan.compile).")
         .def(py::init<const py::list&, const py::object&, const py::object&, index_t,
-                      const py::object&>(),
+                      const py::object&, index_t>(),
              py::arg("layers"), py::arg("fc_w"), py::arg("fc_b"), py::arg("batch"),
-             py::arg("input_hw"))
+             py::arg("input_hw"), py::arg("chunk") = 0)
         .def("run", &InferencePlan::run, py::arg("x"),
              "x (n, h, w, c) float32, n <= batch -> logits (n, classes); one call, no GIL.")
         .def("info", &InferencePlan::info, "The compiled layers, tile sizes and buffer bytes.");

@@ -15,11 +15,13 @@ running statistics are used whatever mode the model is in. ``run_folded`` runs s
 by layer with the kernels of ``mbnet._C`` (the slow, obvious twin the tests hold the plan to).
 
 ``compile`` hands the folded float32 weights (copies: later changes to the model do not reach the
-plan) to ``mbnet._C._InferencePlan``, which preallocates every buffer for ``batch`` images of the
-model's input size (or ``input_size``) and runs each separable block as one fused
-depthwise + bias + act + pointwise + bias + act pass over tiles of output rows. ``plan(x)`` is one
-call with the GIL released and no Python per layer; any batch up to ``batch`` runs on the same
-plan, and results do not depend on the batch or the thread count (``mbnet._C.set_num_threads``).
+plan) to ``mbnet._C._InferencePlan``, which preallocates every buffer for the model's input size
+(or ``input_size``) and runs each separable block as one fused depthwise + bias + act + pointwise
++ bias + act pass over tiles of output rows. A batch goes through the network a chunk of images at
+a time (``chunk``; by default as many as keep each activation buffer within 16 MB), so memory
+stays bounded at any ``batch``. ``plan(x)`` is one call with the GIL released and no Python per
+layer; any batch up to ``batch`` runs on the same plan, and results do not depend on the batch,
+the chunk or the thread count (``mbnet._C.set_num_threads``).
 A plan runs one call at a time (concurrent calls wait their turn).
 """
 from collections import namedtuple
@@ -123,10 +125,10 @@ class Plan:
     """A compiled eval-mode network: ``plan(x)`` maps x (n, s, s, c) float32 (ndarray or Tensor)
     with n <= ``batch`` to logits (n, k), a new ndarray. ``info()`` lists the compiled layers, their tiles and the buffer bytes."""
 
-    def __init__(self, layers, batch, input_hw):
+    def __init__(self, layers, batch, input_hw, chunk=0):
         self.batch, self.input_hw = batch, tuple(input_hw)
         convs, fc_w, fc_b = _plan_layers(layers)
-        self._plan = _C._InferencePlan(convs, fc_w, fc_b, batch, self.input_hw)
+        self._plan = _C._InferencePlan(convs, fc_w, fc_b, batch, self.input_hw, chunk)
 
     def __call__(self, x):
         x = x.data if isinstance(x, Tensor) else x
@@ -143,12 +145,16 @@ class Plan:
                 f"buffers={info['buffer_bytes'] / 2**20:.1f} MiB)")
 
 
-def compile(model, batch, input_size=None):
+def compile(model, batch, input_size=None, chunk=0):
     """The Plan of ``model`` (MobileNetV1 or ConvMobileNet, folded with its running statistics)
-    for up to ``batch`` images of input_size x input_size (default: the model's input_size)."""
+    for up to ``batch`` images of input_size x input_size (default: the model's input_size).
+    chunk: images run through the network together (0: as many as keep each activation buffer
+    within 16 MB; results are the same for every chunk)."""
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"compile: batch must be a positive int, got {batch!r}")
     size = getattr(model, "input_size", None) if input_size is None else input_size
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"compile: input_size must be a positive int, got {size!r}")
-    return Plan(fold(model), int(batch), (int(size), int(size)))
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
+        raise ValueError(f"compile: chunk must be an int >= 0, got {chunk!r}")
+    return Plan(fold(model), int(batch), (int(size), int(size)), int(chunk))

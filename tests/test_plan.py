@@ -142,6 +142,22 @@ def test_plan_independent_of_threads_and_batch(alpha, size, batch, restore_threa
     np.testing.assert_array_equal(plan(x[:1]), results[0][:1], err_msg="batch 1 vs batch of the plan")
 
 
+def test_plan_chunks_give_the_same_logits():
+    """A batch runs a chunk of images at a time; the chunk changes nothing, bitwise."""
+    model = randomize(models.MobileNetV1(alpha=0.25, input_size=40))
+    x = images(5, 40)
+    whole = P.compile(model, batch=5)
+    assert whole.info()["chunk"] == 5
+    for chunk in (1, 2, 3):
+        plan = P.compile(model, batch=5, chunk=chunk)
+        assert plan.info()["chunk"] == chunk
+        np.testing.assert_array_equal(plan(x), whole(x), err_msg=f"chunk {chunk}")
+        np.testing.assert_array_equal(plan(x[:4]), whole(x)[:4], err_msg=f"chunk {chunk}, batch 4")
+    big = P.compile(models.MobileNetV1(alpha=0.25, input_size=224), batch=64)
+    assert 1 < big.info()["chunk"] < 64  # 16 MB buffers: a few 224 px images per pass
+    assert big.info()["buffer_bytes"] < 100 * 2**20
+
+
 def test_plan_takes_tensors_and_concurrent_calls():
     """Calls from several Python threads take turns (the plan's buffers are shared)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -181,6 +197,8 @@ def test_plan_bad_inputs_raise_named_errors():
             P.compile(model, batch=bad)
     with pytest.raises(ValueError, match="input_size must be a positive int"):
         P.compile(model, batch=1, input_size=0)
+    with pytest.raises(ValueError, match="chunk must be an int >= 0"):
+        P.compile(model, batch=1, chunk=-1)
 
 
 def test_plan_binding_checks_its_layers():
