@@ -3,6 +3,8 @@ mode (float32 tolerance) and to the unfused folded network; its results must not
 thread count or on the batch it runs."""
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 import mbnet
 from mbnet import _C, models, nn
@@ -199,6 +201,54 @@ def test_plan_bad_inputs_raise_named_errors():
         P.compile(model, batch=1, input_size=0)
     with pytest.raises(ValueError, match="chunk must be an int >= 0"):
         P.compile(model, batch=1, chunk=-1)
+
+
+@st.composite
+def layer_stacks(draw):
+    """(Folded layers, x): 1-3 random conv / dw+pw layers on an odd-sized, non-square input with
+    channel counts below, at and off the vector width, then pool and linear. Half the inputs are
+    tiny (one thread runs them), half large enough to be split between threads."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    big = draw(st.booleans())  # large enough for the threaded paths (tiles per thread, shared tiles)
+    sizes = st.integers(17, 41) if big else st.integers(1, 9)
+    h, w, c = draw(sizes), draw(sizes), draw(st.sampled_from([1, 3, 16, 17, 64]))
+    n = draw(st.integers(1, 3))
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    layers = []
+    for _ in range(draw(st.integers(1, 3))):
+        act, s = draw(st.sampled_from(["none", "relu", "relu6"])), draw(st.sampled_from([1, 2]))
+        co = draw(st.sampled_from([1, 5, 16, 33, 64]))
+        if draw(st.booleans()):
+            k = draw(st.sampled_from([1, 3, 5]))
+            p = draw(st.integers(0, k // 2))
+            layers.append(P.Folded("conv", rng.standard_normal((k, k, c, co)), rng.standard_normal(co), s, p, act))
+        else:
+            k, p = 3, draw(st.integers(0, 1))
+            layers += [P.Folded("dw", rng.standard_normal((3, 3, c)), rng.standard_normal(c), s, p, act),
+                       P.Folded("pw", rng.standard_normal((c, co)), rng.standard_normal(co), 1, 0,
+                                draw(st.sampled_from(["none", "relu", "relu6"])))]
+        h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        assume(h >= 1 and w >= 1)
+        c = co
+    k = draw(st.integers(1, 4))
+    layers += [P.Folded("pool"), P.Folded("linear", rng.standard_normal((c, k)), rng.standard_normal(k))]
+    return layers, x
+
+
+@given(layer_stacks(), st.sampled_from([1, 2, 3]))
+def test_plan_matches_unfused_layers_on_edge_shapes(stack, threads):
+    """The plan against run_folded (one _C kernel per layer): odd and non-square sizes, stride 2
+    on odd sizes, padding 0..2, 1x1 / 3x3 / 5x5 convs, channels 1..33, batch 1..3, any act."""
+    layers, x = stack
+    plan = P.Plan(layers, batch=3, input_hw=x.shape[1:3])
+    want = P.run_folded(layers, x)
+    old = _C.get_num_threads()
+    _C.set_num_threads(threads)
+    try:
+        got = plan(x)
+    finally:
+        _C.set_num_threads(old)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
 
 
 def test_plan_binding_checks_its_layers():
