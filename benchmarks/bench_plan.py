@@ -62,7 +62,7 @@ def run(alphas=(1.0, 0.75, 0.5, 0.25), sizes=(32, 128, 224), batches=(1, 128), l
             for batch in batches:
                 if batch > 1 and size > large_batch_max_size:
                     continue
-                reps = max(1, repeat // batch) if batch > 1 else repeat
+                reps = max(3, repeat // batch) if batch > 1 else repeat
                 autograd, plan = _mbnet_fns(alpha, size, batch)
                 row = {"alpha": alpha, "size": size, "batch": batch, "repeat": reps,
                        "autograd_s": common.measure(autograd, reps, 1, pause)["median"],

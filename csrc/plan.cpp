@@ -13,15 +13,16 @@
 //
 // A layer runs in tiles of output rows (rows of the n*ho output rows; a tile may span images).
 // Per tile: (1) the GEMM's left operand, M = rows*wo pixels by K (depthwise rows + bias + act, or
-// im2col rows of a full conv), (2) sgemm_single_thread with the (K, cout) weights into a scratch
-// tile, (3) bias + act written to the padded output while the tile is hot. The intermediate of a
-// separable block never leaves the thread's scratch. Threads: each thread takes whole tiles when
-// there are at least as many tiles as threads; a layer with fewer (late layers, batch 1) has the
-// team share each tile (phases 1 and 3 over rows, phase 2 over blocks of columns, so each thread
-// packs only its part of the weights); below kParallelWork multiply-adds one thread runs it. The
-// whole network runs in one parallel region, the phases separated by barriers. Every output element is
-// computed by the same operations in the same order under any tiling, so results do not depend on
-// the thread count or on the batch size.
+// im2col rows of a full conv), (2) sgemm_single_thread with the (K, cout) weights, into a scratch
+// tile or, when that is cheaper, row by row straight into the output, (3) bias + act written to
+// the padded output while the tile is hot. The intermediate of a separable block never leaves the
+// thread's scratch. Threads: each thread takes whole tiles when there are at least as many tiles
+// as threads; a layer with fewer (late layers, batch 1) has the team share each tile (phases 1
+// and 3 over rows, phase 2 over blocks of columns, so each thread packs only its part of the
+// weights); below kParallelWork multiply-adds one thread runs it. The whole network runs in one
+// parallel region, its phases separated by barriers. Every output element is computed by the same
+// operations in the same order under any tiling, so results do not depend on the thread count,
+// the batch size or the chunk.
 #include <omp.h>
 
 #include <algorithm>
@@ -38,7 +39,7 @@
 namespace mbnet {
 namespace {
 
-constexpr index_t kChunkFloats = index_t(1) << 22;  // an activation buffer (16 MB), see below
+constexpr index_t kChunkFloats = index_t(1) << 22;  // one activation buffer (16 MB), at most
 constexpr index_t kTileFloats = index_t(1) << 18;   // left operand + scratch of one tile (1 MB)
 constexpr index_t kMinGemmPixels = 256;             // GEMM rows per tile, at least
 constexpr double kParallelWork = double(1 << 18);   // multiply-adds below which one thread runs
@@ -54,7 +55,8 @@ inline float act(float z) {
 
 // dst[p][c] = act(src[p][c] + b[c]) for px pixels of C channels; dst may be src.
 template <Act A>
-void bias_act_f32(const float* src, float* dst, index_t px, index_t C, const float* __restrict__ b) {
+void bias_act_f32(const float* src, float* dst, index_t px, index_t C,
+                  const float* __restrict__ b) {
     for (index_t q = 0; q < px; ++q) {
         const float* s = src + q * C;
         float* d = dst + q * C;
@@ -159,7 +161,8 @@ void run_tile(const Layer& L, const float* in, float* out, index_t r0, index_t r
 }
 
 // [begin, end) of part t of n items cut into `parts` pieces on multiples of `grain`.
-inline void split_range(index_t n, index_t grain, index_t parts, index_t t, index_t& b, index_t& e) {
+inline void split_range(index_t n, index_t grain, index_t parts, index_t t, index_t& b,
+                        index_t& e) {
     const index_t units = (n + grain - 1) / grain;
     b = std::min(n, units * t / parts * grain);
     e = std::min(n, units * (t + 1) / parts * grain);
@@ -231,6 +234,11 @@ index_t take_int(const py::handle& obj, const std::string& name, index_t lo, ind
     return v;
 }
 
+Act take_act(const py::handle& obj, const std::string& name) {
+    if (!py::isinstance<py::str>(obj)) throw py::type_error(name + " must be a str");
+    return parse_act(py::cast<std::string>(obj));
+}
+
 class InferencePlan {
    public:
     // layers: a list of ("conv", w (k, k, cin, cout), b (cout,), stride, padding, act) and
@@ -270,14 +278,15 @@ class InferencePlan {
             L.cin = w0[2];
             if (c >= 0)
                 require(L.cin == c, name + " takes " + std::to_string(L.cin) +
-                                        " channels but the layer before gives " + std::to_string(c));
+                                        " channels but the layer before gives " +
+                                        std::to_string(c));
             L.h = h;
             L.w = w;
             L.s = take_int(t[3], name + " stride", 1, kMaxDim);
             L.p = take_int(t[4], name + " padding", 0, kMaxDim);
             L.ho = conv_out_size(h, L.k, L.s, L.p, "height");
             L.wo = conv_out_size(w, L.k, L.s, L.p, "width");
-            L.act1 = L.act2 = parse_act(py::cast<std::string>(t[5]));
+            L.act1 = L.act2 = take_act(t[5], name + " act");
             if (L.dwpw) {
                 L.dw = take(t[1], name + " weight", {3, 3, L.cin});
                 L.db = take(t[2], name + " bias", {L.cin});
@@ -285,7 +294,7 @@ class InferencePlan {
                 L.cout = wp[1];
                 L.gw = take(t[6], name + " pointwise weight", {L.cin, L.cout});
                 L.gb = take(t[7], name + " pointwise bias", {L.cout});
-                L.act2 = parse_act(py::cast<std::string>(t[8]));
+                L.act2 = take_act(t[8], name + " pointwise act");
             } else {
                 L.cout = w0[3];
                 L.gw = take(t[1], name + " weight", {L.k, L.k, L.cin, L.cout});

@@ -265,6 +265,14 @@ def test_plan_binding_checks_its_layers():
         _C._InferencePlan([("conv", w, np.zeros(7, np.float32), 1, 1, "relu")], fc_w, fc_b, 1, (4, 4))
     with pytest.raises(ValueError, match="act must be"):
         _C._InferencePlan([("conv", w, b, 1, 1, "gelu")], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(TypeError, match=r"layers\[0\] act must be a str"):
+        _C._InferencePlan([("conv", w, b, 1, 1, None)], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(TypeError, match=r"layers\[0\] stride must be an int"):
+        _C._InferencePlan([("conv", w, b, 1.0, 1, "relu")], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(TypeError, match=r"layers\[0\] weight must have dtype float32"):
+        _C._InferencePlan([("conv", w.astype(np.float64), b, 1, 1, "relu")], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(ValueError, match="chunk must be >= 0"):
+        _C._InferencePlan([conv], fc_w, fc_b, 1, (4, 4), -1)
     with pytest.raises(ValueError, match="classifier weight takes 3 features"):
         _C._InferencePlan([conv], np.ones((3, 2), np.float32), fc_b, 1, (4, 4))
     with pytest.raises(ValueError, match="output height would be < 1"):
