@@ -3,7 +3,7 @@
     python -m benchmarks [--tiny] [--json out.json] [--only NAME[,NAME]] [--threads T]
                          [--no-torch] [--no-numba] [--no-onnxruntime]
 
-NAME is one of: separable, kernels, e2e, depthwise, pointwise, step, latency, data. Each is the module
+NAME is one of: separable, kernels, e2e, depthwise, pointwise, step, latency, data, plan. Each is the module
 benchmarks/bench_NAME.py (also runnable alone: `python -m benchmarks.bench_NAME --help`), run in
 this process through its run(...) and markdown(result); e2e spawns one process per configuration.
 
@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 from . import common
 
-ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step", "latency", "data")
+ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step", "latency", "data", "plan")
 
 
 def run_one(name, args):
