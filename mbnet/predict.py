@@ -5,7 +5,9 @@ checkpoint (last.npz, best.npz; its EMA weights unless --no-ema) or a PyTorch .p
 Each image (JPEG, PNG or anything else Pillow reads, any size and mode) gets the model's own
 preprocessing: ``data.load_image`` (RGB, alpha dropped), ``data.fit_image`` (shorter side resized
 to the model's input size, center crop), ``data.normalize`` with the mean and std stored in the
-weights file. The output is the top-k classes by softmax probability, with the model's class names.
+weights file. The network runs as the compiled inference plan (``mbnet.plan``: BN folded, one
+call into the extension per batch). The output is the top-k classes by softmax probability, with
+the model's class names.
 
 From Python: ``predict(model_or_path, images_or_paths, top_k=5)`` -> one result per image,
 {"path": str or None (an array), "top": [{"class": name, "index": k, "prob": p}, ...]}.
@@ -75,8 +77,8 @@ def predict(model_or_path, images_or_paths, top_k=5, batch_size=BATCH_SIZE, *, e
     unreadable image) or "skip" (its result is {"path", "error": message} and the others go on).
     progress: called as progress(done, total) after each batch.
     """
-    from . import Tensor, no_grad
     from .models import load
+    from .plan import compile as compile_plan
 
     model = load(model_or_path, ema=ema) if isinstance(model_or_path, (str, Path)) else model_or_path
     n_classes = len(model.classes)
@@ -89,31 +91,26 @@ def predict(model_or_path, images_or_paths, top_k=5, batch_size=BATCH_SIZE, *, e
         raise ValueError(f"errors={errors!r}: 'raise' or 'skip'")
     items = _as_items(images_or_paths)
     results = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(items), batch_size):
-            batch, ok = [], []
-            for path, img in items[start:start + batch_size]:
-                try:
-                    batch.append(D.fit_image(D.load_image(path) if img is None else img, model.input_size))
-                    ok.append(len(results))
-                    results.append({"path": path})
-                except D.DataError as e:
-                    if errors == "raise":
-                        raise
-                    results.append({"path": path, "error": str(e)})
-            if batch:
-                x = D.normalize(np.stack(batch), model.mean, model.std)
-                with no_grad():
-                    logits = model(Tensor(x)).data.astype(np.float64)
-                e = np.exp(logits - logits.max(axis=1, keepdims=True))
-                for i, top in zip(ok, top_classes(e / e.sum(axis=1, keepdims=True), model.classes, top_k)):
-                    results[i]["top"] = top
-            if progress is not None:
-                progress(len(results), len(items))
-    finally:
-        model.train(was_training)
+    run = compile_plan(model, max(1, min(batch_size, len(items))))  # eval-mode network, BN folded, one call
+    for start in range(0, len(items), batch_size):
+        batch, ok = [], []
+        for path, img in items[start:start + batch_size]:
+            try:
+                batch.append(D.fit_image(D.load_image(path) if img is None else img, model.input_size))
+                ok.append(len(results))
+                results.append({"path": path})
+            except D.DataError as e:
+                if errors == "raise":
+                    raise
+                results.append({"path": path, "error": str(e)})
+        if batch:
+            x = D.normalize(np.stack(batch), model.mean, model.std)
+            logits = run(x).astype(np.float64)
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            for i, top in zip(ok, top_classes(e / e.sum(axis=1, keepdims=True), model.classes, top_k)):
+                results[i]["top"] = top
+        if progress is not None:
+            progress(len(results), len(items))
     return results
 
 
