@@ -15,9 +15,6 @@
 namespace mbnet {
 namespace {
 
-// Below this many elements one thread beats waking the team.
-constexpr index_t kParallelMin = index_t(1) << 15;
-
 // With few channels a row is too short for the vector loop, so the loops walk "wide rows" of
 // W = k*C elements (k whole rows, W >= 64 floats) and per-channel arrays are stored k times over
 // (`rep`). The last wide row may be shorter but still holds whole rows.
