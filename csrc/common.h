@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -195,9 +196,19 @@ py::array_t<float> compute_f32(const std::vector<index_t>& shape, Kernel&& kerne
                                const std::string& what = "the output") {
     auto out = new_f32(shape, what);
     float* p = ptr(out);
+    bool out_of_memory = false;
     {
         py::gil_scoped_release nogil;
-        kernel(p);
+        try {
+            kernel(p);
+        } catch (const std::bad_alloc&) {
+            out_of_memory = true;
+        }
+    }
+    if (out_of_memory) {
+        PyErr_SetString(PyExc_MemoryError,
+                        (what + ": not enough memory for the kernel's scratch buffers").c_str());
+        throw py::error_already_set();
     }
     return out;
 }
