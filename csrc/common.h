@@ -43,7 +43,7 @@ inline F32 check_f32(const py::object& obj, const char* name, int ndim) {
         throw py::type_error(std::string(name) + " must be a numpy.ndarray of float32, got " +
                              std::string(py::str(py::type::of(obj).attr("__name__"))));
     py::array a = py::reinterpret_borrow<py::array>(obj);
-    if (!a.dtype().is(py::dtype::of<float>()))
+    if (!a.dtype().equal(py::dtype::of<float>()))  // not is(): unpickled dtypes are copies
         throw py::type_error(std::string(name) + " must have dtype float32, got " +
                              std::string(py::str(a.dtype())));
     if (ndim >= 0 && a.ndim() != ndim)
@@ -55,6 +55,11 @@ inline F32 check_f32(const py::object& obj, const char* name, int ndim) {
     if (!(a.flags() & py::array::c_style))
         throw py::value_error(std::string(name) +
                               " must be C-contiguous (use numpy.ascontiguousarray)");
+    // Kernels read it as float*: a misaligned one is undefined behaviour (UBSan), and a vector
+    // loop peeled for alignment would never reach it.
+    if (reinterpret_cast<std::uintptr_t>(a.data()) % alignof(float) != 0)
+        throw py::value_error(std::string(name) +
+                              " must be aligned to 4 bytes (copy it with numpy.array)");
     F32 out;
     out.arr = a;
     // Inputs may be read-only (e.g. memory-mapped data); bindings that write in place check
@@ -79,7 +84,9 @@ inline py::array_t<std::int64_t> check_labels(const py::object& obj, const char*
     if (a.ndim() != 1)
         throw py::value_error(std::string(name) + " must have 1 dimension, got " +
                               std::to_string(a.ndim()));
-    return py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+    // A copy when it is not int64, contiguous and aligned.
+    return py::array_t<std::int64_t, py::array::c_style | py::array::forcecast |
+                                         py::detail::npy_api::NPY_ARRAY_ALIGNED_>::ensure(a);
 }
 
 inline void require(bool ok, const std::string& message) {

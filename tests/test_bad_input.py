@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mbnet
 from mbnet import _C
 from mbnet import reference as R
 
@@ -31,6 +32,9 @@ ALLOWED = (TypeError, ValueError)
 # bound a child) and its operator new aborts instead of throwing std::bad_alloc.
 UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 MBNET_ROOT = Path(__file__).resolve().parents[1]
+# Children import the mbnet this process imported (under .ci/sanitize, a copy holding the sanitized
+# _C): with `python -c`, their working directory comes first on sys.path.
+MBNET_HOME = Path(mbnet.__file__).resolve().parents[1]
 
 
 # --- valid calls, one builder per binding -------------------------------------------------------
@@ -520,7 +524,7 @@ def run_child(code, address_space_gb=None, timeout=120):
         f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({address_space_gb << 30}, {address_space_gb << 30}))\n")
     prelude = "import numpy as np\nfrom mbnet import _C\n"
     proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", limit + prelude + textwrap.dedent(code)],
-                          cwd=MBNET_ROOT, capture_output=True, text=True, timeout=timeout)
+                          cwd=MBNET_HOME, capture_output=True, text=True, timeout=timeout)
     where = f"{proc.stdout[-500:]} {proc.stderr[-2000:]}"
     assert proc.returncode >= 0, f"child killed by signal {-proc.returncode}: {where}"
     assert proc.returncode == 0, f"child exit {proc.returncode}: {where}"
@@ -638,3 +642,27 @@ def test_bool_is_not_an_int(name, args, bad):
         with pytest.raises(TypeError, match=bad):
             fn(*args(v))
     fn(*args(np.int64(1 if bad != "padding" else 0)))
+
+
+def test_unpickled_float32_is_float32():
+    """An array that came through pickle (multiprocessing, a worker process) has a float32 dtype that
+    equals, but is not, numpy's own: it was refused with "must have dtype float32, got float32"."""
+    import pickle
+    x = pickle.loads(pickle.dumps(np.ones((2, 3), np.float32)))
+    np.testing.assert_array_equal(_C.act_fwd(x, "relu"), x)
+    with pytest.raises(TypeError, match="x must have dtype float32, got >f4"):
+        _C.act_fwd(x.astype(">f4"), "relu")
+
+
+def test_misaligned_arrays():
+    """A float32 array 1 byte off alignment was read through float* (undefined behaviour, reported
+    by UBSan under .ci/sanitize): now a ValueError naming it. Misaligned labels are copied."""
+    x = unaligned(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="x must be aligned"):
+        _C.act_fwd(x, "relu")
+    buf = np.zeros(8 * 2 + 1, np.uint8)
+    labels = buf[1:].view(np.int64)
+    labels[:] = [2, 0]
+    assert not labels.flags.aligned
+    loss, probs = _C.softmax_cross_entropy_fwd(np.zeros((2, 3), np.float32), labels)
+    assert loss == pytest.approx(np.log(3), rel=1e-6)
