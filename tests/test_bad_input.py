@@ -520,8 +520,8 @@ def run_child(code, address_space_gb=None, timeout=120):
     """Runs `code` in a fresh interpreter that imports this tree's mbnet (numpy as np and _C are
     imported), its address space capped at `address_space_gb` (except under ASan). Returns the
     CompletedProcess after asserting that the child exited 0 and was not killed by a signal."""
-    limit = "" if address_space_gb is None or UNDER_ASAN else (
-        f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({address_space_gb << 30}, {address_space_gb << 30}))\n")
+    cap = None if address_space_gb is None or UNDER_ASAN else address_space_gb << 30
+    limit = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))\n" if cap else ""
     prelude = "import numpy as np\nfrom mbnet import _C\n"
     proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", limit + prelude + textwrap.dedent(code)],
                           cwd=MBNET_HOME, capture_output=True, text=True, timeout=timeout)

@@ -18,7 +18,6 @@ import select
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,13 +207,20 @@ class Worker:
             self.proc = None
 
 
+def huge_dims(a, axis):
+    """The sizes of HUGE_DIMS that axis `axis` of `a` can be stretched to (numpy refuses views of
+    2^63 bytes or more)."""
+    rest = a.size // a.shape[axis] if a.ndim else 1
+    return [d for d in HUGE_DIMS if d * rest * a.itemsize < 2**63]
+
+
 def draw_spec(draw, i, kind, value):
     """One way to break argument i (of `kind`, valid value `value`)."""
     if kind == "f32":
         axis = draw(st.integers(0, max(value.ndim, 1) - 1))
         return draw(st.one_of(
             st.sampled_from(sorted(array_options(value, axis))).map(lambda n: (i, "option", axis, n)),
-            st.sampled_from(HUGE_DIMS).map(lambda size: (i, "huge_dim", axis, size)),
+            st.sampled_from(huge_dims(value, axis)).map(lambda size: (i, "huge_dim", axis, size)),
             st.tuples(st.sampled_from(SPECIAL_VALUES), st.sampled_from(["one", "all"])).map(lambda t: (i, "fill", *t)),
         ))
     if kind == "labels":
@@ -259,7 +265,7 @@ def test_fuzz(name, worker, request):
         outcomes[outcome[0]] = outcomes.get(outcome[0], 0) + 1
 
     fuzz()
-    calls = sum(outcomes.values())
+    calls = outcomes.get("raised", 0) + outcomes.get("returned", 0)
     print(f"fuzz {name}: {calls} calls: {outcomes}")
-    assert calls >= budget * 0.9, f"only {calls} calls were made (budget {budget}): {outcomes}"
+    assert calls >= budget * 0.95, f"only {calls} calls were made (budget {budget}): {outcomes}"
     assert outcomes.get("returned", 0) >= calls // 20, f"too few calls returned to test much: {outcomes}"
