@@ -4,6 +4,8 @@
 // Passes over memory: train forward = statistics + normalize; train backward = reduction + dx;
 // inference forward and backward = one pass each. Every loop runs over contiguous channels with
 // per-channel (per-thread) accumulators, so GCC vectorizes it without reordering any sum.
+// Kernels (batchnorm_act_f32_*) take a BnShape and raw pointers; the bindings check the arguments,
+// allocate the outputs and call them without the GIL.
 #include <omp.h>
 
 #include <algorithm>
@@ -15,26 +17,23 @@
 namespace mbnet {
 namespace {
 
-// Below this many elements one thread beats waking the team.
-constexpr index_t kParallelMin = index_t(1) << 15;
-
 // With few channels a row is too short for the vector loop, so the loops walk "wide rows" of
 // W = k*C elements (k whole rows, W >= 64 floats) and per-channel arrays are stored k times over
 // (`rep`). The last wide row may be shorter but still holds whole rows.
-struct Rows {
+struct BnShape {
     index_t M, C, W, n;  // n wide rows over M*C elements
     index_t total() const { return M * C; }
     index_t len(index_t r) const { return std::min(W, total() - r * W); }
 };
 
-Rows make_rows(index_t M, index_t C) {
+BnShape make_shape(index_t M, index_t C) {
     index_t k = std::max<index_t>(1, 64 / C);
     index_t W = k * C;
     return {M, C, W, (M * C + W - 1) / W};
 }
 
 template <class T, class U>
-std::vector<T> rep(const Rows& r, const U* v) {
+std::vector<T> rep(const BnShape& r, const U* v) {
     std::vector<T> out(r.W);
     for (index_t j = 0; j < r.W; ++j) out[j] = T(v[j % r.C]);
     return out;
@@ -91,50 +90,50 @@ void with_act(Act a, F&& f) {
     }
 }
 
-// y = act((x - mean) * scale + shift), per channel.
-template <Act A>
-void normalize_act(const Rows& R, const float* __restrict__ x, float* __restrict__ y,
-                   const std::vector<float>& mean_r, const std::vector<float>& scale_r,
-                   const std::vector<float>& shift_r) {
-    const float* __restrict__ mu = mean_r.data();
-    const float* __restrict__ a = scale_r.data();
-    const float* __restrict__ b = shift_r.data();
+// Calls row(o, len) for each wide row [o, o + len) of R, in parallel when R is large enough. Each
+// thread takes a fixed contiguous run of wide rows (my_rows), so per-thread sums (Partials::mine)
+// do not depend on scheduling.
+template <class F>
+void for_each_row(const BnShape& R, F&& row) {
 #pragma omp parallel if (R.total() >= kParallelMin)
     {
         index_t lo, hi;
         my_rows(R.n, lo, hi);
-        for (index_t r = lo; r < hi; ++r) {
-            const float* __restrict__ xr = x + r * R.W;
-            float* __restrict__ yr = y + r * R.W;
-            index_t len = R.len(r);
-            for (index_t j = 0; j < len; ++j) yr[j] = act<A>((xr[j] - mu[j]) * a[j] + b[j]);
-        }
+        for (index_t r = lo; r < hi; ++r) row(r * R.W, R.len(r));
     }
+}
+
+// y = act((x - mean) * scale + shift), per channel.
+template <Act A>
+void normalize_act(const BnShape& R, const float* x, float* y, const std::vector<float>& mean_r,
+                   const std::vector<float>& scale_r, const std::vector<float>& shift_r) {
+    for_each_row(R, [&](index_t o, index_t len) {
+        const float* __restrict__ mu = mean_r.data();
+        const float* __restrict__ a = scale_r.data();
+        const float* __restrict__ b = shift_r.data();
+        const float* __restrict__ xr = x + o;
+        float* __restrict__ yr = y + o;
+        for (index_t j = 0; j < len; ++j) yr[j] = act<A>((xr[j] - mu[j]) * a[j] + b[j]);
+    });
 }
 
 // Batch statistics of the (M, C) view: biased variance, computed from sums of x minus its first
 // row in double, so that a large mean does not cancel the variance away.
-void batch_stats(const Rows& R, const float* __restrict__ x, std::vector<double>& mean,
+void batch_stats(const BnShape& R, const float* x, std::vector<double>& mean,
                  std::vector<double>& var) {
     std::vector<float> shift_r = rep<float>(R, x);
-    const float* __restrict__ sh = shift_r.data();
     Partials P(R.W, 2);
-#pragma omp parallel if (R.total() >= kParallelMin)
-    {
+    for_each_row(R, [&](index_t o, index_t len) {
         double* __restrict__ s = P.mine(0);
         double* __restrict__ q = P.mine(1);
-        index_t lo, hi;
-        my_rows(R.n, lo, hi);
-        for (index_t r = lo; r < hi; ++r) {
-            const float* __restrict__ xr = x + r * R.W;
-            index_t len = R.len(r);
-            for (index_t j = 0; j < len; ++j) {
-                double d = double(xr[j] - sh[j]);
-                s[j] += d;
-                q[j] += d * d;
-            }
+        const float* __restrict__ sh = shift_r.data();
+        const float* __restrict__ xr = x + o;
+        for (index_t j = 0; j < len; ++j) {
+            double d = double(xr[j] - sh[j]);
+            s[j] += d;
+            q[j] += d * d;
         }
-    }
+    });
     std::vector<double> S = P.fold(0, R.C), Q = P.fold(1, R.C);
     mean.resize(R.C);
     var.resize(R.C);
@@ -147,28 +146,143 @@ void batch_stats(const Rows& R, const float* __restrict__ x, std::vector<double>
 
 // Per-channel sums of dz = mask(dy) and of dz * (x - mean), the two reductions of backward.
 template <Act A>
-void grad_sums(const Rows& R, const float* __restrict__ dy, const float* __restrict__ x,
-               const float* __restrict__ y, const std::vector<float>& mean_r,
-               std::vector<double>& sum_dz, std::vector<double>& sum_dz_xc) {
-    const float* __restrict__ mu = mean_r.data();
+void grad_sums(const BnShape& R, const float* dy, const float* x, const float* y,
+               const std::vector<float>& mean_r, std::vector<double>& sum_dz,
+               std::vector<double>& sum_dz_xc) {
     Partials P(R.W, 2);
-#pragma omp parallel if (R.total() >= kParallelMin)
-    {
+    for_each_row(R, [&](index_t o, index_t len) {
         double* __restrict__ sb = P.mine(0);
         double* __restrict__ sg = P.mine(1);
-        index_t lo, hi;
-        my_rows(R.n, lo, hi);
-        for (index_t r = lo; r < hi; ++r) {
-            index_t o = r * R.W, len = R.len(r);
-            for (index_t j = 0; j < len; ++j) {
-                float g = masked<A>(dy[o + j], y[o + j]);
-                sb[j] += double(g);
-                sg[j] += double(g * (x[o + j] - mu[j]));
-            }
+        const float* __restrict__ mu = mean_r.data();
+        const float* __restrict__ dyr = dy + o;
+        const float* __restrict__ xr = x + o;
+        const float* __restrict__ yr = y + o;
+        for (index_t j = 0; j < len; ++j) {
+            float g = masked<A>(dyr[j], yr[j]);
+            sb[j] += double(g);
+            sg[j] += double(g * (xr[j] - mu[j]));
         }
-    }
+    });
     sum_dz = P.fold(0, R.C);
     sum_dz_xc = P.fold(1, R.C);
+}
+
+// ---- kernels -----------------------------------------------------------------------------------
+// x, y, dy, dx (M, C); per-channel arrays (C,). The activation's mask is read from y.
+
+// y = act(BN(x)) with batch statistics; writes mean and invstd, updates rmean and rvar in place.
+void batchnorm_act_f32_train_fwd(const BnShape& R, Act act_kind, const float* x, const float* gamma,
+                                 const float* beta, float* rmean, float* rvar, double momentum,
+                                 double eps, float* y, float* mean_out, float* invstd_out) {
+    const index_t C = R.C;
+    std::vector<double> mean, var;
+    batch_stats(R, x, mean, var);
+    std::vector<float> scale(C), shift(C);
+    for (index_t c = 0; c < C; ++c) {
+        double invstd = 1.0 / std::sqrt(var[c] + eps);
+        mean_out[c] = float(mean[c]);
+        invstd_out[c] = float(invstd);
+        scale[c] = float(invstd * gamma[c]);
+        shift[c] = beta[c];
+    }
+    auto mean_r = rep<float>(R, mean_out), scale_r = rep<float>(R, scale.data()),
+         shift_r = rep<float>(R, shift.data());
+    with_act(act_kind, [&](auto A) { normalize_act<decltype(A)::value>(R, x, y, mean_r, scale_r, shift_r); });
+    double unbias = double(R.M) / double(std::max<index_t>(R.M - 1, 1));
+    for (index_t c = 0; c < C; ++c) {
+        rmean[c] = float((1.0 - momentum) * rmean[c] + momentum * mean[c]);
+        rvar[c] = float((1.0 - momentum) * rvar[c] + momentum * var[c] * unbias);
+    }
+}
+
+// Backward through the batch statistics.
+void batchnorm_act_f32_train_bwd(const BnShape& R, Act act_kind, const float* dy, const float* x,
+                                 const float* y, const float* gamma, const float* mean,
+                                 const float* invstd, float* dx, float* dgamma, float* dbeta) {
+    const index_t C = R.C, M = R.M;
+    auto mean_r = rep<float>(R, mean);
+    std::vector<double> sum_dz, sum_dz_xc;
+    with_act(act_kind, [&](auto A) { grad_sums<decltype(A)::value>(R, dy, x, y, mean_r, sum_dz, sum_dz_xc); });
+    // dx = k1*dz - k2 - k3*(x - mean), the usual gamma*invstd/M * (M*dz - dbeta - xhat*dgamma).
+    std::vector<float> k1(C), k2(C), k3(C);
+    for (index_t c = 0; c < C; ++c) {
+        double is = invstd[c], g = gamma[c];
+        double dg = sum_dz_xc[c] * is;
+        dgamma[c] = float(dg);
+        dbeta[c] = float(sum_dz[c]);
+        k1[c] = float(g * is);
+        k2[c] = float(g * is * sum_dz[c] / double(M));
+        k3[c] = float(g * is * is * dg / double(M));
+    }
+    auto k1_r = rep<float>(R, k1.data()), k2_r = rep<float>(R, k2.data()),
+         k3_r = rep<float>(R, k3.data());
+    with_act(act_kind, [&](auto A) {
+        for_each_row(R, [&](index_t o, index_t len) {
+            const float* __restrict__ mu = mean_r.data();
+            const float* __restrict__ p1 = k1_r.data();
+            const float* __restrict__ p2 = k2_r.data();
+            const float* __restrict__ p3 = k3_r.data();
+            const float* __restrict__ dyr = dy + o;
+            const float* __restrict__ xr = x + o;
+            const float* __restrict__ yr = y + o;
+            float* __restrict__ dxr = dx + o;
+            for (index_t j = 0; j < len; ++j) {
+                float g = masked<decltype(A)::value>(dyr[j], yr[j]);
+                dxr[j] = p1[j] * g - p2[j] - p3[j] * (xr[j] - mu[j]);
+            }
+        });
+    });
+}
+
+// y = act(BN(x)) with fixed statistics.
+void batchnorm_act_f32_infer_fwd(const BnShape& R, Act act_kind, const float* x, const float* gamma,
+                                 const float* beta, const float* mean, const float* var, double eps,
+                                 float* y) {
+    std::vector<float> scale(R.C);
+    for (index_t c = 0; c < R.C; ++c)
+        scale[c] = float(double(gamma[c]) / std::sqrt(double(var[c]) + eps));
+    auto mean_r = rep<float>(R, mean), scale_r = rep<float>(R, scale.data()),
+         shift_r = rep<float>(R, beta);
+    with_act(act_kind, [&](auto A) { normalize_act<decltype(A)::value>(R, x, y, mean_r, scale_r, shift_r); });
+}
+
+// Backward with fixed statistics: dx and the two reductions in one pass.
+void batchnorm_act_f32_infer_bwd(const BnShape& R, Act act_kind, const float* dy, const float* x,
+                                 const float* y, const float* gamma, const float* mean,
+                                 const float* var, double eps, float* dx, float* dgamma,
+                                 float* dbeta) {
+    const index_t C = R.C;
+    std::vector<double> invstd(C);
+    std::vector<float> k(C);
+    for (index_t c = 0; c < C; ++c) {
+        invstd[c] = 1.0 / std::sqrt(double(var[c]) + eps);
+        k[c] = float(gamma[c] * invstd[c]);
+    }
+    auto mean_r = rep<float>(R, mean), k_r = rep<float>(R, k.data());
+    Partials P(R.W, 2);
+    with_act(act_kind, [&](auto A) {
+        for_each_row(R, [&](index_t o, index_t len) {
+            double* __restrict__ sb = P.mine(0);
+            double* __restrict__ sg = P.mine(1);
+            const float* __restrict__ mu = mean_r.data();
+            const float* __restrict__ kp = k_r.data();
+            const float* __restrict__ dyr = dy + o;
+            const float* __restrict__ xr = x + o;
+            const float* __restrict__ yr = y + o;
+            float* __restrict__ dxr = dx + o;
+            for (index_t j = 0; j < len; ++j) {
+                float g = masked<decltype(A)::value>(dyr[j], yr[j]);
+                dxr[j] = g * kp[j];
+                sb[j] += double(g);
+                sg[j] += double(g * (xr[j] - mu[j]));
+            }
+        });
+    });
+    std::vector<double> sum_dz = P.fold(0, C), sum_dz_xc = P.fold(1, C);
+    for (index_t c = 0; c < C; ++c) {
+        dgamma[c] = float(sum_dz_xc[c] * invstd[c]);
+        dbeta[c] = float(sum_dz[c]);
+    }
 }
 
 // --- argument checking ------------------------------------------------------------------------
@@ -211,6 +325,8 @@ void check_eps(double eps) {
 
 // --- bindings ---------------------------------------------------------------------------------
 
+BnShape shape_of(const F32& x) { return make_shape(x.size() / x[-1], x[-1]); }
+
 py::tuple bn_train_fwd(const py::object& x_, const py::object& gamma_, const py::object& beta_,
                        const py::object& rmean_, const py::object& rvar_, double momentum,
                        double eps, const std::string& act_name) {
@@ -223,84 +339,30 @@ py::tuple bn_train_fwd(const py::object& x_, const py::object& gamma_, const py:
             "momentum must be in [0, 1], got " + std::to_string(momentum));
     check_eps(eps);
     Act a = parse_act(act_name);
-    const index_t C = x[-1], M = x.size() / C;
-    auto y = new_f32(x.shape), mean_out = new_f32({C}), invstd_out = new_f32({C});
-    float *yp = ptr(y), *mp = ptr(mean_out), *ip = ptr(invstd_out);
+    const BnShape R = shape_of(x);
+    auto y = new_f32(x.shape, "y"), mean = new_f32({R.C}), invstd = new_f32({R.C});
+    float *yp = ptr(y), *mp = ptr(mean), *ip = ptr(invstd);
     {
-        py::gil_scoped_release release;
-        Rows R = make_rows(M, C);
-        std::vector<double> mean, var;
-        batch_stats(R, x.ptr, mean, var);
-        std::vector<float> scale(C), shift(C);
-        for (index_t c = 0; c < C; ++c) {
-            double invstd = 1.0 / std::sqrt(var[c] + eps);
-            mp[c] = float(mean[c]);
-            ip[c] = float(invstd);
-            scale[c] = float(invstd * gamma.ptr[c]);
-            shift[c] = beta.ptr[c];
-        }
-        auto mean_r = rep<float>(R, mp), scale_r = rep<float>(R, scale.data()),
-             shift_r = rep<float>(R, shift.data());
-        with_act(a, [&](auto A) { normalize_act<decltype(A)::value>(R, x.ptr, yp, mean_r, scale_r, shift_r); });
-        double unbias = double(M) / double(std::max<index_t>(M - 1, 1));
-        for (index_t c = 0; c < C; ++c) {
-            rmean.ptr[c] = float((1.0 - momentum) * rmean.ptr[c] + momentum * mean[c]);
-            rvar.ptr[c] = float((1.0 - momentum) * rvar.ptr[c] + momentum * var[c] * unbias);
-        }
+        py::gil_scoped_release nogil;
+        batchnorm_act_f32_train_fwd(R, a, x.ptr, gamma.ptr, beta.ptr, rmean.ptr, rvar.ptr, momentum,
+                                    eps, yp, mp, ip);
     }
-    return py::make_tuple(y, mean_out, invstd_out);
+    return py::make_tuple(y, mean, invstd);
 }
 
 py::tuple bn_train_bwd(const py::object& dy_, const py::object& x_, const py::object& y_,
                        const py::object& gamma_, const py::object& beta_, const py::object& mean_,
                        const py::object& invstd_, const std::string& act_name) {
     const BwdArgs args(dy_, x_, y_, gamma_, beta_, mean_);
-    const F32 &dy = args.dy, &x = args.x, &y = args.y, &gamma = args.gamma, &mean = args.mean;
-    F32 invstd = check_channel_vec(invstd_, "invstd", x);
+    F32 invstd = check_channel_vec(invstd_, "invstd", args.x);
     Act a = parse_act(act_name);
-    const index_t C = x[-1], M = x.size() / C;
-    auto dx = new_f32(x.shape), dgamma = new_f32({C}), dbeta = new_f32({C});
+    const BnShape R = shape_of(args.x);
+    auto dx = new_f32(args.x.shape, "dx"), dgamma = new_f32({R.C}), dbeta = new_f32({R.C});
     float *dxp = ptr(dx), *dgp = ptr(dgamma), *dbp = ptr(dbeta);
     {
-        py::gil_scoped_release release;
-        Rows R = make_rows(M, C);
-        auto mean_r = rep<float>(R, mean.ptr);
-        std::vector<double> sum_dz, sum_dz_xc;
-        with_act(a, [&](auto A) { grad_sums<decltype(A)::value>(R, dy.ptr, x.ptr, y.ptr, mean_r, sum_dz, sum_dz_xc); });
-        // dx = k1*dz - k2 - k3*(x - mean), the usual gamma*invstd/M * (M*dz - dbeta - xhat*dgamma).
-        std::vector<float> k1(C), k2(C), k3(C);
-        for (index_t c = 0; c < C; ++c) {
-            double is = invstd.ptr[c], g = gamma.ptr[c];
-            double dg = sum_dz_xc[c] * is;
-            dgp[c] = float(dg);
-            dbp[c] = float(sum_dz[c]);
-            k1[c] = float(g * is);
-            k2[c] = float(g * is * sum_dz[c] / double(M));
-            k3[c] = float(g * is * is * dg / double(M));
-        }
-        auto k1_r = rep<float>(R, k1.data()), k2_r = rep<float>(R, k2.data()),
-             k3_r = rep<float>(R, k3.data());
-        const float* __restrict__ mu = mean_r.data();
-        const float* __restrict__ p1 = k1_r.data();
-        const float* __restrict__ p2 = k2_r.data();
-        const float* __restrict__ p3 = k3_r.data();
-        const float* __restrict__ dyp = dy.ptr;
-        const float* __restrict__ xp = x.ptr;
-        const float* __restrict__ yp = y.ptr;
-        with_act(a, [&](auto A) {
-#pragma omp parallel if (R.total() >= kParallelMin)
-            {
-                index_t lo, hi;
-                my_rows(R.n, lo, hi);
-                for (index_t r = lo; r < hi; ++r) {
-                    index_t o = r * R.W, len = R.len(r);
-                    for (index_t j = 0; j < len; ++j) {
-                        float g = masked<decltype(A)::value>(dyp[o + j], yp[o + j]);
-                        dxp[o + j] = p1[j] * g - p2[j] - p3[j] * (xp[o + j] - mu[j]);
-                    }
-                }
-            }
-        });
+        py::gil_scoped_release nogil;
+        batchnorm_act_f32_train_bwd(R, a, args.dy.ptr, args.x.ptr, args.y.ptr, args.gamma.ptr,
+                                    args.mean.ptr, invstd.ptr, dxp, dgp, dbp);
     }
     return py::make_tuple(dx, dgamma, dbeta);
 }
@@ -315,68 +377,25 @@ py::array_t<float> bn_infer_fwd(const py::object& x_, const py::object& gamma_,
     F32 var = check_channel_vec(var_, "var", x);
     check_eps(eps);
     Act a = parse_act(act_name);
-    const index_t C = x[-1], M = x.size() / C;
-    return compute_f32(x.shape, [&](float* yp) {
-        Rows R = make_rows(M, C);
-        std::vector<float> scale(C);
-        for (index_t c = 0; c < C; ++c)
-            scale[c] = float(double(gamma.ptr[c]) / std::sqrt(double(var.ptr[c]) + eps));
-        auto mean_r = rep<float>(R, mean.ptr), scale_r = rep<float>(R, scale.data()),
-             shift_r = rep<float>(R, beta.ptr);
-        with_act(a, [&](auto A) { normalize_act<decltype(A)::value>(R, x.ptr, yp, mean_r, scale_r, shift_r); });
-    });
+    return compute_f32(x.shape, [&](float* y) {
+        batchnorm_act_f32_infer_fwd(shape_of(x), a, x.ptr, gamma.ptr, beta.ptr, mean.ptr, var.ptr, eps, y);
+    }, "y");
 }
 
 py::tuple bn_infer_bwd(const py::object& dy_, const py::object& x_, const py::object& y_,
                        const py::object& gamma_, const py::object& beta_, const py::object& mean_,
                        const py::object& var_, double eps, const std::string& act_name) {
     const BwdArgs args(dy_, x_, y_, gamma_, beta_, mean_);
-    const F32 &dy = args.dy, &x = args.x, &y = args.y, &gamma = args.gamma, &mean = args.mean;
-    F32 var = check_channel_vec(var_, "var", x);
+    F32 var = check_channel_vec(var_, "var", args.x);
     check_eps(eps);
     Act a = parse_act(act_name);
-    const index_t C = x[-1], M = x.size() / C;
-    auto dx = new_f32(x.shape), dgamma = new_f32({C}), dbeta = new_f32({C});
+    const BnShape R = shape_of(args.x);
+    auto dx = new_f32(args.x.shape, "dx"), dgamma = new_f32({R.C}), dbeta = new_f32({R.C});
     float *dxp = ptr(dx), *dgp = ptr(dgamma), *dbp = ptr(dbeta);
     {
-        py::gil_scoped_release release;
-        Rows R = make_rows(M, C);
-        std::vector<double> invstd(C);
-        std::vector<float> k(C);
-        for (index_t c = 0; c < C; ++c) {
-            invstd[c] = 1.0 / std::sqrt(double(var.ptr[c]) + eps);
-            k[c] = float(gamma.ptr[c] * invstd[c]);
-        }
-        auto mean_r = rep<float>(R, mean.ptr), k_r = rep<float>(R, k.data());
-        const float* __restrict__ mu = mean_r.data();
-        const float* __restrict__ kp = k_r.data();
-        const float* __restrict__ dyp = dy.ptr;
-        const float* __restrict__ xp = x.ptr;
-        const float* __restrict__ yp = y.ptr;
-        Partials P(R.W, 2);
-        with_act(a, [&](auto A) {
-#pragma omp parallel if (R.total() >= kParallelMin)
-            {
-                double* __restrict__ sb = P.mine(0);
-                double* __restrict__ sg = P.mine(1);
-                index_t lo, hi;
-                my_rows(R.n, lo, hi);
-                for (index_t r = lo; r < hi; ++r) {
-                    index_t o = r * R.W, len = R.len(r);
-                    for (index_t j = 0; j < len; ++j) {
-                        float g = masked<decltype(A)::value>(dyp[o + j], yp[o + j]);
-                        dxp[o + j] = g * kp[j];
-                        sb[j] += double(g);
-                        sg[j] += double(g * (xp[o + j] - mu[j]));
-                    }
-                }
-            }
-        });
-        std::vector<double> sum_dz = P.fold(0, C), sum_dz_xc = P.fold(1, C);
-        for (index_t c = 0; c < C; ++c) {
-            dgp[c] = float(sum_dz_xc[c] * invstd[c]);
-            dbp[c] = float(sum_dz[c]);
-        }
+        py::gil_scoped_release nogil;
+        batchnorm_act_f32_infer_bwd(R, a, args.dy.ptr, args.x.ptr, args.y.ptr, args.gamma.ptr,
+                                    args.mean.ptr, var.ptr, eps, dxp, dgp, dbp);
     }
     return py::make_tuple(dx, dgamma, dbeta);
 }

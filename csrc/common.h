@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -42,7 +43,7 @@ inline F32 check_f32(const py::object& obj, const char* name, int ndim) {
         throw py::type_error(std::string(name) + " must be a numpy.ndarray of float32, got " +
                              std::string(py::str(py::type::of(obj).attr("__name__"))));
     py::array a = py::reinterpret_borrow<py::array>(obj);
-    if (!a.dtype().is(py::dtype::of<float>()))
+    if (!a.dtype().equal(py::dtype::of<float>()))  // not is(): unpickled dtypes are copies
         throw py::type_error(std::string(name) + " must have dtype float32, got " +
                              std::string(py::str(a.dtype())));
     if (ndim >= 0 && a.ndim() != ndim)
@@ -54,6 +55,11 @@ inline F32 check_f32(const py::object& obj, const char* name, int ndim) {
     if (!(a.flags() & py::array::c_style))
         throw py::value_error(std::string(name) +
                               " must be C-contiguous (use numpy.ascontiguousarray)");
+    // Kernels read it as float*: a misaligned one is undefined behaviour (UBSan), and a vector
+    // loop peeled for alignment would never reach it.
+    if (reinterpret_cast<std::uintptr_t>(a.data()) % alignof(float) != 0)
+        throw py::value_error(std::string(name) +
+                              " must be aligned to 4 bytes (copy it with numpy.array)");
     F32 out;
     out.arr = a;
     // Inputs may be read-only (e.g. memory-mapped data); bindings that write in place check
@@ -78,7 +84,9 @@ inline py::array_t<std::int64_t> check_labels(const py::object& obj, const char*
     if (a.ndim() != 1)
         throw py::value_error(std::string(name) + " must have 1 dimension, got " +
                               std::to_string(a.ndim()));
-    return py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+    // A copy when it is not int64, contiguous and aligned.
+    return py::array_t<std::int64_t, py::array::c_style | py::array::forcecast |
+                                         py::detail::npy_api::NPY_ARRAY_ALIGNED_>::ensure(a);
 }
 
 inline void require(bool ok, const std::string& message) {
@@ -94,7 +102,29 @@ inline void check_same_dim(const F32& a, int ia, const char* na, const F32& b, i
 }
 
 constexpr index_t kMaxDim = index_t(1) << 30;       // bound on stride, padding and (h, w) arguments
-constexpr index_t kMaxElements = index_t(1) << 31;  // bound on any output we allocate
+constexpr index_t kMaxElements = index_t(1) << 31;  // the one bound on any array we allocate
+
+// Below these many elements (or multiply-adds for sgemm) one thread beats waking the team.
+constexpr index_t kParallelMinLoss = index_t(1) << 14;  // softmax forward: exp and log per element
+constexpr index_t kParallelMin = index_t(1) << 15;      // elementwise and reduction passes
+constexpr index_t kParallelMinGemm = index_t(1) << 18;  // M * N * K
+
+// An int argument (an int or an object with __index__, not a bool) in [lo, hi]; `range` spells
+// [lo, hi] for the message.
+inline index_t parse_int(const py::object& v, const std::string& name, index_t lo, index_t hi,
+                         const std::string& range) {
+    if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
+        throw py::type_error(name + " must be an int, got " +
+                             std::string(py::str(py::type::of(v).attr("__name__"))));
+    auto iv = py::reinterpret_steal<py::int_>(PyNumber_Index(v.ptr()));
+    if (!iv) throw py::error_already_set();
+    require(iv >= py::int_(lo) && iv <= py::int_(hi),
+            name + " must be in " + range + ", got " + std::string(py::str(iv)));
+    return py::cast<index_t>(iv);
+}
+
+inline index_t parse_stride(const py::object& v) { return parse_int(v, "stride", 1, kMaxDim, "[1, 2^30]"); }
+inline index_t parse_padding(const py::object& v) { return parse_int(v, "padding", 0, kMaxDim, "[0, 2^30]"); }
 
 inline void check_stride_padding(index_t stride, index_t padding) {
     require(stride >= 1, "stride must be >= 1, got " + std::to_string(stride));
@@ -116,7 +146,9 @@ inline index_t conv_out_size(index_t in, index_t k, index_t stride, index_t padd
     return span / stride + 1;
 }
 
-// Refuses outputs no machine holds (numpy would raise MemoryError instead of ValueError).
+// Refuses arrays no machine holds, before allocating them (numpy would raise MemoryError, or
+// succeed and swap). Every output, and every scratch buffer not bounded by an output or an input,
+// goes through here.
 inline void check_alloc(const std::vector<index_t>& shape, const std::string& what) {
     double total = 1.0;
     for (auto d : shape) total *= static_cast<double>(d);
@@ -149,34 +181,41 @@ inline std::pair<index_t, index_t> parse_hw(const py::object& obj, const char* n
         throw py::value_error(std::string(name) + " must have 2 entries (height, width), got " +
                               std::to_string(seq.size()));
     index_t hw[2];
-    for (int i = 0; i < 2; ++i) {
-        py::object v = seq[i];
-        if (!py::isinstance<py::int_>(v) && !py::hasattr(v, "__index__"))
-            throw py::type_error(std::string(name) + " must hold ints");
-        py::int_ iv(v);
-        require(iv >= py::int_(1) && iv <= py::int_(kMaxDim),
-                std::string(name) + " entries must be in [1, 2^30], got " +
-                    std::string(py::str(iv)));
-        hw[i] = py::cast<index_t>(iv);
-    }
+    for (int i = 0; i < 2; ++i)
+        hw[i] = parse_int(seq[i], std::string(name) + " entries", 1, kMaxDim, "[1, 2^30]");
     return {hw[0], hw[1]};
 }
 
-inline py::array_t<float> new_f32(const std::vector<index_t>& shape) {
+// A new float32 array of `shape`, refused (ValueError naming `what`) over the shared bound.
+inline py::array_t<float> new_f32(const std::vector<index_t>& shape,
+                                  const std::string& what = "the output") {
+    check_alloc(shape, what);
     std::vector<py::ssize_t> s(shape.begin(), shape.end());
     return py::array_t<float>(s);
 }
 inline float* ptr(py::array_t<float>& a) { return a.mutable_data(); }
 
-// A new float32 array of `shape` (check its size first), filled by kernel(data) without the GIL.
+// A new float32 array of `shape` (checked by new_f32), filled by kernel(data) without the GIL.
+// Kernels allocate their scratch before any parallel region: there std::bad_alloc reaches Python
+// as MemoryError, while inside one it would end the process.
 template <class Kernel>
-py::array_t<float> compute_f32(const std::vector<index_t>& shape, Kernel&& kernel) {
-    check_alloc(shape, "the output");
-    auto out = new_f32(shape);
+py::array_t<float> compute_f32(const std::vector<index_t>& shape, Kernel&& kernel,
+                               const std::string& what = "the output") {
+    auto out = new_f32(shape, what);
     float* p = ptr(out);
+    bool out_of_memory = false;
     {
         py::gil_scoped_release nogil;
-        kernel(p);
+        try {
+            kernel(p);
+        } catch (const std::bad_alloc&) {
+            out_of_memory = true;
+        }
+    }
+    if (out_of_memory) {
+        PyErr_SetString(PyExc_MemoryError,
+                        (what + ": not enough memory for the kernel's scratch buffers").c_str());
+        throw py::error_already_set();
     }
     return out;
 }

@@ -162,27 +162,27 @@ void conv2d_f32_bwd_weight(const ConvShape& a, const float* x, const float* dy, 
 template <class Kernel>
 py::array_t<float> run(const ConvShape& a, const std::vector<index_t>& shape, const char* name,
                        Kernel&& kernel) {
-    check_alloc(shape, name);
     check_alloc({a.pixels(), a.kdim()}, "the im2col matrix of one image");
-    return compute_f32(shape, kernel);
+    return compute_f32(shape, kernel, name);
 }
 
-py::array_t<float> conv2d_fwd(const py::object& x_, const py::object& w_, index_t stride,
-                              index_t padding) {
+py::array_t<float> conv2d_fwd(const py::object& x_, const py::object& w_,
+                              const py::object& stride, const py::object& padding) {
     F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 4);
     check_same_dim(x, 3, "x", w, 2, "w");
-    ConvShape a{x[0], x[1], x[2], x[3], w[0], w[1], w[3], 0, 0, stride, padding};
+    ConvShape a{x[0], x[1], x[2], x[3], w[0], w[1], w[3], 0, 0, parse_stride(stride), parse_padding(padding)};
     set_out_size(a);
     return run(a, {a.n, a.ho, a.wo, a.co}, "y",
                [&](float* y) { conv2d_f32_fwd(a, x.ptr, w.ptr, y); });
 }
 
 py::array_t<float> conv2d_bwd_input(const py::object& dy_, const py::object& w_,
-                                    const py::object& input_hw, index_t stride, index_t padding) {
+                                    const py::object& input_hw, const py::object& stride,
+                                    const py::object& padding) {
     F32 dy = check_f32(dy_, "dy", 4), w = check_f32(w_, "w", 4);
     check_same_dim(dy, 3, "dy", w, 3, "w");
     auto [h, wd] = parse_hw(input_hw, "input_hw");
-    ConvShape a{dy[0], h, wd, w[2], w[0], w[1], w[3], 0, 0, stride, padding};
+    ConvShape a{dy[0], h, wd, w[2], w[0], w[1], w[3], 0, 0, parse_stride(stride), parse_padding(padding)};
     set_out_size(a);
     check_dy_shape(dy, a);
     return run(a, {a.n, a.h, a.w, a.ci}, "dx",
@@ -190,12 +190,12 @@ py::array_t<float> conv2d_bwd_input(const py::object& dy_, const py::object& w_,
 }
 
 py::array_t<float> conv2d_bwd_weight(const py::object& x_, const py::object& dy_,
-                                     const py::object& kernel_hw, index_t stride,
-                                     index_t padding) {
+                                     const py::object& kernel_hw, const py::object& stride,
+                                     const py::object& padding) {
     F32 x = check_f32(x_, "x", 4), dy = check_f32(dy_, "dy", 4);
     check_same_dim(x, 0, "x", dy, 0, "dy");
     auto [kh, kw] = parse_hw(kernel_hw, "kernel_hw");
-    ConvShape a{x[0], x[1], x[2], x[3], kh, kw, dy[3], 0, 0, stride, padding};
+    ConvShape a{x[0], x[1], x[2], x[3], kh, kw, dy[3], 0, 0, parse_stride(stride), parse_padding(padding)};
     set_out_size(a);
     check_dy_shape(dy, a);
     return run(a, {a.kh, a.kw, a.ci, a.co}, "dw",

@@ -10,6 +10,9 @@
 // Threads: forward and input gradient over (n, output or input row), each element written by one
 // thread; the weight gradient over a fixed number of chunks of output rows (float partial sums,
 // added up in double). Every sum runs in a fixed order: results do not depend on the thread count.
+// Scratch is allocated before the parallel regions (PerThread) and bounded by a few rows of the
+// input or output: zero-padded rows are only used for strides up to the kernel width, where they
+// are at most (kw / s + 1) times the output row they serve.
 #include <omp.h>
 
 #include <algorithm>
@@ -47,6 +50,22 @@ inline void tap_range(index_t in, index_t t, index_t s, index_t p, index_t out, 
     lo = std::min(lo, out);
     if (hi < lo) hi = lo;
 }
+
+// One T per thread, made before a parallel region (an exception inside one ends the process).
+template <class T>
+class PerThread {
+   public:
+    PerThread(const T& proto) : items_(omp_get_max_threads(), proto) {}
+    T& mine() { return items_[omp_get_thread_num()]; }
+
+   private:
+    std::vector<T> items_;
+};
+
+// Whether 3x3 kernels may read zero-padded copies of the rows under an output row: with a stride
+// larger than the kernel most of such a row is never read (stride 2^26 over a 1-pixel input
+// would pad it to 2^26 pixels).
+inline bool pads_rows(const DwShape& a) { return a.kh == 3 && a.kw == 3 && a.s <= a.kw; }
 
 // A list of taps for one output element row: out[c] = sum over t of a[aoff[t] + c] * b[boff[t] + c],
 // summed in list order. Border pixels and kernels without a specialization go through it.
@@ -189,13 +208,15 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
     index_t oh_lo, oh_hi, ow_lo, ow_hi;
     interior_range(a.h, a.kh, a.s, a.p, a.ho, oh_lo, oh_hi);
     interior_range(a.w, a.kw, a.s, a.p, a.wo, ow_lo, ow_hi);
-    const bool fast = a.kh == 3 && a.kw == 3;
+    const bool fast = a.kh == 3 && a.kw == 3, padded = pads_rows(a);
     const index_t C = a.c;
     const index_t wp = (a.wo - 1) * a.s + a.kw;  // padded width under one output row
+    PerThread<Taps> all_taps(Taps(a.kh * a.kw));
+    PerThread<std::vector<float>> all_xb(std::vector<float>(padded ? 3 * wp * C : 0));
 #pragma omp parallel
     {
-        Taps taps(a.kh * a.kw);
-        std::vector<float> xb;
+        Taps& taps = all_taps.mine();
+        std::vector<float>& xb = all_xb.mine();
 #pragma omp for collapse(2) schedule(static)
         for (index_t n = 0; n < a.n; ++n)
             for (index_t oh = 0; oh < a.ho; ++oh) {
@@ -203,14 +224,13 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
                 float* yrow = y + (n * a.ho + oh) * a.wo * C;
                 const index_t ih0 = oh * a.s - a.p;
                 const bool row_inside = oh >= oh_lo && oh < oh_hi;
-                if (fast && (!row_inside || pad_whole_row(ow_hi - ow_lo, a.wo))) {
-                    xb.resize(3 * wp * C);
+                if (padded && (!row_inside || pad_whole_row(ow_hi - ow_lo, a.wo))) {
                     padded_rows_f32(ximg, a.h, a.w, C, ih0, 3, -a.p, wp, xb.data());
                     dwconv3x3_f32_row(C, a.wo, a.s * C, wp * C, xb.data(), w, yrow);
                     continue;
                 }
                 index_t lo = 0, hi = 0;  // columns done by the fast path
-                if (fast) {
+                if (fast && row_inside) {
                     lo = ow_lo;
                     hi = ow_hi;
                     if (hi > lo)
@@ -254,13 +274,20 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
     const index_t clo = std::min(a.w, std::max<index_t>(0, a.kw - 1 - a.p));
     const index_t chi = std::max(clo, std::min(a.w, a.wo * a.s - a.p));
     const index_t C = a.c;
+    // An input pixel gets at most ceil(kh/s) rows times ceil(kw/s) columns of taps.
+    const index_t rows_max = (a.kh + a.s - 1) / a.s, cap = rows_max * ((a.kw + a.s - 1) / a.s);
+    const index_t nres = std::min(a.s, a.kw);  // residues (iw + p) mod s that have taps
+    PerThread<Taps> all_taps(Taps{cap});
+    const std::vector<index_t> row_proto(rows_max);
+    PerThread<std::vector<index_t>> all_row_i(row_proto), all_row_oh(row_proto);
+    PerThread<std::vector<float>> all_dyb(std::vector<float>(fast ? 3 * (a.w + 2) * C : 0));
+    PerThread<std::vector<Taps>> all_res_taps(std::vector<Taps>(nres, Taps(cap)));
 #pragma omp parallel
     {
-        Taps taps(a.kh * a.kw);
-        std::vector<index_t> row_i(a.kh), row_oh(a.kh);
-        std::vector<float> dyb;
-        const index_t nres = std::min(a.s, a.kw);  // residues (iw + p) mod s that have taps
-        std::vector<Taps> res_taps(nres, Taps(a.kh * a.kw));
+        Taps& taps = all_taps.mine();
+        std::vector<index_t>&row_i = all_row_i.mine(), &row_oh = all_row_oh.mine();
+        std::vector<float>& dyb = all_dyb.mine();
+        std::vector<Taps>& res_taps = all_res_taps.mine();
 #pragma omp for collapse(2) schedule(static)
         for (index_t n = 0; n < a.n; ++n)
             for (index_t ih = 0; ih < a.h; ++ih) {
@@ -269,7 +296,6 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
                 const bool row_inside = ih >= ih_lo && ih < ih_hi;
                 if (fast && (!row_inside || pad_whole_row(iw_hi - iw_lo, a.w))) {
                     // dyb[i][q] = dy[ih + p - 2 + i][p - 2 + q]; dx row = 3x3 row of dyb, wflip.
-                    dyb.resize(3 * (a.w + 2) * C);
                     padded_rows_f32(dyimg, a.ho, a.wo, C, ih + a.p - 2, 3, a.p - 2, a.w + 2,
                                     dyb.data());
                     dwconv3x3_f32_row(C, a.w, C, (a.w + 2) * C, dyb.data(), wflip.data(), dxrow);
@@ -423,14 +449,16 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
                            const float* __restrict__ dy, float* __restrict__ dw) {
     const index_t rows = a.n * a.ho, taps = a.kh * a.kw * a.c;
     const index_t nchunks = std::min<index_t>(rows, 32);
-    const bool fast = a.kh == 3 && a.kw == 3;
+    const bool fast = pads_rows(a);
     const index_t wp = (a.wo - 1) * a.s + a.kw;  // padded row width under one output row
     std::vector<index_t> tlo(a.kw), thi(a.kw);
     for (index_t j = 0; j < a.kw; ++j) tap_range(a.w, j, a.s, a.p, a.wo, tlo[j], thi[j]);
+    check_alloc({nchunks, taps}, "the weight gradient's partial sums");
     std::vector<float> parts(nchunks * taps);
+    PerThread<std::vector<float>> all_xb(std::vector<float>(fast ? 3 * wp * a.c : 0));
 #pragma omp parallel
     {
-        std::vector<float> xb(fast ? 3 * wp * a.c : 0);
+        std::vector<float>& xb = all_xb.mine();
         index_t ring_n[3] = {-1, -1, -1}, ring_ih[3] = {0, 0, 0};
 #pragma omp for schedule(dynamic, 1)
         for (index_t k = 0; k < nchunks; ++k) {
@@ -475,48 +503,42 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
 
 // ---- bindings ----------------------------------------------------------------------------------
 
-// Refuses an output `name` of `shape` that no machine holds; then computes it by kernel(out)
-// without the GIL.
-template <class Kernel>
-py::array_t<float> run(const std::vector<index_t>& shape, const char* name, Kernel&& kernel) {
-    check_alloc(shape, name);
-    return compute_f32(shape, kernel);
-}
-
-py::array_t<float> dwconv2d_fwd(const py::object& x_, const py::object& w_, index_t stride,
-                                index_t padding) {
+py::array_t<float> dwconv2d_fwd(const py::object& x_, const py::object& w_,
+                                const py::object& stride, const py::object& padding) {
     F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 3);
     check_same_dim(x, 3, "x", w, 2, "w");
-    DwShape a{x[0], x[1], x[2], x[3], w[0], w[1], 0, 0, stride, padding};
+    DwShape a{x[0], x[1], x[2], x[3], w[0], w[1], 0, 0, parse_stride(stride), parse_padding(padding)};
     set_out_size(a);
-    return run({a.n, a.ho, a.wo, a.c}, "y", [&](float* y) { dwconv_f32_fwd(a, x.ptr, w.ptr, y); });
+    return compute_f32(
+        {a.n, a.ho, a.wo, a.c}, [&](float* y) { dwconv_f32_fwd(a, x.ptr, w.ptr, y); }, "y");
 }
 
 py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w_,
-                                      const py::object& input_hw, index_t stride,
-                                      index_t padding) {
+                                      const py::object& input_hw, const py::object& stride,
+                                      const py::object& padding) {
     F32 dy = check_f32(dy_, "dy", 4), w = check_f32(w_, "w", 3);
     check_same_dim(dy, 3, "dy", w, 2, "w");
     auto [h, wd] = parse_hw(input_hw, "input_hw");
-    DwShape a{dy[0], h, wd, dy[3], w[0], w[1], 0, 0, stride, padding};
+    DwShape a{dy[0], h, wd, dy[3], w[0], w[1], 0, 0, parse_stride(stride), parse_padding(padding)};
     set_out_size(a);
     check_dy_shape(dy, a);
-    return run({a.n, a.h, a.w, a.c}, "dx",
-               [&](float* dx) { dwconv_f32_bwd_input(a, dy.ptr, w.ptr, dx); });
+    return compute_f32(
+        {a.n, a.h, a.w, a.c}, [&](float* dx) { dwconv_f32_bwd_input(a, dy.ptr, w.ptr, dx); },
+        "dx");
 }
 
 py::array_t<float> dwconv2d_bwd_weight(const py::object& x_, const py::object& dy_,
-                                       const py::object& kernel_hw, index_t stride,
-                                       index_t padding) {
+                                       const py::object& kernel_hw, const py::object& stride,
+                                       const py::object& padding) {
     F32 x = check_f32(x_, "x", 4), dy = check_f32(dy_, "dy", 4);
     check_same_dim(x, 0, "x", dy, 0, "dy");
     check_same_dim(x, 3, "x", dy, 3, "dy");
     auto [kh, kw] = parse_hw(kernel_hw, "kernel_hw");
-    DwShape a{x[0], x[1], x[2], x[3], kh, kw, 0, 0, stride, padding};
+    DwShape a{x[0], x[1], x[2], x[3], kh, kw, 0, 0, parse_stride(stride), parse_padding(padding)};
     set_out_size(a);
     check_dy_shape(dy, a);
-    return run({a.kh, a.kw, a.c}, "dw",
-               [&](float* dw) { dwconv_f32_bwd_weight(a, x.ptr, dy.ptr, dw); });
+    return compute_f32(
+        {a.kh, a.kw, a.c}, [&](float* dw) { dwconv_f32_bwd_weight(a, x.ptr, dy.ptr, dw); }, "dw");
 }
 
 }  // namespace

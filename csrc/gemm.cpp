@@ -134,14 +134,20 @@ void pack_b(index_t kc, index_t nc, const float* B, index_t rsb, index_t csb,
     }
 }
 
+// One thread's packing buffers for a GEMM of at most M x N x K (at most MC x KC and KC x NC),
+// allocated before the parallel region.
+struct PackBuffers {
+    AlignedBuffer a, b;
+    PackBuffers(index_t M, index_t N, index_t K)
+        : a(std::min<index_t>(MC, (M + MR - 1) / MR * MR) * std::min<index_t>(KC, K)),
+          b(std::min<index_t>(KC, K) * std::min<index_t>(NC, (N + NR - 1) / NR * NR)) {}
+};
+
 // One thread's GEMM over its part of C, with its own packing buffers.
 void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                   const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
-                  bool accumulate) {
-    const index_t mc_max = std::min<index_t>(MC, (M + MR - 1) / MR * MR);
-    const index_t nc_max = std::min<index_t>(NC, (N + NR - 1) / NR * NR);
-    const index_t kc_max = std::min<index_t>(KC, K);
-    AlignedBuffer abuf(mc_max * kc_max), bbuf(kc_max * nc_max);
+                  bool accumulate, PackBuffers& buf) {
+    const AlignedBuffer &abuf = buf.a, &bbuf = buf.b;
     // Row-major A is read in place by the microkernel (MR rows, unit stride along k): packing it
     // would cost as much as the multiply when N is small, and gains nothing measurable when large.
     const bool direct_a = csa == 1;
@@ -197,7 +203,7 @@ void sgemm(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t
         return;
     }
     int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
-    if (static_cast<double>(M) * N * K < (1 << 18)) threads = 1;
+    if (static_cast<double>(M) * N * K < kParallelMinGemm) threads = 1;
     // Splitting rows makes every thread pack all of B (K*N extra copies), splitting columns all
     // of A (K*M); splitting K costs a partial C per thread and a reduction (~3*M*N).
     Split split = Split::Rows;
@@ -211,33 +217,37 @@ void sgemm(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t
         else split = best == rows ? Split::Rows : best == cols ? Split::Cols : Split::Depth;
     }
     if (threads == 1) {
-        sgemm_serial(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate);
+        PackBuffers buf(M, N, K);
+        sgemm_serial(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, buf);
         return;
     }
+    std::vector<std::unique_ptr<PackBuffers>> bufs;
+    for (int t = 0; t < threads; ++t) bufs.emplace_back(new PackBuffers(M, N, K));
     // Partial products of threads 1.. when K is split (thread 0 writes C itself).
     std::unique_ptr<float[]> partial(split == Split::Depth ? new float[(threads - 1) * M * N]
                                                            : nullptr);
 #pragma omp parallel num_threads(threads)
     {
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        PackBuffers& buf = *bufs[t];
         index_t b0, b1;
         if (split == Split::Rows) {
             split_range(M, MR, nt, t, b0, b1);
             if (b1 > b0)
                 sgemm_serial(b1 - b0, N, K, A + b0 * rsa, rsa, csa, B, rsb, csb, C + b0 * ldc,
-                             ldc, accumulate);
+                             ldc, accumulate, buf);
         } else if (split == Split::Cols) {
             split_range(N, NR, nt, t, b0, b1);
             if (b1 > b0)
                 sgemm_serial(M, b1 - b0, K, A, rsa, csa, B + b0 * csb, rsb, csb, C + b0, ldc,
-                             accumulate);
+                             accumulate, buf);
         } else {
             split_range(K, 1, nt, t, b0, b1);
             float* out = t == 0 ? C : partial.get() + (t - 1) * M * N;
             const index_t ld = t == 0 ? ldc : N;
             if (b1 > b0)
                 sgemm_serial(M, N, b1 - b0, A + b0 * csa, rsa, csa, B + b0 * rsb, rsb, csb, out,
-                             ld, t == 0 ? accumulate : false);
+                             ld, t == 0 ? accumulate : false, buf);
             else if (t != 0)
                 std::fill(out, out + M * N, 0.f);
             else if (!accumulate)

@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -42,7 +43,7 @@ py::tuple softmax_cross_entropy_fwd(const py::object& logits_, const py::object&
     {
         py::gil_scoped_release release;
         const double s = label_smoothing;
-#pragma omp parallel for reduction(+ : total) if (N * K >= (1 << 14))
+#pragma omp parallel for reduction(+ : total) if (N * K >= kParallelMinLoss)
         for (index_t n = 0; n < N; ++n) {
             const float* __restrict__ z = lp + n * K;
             float* __restrict__ p = pp + n * K;
@@ -70,7 +71,9 @@ py::array_t<float> softmax_cross_entropy_bwd(const py::object& probs_, const py:
     const index_t N = probs[0], K = probs[1];
     auto labels = checked_labels(labels_, N, K);
     check_smoothing(label_smoothing);
-    require(std::isfinite(grad_scale), "grad_scale must be finite, got " + std::to_string(grad_scale));
+    require(std::abs(grad_scale) <= std::numeric_limits<float>::max(),
+            "grad_scale must be finite in float32 (|grad_scale| <= 3.4e38), got " +
+                std::string(py::str(py::float_(grad_scale))));
     auto dlogits = new_f32({N, K});
     float* dp = ptr(dlogits);
     const float* pp = probs.ptr;
@@ -80,7 +83,7 @@ py::array_t<float> softmax_cross_entropy_bwd(const py::object& probs_, const py:
         const float scale = float(grad_scale / double(N));
         const float off = float(label_smoothing / double(K));
         const float hit = float(1.0 - label_smoothing);
-#pragma omp parallel for if (N * K >= (1 << 15))
+#pragma omp parallel for if (N * K >= kParallelMin)
         for (index_t n = 0; n < N; ++n) {
             const float* __restrict__ p = pp + n * K;
             float* __restrict__ d = dp + n * K;

@@ -11,6 +11,7 @@ so run this file with the fault handler on to see where:
     python -X faulthandler -m pytest -q tests/test_bad_input.py
 """
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -22,10 +23,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mbnet
 from mbnet import _C
 from mbnet import reference as R
 
 ALLOWED = (TypeError, ValueError)
+# Under .ci/sanitize: AddressSanitizer reserves terabytes of address space (so RLIMIT_AS cannot
+# bound a child) and its operator new aborts instead of throwing std::bad_alloc.
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+MBNET_ROOT = Path(__file__).resolve().parents[1]
+# Children import the mbnet this process imported (under .ci/sanitize, a copy holding the sanitized
+# _C): with `python -c`, their working directory comes first on sys.path.
+MBNET_HOME = Path(mbnet.__file__).resolve().parents[1]
 
 
 # --- valid calls, one builder per binding -------------------------------------------------------
@@ -507,14 +516,27 @@ def test_table_covers_every_binding():
     assert set(BINDINGS) - public == set(), "listed in csrc/README.md but not bound yet"
 
 
+def run_child(code, address_space_gb=None, timeout=120):
+    """Runs `code` in a fresh interpreter that imports this tree's mbnet (numpy as np and _C are
+    imported), its address space capped at `address_space_gb` (except under ASan). Returns the
+    CompletedProcess after asserting that the child exited 0 and was not killed by a signal."""
+    cap = None if address_space_gb is None or UNDER_ASAN else address_space_gb << 30
+    limit = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))\n" if cap else ""
+    prelude = "import numpy as np\nfrom mbnet import _C\n"
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", limit + prelude + textwrap.dedent(code)],
+                          cwd=MBNET_HOME, capture_output=True, text=True, timeout=timeout)
+    where = f"{proc.stdout[-500:]} {proc.stderr[-2000:]}"
+    assert proc.returncode >= 0, f"child killed by signal {-proc.returncode}: {where}"
+    assert proc.returncode == 0, f"child exit {proc.returncode}: {where}"
+    return proc
+
+
+@pytest.mark.skipif(UNDER_ASAN, reason="ASan reserves more address space than RLIMIT_AS allows")
 def test_absurd_thread_count_does_not_kill_the_process():
     """set_num_threads(10**5) then a parallel kernel: libgomp exits the process when it cannot
     create the threads, so this runs in a child whose address space holds only a few hundred
     thread stacks."""
-    code = textwrap.dedent("""
-        import resource, numpy as np
-        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # room for a few hundred stacks
-        from mbnet import _C
+    proc = run_child("""
         try:
             _C.set_num_threads(10**5)
         except (TypeError, ValueError):
@@ -523,7 +545,124 @@ def test_absurd_thread_count_does_not_kill_the_process():
         _C.act_fwd(x, "relu")
         _C.batchnorm_act_infer_fwd(x, *(np.ones(16, np.float32),) * 4, 1e-5, "relu")
         print("survived")
-    """)
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-500:]} {proc.stderr[-2000:]}"
+    """, address_space_gb=4)
+    assert proc.returncode == 0
+
+
+# --- issue 8, point 2: accepted arguments that aborted the process or allocated without bound ----
+# Each runs in a child capped at 2 GiB of address space: the old kernels asked for 0.75 to 160 GiB
+# of scratch inside an OpenMP region, where std::bad_alloc ends the process (rc 134).
+
+@pytest.mark.parametrize("c, step", [(64, 2**26), (1, 2**30)])
+def test_dwconv_huge_stride_and_padding_need_no_padded_rows(c, step):
+    """x (1, 1, 1, c) with stride = padding = 2^26 (48 GiB of padded rows for c = 64) or 2^30 (12 GB
+    for c = 1): a 2x2 output whose only nonzero pixel (1, 1) is x times the kernel's corner tap."""
+    run_child(f"""
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((1, 1, 1, {c})).astype(np.float32)
+        w = rng.standard_normal((3, 3, {c})).astype(np.float32)
+        y = _C.dwconv2d_fwd(x, w, {step}, {step})
+        want = np.zeros((1, 2, 2, {c}), np.float32)
+        want[0, 1, 1] = x[0, 0, 0] * w[0, 0]
+        np.testing.assert_array_equal(y, want)
+        dy = rng.standard_normal((1, 2, 2, {c})).astype(np.float32)
+        dw = _C.dwconv2d_bwd_weight(x, dy, (3, 3), {step}, {step})
+        want = np.zeros((3, 3, {c}), np.float32)
+        want[0, 0] = x[0, 0, 0] * dy[0, 1, 1]
+        np.testing.assert_array_equal(dw, want)
+        dx = _C.dwconv2d_bwd_input(dy, w, (1, 1), {step}, {step})
+        np.testing.assert_array_equal(dx, (dy[0, 1, 1] * w[0, 0])[None, None, None])
+    """, address_space_gb=2)
+
+
+def test_dwconv_bwd_input_wide_kernel_large_stride():
+    """w (1, 46341, 1) with stride 10^5: one tap list of kh*kw entries per stride residue asked for
+    46341^2 taps (32 GiB); each input pixel has one tap here, so dx = dy * w."""
+    run_child("""
+        w = np.arange(1, 46342, dtype=np.float32).reshape(1, 46341, 1)
+        dx = _C.dwconv2d_bwd_input(np.full((1, 1, 1, 1), 2, np.float32), w, (1, 46341), 10**5, 0)
+        np.testing.assert_array_equal(dx, 2 * w[None])
+    """, address_space_gb=2)
+
+
+@pytest.mark.skipif(UNDER_ASAN, reason="ASan's operator new aborts instead of throwing std::bad_alloc")
+def test_scratch_allocation_failure_is_a_memory_error():
+    """A weight gradient whose partial sums (32 chunks of a 64 MB dw) do not fit a 1 GiB address
+    space: MemoryError naming the output, and the process goes on."""
+    proc = run_child("""
+        x = np.ones((32, 1, 1, 1), np.float32)
+        dy = np.ones((32, 2, 2, 1), np.float32)
+        try:
+            _C.dwconv2d_bwd_weight(x, dy, (4096, 4096), 1, 2048)
+        except MemoryError as e:
+            print("MemoryError:", e)
+        print(_C.dwconv2d_fwd(np.ones((1, 3, 3, 2), np.float32), np.ones((3, 3, 2), np.float32), 1, 1).sum())
+    """, address_space_gb=1)
+    assert "MemoryError: dw" in proc.stdout, proc.stdout
+    assert proc.stdout.split()[-1] == "98.0", proc.stdout  # (4*4 corner + 4*6 edge + 9) taps x 2 channels
+
+
+@pytest.mark.parametrize("hw", [(2**15, 2**15), (2**20, 2**20), (2**30, 2**30)])
+def test_global_avg_pool_bwd_shares_the_output_bound(hw):
+    """dy (2, 3) at input_hw (2^15, 2^15) is 6 * 2^30 elements: over the 2^31 every binding shares
+    (the old bound, 2^40, let it allocate 24 GiB)."""
+    proc = run_child(f"""
+        try:
+            _C.global_avg_pool_bwd(np.ones((2, 3), np.float32), {hw})
+        except ValueError as e:
+            print(e)
+    """, address_space_gb=2)
+    assert "input_hw" in proc.stdout and "2^31" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("grad_scale", [1e39, -1e39, 1e300, float("inf"), float("nan")])
+def test_loss_bwd_grad_scale_must_fit_float32(grad_scale):
+    probs = np.full((2, 3), 1 / 3, np.float32)
+    with pytest.raises(ValueError, match="grad_scale"):
+        _C.softmax_cross_entropy_bwd(probs, np.array([0, 2]), 0.0, grad_scale)
+    got = _C.softmax_cross_entropy_bwd(probs, np.array([0, 2]), 0.0, 3e38)  # float32's max is fine
+    assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("name, args, bad", [
+    ("global_avg_pool_bwd", lambda v: [np.ones((1, 2), np.float32), (v, 2)], "input_hw"),
+    ("dwconv2d_bwd_input", lambda v: [np.ones((1, 1, 1, 2), np.float32), np.ones((1, 1, 2), np.float32),
+                                      (1, v), 1, 0], "input_hw"),
+    ("conv2d_bwd_weight", lambda v: [np.ones((1, 1, 1, 2), np.float32), np.ones((1, 1, 1, 3), np.float32),
+                                     (v, 1), 1, 0], "kernel_hw"),
+    ("dwconv2d_fwd", lambda v: [np.ones((1, 1, 1, 2), np.float32), np.ones((1, 1, 2), np.float32), v, 0],
+     "stride"),
+    ("conv2d_fwd", lambda v: [np.ones((1, 1, 1, 2), np.float32), np.ones((1, 1, 2, 3), np.float32), 1, v],
+     "padding"),
+])
+def test_bool_is_not_an_int(name, args, bad):
+    """True was taken as 1 (and False as 0); numpy integers still are ints."""
+    fn = getattr(_C, name)
+    for v in (True, False):
+        with pytest.raises(TypeError, match=bad):
+            fn(*args(v))
+    fn(*args(np.int64(1 if bad != "padding" else 0)))
+
+
+def test_unpickled_float32_is_float32():
+    """An array that came through pickle (multiprocessing, a worker process) has a float32 dtype that
+    equals, but is not, numpy's own: it was refused with "must have dtype float32, got float32"."""
+    import pickle
+    x = pickle.loads(pickle.dumps(np.ones((2, 3), np.float32)))
+    np.testing.assert_array_equal(_C.act_fwd(x, "relu"), x)
+    with pytest.raises(TypeError, match="x must have dtype float32, got >f4"):
+        _C.act_fwd(x.astype(">f4"), "relu")
+
+
+def test_misaligned_arrays():
+    """A float32 array 1 byte off alignment was read through float* (undefined behaviour, reported
+    by UBSan under .ci/sanitize): now a ValueError naming it. Misaligned labels are copied."""
+    x = unaligned(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="x must be aligned"):
+        _C.act_fwd(x, "relu")
+    buf = np.zeros(8 * 2 + 1, np.uint8)
+    labels = buf[1:].view(np.int64)
+    labels[:] = [2, 0]
+    assert not labels.flags.aligned
+    loss, probs = _C.softmax_cross_entropy_fwd(np.zeros((2, 3), np.float32), labels)
+    assert loss == pytest.approx(np.log(3), rel=1e-6)

@@ -133,7 +133,7 @@ def test_pool_fwd_rejects(args, error, match):
     (np.zeros((2, 3), np.float32), (0, 2), ValueError, "input_hw"),
     (np.zeros((2, 3), np.float32), (2, -1), ValueError, "input_hw"),
     (np.zeros((2, 3), np.float32), (2**40, 2**40), ValueError, "input_hw"),
-    (np.zeros((2, 3), np.float32), (2,), TypeError, None),
+    (np.zeros((2, 3), np.float32), (2,), ValueError, "input_hw"),  # as conv2d_bwd_input
     (np.zeros((2, 3), np.float32), None, TypeError, None),
     (np.zeros((2, 3), np.float32), (2.5, 2), TypeError, None),
     (np.zeros((2, 3, 1), np.float32), (2, 2), ValueError, "dy"),
