@@ -362,13 +362,17 @@ def crop_flip(images, dy, dx, flip, pad):
     return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def augment_batch(images, seed, epoch, batch, pad=4):
-    """Random crop (zero padding `pad`) and horizontal flip, drawn from (seed, epoch, batch)."""
+def augment_batch(images, seed, epoch, batch, pad=4, rows=None):
+    """Random crop (zero padding `pad`) and horizontal flip, drawn from (seed, epoch, batch).
+
+    rows=(start, total): `images` are rows start.. of a batch of `total` images (a process's shard
+    of the global batch); each image gets the draws it would get in the whole batch."""
+    start, total = rows if rows is not None else (0, len(images))
     rng = np.random.default_rng([seed, _AUGMENT, epoch, batch])
-    b = len(images)
-    dy = rng.integers(0, 2 * pad + 1, b)
-    dx = rng.integers(0, 2 * pad + 1, b)
-    flip = rng.random(b) < 0.5
+    part = slice(start, start + len(images))
+    dy = rng.integers(0, 2 * pad + 1, total)[part]
+    dx = rng.integers(0, 2 * pad + 1, total)[part]
+    flip = (rng.random(total) < 0.5)[part]
     return crop_flip(images, dy, dx, flip, pad)
 
 
@@ -378,12 +382,27 @@ class Loader:
     Training loaders (train=True) shuffle each epoch, augment, and drop the last incomplete batch;
     evaluation loaders go in order over every image. `epoch(e, start)` iterates with a background
     thread preparing the next `prefetch` batches while the model computes.
+
+    shard=(rank, size): a training loader yields process `rank`'s shard of every global batch of
+    `batch_size` images (mbnet.distributed.shard_bounds), with the same shuffle and augmentation
+    draws as the whole batch; len() stays the number of global batches.
     """
 
-    def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, prefetch=2):
+    def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, prefetch=2, shard=(0, 1)):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.train, self.seed, self.pad, self.prefetch = train, seed, pad, prefetch
+        self.shard = shard
+
+    def _train_batch(self, order, epoch, i):
+        """(x, y) of this process's shard of global batch i, `order` the epoch's shuffle."""
+        from .distributed import shard_bounds
+
+        b = self.batch_size
+        lo, hi = shard_bounds(b, *self.shard)
+        idx = order[i * b:(i + 1) * b][lo:hi]
+        x = augment_batch(self.images[idx], self.seed, epoch, i, self.pad, rows=(lo, b))
+        return normalize(x, self.mean, self.std), self.labels[idx]
 
     def __len__(self):
         n, b = len(self.images), self.batch_size
@@ -393,14 +412,10 @@ class Loader:
 
     def batch(self, epoch, i):
         """Batch i of epoch `epoch`; a pure function of (seed, epoch, i) and the data."""
-        b = self.batch_size
         if self.train:
-            idx = shuffle_order(len(self.images), self.seed, epoch)[i * b:(i + 1) * b]
-            x = augment_batch(self.images[idx], self.seed, epoch, i, self.pad)
-        else:
-            idx = slice(i * b, (i + 1) * b)
-            x = self.images[idx]
-        return normalize(x, self.mean, self.std), self.labels[idx]
+            return self._train_batch(shuffle_order(len(self.images), self.seed, epoch), epoch, i)
+        idx = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return normalize(self.images[idx], self.mean, self.std), self.labels[idx]
 
     def epoch(self, epoch, start=0):
         """Iterates (i, x, y) for i in start..len-1, prefetching in a thread."""
@@ -423,9 +438,7 @@ class _Prefetcher:
             else:
                 try:
                     if loader.train:
-                        idx = order[i * loader.batch_size:(i + 1) * loader.batch_size]
-                        x = augment_batch(loader.images[idx], loader.seed, epoch, i, loader.pad)
-                        item = (i, normalize(x, loader.mean, loader.std), loader.labels[idx])
+                        item = (i, *loader._train_batch(order, epoch, i))
                     else:
                         item = (i, *loader.batch(epoch, i))
                 except BaseException as e:  # handed to the consumer
