@@ -25,6 +25,7 @@ import traceback
 import numpy as np
 
 DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for the others at one collective
+SPIN = 0.01  # seconds a wait polls without sleeping (as MPI's blocking calls do)
 BUCKET_FLOATS = 1 << 20  # a bucket closes once it holds this many gradient floats (4 MB)
 
 
@@ -68,15 +69,14 @@ class World:
 
     def wait(self, request, what):
         """Waits for a non-blocking MPI request at most ``timeout`` seconds, else aborts the job."""
-        deadline = time.monotonic() + self.timeout
-        polls = 0
+        start = time.monotonic()
         while not request.Test():
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - start
+            if waited > self.timeout:
                 self.abort(f"{what} did not complete within {self.timeout:g} s (another rank died, hangs or "
                            f"is far behind)")
-            polls += 1
-            if polls > 50:  # let a rank that shares our core run
-                time.sleep(1e-4)
+            if waited > SPIN:  # a long wait (a rank behind): leave the core to others
+                time.sleep(2e-4)
 
     def start_allreduce(self, buf):
         """Starts summing ndarray ``buf`` over the ranks in place; -> the MPI request."""
@@ -172,8 +172,9 @@ class GradReducer:
     already be scaled so that the sum is the global gradient: ``loss_scale``).
 
     The parameters, in reverse order (the order backward finishes them), are cut into buckets of
-    at least ``bucket_floats`` floats, each one flat buffer of the parameters' dtype (float32); the last bucket carries one
-    more float, the stop flag. With ``overlap``, each parameter's grad_hook copies its gradient
+    at least ``bucket_floats`` floats, each one flat buffer of the parameters' dtype (float32); the
+    last bucket also carries ``n_values`` numbers that ``reduce(values)`` sums along (a stop flag,
+    the loss and accuracy counts of the step: no extra collective). With ``overlap``, each parameter's grad_hook copies its gradient
     into its bucket as soon as it is final, and a full bucket's Iallreduce starts at once (in
     bucket order, the same on every rank) while backward goes on; ``reduce()`` then starts what is
     left, waits, and points each ``.grad`` at its slice of the summed buffer. Without overlap
@@ -181,7 +182,7 @@ class GradReducer:
     ``reduce()`` took (the part of the communication that backward did not hide).
     """
 
-    def __init__(self, world, params, bucket_floats=BUCKET_FLOATS, overlap=True):
+    def __init__(self, world, params, bucket_floats=BUCKET_FLOATS, overlap=True, n_values=0):
         params = list(params)
         self.world, self.overlap = world, overlap
         groups, cur, n = [], [], 0
@@ -197,7 +198,8 @@ class GradReducer:
         if len(dtypes) > 1:
             raise TypeError(f"GradReducer: the parameters mix dtypes {sorted(map(str, dtypes))}")
         dtype = dtypes.pop() if dtypes else np.float32
-        self.buckets = [_Bucket(g, int(i == len(groups) - 1), dtype) for i, g in enumerate(groups)]
+        self.n_values = n_values
+        self.buckets = [_Bucket(g, n_values if i == len(groups) - 1 else 0, dtype) for i, g in enumerate(groups)]
         self.slot = {}
         for k, b in enumerate(self.buckets):
             offset = 0
@@ -223,7 +225,7 @@ class GradReducer:
 
     def _hook(self, p):
         self._copy_in(p)
-        while self.next < len(self.buckets) - 1:  # the last bucket waits for the stop flag
+        while self.next < len(self.buckets) - 1:  # the last bucket waits for the values
             b = self.buckets[self.next]
             if b.filled < len(b.params):
                 break
@@ -232,15 +234,18 @@ class GradReducer:
         for b in self.buckets[:self.next]:
             b.request.Test()  # Open MPI advances non-blocking collectives inside MPI calls
 
-    def reduce(self, stop=False):
-        """Sums the gradients over the ranks into every ``.grad``; -> True when any rank passed
-        ``stop`` (so that all ranks stop after the same step)."""
+    def reduce(self, values=()):
+        """Sums the gradients over the ranks into every ``.grad``, and the ``n_values`` numbers
+        ``values`` along with them; -> their sums (float64 ndarray)."""
         t0 = time.perf_counter()
         for b in self.buckets:
             for p in b.params:
                 if id(p) not in self.copied:  # overlap off, or the parameter got no gradient
                     self._copy_in(p)
-        self.buckets[-1].buf[-1] = float(stop)
+        if len(values) != self.n_values:
+            raise ValueError(f"GradReducer.reduce: {len(values)} values, made for {self.n_values}")
+        last = self.buckets[-1].buf
+        last[len(last) - self.n_values:] = values
         if self.world.size > 1:
             for k in range(self.next, len(self.buckets)):
                 self.buckets[k].request = self.world.start_allreduce(self.buckets[k].buf)
@@ -256,7 +261,7 @@ class GradReducer:
         self.next = 0
         self.copied.clear()
         self.wait_time = time.perf_counter() - t0
-        return bool(self.buckets[-1].buf[-1] > 0)
+        return last[len(last) - self.n_values:].astype(np.float64)
 
 
 def loss_scale(world, batch_size):

@@ -308,14 +308,19 @@ def linear(x, w, b=None):
     return Linear()(x, w, b)
 
 
-def dropout(x, p, training, rng):
+def dropout(x, p, training, rng, rows=None):
     """x (any shape) -> x * mask / (1 - p), mask ~ Bernoulli(1 - p) drawn from ``rng``
-    (a np.random.Generator); the identity when not training or p == 0."""
+    (a np.random.Generator); the identity when not training or p == 0. rows=(start, total): x is
+    rows start.. of a batch of `total` (a process's shard) and gets those rows of its mask."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0:
         return x
-    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    if rows is None:
+        keep = rng.random(x.shape, dtype=x.dtype) >= p
+    else:
+        start, total = rows
+        keep = rng.random((total, *x.shape[1:]), dtype=x.dtype)[start:start + len(x)] >= p
     return mul(x, keep.astype(x.dtype) * x.dtype.type(1 / (1 - p)))
 
 

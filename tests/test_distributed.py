@@ -147,6 +147,15 @@ def test_sync_batch_norm_split_over_two_workers_is_the_whole_batch(split, bn_all
         np.testing.assert_allclose(parts[0][k], whole[k], rtol=1e-12, err_msg=name)
 
 
+def test_dropout_of_a_shard_is_the_shard_of_the_whole_batchs_dropout():
+    x = Tensor(np.random.default_rng(0).standard_normal((7, 12)).astype(np.float32))
+    whole = F.dropout(x, 0.5, True, np.random.default_rng(3)).data
+    parts = [F.dropout(Tensor(x.data[lo:hi]), 0.5, True, np.random.default_rng(3), rows=(lo, 7)).data
+             for lo, hi in (dist.shard_bounds(7, r, 3) for r in range(3))]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert (whole == 0).any()
+
+
 # --- the gradient hook and the reducer -----------------------------------------------------------
 
 def test_grad_hook_fires_once_when_the_gradient_is_final():
@@ -177,17 +186,18 @@ def test_reducer_on_one_process_keeps_the_gradients():
 
     model = MobileNetV1(alpha=0.25, num_classes=10, input_size=8, seed=0)
     params = model.parameters()
-    reducer = dist.GradReducer(dist.World(), params, bucket_floats=5000)
+    reducer = dist.GradReducer(dist.World(), params, bucket_floats=5000, n_values=2)
     assert len(reducer.buckets) > 2
     assert sorted(id(p) for b in reducer.buckets for p in b.params) == sorted(id(p) for p in params)
     x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype(np.float32)
     F.cross_entropy(model(Tensor(x)), np.arange(4)).backward()
     params[0].grad = None  # a parameter without a gradient contributes zeros
     before = [np.zeros(p.shape, np.float32) if p.grad is None else p.grad.copy() for p in params]
-    assert reducer.reduce(stop=True) is True
+    np.testing.assert_array_equal(reducer.reduce([1, 5]), [1, 5])
     for p, g in zip(params, before):
         np.testing.assert_array_equal(p.grad, g)
-    assert reducer.reduce() is False
+    with pytest.raises(ValueError, match="1 values, made for 2"):
+        reducer.reduce([0])
 
 
 # --- two ranks under mpirun ----------------------------------------------------------------------
