@@ -25,7 +25,7 @@ import traceback
 import numpy as np
 
 DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for the others at one collective
-SPIN = 0.01  # seconds a wait polls without sleeping (as MPI's blocking calls do)
+SPIN = 0.002  # seconds a wait polls without sleeping (MPI latency is microseconds when ranks are in step)
 BUCKET_FLOATS = 1 << 20  # a bucket closes once it holds this many gradient floats (4 MB)
 
 
@@ -91,11 +91,11 @@ class World:
         return buf
 
     def broadcast(self, arrays, what="broadcast", root=0):
-        """Copies rank ``root``'s values of the float32 ndarrays ``arrays`` into every rank's, in place
-        (one flat buffer)."""
+        """Copies rank ``root``'s values of the ndarrays ``arrays`` into every rank's, in place
+        (one flat buffer of their common dtype)."""
         if self.size == 1 or not arrays:
             return
-        flat = np.concatenate([np.ravel(a) for a in arrays]).astype(np.float32, copy=False)
+        flat = np.concatenate([np.ravel(a) for a in arrays])
         self.wait(self.comm.Ibcast(flat, root=root), what)
         offset = 0
         for a in arrays:
