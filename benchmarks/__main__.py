@@ -1,9 +1,9 @@
 """Runs the benchmarks, prints their Markdown tables and optionally writes all results as JSON.
 
     python -m benchmarks [--tiny] [--json out.json] [--only NAME[,NAME]] [--threads T]
-                         [--no-torch] [--no-numba]
+                         [--no-torch] [--no-numba] [--no-onnxruntime]
 
-NAME is one of: separable, kernels, e2e, depthwise, pointwise, step, mpi. Each is the module
+NAME is one of: separable, kernels, e2e, depthwise, pointwise, step, latency, mpi. Each is the module
 benchmarks/bench_NAME.py (also runnable alone: `python -m benchmarks.bench_NAME --help`), run in
 this process through its run(...) and markdown(result); e2e spawns one process per configuration,
 mpi one process or `mpirun` job per configuration (skipped without mpi4py).
@@ -22,14 +22,14 @@ from datetime import datetime, timezone
 
 from . import common
 
-ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step", "mpi")
+ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step", "latency", "mpi")
 
 
 def run_one(name, args):
     """Runs benchmarks/bench_NAME.py with the options its run() takes; prints its tables."""
     mod = importlib.import_module(f"benchmarks.bench_{name}")
     options = {"threads": args.threads, "tiny": args.tiny, "use_torch": not args.no_torch,
-               "use_numba": not args.no_numba}
+               "use_numba": not args.no_numba, "use_onnxruntime": not args.no_onnxruntime}
     takes = inspect.signature(mod.run).parameters
     res = mod.run(**{k: v for k, v in options.items() if k in takes})
     print(mod.markdown(res), flush=True)
@@ -44,6 +44,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="default: mbnet's current OpenMP setting")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparisons")
     ap.add_argument("--no-numba", action="store_true", help="skip the numba comparisons")
+    ap.add_argument("--no-onnxruntime", action="store_true", help="skip the ONNX Runtime comparison (latency)")
     args = ap.parse_args(argv)
     names = ALL
     if args.only:
@@ -62,7 +63,9 @@ def main(argv=None):
     print(f"\nOptional comparisons: torch {getattr(common.optional_import('torch'), '__version__', 'not installed')}"
           f"{' (disabled)' if args.no_torch else ''}, numba "
           f"{getattr(common.optional_import('numba'), '__version__', 'not installed')}"
-          f"{' (disabled)' if args.no_numba else ''}\n", flush=True)
+          f"{' (disabled)' if args.no_numba else ''}, onnxruntime "
+          f"{getattr(common.optional_import('onnxruntime'), '__version__', 'not installed')}"
+          f"{' (disabled)' if args.no_onnxruntime else ''}\n", flush=True)
 
     results, seconds, failed = {}, {}, []
     t_all = time.perf_counter()

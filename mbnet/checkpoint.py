@@ -13,6 +13,7 @@ metrics...). Every reader takes both. Where a checkpoint holds an EMA of the wei
 the EMA weights unless asked for the raw ones (``ema=False``): the EMA is what training reports.
 """
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -29,19 +30,48 @@ class CheckpointError(ValueError):
     """A weights file is missing, corrupt or not mbnet's; the message names the file."""
 
 
-def write_npz(path, arrays):
-    """Writes ``arrays`` to ``path`` atomically: a temp file in the same directory, then os.replace
-    (an interrupted write leaves the previous file intact)."""
+class WriteError(Exception):
+    """Writing a file failed (full disk, no permission...): the message is one line naming the file
+    and the errno (also in ``errno``); the previous version of the file is intact."""
+
+    def __init__(self, path, err):
+        super().__init__(f"cannot write {path}: [Errno {err.errno}] {err.strerror or err}")
+        self.errno, self.path = err.errno, path
+
+
+def atomic_write(path, write, suffix=None):
+    """Calls ``write(f)`` on a binary temp file beside ``path`` (named <name><random>.tmp<suffix>,
+    suffix default path's), then renames it over ``path``: an interrupted or failed write leaves the
+    previous file intact and no temp file. The file gets the umask's usual mode. Raises WriteError."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp" + (suffix or path.suffix))
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o666 & ~_umask())
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk shows here, before the rename, not after
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        raise WriteError(path, e) from None
     except BaseException:
-        os.unlink(tmp)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp):
+    if tmp is not None:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def write_npz(path, arrays):
+    """Writes ``arrays`` to ``path`` atomically (``atomic_write``)."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _umask():
@@ -50,12 +80,28 @@ def _umask():
     return mask
 
 
+def _json_safe(v):
+    """v with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def dumps(obj, **kwargs):
+    """json.dumps where NaN and infinities become null: always valid JSON."""
+    return json.dumps(_json_safe(obj), allow_nan=False, **kwargs)
+
+
 def save(path, model, *, optim=None, ema=None, meta=None):
     """Writes ``model`` (and, for a training checkpoint, the optimizer and EMA state and the run's
     ``meta`` keys) to ``path`` in the one weights format."""
     config = model.config() if hasattr(model, "config") else None
     head = {"format": FORMAT, "version": VERSION, "model": config}
-    arrays = {"meta": np.array(json.dumps({**(meta or {}), **head}))}
+    arrays = {"meta": np.array(dumps({**(meta or {}), **head}))}
     for part, state in (("model", model.state_dict()), ("optim", optim), ("ema", ema)):
         arrays.update({f"{part}/{k}": v for k, v in (state or {}).items()})
     write_npz(path, arrays)

@@ -232,7 +232,8 @@ def _fetch_official(cache_dir, download):
                         "delete it and retry)")
     try:
         with tarfile.open(archive) as t:
-            t.extractall(cache_dir, filter="data")
+            # filter="data" exists from Python 3.9.17/3.10.12/3.11.4; the archive's MD5 is checked above
+            t.extractall(cache_dir, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{archive}: cannot extract ({e})") from None
     found = _find_pickle_dir(cache_dir)

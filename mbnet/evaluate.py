@@ -1,18 +1,22 @@
 """Evaluates weights on the CIFAR-10 test split: `python -m mbnet.evaluate WEIGHTS [options]`.
 
-WEIGHTS is any mbnet weights file (model.save) or training checkpoint (last.npz, best.npz). Prints
+WEIGHTS is any mbnet weights file (model.save), training checkpoint (last.npz, best.npz) or, like
+everything mbnet.models.load reads, a PyTorch .pt/.pth state_dict of a MobileNetV1. Prints
 the test accuracy, the accuracy of each class and the confusion matrix (rows: true class, columns:
-predicted). Uses the checkpoint's EMA weights when it has them (--no-ema for the raw ones) and the
-input normalization stored in the file.
+predicted). A checkpoint with an EMA of the weights yields the EMA weights (--no-ema for the raw
+ones); the input normalization is the one stored in the file.
 """
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint
 from . import data as D
-from .train import EVAL_BATCH, evaluate, prepare_data
+from .models import load
+from .run import EVAL_BATCH, Parser, RunError, evaluate, int_in, max_threads, set_threads
+from .train import prepare_data  # TODO(merge): prepare_data belongs beside the data, not in the trainer
 
 
 def confusion_matrix(labels, preds, k=10):
@@ -38,24 +42,29 @@ def format_report(labels, preds, classes=D.CLASSES):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mbnet.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("weights", help="an mbnet weights file or training checkpoint")
+    p = Parser(prog="python -m mbnet.evaluate", description=__doc__.splitlines()[0],
+               epilog="A training checkpoint with an EMA of the weights (train's default) yields the EMA weights, "
+                      "the ones training reports; --no-ema evaluates the raw weights.")
+    p.add_argument("weights", help="an mbnet weights file or training checkpoint, or a PyTorch .pt/.pth state_dict")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="horizontal-flip TTA")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="use the EMA weights when the checkpoint has them (default)")
-    p.add_argument("--limit-test", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
+                   help="use the EMA weights when the checkpoint has them (default; --no-ema: the raw weights)")
+    p.add_argument("--limit-test", type=int_in(1), default=None, help="use N test images (a fixed subset)")
+    p.add_argument("--threads", type=int_in(1, max_threads), default=None, help="kernel threads")
     args = p.parse_args(argv)
-    from . import _C
-
-    if args.threads:
-        _C.set_num_threads(args.threads)
     try:
-        ck = checkpoint.read(args.weights)
-        model = checkpoint.build(ck, args.weights, ema=args.ema)
-    except checkpoint.CheckpointError as e:
+        set_threads(args.threads)
+        if Path(args.weights).suffix in (".pt", ".pth"):  # a PyTorch state_dict, through models.load
+            ck, model = None, load(args.weights)
+        else:
+            ck = checkpoint.read(args.weights)
+            model = checkpoint.build(ck, args.weights, ema=args.ema)
+    except (checkpoint.CheckpointError, RunError) as e:
         print(f"mbnet: {e}", file=sys.stderr)
+        return 2
+    except (ImportError, OSError, ValueError) as e:
+        print(f"mbnet: {args.weights}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     cfg = {"resolution": model.input_size, "limit_train": 0, "limit_test": args.limit_test,
            "mean": model.mean, "std": model.std}
@@ -64,10 +73,10 @@ def main(argv=None):
     except D.DataError as e:
         print(f"mbnet: {e}", file=sys.stderr)
         return 2
-    use_ema = args.ema and checkpoint.weights(ck) is not ck["model"]
+    use_ema = ck is not None and args.ema and checkpoint.weights(ck) is not ck["model"]
     loader = D.Loader(xte, yte, EVAL_BATCH, np.array(model.mean), np.array(model.std), train=False)
     _, _, preds = evaluate(model, loader, tta=args.tta)
-    meta = ck["meta"]
+    meta = {} if ck is None else ck["meta"]
     where = f"epoch {meta['epoch']}, step {meta['step']}, " if "epoch" in meta else ""
     print(f"{args.weights}: {where}{'EMA' if use_ema else 'raw'} weights{', flip TTA' if args.tta else ''}")
     print(format_report(yte, preds, model.classes))

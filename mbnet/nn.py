@@ -1,4 +1,7 @@
-"""Layers: modules that own parameters (Tensors with requires_grad) and buffers (ndarrays).
+"""Layers: modules that own parameters (Tensors) and buffers (ndarrays).
+
+A parameter with requires_grad False is frozen: ``parameters()`` (what an optimizer gets) leaves it
+out, ``state_dict()``, ``save`` and ``load_state_dict`` keep it.
 
 A module's parameters, buffers and sub-modules are its attributes, found in the order they were
 assigned; dotted names follow attribute names (``features.3.bn1.gamma``). Activations are NHWC;
@@ -72,27 +75,28 @@ class Module:
         return self.train(False)
 
     # --- state ---
-    def _named_state(self, prefix=""):
-        """name -> the live array (parameter data or buffer), in attribute order."""
+    def named_state(self, prefix=""):
+        """name -> the live array of every parameter (frozen ones, requires_grad False, too) and
+        buffer, in attribute order: what state_dict() copies and load_state_dict() fills."""
         state = {}
         for name, v in vars(self).items():
-            if isinstance(v, Tensor) and v.requires_grad:
+            if isinstance(v, Tensor):
                 state[prefix + name] = v.data
             elif name in self._buffer_names:
                 state[prefix + name] = v
             elif isinstance(v, Module):
-                state.update(v._named_state(f"{prefix}{name}."))
+                state.update(v.named_state(f"{prefix}{name}."))
         return state
 
     def state_dict(self):
-        """name -> float32 copy, for every parameter and buffer."""
-        return {name: np.array(a, dtype=np.float32) for name, a in self._named_state().items()}
+        """name -> float32 copy, for every parameter (frozen or not) and buffer."""
+        return {name: np.array(a, dtype=np.float32) for name, a in self.named_state().items()}
 
     def load_state_dict(self, state, strict=True):
         """Copies ``state`` (name -> array) into the parameters and buffers in place (cast to the
         module's dtype). Raises ValueError naming missing or unexpected entries (when strict) and
         any entry whose shape differs; nothing is modified when it raises."""
-        own = self._named_state()
+        own = self.named_state()
         missing = [n for n in own if n not in state]
         unexpected = [n for n in state if n not in own]
         if strict and (missing or unexpected):

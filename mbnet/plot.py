@@ -1,11 +1,10 @@
 """Loss and accuracy curves of a run (metrics.jsonl rows) as a PNG, with matplotlib's Agg backend."""
-import os
-import tempfile
-from pathlib import Path
+from .checkpoint import atomic_write
 
 
 def plot_curves(metrics, path):
-    """metrics: list of per-epoch dicts (epoch, train_loss, train_acc, test_loss, test_acc[, ema_test_acc])."""
+    """metrics: list of per-epoch dicts (epoch, train_loss, train_acc, test_loss, test_acc[, ema_test_acc]);
+    written atomically (checkpoint.atomic_write: WriteError on failure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,13 +24,7 @@ def plot_curves(metrics, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -1,23 +1,25 @@
 """Trains MobileNetV1 on CIFAR-10: `python -m mbnet.train [options]` (see --help).
 
-A run directory (--out) receives metrics.jsonl (one JSON object per epoch), curves.png, and the
-checkpoints last.npz (every epoch, and on Ctrl-C) and best.npz (best test accuracy). --resume
-continues from last.npz at the exact step it was saved; with the same thread count the resumed run
-ends with bit-identical weights to an unbroken one, because every random choice (shuffle,
-augmentation, dropout) is a pure function of (seed, epoch, batch / step).
+A run directory (--out) receives metrics.jsonl (one JSON object per epoch), curves.png, config.json
+and the checkpoints last.npz (every epoch, and on Ctrl-C/SIGTERM) and best.npz (best test
+accuracy). --resume continues from last.npz at the exact step it was saved; with the same thread
+count the resumed run ends with bit-identical weights to an unbroken one, because every random
+choice (shuffle, augmentation, dropout) is a pure function of (seed, epoch, batch / step).
+--init WEIGHTS starts a new run from any weights file mbnet.models.load reads.
 
 Checkpoint: mbnet's weights file (mbnet/checkpoint.py: "model/<name>" arrays, the architecture,
 class names and normalization in "meta") plus "optim/<key>" and "ema/<key>" arrays and, in "meta",
 the config, position (epoch, batch, step), per-epoch metrics so far, and the running sums of the
 epoch in progress.
+
+Failures (exit status): 0 done; 1 a file could not be written (full disk, permissions: the message
+names the file and errno, the previous checkpoint is intact); 2 a bad option, data, checkpoint, or
+a run directory in use by another run; 3 the run diverged (a non-finite loss, gradient or weight:
+nothing non-finite is ever saved); 130 Ctrl-C and 143 SIGTERM, after saving last.npz at the
+current step.
 """
 import argparse
-import json
-import math
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,9 +27,11 @@ import numpy as np
 
 from . import checkpoint, optim
 from . import data as D
+from .run import (EVAL_BATCH, Interrupt, Progress, RunError, RunLock, all_finite, dropout_modules, dumps, evaluate,
+                  float_in, fmt_time, int_in, live_arrays, load_checkpoint, max_threads, remove_orphans,
+                  save_checkpoint, set_threads, swapped_weights, write_metrics, write_text)
 
 DEFAULT_LR = {"sgd": 0.1, "rmsprop": 0.045, "adam": 1e-3}  # at batch size 128; scaled linearly
-EVAL_BATCH = 250
 
 
 def build_parser():
@@ -63,7 +67,7 @@ def build_parser():
 
 
 # Options that do not change the computed weights; everything else is frozen in the checkpoint.
-RUNTIME_KEYS = ("threads", "data_dir", "out", "name", "resume")
+RUNTIME_KEYS = ("threads", "data_dir", "out", "name", "resume", "on_nan")
 
 
 def make_config(args):
@@ -106,148 +110,58 @@ def prepare_data(cfg, data_dir=None, verbose=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model helpers
+# Command line: build_parser()'s options, each value checked, plus --init and --on-nan
 
 
-def live_arrays(model):
-    """name -> the live ndarray of every parameter and buffer (same keys as state_dict())."""
-    d = {k: p.data for k, p in model.named_parameters()}
-    d.update(model.named_buffers())
-    return d
+# dest -> argparse type that refuses what cannot train (one-line error before anything is written)
+VALUE_TYPES = {
+    "alpha": float_in(1 / 32, 4),  # below 1/32 the 32-channel stem has no channel
+    "resolution": int_in(8, 512),
+    "epochs": int_in(1),
+    "batch_size": int_in(1),
+    "lr": float_in(0, lo_open=True),
+    "warmup": float_in(0),
+    "weight_decay": float_in(0),
+    "label_smoothing": float_in(0, 1, hi_open=True),
+    "dropout": float_in(0, 1, hi_open=True),
+    "ema_decay": float_in(0, 1, hi_open=True),
+    "seed": int_in(0),
+    "threads": int_in(1, max_threads),
+    "limit_train": int_in(1),
+    "limit_test": int_in(1),
+}
+SKIP_LIMIT = 20  # non-finite steps in a row after which --on-nan skip stops too
 
 
-def dropout_modules(model):
-    return [m for _, m in model.named_modules() if isinstance(getattr(m, "rng", None), np.random.Generator)]
+def make_parser():
+    """build_parser() with the values of VALUE_TYPES checked and one-line errors, plus --init and --on-nan."""
+    from . import run
+
+    p = build_parser()
+    p.add_argument("--init", metavar="WEIGHTS", default=None,
+                   help="start from these weights: an mbnet weights file, a training checkpoint (its EMA weights "
+                        "when it has them) or a PyTorch .pt/.pth state_dict; the architecture (alpha, activation) "
+                        "and input normalization come from the file, the classifier is re-made when the data's class "
+                        "count differs")
+    p.add_argument("--on-nan", choices=("stop", "skip"), default="stop",
+                   help="on a non-finite loss or gradient: stop (default; exit 3) or skip the step "
+                        f"(stop after {SKIP_LIMIT} in a row); non-finite weights are never saved")
+    p.epilog = ("Checkpoints (last.npz, best.npz) hold the raw weights and, with --ema, their EMA; every reader "
+                "(--init, mbnet.evaluate, predict, export, mbnet.models.load) yields the EMA weights when the file has "
+                "them (mbnet.evaluate --no-ema: the raw ones). Exit status: 0 done, 1 a file could not be written, "
+                "2 bad options, data or run directory, 3 diverged (non-finite), 130 Ctrl-C, 143 SIGTERM.")
+    run.check_values(p, VALUE_TYPES)
+    return p
 
 
-def forward_logits(model, x, tta=False):
-    """(B,S,S,3) float32 -> (B,classes) float32 logits, no graph; with tta the mean over x and its mirror."""
-    from . import Tensor, no_grad
-
-    with no_grad():
-        logits = model(Tensor(x)).data
-        if tta:
-            logits = 0.5 * (logits + model(Tensor(np.ascontiguousarray(x[:, :, ::-1]))).data)
-    return logits
-
-
-def evaluate(model, loader, tta=False, label_smoothing=0.0):
-    """-> (mean loss, accuracy, predictions (N,)) over the loader, model in eval mode."""
-    from . import Tensor
-    from .functional import cross_entropy
-
-    was_training = model.training
-    model.eval()
-    loss_sum, preds = 0.0, []
-    try:
-        for _, x, y in loader.epoch(0):
-            logits = forward_logits(model, x, tta)
-            loss_sum += float(cross_entropy(Tensor(logits), y, label_smoothing=label_smoothing).data) * len(y)
-            preds.append(logits.argmax(1))
-    finally:
-        model.train(was_training)
-    preds = np.concatenate(preds) if preds else np.zeros(0, np.int64)
-    n = max(1, len(preds))
-    return loss_sum / n, float((preds == loader.labels).mean()) if len(preds) else 0.0, preds
-
-
-class swapped_weights:
-    """Context: the model holds `state` (e.g. the EMA weights) inside, its own weights after;
-    state None leaves the model as it is."""
-
-    def __init__(self, model, state):
-        self.model, self.state = model, state
-
-    def __enter__(self):
-        if self.state is not None:
-            self.saved = self.model.state_dict()
-            self.model.load_state_dict(self.state)
-        return self.model
-
-    def __exit__(self, *exc):
-        if self.state is not None:
-            self.model.load_state_dict(self.saved)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(path, model, opt, ema, meta):
-    """The weights file of ``model`` plus the optimizer, the EMA and the run's position (atomic)."""
-    checkpoint.save(path, model, optim=None if opt is None else opt.state_dict(),
-                    ema=None if ema is None else ema.state_dict(), meta=meta)
-
-
-def load_checkpoint(path):
-    """-> dict(meta, model, optim, ema) with the arrays of each part keyed without their prefix."""
-    try:
-        return checkpoint.read(path)
-    except checkpoint.CheckpointError as e:
-        raise SystemExit(f"mbnet: cannot read checkpoint {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Progress and interrupts
-
-
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, plain lines (every `every` s) otherwise."""
-
-    def __init__(self, stream=None, every=30.0):
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every = every
-        self.last = -math.inf
-
-    def update(self, text, final=False):
-        now = time.monotonic()
-        if self.tty:
-            if final or now - self.last >= 0.2:
-                self.stream.write("\r\x1b[K" + text + ("\n" if final else ""))
-                self.stream.flush()
-                self.last = now
-        elif final or now - self.last >= self.every:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-            self.last = now
-
-
-def _fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-class InterruptFlag:
-    """Ctrl-C sets `requested` (the loop saves and stops after the current step); a second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.requested = False
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nmbnet: interrupted; saving after the current step (Ctrl-C again to abort)", file=sys.stderr)
-
-    def __enter__(self):
-        self.old = None
-        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
-            self.old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def _write_metrics(out, metrics):
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    os.replace(tmp, out / "metrics.jsonl")
+def check_args(parser, args):
+    """Checks between options (parser.error: one line, exit 2)."""
+    if args.resume and args.init:
+        parser.error("--init starts a new run; it cannot be combined with --resume")
+    if args.resume and not (args.out or args.name):
+        parser.error("--resume needs the run's --out (or --name)")
+    if args.warmup is not None and args.warmup > args.epochs:
+        parser.error(f"--warmup {args.warmup} is longer than --epochs {args.epochs}")
 
 
 def _explicit_args(parser, argv):
@@ -257,19 +171,236 @@ def _explicit_args(parser, argv):
     return {k for k, v in given.items() if v != defaults[k]}
 
 
-def main(argv=None, *, on_step=None):
-    """Returns the exit status: 0 when done, 130 when interrupted (after saving last.npz).
-    on_step(step) is called after each optimizer step (tests use it to interrupt)."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    from . import Tensor, _C
-    from .functional import cross_entropy
+# ----------------------------------------------------------------------------------------------
+# A run in stages: start_run (new or resumed), Run.train_epoch, Run.finish_epoch
 
-    if args.threads:
-        _C.set_num_threads(args.threads)
-    out = Path(args.out or Path("runs") / (args.name or time.strftime("%Y%m%d-%H%M%S")))
-    ckpt = None
+
+def _fresh_sums():
+    return {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "skipped": 0}
+
+
+class Run:
+    """A training run in its directory ``out``: cfg, loaders, model, optimizer, EMA (or None) and
+    the position ``pos`` (epoch, batch, metrics, running sums of the epoch in progress, best
+    score, elapsed time), which is what a checkpoint saves besides the arrays."""
+
+    def __init__(self, out, cfg, train_loader, test_loader, model, opt, ema, pos, on_nan="stop"):
+        self.out, self.cfg, self.on_nan = out, cfg, on_nan
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.model, self.opt, self.ema, self.pos = model, opt, ema, pos
+        self.spe = len(train_loader)
+        self.schedule = optim.make_schedule(cfg["schedule"], cfg["lr"], cfg["epochs"] * self.spe,
+                                            round(cfg["warmup"] * self.spe))
+        self.dropouts = dropout_modules(model)
+        self.bad_in_a_row = 0
+        self.progress = Progress()
+
+    def meta(self):
+        from . import _C
+
+        return dict(self.pos, config=self.cfg, step=self.pos["epoch"] * self.spe + self.pos["batch"],
+                    threads=_C.get_num_threads())
+
+    def save(self, name):
+        """Writes the checkpoint ``name`` (last.npz, best.npz), never with non-finite weights."""
+        path = self.out / name
+        states = [self.model.named_state().values()] + ([self.ema.shadow.values()] if self.ema else [])
+        if not all(all_finite(s) for s in states):
+            raise RunError(f"the weights became non-finite by step {self.meta()['step']} (an overflow: the "
+                           f"learning rate, peak {self.cfg['lr']:.3g}, is likely too high); "
+                           f"{self._kept(name)}", status=3)
+        try:
+            save_checkpoint(path, self.model, self.opt, self.ema, self.meta())
+        except checkpoint.WriteError as e:
+            raise RunError(f"{e}; {self._kept(name)}", status=1) from None
+
+    def _kept(self, name):
+        path = self.out / name
+        return f"{path} is intact" if path.exists() else f"nothing was saved to {path}"
+
+    def train_epoch(self, interrupt, on_step=None):
+        """Trains from the saved position to the end of the epoch; -> False when a signal stopped
+        it mid-epoch. A non-finite loss or gradient raises RunError (status 3) or, with
+        on_nan "skip", leaves the weights and the optimizer as they were."""
+        from . import Tensor
+        from .functional import cross_entropy
+
+        cfg, pos, model, opt, spe = self.cfg, self.pos, self.model, self.opt, self.spe
+        epoch, sums = pos["epoch"], pos["sums"]
+        sums.setdefault("skipped", 0)
+        params = model.parameters()
+        model.train()
+        t_epoch = t_last = time.perf_counter()
+        for i, x, y in self.train_loader.epoch(epoch, pos["batch"]):
+            step = epoch * spe + i
+            opt.lr = self.schedule(step)
+            for k, m in enumerate(self.dropouts):
+                m.rng = np.random.default_rng([cfg["seed"], 3, step, k])
+            model.zero_grad()
+            logits = model(Tensor(x))
+            loss = cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+            bad = None if np.isfinite(loss.data).all() else "loss"
+            if bad is None:
+                loss.backward()
+                bad = None if grads_finite(params) else "gradient"
+            if bad:
+                self._diverged(bad, epoch, i)
+                sums["skipped"] += 1
+            else:
+                self.bad_in_a_row = 0
+                opt.step()
+                if self.ema is not None:
+                    self.ema.update(live_arrays(model))
+                sums["loss"] += float(loss.data) * len(y)
+                sums["correct"] += int((logits.data.argmax(1) == y).sum())
+                sums["seen"] += len(y)
+            now = time.perf_counter()
+            sums["time"] += now - t_last
+            t_last = now
+            pos["batch"] = i + 1
+            seen = max(1, sums["seen"])
+            ips = sums["seen"] / max(sums["time"], 1e-9)
+            eta = (spe - i - 1) * cfg["batch_size"] / max(ips, 1e-9)
+            self.progress.update(f"epoch {epoch + 1}/{cfg['epochs']} step {i + 1}/{spe} "
+                                 f"loss {sums['loss'] / seen:.4f} acc {100 * sums['correct'] / seen:.2f}% "
+                                 f"lr {opt.lr:.4g} {ips:.0f} img/s ETA {fmt_time(eta)}", final=i + 1 == spe)
+            if on_step is not None:
+                on_step(step)
+            if interrupt.requested:
+                break
+        pos["elapsed"] += time.perf_counter() - t_epoch
+        return pos["batch"] == spe
+
+    def _diverged(self, what, epoch, i):
+        """A non-finite ``what`` at batch i: RunError (stop), or a note and the step skipped."""
+        self.bad_in_a_row += 1
+        where = f"epoch {epoch + 1}, step {i + 1}/{self.spe} (global step {epoch * self.spe + i + 1})"
+        if self.on_nan == "skip" and self.bad_in_a_row < SKIP_LIMIT:
+            print(f"mbnet: skipped {where}: non-finite {what}", file=sys.stderr)
+            return
+        in_a_row = f"{self.bad_in_a_row} steps in a row, the last at " if self.bad_in_a_row > 1 else ""
+        raise RunError(f"non-finite {what} at {in_a_row}{where}; likely cause: the learning rate "
+                       f"({self.opt.lr:.3g} at this step, peak {self.cfg['lr']:.3g}) is too high for this model and "
+                       f"batch size; {self._kept('last.npz')}; lower --lr, or pass --on-nan skip to step over "
+                       "rare bad batches", status=3)
+
+    def finish_epoch(self):
+        """Evaluates, appends the epoch's metrics, saves last.npz (and best.npz), metrics.jsonl and
+        curves.png, prints the epoch's line; -> True after the last epoch."""
+        cfg, pos, model, ema = self.cfg, self.pos, self.model, self.ema
+        epoch, sums = pos["epoch"], pos["sums"]
+        t_eval = time.perf_counter()
+        ls = cfg["label_smoothing"]
+        final = epoch + 1 == cfg["epochs"]
+        test_loss, test_acc, _ = evaluate(model, self.test_loader, label_smoothing=ls)
+        m = {"epoch": epoch + 1, "lr": self.opt.lr,
+             "train_loss": sums["loss"] / max(1, sums["seen"]), "train_acc": sums["correct"] / max(1, sums["seen"]),
+             "test_loss": test_loss, "test_acc": test_acc}
+        primary = None if ema is None else ema.shadow  # weights that count: EMA if on
+        if ema is not None:
+            with swapped_weights(model, primary):
+                m["ema_test_loss"], m["ema_test_acc"], _ = evaluate(model, self.test_loader, label_smoothing=ls)
+        if final and cfg["tta"]:
+            with swapped_weights(model, primary):
+                m["tta_test_loss"], m["tta_test_acc"], _ = evaluate(model, self.test_loader, tta=True, label_smoothing=ls)
+        if sums.get("skipped"):
+            m["skipped_steps"] = sums["skipped"]
+        pos["elapsed"] += time.perf_counter() - t_eval
+        m["train_time"] = sums["time"]
+        m["images_per_s"] = sums["seen"] / max(sums["time"], 1e-9)
+        m["epoch_time"] = time.perf_counter() - t_eval + sums["time"]
+        m["wall_time"] = pos["elapsed"]
+        pos["metrics"].append(m)
+        score = m.get("ema_test_acc", test_acc)
+        is_best = pos["best"] is None or score > pos["best"]
+        if is_best:
+            pos["best"] = score
+        pos["epoch"], pos["batch"] = epoch + 1, 0
+        pos["sums"] = _fresh_sums()
+        self.save("last.npz")
+        if is_best:
+            self.save("best.npz")
+        try:
+            write_metrics(self.out, pos["metrics"])
+            from .plot import plot_curves
+
+            plot_curves(pos["metrics"], self.out / "curves.png")
+        except ImportError as e:
+            print(f"mbnet: no curves.png ({e})", file=sys.stderr)
+        except checkpoint.WriteError as e:
+            raise RunError(f"{e} (last.npz holds epoch {epoch + 1})", status=1) from None
+        line = (f"epoch {epoch + 1}/{cfg['epochs']}: train loss {m['train_loss']:.4f} acc {100 * m['train_acc']:.2f}% | "
+                f"test loss {test_loss:.4f} acc {100 * test_acc:.2f}%")
+        if ema is not None:
+            line += f" | EMA {100 * m['ema_test_acc']:.2f}%"
+        if "tta_test_acc" in m:
+            line += f" | TTA {100 * m['tta_test_acc']:.2f}%"
+        print(line + f" | {m['images_per_s']:.0f} img/s, {fmt_time(m['epoch_time'])}", file=sys.stderr)
+        return final
+
+    def train(self, on_step=None):
+        """Trains to the last epoch; -> the exit status (0, or 130/143 after saving on a signal)."""
+        cfg, out = self.cfg, self.out
+        resume = f"continue with: python -m mbnet.train --out {out} --resume"
+        with Interrupt() as interrupt:
+            while self.pos["epoch"] < cfg["epochs"]:
+                if not self.train_epoch(interrupt, on_step):
+                    self.save("last.npz")
+                    print(f"mbnet: saved {out / 'last.npz'} at epoch {self.pos['epoch'] + 1}, "
+                          f"step {self.pos['batch']}/{self.spe}; {resume}", file=sys.stderr)
+                    return interrupt.status
+                final = self.finish_epoch()
+                if interrupt.requested and not final:
+                    print(f"mbnet: saved {out / 'last.npz'} after epoch {self.pos['epoch']}; {resume}", file=sys.stderr)
+                    return interrupt.status
+        print(f"mbnet: done; best test accuracy {100 * self.pos['best']:.2f}%; run dir {out}", file=sys.stderr)
+        return 0
+
+
+def grads_finite(params):
+    """False when a gradient holds NaN or an infinity (one sum per gradient: they propagate into it;
+    an overflow of the sum counts too)."""
+    return bool(np.isfinite(sum(float(p.grad.sum()) for p in params if p.grad is not None)))
+
+
+def _load_init(path):
+    """The model of --init WEIGHTS (models.load: EMA weights of a checkpoint); RunError naming the file."""
+    from .models import load
+
+    try:
+        return load(path)
+    except checkpoint.CheckpointError as e:
+        raise RunError(f"--init: {e}") from None
+    except (OSError, ValueError, ImportError) as e:
+        raise RunError(f"--init {path}: {type(e).__name__}: {e}") from None
+
+
+def init_model(model, source, seed=0):
+    """``model`` (fresh, this run's classes) with the weights of ``source``: all of them when the
+    class counts agree, else all but the classifier, which keeps its fresh initialization.
+    Rebuilt first when source's architecture or activation differs. -> (model, kept_classifier)."""
+    from .models import from_config
+
+    want = {k: source.config()[k] for k in ("arch", "act")}
+    if any(model.config()[k] != v for k, v in want.items()):
+        model = from_config({**model.config(), **want}, seed=seed)
+    state = source.state_dict()
+    keep_head = source.num_classes == model.num_classes
+    if not keep_head:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    model.load_state_dict(state, strict=keep_head)
+    missing = set(model.state_dict()) - set(state)
+    if missing - {"classifier.weight", "classifier.bias"}:
+        raise ValueError(f"missing keys: {', '.join(sorted(missing))}")
+    return model, keep_head
+
+
+def start_run(args, argv, parser, out):
+    """Stage 1: a Run in ``out`` (created and locked by the caller), new or resumed (--resume)."""
+    from . import _C
+    from .models import from_config
+
+    ckpt, source = None, None
     if args.resume:
         ckpt = load_checkpoint(out / "last.npz")
         cfg = ckpt["meta"]["config"]
@@ -278,143 +409,105 @@ def main(argv=None, *, on_step=None):
             print(f"mbnet: --resume uses the run's saved configuration; ignoring {', '.join(ignored)}", file=sys.stderr)
     else:
         if (out / "last.npz").exists():
-            raise SystemExit(f"mbnet: {out} already holds a run; pass --resume to continue it or choose another --out")
+            raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         cfg = make_config(args)
-    out.mkdir(parents=True, exist_ok=True)
+        if cfg["init"]:
+            source = _load_init(cfg["init"])
+            if "alpha" in _explicit_args(parser, argv) and cfg["alpha"] != source.alpha:
+                raise RunError(f"--alpha {cfg['alpha']} disagrees with --init {cfg['init']} (alpha {source.alpha}); "
+                               "leave --alpha out")
+            cfg["alpha"], cfg["mean"], cfg["std"] = source.alpha, list(source.mean), list(source.std)
 
     try:
         xtr, ytr, xte, yte = prepare_data(cfg, args.data_dir)
     except D.DataError as e:
-        print(f"mbnet: {e}", file=sys.stderr)
-        return 2
+        raise RunError(str(e)) from None
     mean, std = np.array(cfg["mean"]), np.array(cfg["std"])
     train_loader = D.Loader(xtr, ytr, cfg["batch_size"], mean, std, train=True, seed=cfg["seed"])
     test_loader = D.Loader(xte, yte, EVAL_BATCH, mean, std, train=False)
-    spe = len(train_loader)
-    total = cfg["epochs"] * spe
-    schedule = optim.make_schedule(cfg["schedule"], cfg["lr"], total, round(cfg["warmup"] * spe))
 
-    model = build_model(cfg)
+    if ckpt is not None:
+        model = from_config(checkpoint.model_config(ckpt, out / "last.npz"), seed=cfg["seed"])
+    else:
+        model = build_model(cfg)
+        if source is not None:
+            try:
+                model, kept = init_model(model, source, cfg["seed"])
+            except ValueError as e:
+                raise RunError(f"--init {cfg['init']}: does not fit this model ({e})") from None
+            print(f"mbnet: starting from {cfg['init']}; "
+                  + ("classifier kept" if kept else f"classifier re-made for {model.num_classes} classes "
+                                                    f"(the weights have {source.num_classes})"), file=sys.stderr)
     opt = optim.make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], weight_decay=cfg["weight_decay"])
     ema = optim.EMA(model.state_dict(), cfg["ema_decay"]) if cfg["ema"] else None
-    dropouts = dropout_modules(model)
-    fresh = {"epoch": 0, "batch": 0, "metrics": [], "sums": {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0},
-             "best": None, "elapsed": 0.0}
-    pos = fresh
+    pos = {"epoch": 0, "batch": 0, "metrics": [], "sums": _fresh_sums(), "best": None, "elapsed": 0.0}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optim"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        pos = {k: ckpt["meta"][k] for k in fresh}
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optim"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
+        except (KeyError, ValueError) as e:
+            raise RunError(f"{out / 'last.npz'}: does not fit its own configuration "
+                           f"({type(e).__name__}: {e})") from None
+        pos = {k: ckpt["meta"][k] for k in pos}
         saved_threads = ckpt["meta"].get("threads")
         if saved_threads is not None and saved_threads != _C.get_num_threads():
             print(f"mbnet: note: this run used {saved_threads} kernel threads, now {_C.get_num_threads()}; "
                   "the result will not be bit-identical to an unbroken run (pass --threads)", file=sys.stderr)
-        print(f"mbnet: resuming {out} at epoch {pos['epoch'] + 1}, step {pos['batch']}/{spe}", file=sys.stderr)
     else:
-        (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+        try:
+            write_text(out / "config.json", dumps(cfg, indent=1) + "\n")
+        except checkpoint.WriteError as e:
+            raise RunError(str(e), status=1) from None
+    run = Run(out, cfg, train_loader, test_loader, model, opt, ema, pos, on_nan=args.on_nan)
+    if ckpt is not None:
+        print(f"mbnet: resuming {out} at epoch {pos['epoch'] + 1}, step {pos['batch']}/{run.spe}", file=sys.stderr)
     nparams = sum(p.data.size for p in model.parameters())
     print(f"mbnet: MobileNetV1 alpha={cfg['alpha']} {cfg['resolution']}px, {nparams:,} parameters; "
-          f"{len(ytr)} train / {len(yte)} test images, {spe} steps/epoch; run dir {out}", file=sys.stderr)
+          f"{len(ytr)} train / {len(yte)} test images, {run.spe} steps/epoch; run dir {out}", file=sys.stderr)
+    return run
 
-    def meta():
-        return dict(pos, config=cfg, step=pos["epoch"] * spe + pos["batch"], threads=_C.get_num_threads())
 
-    def save(name):
-        save_checkpoint(out / name, model, opt, ema, meta())
+def main(argv=None, *, on_step=None):
+    """Returns the exit status (see the module docstring). on_step(step) is called after each
+    optimizer step (tests use it to interrupt)."""
+    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    out = Path(args.out or Path("runs") / (args.name or time.strftime("%Y%m%d-%H%M%S")))
+    created = False
+    try:
+        set_threads(args.threads)
+        if args.resume and not (out / "last.npz").is_file():
+            raise RunError(f"--resume: {out / 'last.npz'}: no such file")
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create the run directory {out}: [Errno {e.errno}] {e.strerror}") from None
+        with RunLock(out):
+            removed = remove_orphans(out)
+            if removed:
+                print(f"mbnet: removed {len(removed)} temp file(s) a killed run left in {out}: {', '.join(removed)}",
+                      file=sys.stderr)
+            return start_run(args, argv, parser, out).train(on_step)
+    except RunError as e:
+        print(f"mbnet: {e}", file=sys.stderr)
+        if created and e.status == 2:  # a run that never started leaves no directory behind
+            _remove_unused(out)
+        return e.status
 
-    progress = Progress()
-    with InterruptFlag() as interrupt:
-        while pos["epoch"] < cfg["epochs"]:
-            epoch, sums = pos["epoch"], pos["sums"]
-            model.train()
-            t_epoch = time.perf_counter()
-            t_last = time.perf_counter()
-            for i, x, y in train_loader.epoch(epoch, pos["batch"]):
-                step = epoch * spe + i
-                opt.lr = schedule(step)
-                for k, m in enumerate(dropouts):
-                    m.rng = np.random.default_rng([cfg["seed"], 3, step, k])
-                model.zero_grad()
-                logits = model(Tensor(x))
-                loss = cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
-                loss.backward()
-                opt.step()
-                if ema is not None:
-                    ema.update(live_arrays(model))
-                sums["loss"] += float(loss.data) * len(y)
-                sums["correct"] += int((logits.data.argmax(1) == y).sum())
-                sums["seen"] += len(y)
-                now = time.perf_counter()
-                sums["time"] += now - t_last
-                t_last = now
-                pos["batch"] = i + 1
-                ips = sums["seen"] / max(sums["time"], 1e-9)
-                eta = (spe - i - 1) * cfg["batch_size"] / ips
-                progress.update(f"epoch {epoch + 1}/{cfg['epochs']} step {i + 1}/{spe} "
-                                f"loss {sums['loss'] / sums['seen']:.4f} acc {100 * sums['correct'] / sums['seen']:.2f}% "
-                                f"lr {opt.lr:.4g} {ips:.0f} img/s ETA {_fmt_time(eta)}", final=i + 1 == spe)
-                if on_step is not None:
-                    on_step(step)
-                if interrupt.requested:
-                    break
-            pos["elapsed"] += time.perf_counter() - t_epoch
-            if interrupt.requested and pos["batch"] < spe:
-                save("last.npz")
-                print(f"mbnet: saved {out / 'last.npz'} at epoch {epoch + 1}, step {pos['batch']}/{spe}; "
-                      f"continue with: python -m mbnet.train --out {out} --resume", file=sys.stderr)
-                return 130
 
-            t_eval = time.perf_counter()
-            ls = cfg["label_smoothing"]
-            final = epoch + 1 == cfg["epochs"]
-            test_loss, test_acc, _ = evaluate(model, test_loader, label_smoothing=ls)
-            m = {"epoch": epoch + 1, "lr": opt.lr,
-                 "train_loss": sums["loss"] / max(1, sums["seen"]), "train_acc": sums["correct"] / max(1, sums["seen"]),
-                 "test_loss": test_loss, "test_acc": test_acc}
-            primary = None if ema is None else ema.shadow  # weights that count: EMA if on
-            if ema is not None:
-                with swapped_weights(model, primary):
-                    m["ema_test_loss"], m["ema_test_acc"], _ = evaluate(model, test_loader, label_smoothing=ls)
-            if final and cfg["tta"]:
-                with swapped_weights(model, primary):
-                    m["tta_test_loss"], m["tta_test_acc"], _ = evaluate(model, test_loader, tta=True, label_smoothing=ls)
-            pos["elapsed"] += time.perf_counter() - t_eval
-            m["train_time"] = sums["time"]
-            m["images_per_s"] = sums["seen"] / max(sums["time"], 1e-9)
-            m["epoch_time"] = time.perf_counter() - t_epoch
-            m["wall_time"] = pos["elapsed"]
-            pos["metrics"].append(m)
-            score = m.get("ema_test_acc", test_acc)
-            is_best = pos["best"] is None or score > pos["best"]
-            if is_best:
-                pos["best"] = score
-            pos["epoch"], pos["batch"] = epoch + 1, 0
-            pos["sums"] = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
-            save("last.npz")
-            if is_best:
-                save("best.npz")
-            _write_metrics(out, pos["metrics"])
-            try:
-                from .plot import plot_curves
-
-                plot_curves(pos["metrics"], out / "curves.png")
-            except ImportError as e:
-                print(f"mbnet: no curves.png ({e})", file=sys.stderr)
-            line = (f"epoch {epoch + 1}/{cfg['epochs']}: train loss {m['train_loss']:.4f} acc {100 * m['train_acc']:.2f}% | "
-                    f"test loss {test_loss:.4f} acc {100 * test_acc:.2f}%")
-            if ema is not None:
-                line += f" | EMA {100 * m['ema_test_acc']:.2f}%"
-            if "tta_test_acc" in m:
-                line += f" | TTA {100 * m['tta_test_acc']:.2f}%"
-            print(line + f" | {m['images_per_s']:.0f} img/s, {_fmt_time(m['epoch_time'])}", file=sys.stderr)
-            if interrupt.requested and not final:
-                print(f"mbnet: saved {out / 'last.npz'} after epoch {epoch + 1}; "
-                      f"continue with: python -m mbnet.train --out {out} --resume", file=sys.stderr)
-                return 130
-    print(f"mbnet: done; best test accuracy {100 * pos['best']:.2f}%; run dir {out}", file=sys.stderr)
-    return 0
+def _remove_unused(out):
+    """Deletes ``out`` if it holds nothing but an empty lock file."""
+    try:
+        if [p.name for p in out.iterdir()] == [RunLock.NAME] and not (out / RunLock.NAME).stat().st_size:
+            (out / RunLock.NAME).unlink()
+            out.rmdir()
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -91,6 +91,29 @@ def test_save_and_load_npz(tmp_path, rng):
     assert b[0].weight.dtype == np.float64  # loading casts to the module's dtype
 
 
+def test_frozen_parameters_stay_in_the_state(tmp_path, rng):
+    from mbnet import optim
+    from mbnet.models import MobileNetV1
+    from mbnet.run import live_arrays
+
+    model = MobileNetV1(alpha=0.25, input_size=8, seed=1)
+    assert len(model.state_dict()) == 137  # stem 5 + 13 blocks x 10 + classifier 2
+    model.features[0].weight.requires_grad = False  # freeze the stem convolution
+    assert len(model.parameters()) == 82 and "features.0.weight" not in dict(model.named_parameters())
+    sd = model.state_dict()
+    assert len(sd) == 137 and "features.0.weight" in sd
+    model.save(tmp_path / "frozen.npz")
+    again = MobileNetV1(alpha=0.25, input_size=8, seed=2)
+    again.load(tmp_path / "frozen.npz")  # strict: 137 entries on both sides
+    for k, a in again.state_dict().items():
+        np.testing.assert_array_equal(a, sd[k], err_msg=k)
+    # the EMA of a model with a frozen layer follows every entry, the frozen one included
+    ema = optim.EMA(model.state_dict(), 0.5)
+    model.features[0].weight.data += 1.0
+    ema.update(live_arrays(model))
+    assert ema.updates == 1 and not np.array_equal(ema.shadow["features.0.weight"], sd["features.0.weight"])
+
+
 def test_load_state_dict_errors_name_the_entry():
     net = small_net()
     sd = net.state_dict()

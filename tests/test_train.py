@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 
-from mbnet import _C, data, evaluate, optim, train
+from mbnet import _C, data, evaluate, optim, run, train
 from mbnet.models import MobileNetV1
 
 
@@ -62,7 +62,7 @@ def _arrays(path):
 
 
 def _meta(path):
-    return train.load_checkpoint(path)["meta"]
+    return run.load_checkpoint(path)["meta"]
 
 
 TIMING = ("train_time", "images_per_s", "epoch_time", "wall_time")
@@ -126,7 +126,8 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny, tmp_path, capsys):
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
     ma, mb = _meta(tmp_path / "a" / "last.npz")["metrics"], _meta(b / "last.npz")["metrics"]
-    for ra, rb in zip(ma, mb, strict=True):
+    assert len(ma) == len(mb) == 2
+    for ra, rb in zip(ma, mb):
         assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
 
 
@@ -137,11 +138,11 @@ def test_checkpoint_round_trip(tmp_path, rng):
     opt = optim.make_optimizer("adam", model.parameters(), 1e-3, weight_decay=1e-4)
     opt.step()
     ema = optim.EMA(model.state_dict())
-    ema.update(train.live_arrays(model))
+    ema.update(run.live_arrays(model))
     meta = {"config": {"alpha": 0.25}, "epoch": 1, "step": 7, "metrics": [{"test_acc": 0.5}]}
-    train.save_checkpoint(tmp_path / "c.npz", model, opt, ema, meta)
+    run.save_checkpoint(tmp_path / "c.npz", model, opt, ema, meta)
 
-    ck = train.load_checkpoint(tmp_path / "c.npz")
+    ck = run.load_checkpoint(tmp_path / "c.npz")
     assert {k: ck["meta"][k] for k in meta} == meta and ck["meta"]["model"] == model.config()
     model2 = MobileNetV1(alpha=0.25, input_size=8, seed=2)
     model2.load_state_dict(ck["model"])
@@ -155,31 +156,32 @@ def test_checkpoint_round_trip(tmp_path, rng):
         np.testing.assert_array_equal(v, opt2.state_dict()[k], err_msg=k)
     assert ema2.updates == 1 and all(np.array_equal(ema.shadow[k], ema2.shadow[k]) for k in ema.shadow)
 
-    with pytest.raises(SystemExit, match="missing.npz: no such file"):
-        train.load_checkpoint(tmp_path / "missing.npz")
+    with pytest.raises(run.RunError, match="missing.npz: no such file"):
+        run.load_checkpoint(tmp_path / "missing.npz")
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(SystemExit, match="bad.npz"):
-        train.load_checkpoint(tmp_path / "bad.npz")
+    with pytest.raises(run.RunError, match="bad.npz"):
+        run.load_checkpoint(tmp_path / "bad.npz")
 
 
 def test_missing_data_is_a_message_not_a_traceback(tmp_path, capsys):
     assert train.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "--data-dir" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # a run that never started leaves no directory
 
 
-def test_refuses_to_overwrite_a_run(tiny, tmp_path):
+def test_refuses_to_overwrite_a_run(tiny, tmp_path, capsys):
     out = tmp_path / "r"
     out.mkdir()
     (out / "last.npz").write_bytes(b"")
-    with pytest.raises(SystemExit, match="--resume"):
-        train.main(_args(tiny, out))
+    assert train.main(_args(tiny, out)) == 2
+    assert "pass --resume" in capsys.readouterr().err and (out / "last.npz").read_bytes() == b""
 
 
 def test_progress_plain_lines_off_a_terminal(capsys):
     import io
 
     s = io.StringIO()
-    p = train.Progress(s, every=3600)
+    p = run.Progress(s, every=3600)
     p.update("a")
     p.update("b")
     p.update("c", final=True)
@@ -209,3 +211,70 @@ def test_other_optimizers_and_schedules_run(tiny, tmp_path, opt, schedule):
     assert meta["config"]["optimizer"] == opt and meta["step"] == 4
     assert all(np.isfinite(m["train_loss"]) and "ema_test_acc" not in m for m in meta["metrics"])
     assert not any(k.startswith("ema/") for k in _arrays(out / "last.npz"))
+
+
+def _init_args(tiny, out, *extra):
+    """_args without --alpha: --init takes it from the weights."""
+    argv = _args(tiny, out, *extra)
+    i = argv.index("--alpha")
+    return argv[:i] + argv[i + 2:]
+
+
+def _start(tiny, out, *extra):
+    """Stage 1 alone: the Run that `python -m mbnet.train ...` would train."""
+    parser = train.make_parser()
+    argv = _init_args(tiny, out, *extra)
+    args = parser.parse_args(argv)
+    out.mkdir(parents=True, exist_ok=True)
+    return train.start_run(args, argv, parser, out)
+
+
+def test_init_from_a_checkpoint_with_the_same_classes_keeps_everything(tiny, tmp_path, rng, capsys):
+    source = MobileNetV1(alpha=0.5, input_size=16, classes=data.CLASSES, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2),
+                         seed=7)
+    ema = optim.EMA(source.state_dict())
+    for v in ema.shadow.values():  # the EMA differs from the raw weights: --init takes the EMA
+        v += rng.uniform(0.5, 1.0, v.shape).astype(np.float32)
+    from mbnet import checkpoint
+
+    checkpoint.save(tmp_path / "ck.npz", source, ema=ema.state_dict(), meta={"epoch": 3})
+    r = _start(tiny, tmp_path / "r", "--init", str(tmp_path / "ck.npz"))  # --alpha comes from the file
+    assert r.model.alpha == 0.5 and r.cfg["alpha"] == 0.5 and r.cfg["init"] == str(tmp_path / "ck.npz")
+    assert r.cfg["mean"] == [0.5, 0.4, 0.3] and r.model.std == (0.2, 0.2, 0.2)
+    state = r.model.state_dict()
+    assert state.keys() == ema.shadow.keys()
+    for k, v in ema.shadow.items():
+        np.testing.assert_array_equal(state[k], v, err_msg=k)
+    assert "classifier kept" in capsys.readouterr().err
+    # the optimizer and the EMA start from these weights
+    assert r.opt.params[0] is r.model.features[0].weight
+    np.testing.assert_array_equal(r.ema.shadow["classifier.weight"], ema.shadow["classifier.weight"])
+
+    assert train.main(_args(tiny, tmp_path / "bad", "--init", str(tmp_path / "ck.npz"))) == 2  # --alpha 0.25
+    assert "--alpha 0.25 disagrees with --init" in capsys.readouterr().err
+    assert train.main(_init_args(tiny, tmp_path / "none", "--init", str(tmp_path / "nope.npz"))) == 2
+    assert "--init: " in capsys.readouterr().err and not (tmp_path / "none" / "config.json").exists()
+
+
+def test_init_with_other_classes_remakes_the_classifier_then_trains_and_resumes(tiny, tmp_path, capsys):
+    source = MobileNetV1(alpha=0.25, num_classes=4, input_size=32, act="relu6", seed=3)
+    source.save(tmp_path / "w4.npz")
+    r = _start(tiny, tmp_path / "r", "--init", str(tmp_path / "w4.npz"))
+    assert r.model.num_classes == 10 and r.model.act == "relu6" and r.model.input_size == 16
+    assert r.model.classifier.weight.shape == (256, 10)
+    fresh = train.build_model(r.cfg)  # the classifier is a fresh one; everything else is the source's
+    np.testing.assert_array_equal(r.model.classifier.weight.data, fresh.classifier.weight.data)
+    src = source.state_dict()
+    for k, v in r.model.state_dict().items():
+        if not k.startswith("classifier."):
+            np.testing.assert_array_equal(v, src[k], err_msg=k)
+    assert "classifier re-made for 10 classes (the weights have 4)" in capsys.readouterr().err
+
+    # the whole command: trains from there, is interrupted, resumes the relu6 model from its checkpoint
+    out = tmp_path / "run"
+    common = ["--init", str(tmp_path / "w4.npz"), "--epochs", "2", "--limit-train", "96", "--limit-test", "32"]
+    stop_at_1 = lambda step: step == 1 and signal.raise_signal(signal.SIGINT)  # noqa: E731
+    assert train.main(_init_args(tiny, out, *common), on_step=stop_at_1) == 130
+    assert train.main(["--out", str(out), "--resume", "--data-dir", str(tiny), "--threads", "1"]) == 0
+    meta = _meta(out / "last.npz")
+    assert meta["step"] == 6 and meta["model"]["act"] == "relu6" and meta["config"]["init"] == str(tmp_path / "w4.npz")

@@ -1,0 +1,178 @@
+"""Batch-1 inference latency of MobileNetV1, the paper's own concern: mbnet against ONNX Runtime
+running mbnet's ONNX export of the same network and against PyTorch, with the same thread count.
+
+    flock /tmp/mbnet-bench.lock python -m benchmarks.bench_latency [--configs 1@224,0.5@224,...]
+        [--runs 100] [--warmup 10] [--threads T] [--no-torch] [--no-onnxruntime] [--tiny] [--json out.json]
+
+A configuration α@s is MobileNetV1 of width α on one s x s x 3 image: 1000 classes and stem stride 2
+at ImageNet sizes (s > 64), 10 classes and stem stride 1 at CIFAR's 32 px. One network runs in all
+three engines: PyTorch's (benchmarks.common.torch_model, its own random init; mbnet's own init when
+torch is not installed) with BN statistics measured on a random batch, read into mbnet with
+mbnet.torch_import, and mbnet's model exported with mbnet.export (BN folded into the convolutions)
+for ONNX Runtime. Each engine's logits are checked against mbnet's ("max rel. diff": max |other -
+mbnet| / max |mbnet|).
+- mbnet: eval mode under no_grad, NHWC float32 (1, s, s, 3), mbnet._C's OpenMP threads = threads.
+- ONNX Runtime: CPUExecutionProvider, intra_op_num_threads = threads, inter_op_num_threads = 1,
+  sequential execution, all graph optimizations; NCHW input.
+- PyTorch: channels_last, torch.set_num_threads(threads), inference_mode.
+A time is the median of --runs calls after --warmup calls (common.measure), the engines one after
+another in this process, each after a pause that lets the previous one's worker threads stop
+spinning. Ratios are the other engine's time / mbnet's (> 1: mbnet is faster).
+"""
+import numpy as np
+
+from . import common
+
+CONFIGS = ("1@224", "0.5@224", "0.25@224", "0.25@128", "1@32")
+
+
+def parse_config(text):
+    """'α@s' -> (alpha, size, num_classes, stem_stride)."""
+    from mbnet.models import _stem_stride  # the one stem-stride rule: 2 above 64 px
+
+    alpha, _, size = text.partition("@")
+    alpha, size = float(alpha), int(size)
+    return alpha, size, 1000 if size > 64 else 10, _stem_stride(size, None)
+
+
+def build(alpha, size, num_classes, stem_stride, use_torch):
+    """(mbnet model, PyTorch model or None) in eval mode, the same weights in both when torch is
+    there. BN statistics are measured on a random batch: with the untrained default statistics the
+    activations shrink layer after layer into denormal floats, which time like nothing real."""
+    from mbnet import Tensor, nn, no_grad
+    from mbnet.models import MobileNetV1
+
+    batch = np.random.default_rng(1).standard_normal((2, size, size, 3)).astype(np.float32)
+    if not use_torch:
+        model = MobileNetV1(alpha, num_classes, size, stem_stride, seed=0)
+        bns = [m for _, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in bns:
+            m.momentum = 1.0  # running statistics = this batch's
+        with no_grad():
+            model.train()(Tensor(batch))
+        for m in bns:
+            m.momentum = 0.1
+        return model.eval(), None
+    import torch
+
+    from mbnet.torch_import import load_torch_weights
+
+    torch.manual_seed(0)
+    net = common.torch_model(alpha, num_classes, stem_stride)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # running statistics = the average over the batches seen
+    with torch.no_grad():
+        net.train()(torch.from_numpy(batch).permute(0, 3, 1, 2))
+    model = load_torch_weights(net.eval().state_dict(), stem_stride=stem_stride, input_size=size)
+    return model, net.to(memory_format=torch.channels_last)
+
+
+def mbnet_fn(model, x):
+    from mbnet import Tensor, no_grad
+
+    def infer():
+        with no_grad():
+            return model(Tensor(x)).data
+
+    return infer
+
+
+def onnxruntime_fn(model, x, threads):
+    import onnxruntime as ort
+
+    from mbnet.export import to_onnx
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(to_onnx(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
+    return lambda: session.run(["logits"], feed)[0], ort.__version__
+
+
+def torch_fn(net, x, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+    def infer():
+        with torch.inference_mode():
+            return net(xt).numpy()
+
+    return infer, torch.__version__
+
+
+def run(configs=CONFIGS, runs=100, warmup=10, threads=None, tiny=False, use_torch=True, use_onnxruntime=True):
+    from mbnet import _C
+
+    if threads is not None:
+        _C.set_num_threads(threads)
+    threads = _C.get_num_threads()
+    if tiny:
+        configs, runs, warmup = ("0.25@32",), 1, 1
+    pause = 0 if tiny else 0.2
+    absent = {}  # engine -> why it has no row
+    for engine, wanted, modules in (("torch", use_torch, ("torch",)),
+                                    ("onnxruntime", use_onnxruntime, ("onnx", "onnxruntime"))):
+        if not wanted:
+            absent[engine] = "disabled"
+        elif any(common.optional_import(m) is None for m in modules):
+            absent[engine] = "not installed"
+    have = {engine: engine not in absent for engine in ("torch", "onnxruntime")}
+    versions, rows = {}, []
+    for text in configs:
+        alpha, size, num_classes, stem_stride = parse_config(text)
+        model, net = build(alpha, size, num_classes, stem_stride, have["torch"])
+        x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
+        fns = {"mbnet": mbnet_fn(model, x)}
+        if have["onnxruntime"]:
+            fns["onnxruntime"], versions["onnxruntime"] = onnxruntime_fn(model, x, threads)
+        if have["torch"]:
+            fns["torch"], versions["torch"] = torch_fn(net, x, threads)
+        want = fns["mbnet"]()
+        row = {"config": text, "alpha": alpha, "size": size, "num_classes": num_classes, "stem_stride": stem_stride}
+        for engine, fn in fns.items():
+            diff = float(np.abs(np.asarray(fn()) - want).max() / np.abs(want).max())
+            t = common.measure(fn, runs, warmup, pause=pause)
+            row[engine] = {"median_ms": t["median"] * 1e3, "min_ms": t["min"] * 1e3, "max_rel_diff": diff}
+        rows.append(row)
+    return {"benchmark": "latency", **common.machine_info(), "threads": threads, "runs": runs, "warmup": warmup,
+            "versions": versions, "absent": absent, "rows": rows}
+
+
+def markdown(res):
+    rows = []
+    for r in res["rows"]:
+        ms = r["mbnet"]["median_ms"]
+        cells = [f"α={r['alpha']:g}, {r['size']} px", ms]
+        for engine in ("onnxruntime", "torch"):
+            e = r.get(engine)
+            cells += [e["median_ms"], f"{e['median_ms'] / ms:.2f}"] if e else [res["absent"][engine], None]
+        cells.append(max((r[e]["max_rel_diff"] for e in ("onnxruntime", "torch") if e in r), default=None))
+        rows.append(cells)
+    v = res["versions"]
+    lines = ["## Batch-1 inference latency (MobileNetV1)", ""] + common.header(res) + [
+        "",
+        f"One image, {res['threads']} threads in every engine, median of {res['runs']} calls after {res['warmup']} "
+        f"warm-up calls. ONNX Runtime {v.get('onnxruntime', '—')} runs mbnet's own export (BN folded); PyTorch "
+        f"{v.get('torch', '—')} with channels_last. 1000 classes and stem stride 2 above 64 px, 10 classes and "
+        "stride 1 at 32 px. Ratio = the other engine's time / mbnet's (> 1: mbnet is faster); max rel. diff = "
+        "the largest logit difference to mbnet over its largest logit (the engines run the same weights).",
+        "",
+        common.table(["configuration", "mbnet ms", "ONNX Runtime ms", "ORT / mbnet", "PyTorch ms", "PyTorch / mbnet",
+                      "max rel. diff"], rows),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    return common.cli(__doc__, run, markdown, argv, {
+        "configs": f"comma-separated α@size (default {','.join(CONFIGS)})",
+        "tiny": "α=0.25 at 32 px, 1 run: a smoke run", "use_onnxruntime": "skip the ONNX Runtime comparison"})
+
+
+if __name__ == "__main__":
+    main()
