@@ -1,25 +1,44 @@
-"""CIFAR-10: loading (official pickles or an image-folder tree), a uint8 cache, augmentation, batching.
+"""Image-classification data: CIFAR-10, CIFAR-100 or an image-folder tree; a memory-mapped uint8
+cache at the training resolution; augmentation; batches.
 
-Notation: N images, S the side in pixels (32 for CIFAR-10), B the batch size.
-Images are kept as uint8 (N, S, S, 3) NHWC; batches come out float32 (B, S, S, 3) C-contiguous,
-labels int64 (B,).
+Notation: N images, K classes, S the side in pixels (the training resolution), B the batch size.
+Images are kept as uint8 (N, S, S, 3) NHWC RGB; batches come out float32 (B, S, S, 3) C-contiguous,
+labels int64 (B,) in [0, K).
 
-Order: both formats are returned class-major (all of class 0, then class 1, ...); within a class the
-pickles keep their official order and the folder tree its sorted file names. The shared JPEG mirror
-numbers each class's files in official order, so both formats give the same arrays.
+Sources (load_data; `kind` is the --dataset name):
+- "cifar10":  cifar-10-batches-py/ (data_batch_1..5, test_batch), the official pickles.
+- "cifar100": cifar-100-python/ (train, test, meta): fine labels (100 classes); the 20 coarse labels
+  come along as train_coarse_y / test_coarse_y / coarse_classes.
+- "folder":   train/<class>/*.jpg|*.jpeg|*.png and test/<class>/... (or val/<class>/...); class
+  index = position of the folder name in sorted order; both splits must have the same class folders.
+  Without a test/ or val/ split, val_split=F holds out round(F * n) images of each class of train/
+  (a fixed choice that depends only on the file names).
+
+Preprocessing (fit_image, the same for training, evaluation and prediction): every image is
+converted to RGB (grayscale, palette and RGBA alike; alpha is dropped), its shorter side resized to S
+(bilinear) and the center S x S cropped. This is done once per data set and resolution, in worker
+processes, into the cache: one directory of raw .npy files (memory-mapped when loaded, so a 224 px
+set is never held in RAM twice) and a meta.json with each file's size and SHA-256 digest (of the
+whole file up to 64 MiB, else of 256 evenly spaced 256 KiB blocks and the size). A cache that does
+not match its meta.json is rebuilt. The cache is keyed by the source's fingerprint (relative file
+names, sizes and modification times: moving the data keeps the cache, touching a file rebuilds it),
+the resolution and the validation split.
+
+Order: every split is class-major (all of class 0, then class 1, ...); within a class the pickles
+keep their official order and folders their sorted file names.
 
 Every random choice is a pure function of (seed, epoch, batch index): the shuffle of an epoch comes
-from (seed, epoch), a batch's crops and flips from (seed, epoch, batch). A run resumed in the middle
-of an epoch therefore sees exactly the batches an unbroken run sees.
+from (seed, epoch), a batch's crops, flips and cutout squares from (seed, epoch, batch). A run
+resumed in the middle of an epoch therefore sees exactly the batches an unbroken run sees.
 """
 import hashlib
+import json
 import os
 import pickle
 import queue
 import shutil
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 import urllib.error
@@ -32,13 +51,17 @@ import numpy as np
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
-CACHE_VERSION = 1
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+DATASETS = ("cifar10", "cifar100", "folder")
+CACHE_VERSION = 2
+PARALLEL_MIN = 2000  # fewer images are decoded in this process (a pool costs more than it saves)
 
-# Seeds of the independent random streams (shuffle, augmentation); see shuffle_order / augment_batch.
-_SHUFFLE, _AUGMENT = 1, 2
+# Seeds of the independent random streams; see shuffle_order, augment_batch, cutout_batch, _carve.
+_SHUFFLE, _AUGMENT, _CUTOUT, _VAL = 1, 2, 4, 5
 
 
 class DataError(RuntimeError):
@@ -50,148 +73,265 @@ def default_cache_dir():
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading the two formats
+# One image: reading and fitting to the resolution (what the cache, evaluate and predict all use)
 
 
-def _find_pickle_dir(root):
-    for d in (root, root / "cifar-10-batches-py"):
-        if (d / "data_batch_1").is_file() or (d / TEST_BATCH).is_file():
+def _open_rgb(path):
+    """-> PIL RGB image of the file; DataError naming the file when it cannot be decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def _fit(im, size):
+    """PIL RGB image -> (size, size, 3) uint8: shorter side resized to size (bilinear), center crop."""
+    from PIL import Image
+
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    if (nw, nh) != (size, size):
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_image(path):
+    """Image file (JPEG/PNG, any mode) -> (H, W, 3) uint8 RGB; DataError naming a bad file."""
+    return np.asarray(_open_rgb(path), dtype=np.uint8)
+
+
+def fit_image(img, size):
+    """(H, W, 3) uint8 -> (size, size, 3) uint8: the shorter side resized to size (bilinear), then
+    the center size x size cropped. The training preprocessing of every cached image."""
+    from PIL import Image
+
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or 0 in img.shape:
+        raise ValueError(f"fit_image: expected a non-empty (H, W, 3) uint8 image, got {img.dtype} {img.shape}")
+    return _fit(Image.fromarray(img), size)
+
+
+def _fit_into(out_path, start, items, size):
+    """Fills rows start.. of the (n, size, size, 3) .npy at out_path with the fitted items (file
+    paths or (h, w, 3) uint8 arrays). Runs in the worker processes."""
+    from PIL import Image
+
+    out = np.load(out_path, mmap_mode="r+")
+    for i, item in enumerate(items):
+        out[start + i] = _fit(_open_rgb(item) if isinstance(item, str) else Image.fromarray(item), size)
+    out.flush()
+
+
+def fit_all(out_path, items, size, workers=None):
+    """Fits every item into the .npy at out_path, in `workers` processes (Pillow holds the GIL)."""
+    workers = workers or os.cpu_count() or 1
+    n = len(items)
+    if workers == 1 or n < PARALLEL_MIN:
+        return _fit_into(out_path, 0, items, size)
+    chunk = max(64, min(1000, -(-n // (4 * workers))))
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(_fit_into, out_path, s, items[s:s + chunk], size) for s in range(0, n, chunk)]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def decode_images(paths, size, workers=None):
+    """Image files -> (n, size, size, 3) uint8 in RAM, fitted as in the cache (tests, benchmarks)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "x.npy")
+        np.lib.format.open_memmap(path, "w+", np.uint8, (len(paths), size, size, 3))
+        fit_all(path, list(paths), size, workers)
+        return np.load(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The official pickles
+
+
+PICKLES = {  # --dataset -> its release
+    "cifar10": {"dir": "cifar-10-batches-py", "url": CIFAR_URL, "md5": CIFAR_MD5,
+                "train": TRAIN_BATCHES, "test": (TEST_BATCH,), "marker": ("data_batch_1", TEST_BATCH)},
+    "cifar100": {"dir": "cifar-100-python", "url": CIFAR100_URL, "md5": CIFAR100_MD5,
+                 "train": ("train",), "test": ("test",), "marker": ("meta",)},
+}
+
+
+def _find_pickle_dir(root, kind):
+    for d in (root, root / PICKLES[kind]["dir"]):
+        if any((d / m).is_file() for m in PICKLES[kind]["marker"]):
             return d
     return None
 
 
-def _read_pickle_batch(path):
-    """One official batch file -> (images (n,32,32,3) uint8, labels (n,) int64)."""
+def _unpickle(path, kind):
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        labels = np.asarray(d[b"labels"], dtype=np.int64)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
-            raise ValueError(f"expected b'data' (n, 3072) and n b'labels', got {data.shape} and {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-            raise ValueError("labels outside 0..9")
+            return pickle.load(f, encoding="bytes")
     except FileNotFoundError:
-        raise DataError(f"{path}: missing (a complete cifar-10-batches-py has "
-                        f"{', '.join(TRAIN_BATCHES)} and {TEST_BATCH})") from None
+        spec = PICKLES[kind]
+        files = spec["train"] + spec["test"] + (("meta",) if kind == "cifar100" else ())
+        raise DataError(f"{path}: missing (a complete {spec['dir']} has {', '.join(files)})") from None
     except Exception as e:
-        raise DataError(f"{path}: corrupt or truncated CIFAR-10 batch ({type(e).__name__}: {e})") from None
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+        raise DataError(f"{path}: corrupt or truncated {kind} pickle ({type(e).__name__}: {e})") from None
 
 
-def _class_major(images, labels):
-    order = np.argsort(labels, kind="stable")
-    return np.ascontiguousarray(images[order]), labels[order]
+def _read_pickle_batch(path, kind, label_keys, num_classes):
+    """One pickle file -> (images (n,32,32,3) uint8, [labels (n,) int64 for each key])."""
+    d = _unpickle(path, kind)
+    try:
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+        labels = [np.asarray(d[k], dtype=np.int64) for k in label_keys]
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or any(y.shape != (data.shape[0],) for y in labels):
+            raise ValueError(f"expected b'data' (n, 3072) and n labels, got {data.shape} and "
+                             f"{[y.shape for y in labels]}")
+    except Exception as e:
+        raise DataError(f"{path}: corrupt or truncated {kind} pickle ({type(e).__name__}: {e})") from None
+    for key, y, k in zip(label_keys, labels, num_classes):
+        if y.size and (y.min() < 0 or y.max() >= k):
+            bad = int(y[(y < 0) | (y >= k)][0])
+            raise DataError(f"{path}: {key.decode()} {bad} outside the {k} classes 0..{k - 1}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def read_pickles(root):
-    """cifar-10-batches-py directory -> dict(train_x, train_y, test_x, test_y), class-major."""
+def read_pickles(root, kind="cifar10"):
+    """cifar-10-batches-py or cifar-100-python directory -> dict(train_x, train_y, test_x, test_y,
+    classes) (+ train_coarse_y, test_coarse_y, coarse_classes for CIFAR-100), class-major, 32x32."""
     root = Path(root)
-    out = {}
-    for split, names in (("train", TRAIN_BATCHES), ("test", (TEST_BATCH,))):
-        parts = [_read_pickle_batch(root / n) for n in names]
-        x, y = _class_major(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-        out[split + "_x"], out[split + "_y"] = x, y
-    return out
-
-
-def _list_folder(root, split):
-    """root/split/<class>/* -> (paths, labels); class index = position of the folder in sorted order."""
-    d = Path(root) / split
-    classes = sorted(p.name for p in d.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{d}: no class folders")
-    paths, labels = [], []
-    for k, c in enumerate(classes):
-        files = sorted(e.name for e in os.scandir(d / c) if e.name.lower().endswith(IMAGE_EXTS))
-        paths += [str(d / c / f) for f in files]
-        labels += [k] * len(files)
-    return paths, np.array(labels, dtype=np.int64)
-
-
-def _decode_files(paths):
-    """Decodes a list of image files -> (n, 32, 32, 3) uint8; raises DataError naming a bad file."""
-    from PIL import Image
-
-    out = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
-    for i, p in enumerate(paths):
+    spec = PICKLES[kind]
+    if kind == "cifar10":
+        out, keys, counts = {"classes": list(CLASSES)}, (b"labels",), (10,)
+    else:
+        meta = _unpickle(root / "meta", kind)
         try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if im.size != (32, 32):
-                    raise ValueError(f"size {im.size[0]}x{im.size[1]}, expected 32x32")
-                out[i] = np.asarray(im)
+            fine = [s.decode() for s in meta[b"fine_label_names"]]
+            coarse = [s.decode() for s in meta[b"coarse_label_names"]]
         except Exception as e:
-            raise DataError(f"{p}: cannot decode image ({type(e).__name__}: {e})") from None
-    return out
-
-
-def decode_images(paths, workers=None):
-    """Decodes image files in parallel (a process pool: Pillow holds the GIL) -> (n,32,32,3) uint8."""
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(paths) < 2000:
-        return _decode_files(paths)
-    chunk = 1000
-    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    with ProcessPoolExecutor(workers) as pool:
-        return np.concatenate(list(pool.map(_decode_files, chunks)))
-
-
-def read_folder(root, workers=None):
-    """root/{train,test}/<class>/*.jpg|png -> dict(train_x, train_y, test_x, test_y), class-major."""
-    out = {}
+            raise DataError(f"{root / 'meta'}: no fine_label_names/coarse_label_names "
+                            f"({type(e).__name__}: {e})") from None
+        out = {"classes": fine, "coarse_classes": coarse}
+        keys, counts = (b"fine_labels", b"coarse_labels"), (len(fine), len(coarse))
     for split in ("train", "test"):
-        paths, labels = _list_folder(root, split)
-        out[split + "_x"], out[split + "_y"] = decode_images(paths, workers), labels
+        parts = [_read_pickle_batch(root / n, kind, keys, counts) for n in spec[split]]
+        x = np.concatenate([p[0] for p in parts])
+        ys = [np.concatenate([p[1][j] for p in parts]) for j in range(len(keys))]
+        order = np.argsort(ys[0], kind="stable")
+        out[split + "_x"], out[split + "_y"] = np.ascontiguousarray(x[order]), ys[0][order]
+        if kind == "cifar100":
+            out[split + "_coarse_y"] = ys[1][order]
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# Locating the data, the cache, the download
+# Image folders
 
 
-def _fingerprint(files):
-    """Changes when a source file is added, removed, rewritten or touched."""
-    h = hashlib.sha256()
-    n = 0
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        n += 1
-    return f"{n}:{h.hexdigest()}"
+def _class_folders(d):
+    return sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
 
 
-def _source_files(kind, root):
-    if kind == "pickle":
-        return [str(root / n) for n in TRAIN_BATCHES + (TEST_BATCH,) if (root / n).exists()]
-    files = []
-    for split in ("train", "test"):
-        d = root / split
-        for c in sorted(os.listdir(d)):
-            if (d / c).is_dir():
-                files += sorted(e.path for e in os.scandir(d / c) if e.name.lower().endswith(IMAGE_EXTS))
-    return files
+def _images_in(d):
+    return sorted(e.name for e in os.scandir(d)
+                  if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTS))
+
+
+def _list_split(d, classes, require):
+    paths, labels = [], []
+    for k, c in enumerate(classes):
+        files = _images_in(d / c)
+        if require and not files:
+            raise DataError(f"{d / c}: no {'/'.join(IMAGE_EXTS)} images (every class of train/ needs some)")
+        base = os.path.join(d, c, "")
+        paths += [base + f for f in files]  # string joins: pathlib is slow over 10^5 files
+        labels += [k] * len(files)
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def _carve(labels, fraction):
+    """Boolean mask of the held-out images: round(fraction * n) of each class (at least one image
+    stays in train), chosen by a fixed random stream, so a function of the listing only."""
+    held = np.zeros(len(labels), bool)
+    rng = np.random.default_rng(_VAL)
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        n = min(round(fraction * len(idx)), len(idx) - 1)
+        held[rng.permutation(idx)[:n]] = True
+    return held
+
+
+def list_folder(root, val_split=None):
+    """root/train/<class>/... and root/test/ (or val/) -> dict(classes, test_split, train (paths,
+    labels), test (paths, labels)); with val_split and no test/val folder, test is carved from train."""
+    root = Path(root)
+    train = root / "train"
+    classes = _class_folders(train)
+    if not classes:
+        raise DataError(f"{train}: no class folders (expected {train}/<class>/*.png or *.jpg)")
+    test_split = next((s for s in ("test", "val") if (root / s).is_dir()), None)
+    if test_split and val_split:
+        raise DataError(f"--val-split: {root} already has a {test_split}/ split; drop --val-split or that folder")
+    if not test_split and not val_split:
+        raise DataError(f"{root}: no test/ or val/ folder beside train/; add one, or pass --val-split F "
+                        "to hold out a fraction F of train/")
+    tr = _list_split(train, classes, require=True)
+    if test_split:
+        d = root / test_split
+        other = _class_folders(d)
+        missing, extra = [c for c in classes if c not in other], [c for c in other if c not in classes]
+        if missing or extra:
+            what = [f"{word} {', '.join(cs)}" for word, cs in (("missing", missing), ("extra", extra)) if cs]
+            raise DataError(f"{d}: its class folders differ from {train}'s ({'; '.join(what)}); "
+                            "both splits need the same class folders")
+        te = _list_split(d, classes, require=False)
+    else:
+        held = _carve(tr[1], val_split)
+        if not held.any():
+            raise DataError(f"--val-split {val_split}: holds out no image of {train} (too few images per class)")
+        paths = np.array(tr[0], dtype=object)
+        te = list(paths[held]), tr[1][held]
+        tr = list(paths[~held]), tr[1][~held]
+        test_split = f"{val_split:g} of train"
+    return {"classes": classes, "test_split": test_split, "train": tr, "test": te}
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating the data, the download
 
 
 def _detect(root):
-    """-> ("pickle", dir) or ("folder", dir) or None."""
-    p = _find_pickle_dir(root)
-    if p is not None:
-        return "pickle", p
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    """-> (kind, dir) or None. Pickles first, then a folder tree."""
+    for kind in ("cifar10", "cifar100"):
+        p = _find_pickle_dir(root, kind)
+        if p is not None:
+            return kind, p
+    if (root / "train").is_dir():
         return "folder", root
     return None
 
 
 def _no_data_message(where, cache_dir, why):
     return (
-        f"CIFAR-10 not found ({why}).\n"
+        f"no data set found ({why}).\n"
         f"  Looked in: {where}\n"
         "  Either pass --data-dir DIR (or set MBNET_DATA=DIR), where DIR holds the official\n"
-        "  cifar-10-batches-py/ (data_batch_1..5, test_batch) or an image tree train/<class>/*.png,\n"
-        "  test/<class>/*.png (JPEG works too),\n"
+        "  cifar-10-batches-py/ or cifar-100-python/ or an image tree train/<class>/*.png|jpg with\n"
+        "  test/<class>/ (or val/<class>/, or --val-split F),\n"
         f"  or put {CIFAR_URL.rsplit('/', 1)[1]} (MD5 {CIFAR_MD5}) into {cache_dir}\n"
-        f"  (download it from {CIFAR_URL})."
+        f"  (download it from {CIFAR_URL}; for --dataset cifar100: {CIFAR100_URL}, MD5 {CIFAR100_MD5})."
     )
 
 
@@ -211,24 +351,26 @@ def _download(url, dest):
     os.replace(tmp, dest)
 
 
-def _fetch_official(cache_dir, download):
-    """Makes sure cache_dir/cifar-10-batches-py exists (extracting or downloading the archive)."""
-    found = _find_pickle_dir(cache_dir)
+def _fetch_official(cache_dir, download, kind="cifar10"):
+    """Makes sure cache_dir holds the extracted release of kind (extracting or downloading it)."""
+    found = _find_pickle_dir(cache_dir, kind)
     if found is not None:
         return found
-    archive = cache_dir / "cifar-10-python.tar.gz"
+    spec = PICKLES[kind]
+    url, md5 = spec["url"], spec["md5"]
+    archive = cache_dir / url.rsplit("/", 1)[1]
     if not archive.exists():
         if not download:
             raise DataError(_no_data_message(cache_dir, cache_dir, "downloading is switched off"))
         cache_dir.mkdir(parents=True, exist_ok=True)
-        print(f"mbnet: downloading {CIFAR_URL} into {cache_dir} ...", file=sys.stderr)
+        print(f"mbnet: downloading {url} into {cache_dir} ...", file=sys.stderr)
         try:
-            _download(CIFAR_URL, archive)
+            _download(url, archive)
         except (urllib.error.URLError, OSError) as e:
             raise DataError(_no_data_message(cache_dir, cache_dir, f"download failed: {e}")) from None
-    md5 = _md5(archive)
-    if md5 != CIFAR_MD5:
-        raise DataError(f"{archive}: MD5 {md5} does not match {CIFAR_MD5} (corrupt or truncated download; "
+    got = _md5(archive)
+    if got != md5:
+        raise DataError(f"{archive}: MD5 {got} does not match {md5} (corrupt or truncated download; "
                         "delete it and retry)")
     try:
         with tarfile.open(archive) as t:
@@ -236,89 +378,234 @@ def _fetch_official(cache_dir, download):
             t.extractall(cache_dir, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{archive}: cannot extract ({e})") from None
-    found = _find_pickle_dir(cache_dir)
+    found = _find_pickle_dir(cache_dir, kind)
     if found is None:
-        raise DataError(f"{archive}: holds no cifar-10-batches-py")
+        raise DataError(f"{archive}: holds no {spec['dir']}")
     return found
 
 
-def _atomic_savez(path, **arrays):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def load_cifar10(data_dir=None, *, cache_dir=None, download=True, workers=None, verbose=False):
-    """-> dict(train_x (50000,32,32,3) uint8, train_y (50000,) int64, test_x, test_y, source str).
-
-    data_dir, else $MBNET_DATA, else the cache dir ($MBNET_CACHE or ~/.cache/mbnet) where the
-    official archive is downloaded (download=True) and checked. Decoded arrays are cached in the cache
-    dir, keyed by the source's path and invalidated when its files change.
-    """
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+def _locate(data_dir, dataset, cache_dir, download):
+    """-> (kind, source dir)."""
+    if dataset not in (None,) + DATASETS:
+        raise DataError(f"--dataset {dataset}: choose one of {', '.join(DATASETS)}")
     data_dir = data_dir or os.environ.get("MBNET_DATA")
-    if data_dir:
-        root = Path(data_dir).expanduser().resolve()
-        if not root.is_dir():
-            raise DataError(_no_data_message(root, cache_dir, f"{root} is not a directory"))
+    if not data_dir:
+        if dataset == "folder":
+            raise DataError("--dataset folder needs --data-dir DIR (or MBNET_DATA=DIR) holding train/<class>/...")
+        kind = dataset or "cifar10"
+        return kind, _fetch_official(cache_dir, download, kind)
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(_no_data_message(root, cache_dir, f"{root} is not a directory"))
+    if dataset is None:
         found = _detect(root)
-        if found is None:
-            archive = root / "cifar-10-python.tar.gz"
-            if archive.exists():
-                found = "pickle", _fetch_official(root, download=False)
-            else:
-                raise DataError(_no_data_message(root, cache_dir, "neither cifar-10-batches-py nor train/ and test/"))
-    else:
-        found = "pickle", _fetch_official(cache_dir, download)
-    kind, src = found
-    src = src.resolve()
-    files = _source_files(kind, src)
-    key = hashlib.sha256(str(src).encode()).hexdigest()[:16]
-    cache = cache_dir / f"cifar10-{kind}-{key}.npz"
-    fingerprint = f"v{CACHE_VERSION}:{kind}:{src}:{_fingerprint(files)}"
-    if cache.exists():
-        try:
-            with np.load(cache) as z:
-                if str(z["fingerprint"]) == fingerprint:
-                    out = {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
-                    out["source"] = str(src)
-                    return out
-        except Exception:
-            pass  # unreadable cache: rebuild it
-    t0 = time.perf_counter()
-    out = read_pickles(src) if kind == "pickle" else read_folder(src, workers)
-    if verbose:
-        print(f"mbnet: decoded {kind} data from {src} in {time.perf_counter() - t0:.1f}s; cached in {cache}",
-              file=sys.stderr)
-    try:
-        _atomic_savez(cache, fingerprint=np.array(fingerprint), **out)
-    except OSError as e:
-        print(f"mbnet: warning: cannot write the data cache {cache}: {e}", file=sys.stderr)
-    out["source"] = str(src)
-    return out
+        if found is not None:
+            return found
+        for kind in PICKLES:
+            if (root / PICKLES[kind]["url"].rsplit("/", 1)[1]).exists():
+                return kind, _fetch_official(root, False, kind)
+        raise DataError(_no_data_message(root, cache_dir, "neither cifar-10-batches-py, cifar-100-python nor train/"))
+    if dataset == "folder":
+        if not (root / "train").is_dir():
+            raise DataError(f"--dataset folder: {root} has no train/ folder (expected train/<class>/*.png|jpg)")
+        return "folder", root
+    found = _find_pickle_dir(root, dataset)
+    if found is not None:
+        return dataset, found
+    archive = PICKLES[dataset]["url"].rsplit("/", 1)[1]
+    if (root / archive).exists():
+        return dataset, _fetch_official(root, False, dataset)
+    raise DataError(f"--dataset {dataset}: {root} holds neither {PICKLES[dataset]['dir']}/ nor {archive}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Preprocessing, augmentation, batches
+# The cache
 
 
-def resize_images(images, size):
-    """(N,S,S,3) uint8 -> (N,size,size,3) uint8, bilinear (Pillow); done once for the resolution multiplier."""
-    if images.shape[1] == size and images.shape[2] == size:
-        return images
-    from PIL import Image
+def _fingerprint(root, files):
+    """Changes when a source file is added, removed, renamed, rewritten or touched; not when the
+    whole tree moves."""
+    h = hashlib.sha256()
+    prefix = len(os.path.join(root, ""))  # every file is under root
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f[prefix:]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"{len(files)}:{h.hexdigest()}"
 
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for i, im in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
+
+_FULL_DIGEST, _BLOCKS, _BLOCK = 64 << 20, 256, 256 << 10
+
+
+def file_digest(path):
+    """SHA-256 of the size and the whole file up to 64 MiB, else of 256 evenly spaced 256 KiB blocks."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(f"{size}\n".encode())
+    with open(path, "rb") as f:
+        if size <= _FULL_DIGEST:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            for k in range(_BLOCKS):
+                f.seek(k * (size - _BLOCK) // (_BLOCKS - 1))
+                h.update(f.read(_BLOCK))
+    return h.hexdigest()
+
+
+def _check_cache(d):
+    """-> the loaded data of cache directory d; ValueError saying what is wrong with it."""
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"meta.json unreadable ({type(e).__name__})") from None
+    if meta.get("version") != CACHE_VERSION:
+        raise ValueError(f"version {meta.get('version')}, expected {CACHE_VERSION}")
+    out = {}
+    for name, want in meta["files"].items():
+        p = d / name
+        size = p.stat().st_size if p.exists() else None
+        if size != want["bytes"]:
+            raise ValueError(f"{name} has {size} bytes, expected {want['bytes']}")
+        if file_digest(p) != want["digest"]:
+            raise ValueError(f"{name} does not match its digest")
+        key = name[:-4]
+        out[key] = np.load(p, mmap_mode="r" if key.endswith("_x") else None)
+    k, s = len(meta["classes"]), meta["resolution"]
+    for split in ("train", "test"):
+        x, y = out[split + "_x"], out[split + "_y"]
+        if x.shape[1:] != (s, s, 3) or x.dtype != np.uint8 or y.shape != (len(x),) or (y.size and y.max() >= k):
+            raise ValueError(f"{split} arrays {x.dtype} {x.shape} / {y.shape} do not fit {s}px, {k} classes")
+    out.update(classes=meta["classes"], test_split=meta["test_split"])
+    if "coarse_classes" in meta:
+        out["coarse_classes"] = meta["coarse_classes"]
     return out
+
+
+def _build_cache(d, kind, src, resolution, val_split, listing, workers, verbose):
+    """Decodes/fits the source (for folders: list_folder's listing) into a new cache directory d,
+    written under a temporary name and renamed when complete."""
+    tmp = d.with_name(f".{d.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.perf_counter()
+        if kind == "folder":
+            meta = {"classes": listing["classes"], "test_split": listing["test_split"]}
+            splits = {s: listing[s] for s in ("train", "test")}
+        else:
+            raw = read_pickles(src, kind)
+            meta = {"classes": raw["classes"], "test_split": "test"}
+            splits = {s: (raw[s + "_x"], raw[s + "_y"]) for s in ("train", "test")}
+            if kind == "cifar100":
+                meta["coarse_classes"] = raw["coarse_classes"]
+                for s in ("train", "test"):
+                    np.save(tmp / f"{s}_coarse_y.npy", raw[s + "_coarse_y"])
+        n = sum(len(y) for _, y in splits.values())
+        if verbose:
+            print(f"mbnet: decoding {n} images of {src} at {resolution}px into {d} ...", file=sys.stderr)
+        for s, (items, labels) in splits.items():
+            np.save(tmp / f"{s}_y.npy", labels)
+            shape = (len(labels), resolution, resolution, 3)
+            np.lib.format.open_memmap(tmp / f"{s}_x.npy", "w+", np.uint8, shape).flush()
+            fit_all(str(tmp / f"{s}_x.npy"), list(items), resolution, workers)
+        files = {p.name: {"bytes": p.stat().st_size, "digest": file_digest(p)} for p in sorted(tmp.glob("*.npy"))}
+        meta.update(version=CACHE_VERSION, kind=kind, source=str(src), resolution=resolution, val_split=val_split,
+                    files=files)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        shutil.rmtree(d, ignore_errors=True)
+        try:
+            os.rename(tmp, d)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+        if verbose:
+            print(f"mbnet: decoded {n} images in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_data(data_dir=None, *, dataset=None, resolution=32, val_split=None, cache_dir=None, download=True,
+              workers=None, verbose=False):
+    """-> dict(train_x (N,S,S,3) uint8 memory-mapped, train_y (N,) int64, test_x, test_y, classes
+    [K names], kind, source, test_split, cache) (+ CIFAR-100's coarse labels, see the module doc).
+
+    data_dir, else $MBNET_DATA, else the cache dir ($MBNET_CACHE or ~/.cache/mbnet) where the
+    official archive of `dataset` (default CIFAR-10) is downloaded (download=True) and MD5-checked.
+    dataset None detects the kind from data_dir. S = resolution. The first call decodes into the
+    cache in `workers` processes (default: all cores); later calls check and map it.
+    """
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    if not isinstance(resolution, int) or resolution < 1:
+        raise DataError(f"resolution {resolution!r}: must be a positive integer")
+    if val_split is not None and not 0 < val_split < 1:
+        raise DataError(f"--val-split {val_split}: must be between 0 and 1")
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers {workers}: must be at least 1")
+    kind, src = _locate(data_dir, dataset, cache_dir, download)
+    src = src.resolve()
+    listing = None
+    if kind == "folder":
+        listing = list_folder(src, val_split)  # checks the tree before anything is decoded
+        files = listing["train"][0] + listing["test"][0]
+    else:
+        if val_split is not None:
+            raise DataError(f"--val-split: {src} ({kind}) already has a test split")
+        spec = PICKLES[kind]
+        files = [str(src / n) for n in spec["train"] + spec["test"] + (("meta",) if kind == "cifar100" else ())]
+        files = [f for f in files if os.path.exists(f)]
+    key = hashlib.sha256(f"v{CACHE_VERSION}|{kind}|{_fingerprint(src, sorted(files))}|{resolution}|{val_split}"
+                         .encode()).hexdigest()[:20]
+    d = cache_dir / f"{kind}-{resolution}px-{key}"
+    if d.exists():
+        try:
+            out = _check_cache(d)
+        except Exception as e:
+            print(f"mbnet: the data cache {d} is damaged ({e}); rebuilding it", file=sys.stderr)
+        else:
+            return dict(out, kind=kind, source=str(src), cache=str(d))
+    try:
+        _build_cache(d, kind, src, resolution, val_split, listing, workers, verbose)
+        out = _check_cache(d)
+    except OSError as e:
+        raise DataError(f"cannot write the data cache {d} ({e}); set MBNET_CACHE to a writable directory") from None
+    except ValueError as e:
+        raise DataError(f"the data cache {d} just written does not check ({e})") from None
+    return dict(out, kind=kind, source=str(src), cache=str(d))
+
+
+def _subset(n, limit):
+    """A fixed (seed-independent) sorted subset of range(n): the data is class-major, so not a prefix."""
+    if limit is None or limit >= n:
+        return None
+    return np.sort(np.random.default_rng(12345).permutation(n)[:limit])
+
+
+def prepare_data(cfg, data_dir=None, verbose=True, workers=None):
+    """-> (train_x, train_y, test_x, test_y) uint8/int64 at the resolution, subset; cfg gets mean/std,
+    classes and num_classes (a run's saved classes must match the data's)."""
+    t0 = time.perf_counter()
+    d = load_data(data_dir, dataset=cfg.get("dataset"), resolution=cfg["resolution"], val_split=cfg.get("val_split"),
+                    workers=workers, verbose=verbose)
+    saved = cfg.get("classes", list(CLASSES)) if "mean" in cfg else d["classes"]  # older runs: CIFAR-10
+    if saved != d["classes"]:
+        def names(cs):
+            return f"{len(cs)}: {', '.join(cs[:8])}{', ...' if len(cs) > 8 else ''}"
+        raise DataError(f"{d['source']}: its classes ({names(d['classes'])}) are not the run's "
+                          f"({names(saved)}); pass the data the run was trained on")
+    cfg["dataset"], cfg["classes"], cfg["num_classes"] = d["kind"], d["classes"], len(d["classes"])
+    if verbose:
+        print(f"mbnet: {d['kind']} data from {d['source']} ({len(d['classes'])} classes, test split: "
+              f"{d['test_split']}) ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    tr, te = _subset(len(d["train_y"]), cfg["limit_train"]), _subset(len(d["test_y"]), cfg["limit_test"])
+    xtr, ytr = (d["train_x"], d["train_y"]) if tr is None else (d["train_x"][tr], d["train_y"][tr])
+    xte, yte = (d["test_x"], d["test_y"]) if te is None else (d["test_x"][te], d["test_y"][te])
+    if "mean" not in cfg:
+        mean, std = channel_stats(xtr)
+        cfg["mean"], cfg["std"] = mean.tolist(), std.tolist()
+    return xtr, ytr, xte, yte
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization, augmentation, batches
 
 
 def channel_stats(images):
@@ -339,7 +626,7 @@ def normalize(images, mean, std):
     """(B,H,W,3) uint8 -> float32 (x/255 - mean)/std, C-contiguous."""
     scale = (1.0 / (255.0 * np.asarray(std))).astype(np.float32)
     shift = (-np.asarray(mean) / np.asarray(std)).astype(np.float32)
-    out = images.astype(np.float32)
+    out = np.asarray(images).astype(np.float32)
     out *= scale
     out += shift
     return out
@@ -363,47 +650,96 @@ def crop_flip(images, dy, dx, flip, pad):
     return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def augment_batch(images, seed, epoch, batch, pad=4, rows=None):
-    """Random crop (zero padding `pad`) and horizontal flip, drawn from (seed, epoch, batch).
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def resized_crop_boxes(b, s, min_area, rng):
+    """-> (top, left, height, width) int arrays (b,): a box of area fraction in [min_area, 1] of the
+    S x S image and aspect ratio (w/h) in [3/4, 4/3], each side clipped to S, placed uniformly."""
+    area = rng.uniform(min_area, 1.0, b) * s * s
+    ratio = np.exp(rng.uniform(*np.log(RESIZED_CROP_RATIO), b))
+    w = np.clip(np.round(np.sqrt(area * ratio)), 1, s).astype(np.int64)
+    h = np.clip(np.round(np.sqrt(area / ratio)), 1, s).astype(np.int64)
+    top = (rng.random(b) * (s - h + 1)).astype(np.int64)
+    left = (rng.random(b) * (s - w + 1)).astype(np.int64)
+    return top, left, h, w
+
+
+def resized_crop(images, top, left, h, w, flip):
+    """(B,S,S,3) uint8 -> (B,S,S,3) uint8: box i resized (bilinear) to S x S, mirrored where flip."""
+    from PIL import Image
+
+    b, s = len(images), images.shape[1]
+    out = np.empty_like(images)
+    for i in range(b):
+        box = (int(left[i]), int(top[i]), int(left[i] + w[i]), int(top[i] + h[i]))
+        out[i] = np.asarray(Image.fromarray(images[i]).resize((s, s), Image.BILINEAR, box=box))
+        if flip[i]:
+            out[i] = out[i, :, ::-1]
+    return out
+
+
+def augment_batch(images, seed, epoch, batch, pad=4, resized_crop_area=None, hflip=True, rows=None):
+    """Random crop and (if hflip) horizontal flip, drawn from (seed, epoch, batch): with
+    resized_crop_area a random-resized crop (area fraction in [resized_crop_area, 1]), else a crop
+    of the image zero-padded by `pad` pixels.
 
     rows=(start, total): `images` are rows start.. of a batch of `total` images (a process's shard
     of the global batch); each image gets the draws it would get in the whole batch."""
-    start, total = rows if rows is not None else (0, len(images))
     rng = np.random.default_rng([seed, _AUGMENT, epoch, batch])
+    start, b = rows if rows is not None else (0, len(images))
     part = slice(start, start + len(images))
-    dy = rng.integers(0, 2 * pad + 1, total)[part]
-    dx = rng.integers(0, 2 * pad + 1, total)[part]
-    flip = (rng.random(total) < 0.5)[part]
+    if resized_crop_area is not None:
+        box = [a[part] for a in resized_crop_boxes(b, images.shape[1], resized_crop_area, rng)]
+        return resized_crop(images, *box, ((rng.random(b) < 0.5) & hflip)[part])
+    dy = rng.integers(0, 2 * pad + 1, b)[part]
+    dx = rng.integers(0, 2 * pad + 1, b)[part]
+    flip = ((rng.random(b) < 0.5) & hflip)[part]
     return crop_flip(images, dy, dx, flip, pad)
+
+
+def cutout_batch(x, seed, epoch, batch, side, rows=None):
+    """Zeroes (in place) one side x side square per image of x (B,S,S,C), placed uniformly inside
+    the image, drawn from (seed, epoch, batch). On a normalized batch zero is the mean colour.
+    rows: as in augment_batch."""
+    if side <= 0:
+        return x
+    start, b = rows if rows is not None else (0, len(x))
+    s = x.shape[1]
+    side = min(side, s)
+    rng = np.random.default_rng([seed, _CUTOUT, epoch, batch])
+    part = slice(start, start + len(x))
+    top, left = rng.integers(0, s - side + 1, b)[part], rng.integers(0, s - side + 1, b)[part]
+    for i in range(len(x)):
+        x[i, top[i]:top[i] + side, left[i]:left[i] + side] = 0
+    return x
 
 
 class Loader:
     """Batches of one split: (x (B,S,S,3) float32 normalized, y (B,) int64).
 
-    Training loaders (train=True) shuffle each epoch, augment, and drop the last incomplete batch;
-    evaluation loaders go in order over every image. `epoch(e, start)` iterates with a background
-    thread preparing the next `prefetch` batches while the model computes.
+    Training loaders (train=True) shuffle each epoch, augment (crop with `pad` pixels of zero
+    padding, or a random-resized crop of area fraction >= resized_crop_area; a horizontal flip
+    of half the images if hflip; a cutout square of `cutout` pixels if > 0), and drop the last
+    incomplete batch; evaluation loaders go in order over every image.
+
+    `for x, y in loader` runs one epoch (the first loop epoch 0, the next epoch 1, ...);
+    `epoch(e, start)` iterates (i, x, y) of epoch e from batch `start`. Both prepare the next
+    `prefetch` batches in a background thread while the model computes.
 
     shard=(rank, size): a training loader yields process `rank`'s shard of every global batch of
     `batch_size` images (mbnet.distributed.shard_bounds), with the same shuffle and augmentation
     draws as the whole batch; len() stays the number of global batches.
     """
 
-    def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, prefetch=2, shard=(0, 1)):
+    def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, resized_crop_area=None,
+                 cutout=0, hflip=True, prefetch=2, shard=(0, 1)):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.train, self.seed, self.pad, self.prefetch = train, seed, pad, prefetch
+        self.resized_crop_area, self.cutout, self.hflip = resized_crop_area, cutout, hflip
+        self.next_epoch = 0
         self.shard = shard
-
-    def _train_batch(self, order, epoch, i):
-        """(x, y) of this process's shard of global batch i, `order` the epoch's shuffle."""
-        from .distributed import shard_bounds
-
-        b = self.batch_size
-        lo, hi = shard_bounds(b, *self.shard)
-        idx = order[i * b:(i + 1) * b][lo:hi]
-        x = augment_batch(self.images[idx], self.seed, epoch, i, self.pad, rows=(lo, b))
-        return normalize(x, self.mean, self.std), self.labels[idx]
 
     def __len__(self):
         n, b = len(self.images), self.batch_size
@@ -411,16 +747,33 @@ class Loader:
             return max(1, n // b) if n else 0
         return -(-n // b)
 
+    def _make(self, epoch, i, order):
+        b = self.batch_size
+        if not self.train:
+            return normalize(self.images[i * b:(i + 1) * b], self.mean, self.std), self.labels[i * b:(i + 1) * b]
+        from .distributed import shard_bounds
+
+        lo, hi = shard_bounds(b, *self.shard)  # the whole batch on one process
+        idx = order[i * b:(i + 1) * b][lo:hi]
+        x = augment_batch(np.asarray(self.images[idx]), self.seed, epoch, i, self.pad, self.resized_crop_area,
+                          self.hflip, rows=(lo, b))
+        x = cutout_batch(normalize(x, self.mean, self.std), self.seed, epoch, i, self.cutout, rows=(lo, b))
+        return x, self.labels[idx]
+
     def batch(self, epoch, i):
         """Batch i of epoch `epoch`; a pure function of (seed, epoch, i) and the data."""
-        if self.train:
-            return self._train_batch(shuffle_order(len(self.images), self.seed, epoch), epoch, i)
-        idx = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        return normalize(self.images[idx], self.mean, self.std), self.labels[idx]
+        order = shuffle_order(len(self.images), self.seed, epoch) if self.train else None
+        return self._make(epoch, i, order)
 
     def epoch(self, epoch, start=0):
         """Iterates (i, x, y) for i in start..len-1, prefetching in a thread."""
         return _Prefetcher(self, epoch, start)
+
+    def __iter__(self):
+        epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
+        with self.epoch(epoch) as batches:
+            for _, x, y in batches:
+                yield x, y
 
 
 class _Prefetcher:
@@ -431,17 +784,14 @@ class _Prefetcher:
         self.thread.start()
 
     def _work(self, loader, epoch, start):
-        if loader.train:  # computed once per epoch rather than per batch
-            order = shuffle_order(len(loader.images), loader.seed, epoch)
+        # the shuffle is computed once per epoch rather than per batch
+        order = shuffle_order(len(loader.images), loader.seed, epoch) if loader.train else None
         for i in range(start, len(loader) + 1):
             if i == len(loader):
                 item = None  # end of epoch
             else:
                 try:
-                    if loader.train:
-                        item = (i, *loader._train_batch(order, epoch, i))
-                    else:
-                        item = (i, *loader.batch(epoch, i))
+                    item = (i, *loader._make(epoch, i, order))
                 except BaseException as e:  # handed to the consumer
                     item = e
             while not self.stop.is_set():
@@ -474,4 +824,3 @@ class _Prefetcher:
 
     def __exit__(self, *exc):
         self.close()
-

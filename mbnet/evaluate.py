@@ -1,9 +1,10 @@
-"""Evaluates weights on the CIFAR-10 test split: `python -m mbnet.evaluate WEIGHTS [options]`.
+"""Evaluates weights on the test split of their data set: `python -m mbnet.evaluate WEIGHTS [options]`.
 
 WEIGHTS is any mbnet weights file (model.save), training checkpoint (last.npz, best.npz) or, like
 everything mbnet.models.load reads, a PyTorch .pt/.pth state_dict of a MobileNetV1. Prints
 the test accuracy, the accuracy of each class and the confusion matrix (rows: true class, columns:
-predicted). A checkpoint with an EMA of the weights yields the EMA weights (--no-ema for the raw
+predicted; with more than 20 classes the 20 largest confusions instead), named by the model's
+classes. A checkpoint with an EMA of the weights yields the EMA weights (--no-ema for the raw
 ones); the input normalization is the one stored in the file.
 """
 import argparse
@@ -16,28 +17,38 @@ from . import checkpoint
 from . import data as D
 from .models import load
 from .run import EVAL_BATCH, Parser, RunError, evaluate, int_in, max_threads, set_threads
-from .train import prepare_data  # TODO(merge): prepare_data belongs beside the data, not in the trainer
 
 
-def confusion_matrix(labels, preds, k=10):
+def confusion_matrix(labels, preds, k):
     """(N,), (N,) -> (k, k) int64 counts, rows true class, columns predicted."""
     m = np.zeros((k, k), dtype=np.int64)
     np.add.at(m, (labels, preds), 1)
     return m
 
 
-def format_report(labels, preds, classes=D.CLASSES):
+MATRIX_MAX = 20  # classes up to which the whole confusion matrix is printed
+
+
+def format_report(labels, preds, classes):
     cm = confusion_matrix(labels, preds, len(classes))
+    name = max(10, *(len(c) for c in classes))
     lines = [f"test accuracy: {100 * (labels == preds).mean():.2f}% ({int((labels == preds).sum())}/{len(labels)})", "",
              "per-class accuracy:"]
     for k, c in enumerate(classes):
         n = cm[k].sum()
-        lines.append(f"  {c:<11s} {100 * cm[k, k] / max(n, 1):6.2f}%  ({cm[k, k]}/{n})")
-    w = max(5, len(str(cm.max())) + 1)
-    lines += ["", "confusion matrix (rows: true, columns: predicted):",
-              " " * 12 + "".join(f"{c[:w - 1]:>{w}s}" for c in classes)]
+        lines.append(f"  {c:<{name}s} {100 * cm[k, k] / max(n, 1):6.2f}%  ({cm[k, k]}/{n})")
+    if len(classes) > MATRIX_MAX:
+        off = cm - np.diag(np.diag(cm))
+        top = [divmod(int(i), len(classes)) for i in np.argsort(-off, axis=None, kind="stable")[:MATRIX_MAX]]
+        lines += ["", f"largest confusions (true -> predicted: count), of {len(classes)} classes:"]
+        lines += [f"  {classes[t]} -> {classes[p]}: {off[t, p]}" for t, p in top if off[t, p]]
+        return "\n".join(lines)
+    kw = len(str(len(classes) - 1))
+    w = max(4, len(str(cm.max())) + 1, kw + 1)
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class, by index):",
+              " " * (kw + name + 3) + "".join(f"{k:>{w}d}" for k in range(len(classes)))]
     for k, c in enumerate(classes):
-        lines.append(f"  {c:<10s}" + "".join(f"{v:>{w}d}" for v in cm[k]))
+        lines.append(f"  {k:>{kw}d} {c:<{name}s}" + "".join(f"{v:>{w}d}" for v in cm[k]))
     return "\n".join(lines)
 
 
@@ -66,10 +77,12 @@ def main(argv=None):
     except (ImportError, OSError, ValueError) as e:
         print(f"mbnet: {args.weights}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    cfg = {"resolution": model.input_size, "limit_train": 0, "limit_test": args.limit_test,
+    run_cfg = {} if ck is None else ck["meta"].get("config", {})  # the run's data set and split
+    cfg = {"dataset": run_cfg.get("dataset"), "val_split": run_cfg.get("val_split"), "resolution": model.input_size,
+           "limit_train": 0, "limit_test": args.limit_test, "classes": list(model.classes),
            "mean": model.mean, "std": model.std}
     try:
-        _, _, xte, yte = prepare_data(cfg, args.data_dir, verbose=False)
+        _, _, xte, yte = D.prepare_data(cfg, args.data_dir, verbose=False)
     except D.DataError as e:
         print(f"mbnet: {e}", file=sys.stderr)
         return 2

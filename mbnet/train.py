@@ -1,4 +1,4 @@
-"""Trains MobileNetV1 on CIFAR-10: `python -m mbnet.train [options]` (see --help).
+"""Trains MobileNetV1 on CIFAR-10, CIFAR-100 or an image folder: `python -m mbnet.train [options]` (see --help).
 
 A run directory (--out) receives metrics.jsonl (one JSON object per epoch), curves.png, config.json
 and the checkpoints last.npz (every epoch, and on Ctrl-C/SIGTERM) and best.npz (best test
@@ -45,10 +45,13 @@ DEFAULT_LR = {"sgd": 0.1, "rmsprop": 0.045, "adam": 1e-3}  # at batch size 128; 
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m mbnet.train", description="Train MobileNetV1 on CIFAR-10.")
+    p = argparse.ArgumentParser(prog="python -m mbnet.train",
+                                description="Train MobileNetV1 on CIFAR-10, CIFAR-100 or an image folder.")
     a = p.add_argument
     a("--alpha", type=float, default=1.0, help="width multiplier (default 1.0)")
-    a("--resolution", type=int, default=32, help="input side in pixels; images are resized once (default 32)")
+    a("--resolution", type=int, default=32,
+      help="input side S in pixels (default 32): every image is converted to RGB, its shorter side resized to S "
+           "(bilinear) and the center SxS cropped, once, into the data cache")
     a("--epochs", type=int, default=50)
     a("--batch-size", type=int, default=128)
     a("--optimizer", choices=("sgd", "rmsprop", "adam"), default="sgd",
@@ -67,12 +70,29 @@ def build_parser():
       help="horizontal-flip test-time augmentation in the final evaluation (default on)")
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=None, help="kernel threads (mbnet._C.set_num_threads)")
-    a("--data-dir", default=None, help="CIFAR-10 location (else $MBNET_DATA, else the cache dir)")
+    # data: source, held-out split, augmentation, subsets
+    a("--data-dir", default=None,
+      help="cifar-10-batches-py/, cifar-100-python/, or an image tree train/<class>/*.png|jpg with test/<class>/ "
+           "or val/<class>/ (else $MBNET_DATA, else the cache dir, where CIFAR-10/100 is downloaded)")
+    a("--dataset", choices=D.DATASETS, default=None, help="default: detected from --data-dir")
+    a("--val-split", type=float_in(0, 1, lo_open=True, hi_open=True), default=None, metavar="F",
+      help="image folders without test/ or val/: hold out the fraction F of each class of train/ (a fixed choice)")
+    a("--crop-padding", type=float_in(0, 0.5, hi_open=True), default=4 / 32, metavar="F",
+      help="random crop of the image zero-padded by F x the resolution on each side (default 0.125: 4 px at 32)")
+    a("--random-resized-crop", type=float_in(0, 1, lo_open=True), default=None,
+      metavar="MIN_AREA", help="instead of the padded crop: a random box of area fraction in [MIN_AREA, 1] and "
+                               "aspect ratio in [3/4, 4/3], resized back to the resolution (off by default)")
+    a("--cutout", type=float_in(0, 1, hi_open=True), default=0.0, metavar="F",
+      help="zero (the mean colour, after normalization) one square of side F x the resolution inside each "
+           "training image (default 0: off)")
+    a("--hflip", action=argparse.BooleanOptionalAction, default=True,
+      help="mirror half the training images left-right (default on; off for digits or text)")
+    a("--limit-train", type=int, default=None, help="use N training images (a fixed subset; smoke tests)")
+    a("--limit-test", type=int, default=None, help="use N test images (a fixed subset)")
+    a("--workers", type=int, default=None, help="processes decoding images into the cache (default: all cores)")
     a("--out", default=None, help="run directory (default runs/<name> or runs/<timestamp>)")
     a("--name", default=None, help="run name, for the default --out")
     a("--resume", action="store_true", help="continue from <out>/last.npz")
-    a("--limit-train", type=int, default=None, help="use N training images (a fixed subset; smoke tests)")
-    a("--limit-test", type=int, default=None, help="use N test images (a fixed subset)")
     a("--sync-bn", action="store_true",
       help="under MPI: BatchNorm uses the statistics of the global batch (default: each rank's shard's)")
     a("--overlap", action=argparse.BooleanOptionalAction, default=True,
@@ -83,7 +103,7 @@ def build_parser():
 
 
 # Options that do not change the computed weights; everything else is frozen in the checkpoint.
-RUNTIME_KEYS = ("threads", "data_dir", "out", "name", "resume", "on_nan", "overlap", "mpi_timeout")
+RUNTIME_KEYS = ("threads", "data_dir", "out", "name", "resume", "on_nan", "workers", "overlap", "mpi_timeout")
 
 
 def make_config(args):
@@ -98,31 +118,16 @@ def make_config(args):
 def build_model(cfg):
     from .models import MobileNetV1
 
-    return MobileNetV1(alpha=cfg["alpha"], num_classes=len(D.CLASSES), input_size=cfg["resolution"],
-                       dropout=cfg["dropout"], seed=cfg["seed"], classes=D.CLASSES, mean=cfg["mean"], std=cfg["std"])
+    return MobileNetV1(alpha=cfg["alpha"], num_classes=cfg["num_classes"], input_size=cfg["resolution"],
+                       dropout=cfg["dropout"], seed=cfg["seed"], classes=cfg["classes"], mean=cfg["mean"], std=cfg["std"])
 
 
-def _subset(n, limit):
-    """A fixed (seed-independent) sorted subset of range(n): the data is class-major, so not a prefix."""
-    if limit is None or limit >= n:
-        return None
-    return np.sort(np.random.default_rng(12345).permutation(n)[:limit])
-
-
-def prepare_data(cfg, data_dir=None, verbose=True):
-    """-> (train_x, train_y, test_x, test_y) uint8/int64, subset and resized; cfg gets mean/std."""
-    t0 = time.perf_counter()
-    d = D.load_cifar10(data_dir, verbose=verbose)
-    if verbose:
-        print(f"mbnet: data from {d['source']} ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    tr, te = _subset(len(d["train_y"]), cfg["limit_train"]), _subset(len(d["test_y"]), cfg["limit_test"])
-    xtr, ytr = (d["train_x"], d["train_y"]) if tr is None else (d["train_x"][tr], d["train_y"][tr])
-    xte, yte = (d["test_x"], d["test_y"]) if te is None else (d["test_x"][te], d["test_y"][te])
-    xtr, xte = D.resize_images(xtr, cfg["resolution"]), D.resize_images(xte, cfg["resolution"])
-    if "mean" not in cfg:
-        mean, std = D.channel_stats(xtr)
-        cfg["mean"], cfg["std"] = mean.tolist(), std.tolist()
-    return xtr, ytr, xte, yte
+def augmentation(cfg):
+    """Loader keywords from the config (runs saved before these options existed used a 4-pixel pad)."""
+    s = cfg["resolution"]
+    return {"pad": round(cfg["crop_padding"] * s) if "crop_padding" in cfg else 4,
+            "resized_crop_area": cfg.get("random_resized_crop"), "cutout": round(cfg.get("cutout", 0.0) * s),
+            "hflip": cfg.get("hflip", True)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,13 +490,13 @@ def start_run(args, argv, parser, out, world=None):
             cfg["alpha"], cfg["mean"], cfg["std"] = source.alpha, list(source.mean), list(source.std)
 
     try:
-        xtr, ytr, xte, yte = prepare_data(cfg, args.data_dir)
+        xtr, ytr, xte, yte = D.prepare_data(cfg, args.data_dir, workers=args.workers)
     except D.DataError as e:
         raise RunError(str(e)) from None
     mean, std = np.array(cfg["mean"]), np.array(cfg["std"])
     if cfg["batch_size"] < world.size:
         raise RunError(f"--batch-size {cfg['batch_size']} is smaller than the {world.size} MPI ranks")
-    train_loader = D.Loader(xtr, ytr, cfg["batch_size"], mean, std, train=True, seed=cfg["seed"],
+    train_loader = D.Loader(xtr, ytr, cfg["batch_size"], mean, std, train=True, seed=cfg["seed"], **augmentation(cfg),
                             shard=(world.rank, world.size))
     lo, hi = dist.shard_bounds(len(yte), world.rank, world.size)
     test_loader = D.Loader(xte[lo:hi], yte[lo:hi], EVAL_BATCH, mean, std, train=False)

@@ -1,4 +1,5 @@
-"""CIFAR-10 loading (both formats), the cache, error messages, augmentation and batch determinism.
+"""CIFAR-10 loading (both formats), the download, error messages, augmentation and batch determinism.
+(Other data sets, the cache checks and training through them: test_datasets.py.)
 
 Everything runs on tiny archives the tests write themselves; nothing is downloaded.
 """
@@ -70,8 +71,8 @@ def _expected(batches, names):
 def test_pickles_and_folder_give_the_same_arrays(tmp_path, batches, cache):
     _write_pickles(tmp_path / "pk", batches)
     _write_folder(tmp_path / "img", batches)
-    a = data.load_cifar10(tmp_path / "pk")
-    b = data.load_cifar10(tmp_path / "img")
+    a = data.load_data(tmp_path / "pk")
+    b = data.load_data(tmp_path / "img")
     for split, names in (("train", data.TRAIN_BATCHES), ("test", (data.TEST_BATCH,))):
         x, y = _expected(batches, names)
         for d in (a, b):
@@ -84,38 +85,38 @@ def test_pickles_and_folder_give_the_same_arrays(tmp_path, batches, cache):
 def test_pickle_dir_itself_and_env_var(tmp_path, batches, cache, monkeypatch):
     d = _write_pickles(tmp_path, batches)
     monkeypatch.setenv("MBNET_DATA", str(d))
-    out = data.load_cifar10()
+    out = data.load_data()
     np.testing.assert_array_equal(out["test_y"], _expected(batches, (data.TEST_BATCH,))[1])
 
 
 def test_jpeg_folder_decodes_close_to_the_source(tmp_path, batches, cache):
     smooth = {k: (np.repeat(np.repeat(x[:, ::4, ::4], 4, 1), 4, 2), y) for k, (x, y) in batches.items()}
     _write_folder(tmp_path / "jpg", smooth, ext="jpg")
-    out = data.load_cifar10(tmp_path / "jpg")
+    out = data.load_data(tmp_path / "jpg")
     x, _ = _expected(smooth, (data.TEST_BATCH,))
     assert np.abs(out["test_x"].astype(int) - x).mean() < 20
 
 
 def test_cache_is_reused_then_invalidated(tmp_path, batches, cache, monkeypatch):
     root = _write_folder(tmp_path / "img", batches)
-    first = data.load_cifar10(root)
-    assert len(list(cache.glob("cifar10-folder-*.npz"))) == 1
+    first = data.load_data(root)
+    assert len(list(cache.glob("folder-32px-*"))) == 1
 
     def no_decoding(*a, **k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data, "decode_images", no_decoding)
-    second = data.load_cifar10(root)
+    monkeypatch.setattr(data, "fit_all", no_decoding)
+    second = data.load_data(root)
     for k in ("train_x", "train_y", "test_x", "test_y"):
         np.testing.assert_array_equal(first[k], second[k])
 
     # a new file changes the source: the cache must be rebuilt
     Image.fromarray(batches["test_batch"][0][0]).save(root / "test" / "cat" / "9999.png")
     with pytest.raises(AssertionError, match="decoded again"):
-        data.load_cifar10(root)
+        data.load_data(root)
     monkeypatch.undo()
     monkeypatch.setenv("MBNET_CACHE", str(cache))
-    third = data.load_cifar10(root)
+    third = data.load_data(root)
     assert len(third["test_y"]) == len(first["test_y"]) + 1
 
 
@@ -124,13 +125,13 @@ def test_corrupt_files_are_named(tmp_path, batches, cache):
     raw = (pk / "data_batch_3").read_bytes()
     (pk / "data_batch_3").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(data.DataError, match="data_batch_3"):
-        data.load_cifar10(tmp_path / "pk")
+        data.load_data(tmp_path / "pk")
 
     img = _write_folder(tmp_path / "img", batches)
     bad = img / "train" / "dog" / "0001.png"
     bad.write_bytes(bad.read_bytes()[:40])
     with pytest.raises(data.DataError, match="dog/0001.png"):
-        data.load_cifar10(img)
+        data.load_data(img)
 
 
 def test_corrupt_file_named_through_the_process_pool(tmp_path, rng):
@@ -139,11 +140,11 @@ def test_corrupt_file_named_through_the_process_pool(tmp_path, rng):
         p = tmp_path / f"{i:04d}.png"
         Image.fromarray(np.full((32, 32, 3), i % 256, np.uint8)).save(p)
         paths.append(str(p))
-    out = data.decode_images(paths, workers=2)
+    out = data.decode_images(paths, 32, workers=2)
     np.testing.assert_array_equal(out[:, 0, 0, 0], np.arange(2100) % 256)
     (tmp_path / "1500.png").write_bytes(b"not an image")
     with pytest.raises(data.DataError, match="1500.png"):
-        data.decode_images(paths, workers=2)
+        data.decode_images(paths, 32, workers=2)
 
 
 def test_missing_data_gives_a_clear_message(tmp_path, cache, monkeypatch):
@@ -152,15 +153,15 @@ def test_missing_data_gives_a_clear_message(tmp_path, cache, monkeypatch):
 
     monkeypatch.setattr(data, "_download", offline)
     with pytest.raises(data.DataError) as e:
-        data.load_cifar10()
+        data.load_data()
     msg = str(e.value)
     assert "--data-dir" in msg and str(cache) in msg and data.CIFAR_MD5 in msg and "unreachable" in msg
 
     with pytest.raises(data.DataError, match="--data-dir"):
-        data.load_cifar10(tmp_path / "nowhere")
+        data.load_data(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="--data-dir"):
-        data.load_cifar10(tmp_path / "empty")
+        data.load_data(tmp_path / "empty")
 
 
 def test_download_is_checked_and_extracted(tmp_path, batches, cache, monkeypatch):
@@ -178,11 +179,11 @@ def test_download_is_checked_and_extracted(tmp_path, batches, cache, monkeypatch
         dest.write_bytes(archive.read_bytes())
 
     monkeypatch.setattr(data, "_download", fake_download)
-    monkeypatch.setattr(data, "CIFAR_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
-    out = data.load_cifar10()
+    monkeypatch.setitem(data.PICKLES["cifar10"], "md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    out = data.load_data()
     assert fetched == [data.CIFAR_URL] and (cache / "cifar-10-batches-py" / "test_batch").is_file()
     np.testing.assert_array_equal(out["train_y"], _expected(batches, data.TRAIN_BATCHES)[1])
-    data.load_cifar10()
+    data.load_data()
     assert len(fetched) == 1
 
 
@@ -190,7 +191,7 @@ def test_archive_with_wrong_md5_is_refused(tmp_path, cache):
     cache.mkdir()
     (cache / "cifar-10-python.tar.gz").write_bytes(b"truncated")
     with pytest.raises(data.DataError, match="cifar-10-python.tar.gz.*MD5"):
-        data.load_cifar10(download=False)
+        data.load_data(download=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +223,8 @@ def test_augmentation_statistics(rng):
     flipped = (out == x[:, :, ::-1]).all((1, 2, 3))
     kept = (out == x).all((1, 2, 3))
     assert 0.05 < flipped.mean() < 0.2 and 0.05 < kept.mean() < 0.2  # 1/2 flip x 1/9 offsets
+    out = data.augment_batch(x, seed=3, epoch=0, batch=0, pad=1, hflip=False)
+    assert not (out == x[:, :, ::-1]).all((1, 2, 3)).any() and 0.08 < (out == x).all((1, 2, 3)).mean() < 0.15
 
 
 def test_normalize(rng):
@@ -234,15 +237,6 @@ def test_normalize(rng):
     assert y.dtype == np.float32 and y.flags.c_contiguous
     np.testing.assert_allclose(y.reshape(-1, 3).mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(y.reshape(-1, 3).std(0), 1, atol=1e-5)
-
-
-def test_resize():
-    x = np.zeros((3, 32, 32, 3), np.uint8)
-    x[:, :, 16:] = 200
-    y = data.resize_images(x, 24)
-    assert y.shape == (3, 24, 24, 3) and y.dtype == np.uint8
-    assert (y[:, :, :11] == 0).all() and (y[:, :, 13:] == 200).all()
-    assert data.resize_images(x, 32) is x
 
 
 def _loader(rng, train, n=100, **kw):

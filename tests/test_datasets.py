@@ -1,0 +1,519 @@
+"""Data sets other than CIFAR-10 and the cache: image folders of any size, mode and class count,
+CIFAR-100 pickles, the checked memory-mapped cache, the augmentation options, and a training step
+plus evaluate through each. Every data set here is written by the tests; nothing is downloaded."""
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mbnet import data, evaluate, train
+
+MODES = ("RGB", "L", "RGBA", "P")
+SIZES = ((40, 40), (17, 23))  # (width, height) as Pillow has them
+
+
+def _save(path, rgb, mode):
+    im = Image.fromarray(rgb)
+    if mode == "P":
+        im = im.quantize(8)
+    elif mode != "RGB":
+        im = im.convert(mode)
+    im.save(path)
+
+
+def _class_image(rng, k, size):
+    """A class's colour with noise, so that a step of training has something to learn."""
+    w, h = size
+    base = np.array([40 + 17 * k % 180, 200 - 13 * k % 160, 90 + 29 * k % 150])
+    return np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def write_folder(root, classes, n_train, n_test, test_split="test", seed=0):
+    """root/train/<class>/ and root/<test_split>/<class>/ with PNG and JPEG files of SIZES in MODES."""
+    rng = np.random.default_rng(seed)
+    splits = (("train", n_train),) + (((test_split, n_test),) if test_split else ())
+    for split, n in splits:
+        for k, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                mode = MODES[(i + k) % len(MODES)]
+                ext = "jpg" if mode in ("RGB", "L") and i % 2 else "png"
+                _save(d / f"{i:03d}.{ext}", _class_image(rng, k, SIZES[(i + k) % 2]), mode)
+    return root
+
+
+TWELVE = [f"{k:02d}-{name}" for k, name in enumerate(
+    "apple bee cloud daisy eagle fern grape hawk iris jay kelp lynx".split())]
+THREE = ["cats", "dogs", "frogs"]
+
+
+@pytest.fixture(scope="module")
+def twelve(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("twelve"), TWELVE, 6, 2)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    """Only train/: the test split comes from --val-split."""
+    return write_folder(tmp_path_factory.mktemp("three"), THREE, 12, 0, test_split=None)
+
+
+FINE = [f"fine{k:02d}" for k in range(100)]
+COARSE = [f"coarse{k:02d}" for k in range(20)]
+
+
+def write_cifar100(root, n_train=64, n_test=40, seed=0, bad_label=None):
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [c.encode() for c in FINE],
+                     b"coarse_label_names": [c.encode() for c in COARSE]}, f)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, n)
+        if bad_label is not None and name == "test":
+            fine[3] = bad_label
+        x = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": x, b"fine_labels": fine.tolist(), b"coarse_labels": (fine // 5).tolist(),
+                         b"filenames": [b"x.png"] * n}, f)
+    return d
+
+
+@pytest.fixture(scope="module")
+def cifar100(tmp_path_factory):
+    return write_cifar100(tmp_path_factory.mktemp("c100"))
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("MBNET_DATA", raising=False)
+    c = tmp_path / "cache"
+    monkeypatch.setenv("MBNET_CACHE", str(c))
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# One image
+
+
+def test_load_image_converts_every_mode_to_rgb(tmp_path, rng):
+    rgb = rng.integers(0, 256, (23, 17, 3), dtype=np.uint8)
+    for mode in MODES:
+        _save(tmp_path / f"{mode}.png", rgb, mode)
+        img = data.load_image(tmp_path / f"{mode}.png")
+        assert img.shape == (23, 17, 3) and img.dtype == np.uint8, mode
+    np.testing.assert_array_equal(data.load_image(tmp_path / "RGBA.png"), rgb)  # alpha dropped
+    gray = data.load_image(tmp_path / "L.png")
+    assert (gray == gray[..., :1]).all()
+    np.testing.assert_array_equal(gray[..., 0], np.asarray(Image.fromarray(rgb).convert("L")))
+    assert len(np.unique(data.load_image(tmp_path / "P.png").reshape(-1, 3), axis=0)) <= 8
+
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(data.DataError, match="bad.png"):
+        data.load_image(tmp_path / "bad.png")
+    with pytest.raises(data.DataError, match="missing.jpg"):
+        data.load_image(tmp_path / "missing.jpg")
+
+
+def test_fit_image_resizes_the_shorter_side_and_crops_the_center():
+    # 20 rows x 40 columns: the middle half of the columns is 200, the outer quarters 0 and 100
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, 10:30] = 200
+    img[:, 30:] = 100
+    out = data.fit_image(img, 10)  # 20x40 -> 10x20 -> the center 10x10 = the middle half
+    assert out.shape == (10, 10, 3) and out.dtype == np.uint8
+    assert (out[:, 1:-1] == 200).all()
+    tall = data.fit_image(np.ascontiguousarray(img.transpose(1, 0, 2)), 10)
+    np.testing.assert_array_equal(tall, out.transpose(1, 0, 2))
+    assert data.fit_image(img[:8, :8], 32).shape == (32, 32, 3)  # upscaled
+    sq = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    np.testing.assert_array_equal(data.fit_image(sq, 16), sq)
+    with pytest.raises(ValueError, match="uint8"):
+        data.fit_image(img.astype(np.float32), 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+
+
+def test_folder_of_any_size_and_mode(twelve):
+    d = data.load_data(twelve, resolution=24)
+    assert d["kind"] == "folder" and d["classes"] == TWELVE and d["test_split"] == "test"
+    assert isinstance(d["train_x"], np.memmap) and d["train_x"].shape == (72, 24, 24, 3)
+    assert d["test_x"].dtype == np.uint8 and d["test_x"].shape == (24, 24, 24, 3)
+    np.testing.assert_array_equal(d["train_y"], np.repeat(np.arange(12), 6))
+    np.testing.assert_array_equal(d["test_y"], np.repeat(np.arange(12), 2))
+    # each cached image is exactly what predict will compute from its file
+    for k, i in ((0, 0), (5, 3), (11, 5)):
+        path = next(p for p in sorted((twelve / "train" / TWELVE[k]).iterdir()) if p.stem == f"{i:03d}")
+        np.testing.assert_array_equal(d["train_x"][6 * k + i], data.fit_image(data.load_image(path), 24))
+    # the class colours survive decoding, resizing and mode conversion
+    means = d["train_x"].reshape(12, -1, 3).mean(1)
+    assert np.abs(means[:, None] - means[None]).sum(-1)[~np.eye(12, dtype=bool)].min() > 10
+
+
+def test_val_split_is_stratified_and_fixed(three):
+    with pytest.raises(data.DataError, match="--val-split"):
+        data.load_data(three)
+    a = data.load_data(three, val_split=0.25)
+    b = data.load_data(three, val_split=0.25, cache_dir=three / "other-cache")
+    assert a["test_split"] == "0.25 of train" and a["cache"] != b["cache"]
+    np.testing.assert_array_equal(a["test_y"], np.repeat(np.arange(3), 3))  # round(0.25 * 12) per class
+    np.testing.assert_array_equal(a["train_y"], np.repeat(np.arange(3), 9))
+    np.testing.assert_array_equal(a["test_x"], b["test_x"])
+    # at least one image of a class stays in training
+    held = data._carve(np.array([0, 0, 1]), 0.9)
+    assert held[:2].sum() == 1 and not held[2]
+    every = data.load_data(three, val_split=0.5)
+    rows = lambda x: {r.tobytes() for r in np.asarray(x)}  # noqa: E731
+    assert not rows(a["train_x"]) & rows(a["test_x"])
+    assert rows(a["train_x"]) | rows(a["test_x"]) == rows(every["train_x"]) | rows(every["test_x"])
+
+
+def test_val_folder_and_errors_name_the_folders(tmp_path):
+    root = write_folder(tmp_path / "v", THREE, 2, 1, test_split="val")
+    (root / "train" / "cats" / "notes.txt").write_text("not an image")  # other files are ignored
+    (root / "train" / "cats" / ".hidden.png").write_bytes(b"")
+    d = data.load_data(root)
+    assert d["test_split"] == "val" and len(d["train_y"]) == 6 and len(d["test_y"]) == 3
+    write_folder(tmp_path / "t", THREE, 0, 2)
+    shutil.copytree(tmp_path / "t" / "test", root / "test")
+    assert data.load_data(root)["test_split"] == "test"  # test/ wins over val/
+    shutil.rmtree(root / "test")
+    with pytest.raises(data.DataError, match="already has a val/"):
+        data.load_data(root, val_split=0.2)
+
+    shutil.rmtree(root / "val" / "dogs")
+    with pytest.raises(data.DataError, match=r"val: .*missing dogs"):
+        data.load_data(root)
+    (root / "val" / "dogs").mkdir()
+    (root / "val" / "eels").mkdir()
+    with pytest.raises(data.DataError, match=r"val: .*extra eels"):
+        data.load_data(root)
+    shutil.rmtree(root / "val" / "eels")
+
+    bad = root / "train" / "frogs" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:50])
+    with pytest.raises(data.DataError, match="frogs/001.png"):
+        data.load_data(root)
+    for f in (root / "train" / "frogs").iterdir():
+        f.unlink()
+    with pytest.raises(data.DataError, match="frogs: no"):
+        data.load_data(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-100
+
+
+def test_cifar100_pickles(cifar100, tmp_path):
+    d = data.load_data(cifar100.parent, resolution=16)
+    assert d["kind"] == "cifar100" and d["classes"] == FINE and d["coarse_classes"] == COARSE
+    assert d["train_x"].shape == (64, 16, 16, 3) and d["test_x"].shape == (40, 16, 16, 3)
+    with open(cifar100 / "test", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    fine = np.array(raw[b"fine_labels"])
+    order = np.argsort(fine, kind="stable")
+    np.testing.assert_array_equal(d["test_y"], fine[order])
+    np.testing.assert_array_equal(d["test_coarse_y"], fine[order] // 5)
+    x32 = data.load_data(cifar100, resolution=32)["test_x"]  # the pickle dir itself, at 32: unchanged
+    np.testing.assert_array_equal(x32, raw[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)[order])
+
+    with pytest.raises(data.DataError, match="--dataset cifar10: .* holds neither cifar-10-batches-py/"):
+        data.load_data(cifar100, dataset="cifar10", download=False)
+    bad = write_cifar100(tmp_path / "bad", bad_label=100)
+    with pytest.raises(data.DataError, match=r"cifar-100-python/test: fine_labels 100 outside the 100 classes"):
+        data.load_data(bad)
+
+
+def test_cifar100_download_is_md5_checked(cifar100, tmp_path, cache, monkeypatch):
+    archive = tmp_path / "c100.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(cifar100, arcname="cifar-100-python")
+    fetched = []
+
+    def fake_download(url, dest):
+        fetched.append(url)
+        dest.write_bytes(archive.read_bytes())
+
+    monkeypatch.setattr(data, "_download", fake_download)
+    with pytest.raises(data.DataError, match="cifar-100-python.tar.gz: MD5"):
+        data.load_data(dataset="cifar100")
+    (cache / "cifar-100-python.tar.gz").unlink()
+    monkeypatch.setitem(data.PICKLES["cifar100"], "md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    d = data.load_data(dataset="cifar100")
+    assert fetched == [data.CIFAR100_URL] * 2 and d["classes"] == FINE and len(d["train_y"]) == 64
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+
+
+def _cache_dir(d):
+    from pathlib import Path
+
+    return Path(d["cache"])
+
+
+def test_damaged_cache_is_rebuilt_never_used(twelve, cache, capsys):
+    first = data.load_data(twelve, resolution=16)
+    train_x = np.array(first["train_x"])
+    c = _cache_dir(first)
+    raw = (c / "train_x.npy").read_bytes()
+
+    def damage_and_reload(what):
+        data.load_data(twelve, resolution=16)
+        assert "rebuilding" not in capsys.readouterr().err  # intact: used as it is
+        what()
+        again = data.load_data(twelve, resolution=16)
+        assert "damaged" in capsys.readouterr().err
+        np.testing.assert_array_equal(again["train_x"], train_x)
+        assert (c / "train_x.npy").read_bytes() == raw
+
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 1  # one bit of one pixel
+    damage_and_reload(lambda: (c / "train_x.npy").write_bytes(flipped))
+    damage_and_reload(lambda: (c / "train_x.npy").write_bytes(raw[:-100]))
+    damage_and_reload(lambda: (c / "test_y.npy").unlink())
+    damage_and_reload(lambda: (c / "meta.json").write_text("{"))
+    assert [p.name for p in cache.iterdir()] == [c.name]  # no temporary directories left
+
+
+def test_cache_key_follows_content_and_resolution_not_location(twelve, tmp_path, cache, monkeypatch):
+    a = data.load_data(twelve, resolution=16)
+    b = data.load_data(twelve, resolution=20)
+    assert a["cache"] != b["cache"] and b["train_x"].shape[1:3] == (20, 20)
+    moved = tmp_path / "moved"
+    shutil.copytree(twelve, moved)  # copy2 keeps sizes and modification times
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data, "fit_all", no_decoding)
+    assert data.load_data(moved, resolution=16)["cache"] == a["cache"]
+    meta = json.loads((_cache_dir(a) / "meta.json").read_text())
+    assert meta["resolution"] == 16 and meta["classes"] == TWELVE
+    touched = moved / "train" / TWELVE[3] / "002.png"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 1000))
+    with pytest.raises(AssertionError, match="decoded again"):
+        data.load_data(moved, resolution=16)
+
+
+def test_digest_of_a_large_file_samples_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_FULL_DIGEST", 1 << 16)
+    monkeypatch.setattr(data, "_BLOCK", 1 << 10)
+    monkeypatch.setattr(data, "_BLOCKS", 8)
+    p = tmp_path / "big"
+    raw = bytearray(np.random.default_rng(0).integers(0, 256, 1 << 17, dtype=np.uint8).tobytes())
+    p.write_bytes(raw)
+    d0 = data.file_digest(p)
+    raw[0] ^= 1  # the first block is always read
+    p.write_bytes(raw)
+    assert data.file_digest(p) != d0
+    p.write_bytes(raw[:-1])
+    assert data.file_digest(p) != d0
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def test_cutout_zeroes_one_square_of_the_given_side(rng):
+    x = rng.uniform(0.5, 1.0, (16, 12, 12, 3)).astype(np.float32)
+    out = data.cutout_batch(x.copy(), seed=1, epoch=2, batch=3, side=5)
+    assert out.shape == x.shape and out.dtype == np.float32
+    for i in range(16):
+        zero = (out[i] == 0).all(-1)
+        rows, cols = np.flatnonzero(zero.any(1)), np.flatnonzero(zero.any(0))
+        assert zero.sum() == 25 and len(rows) == 5 and len(cols) == 5, i
+        assert rows[-1] - rows[0] == 4 and cols[-1] - cols[0] == 4
+        np.testing.assert_array_equal(out[i][~zero], x[i][~zero])
+    np.testing.assert_array_equal(data.cutout_batch(x.copy(), 1, 2, 3, 5), out)
+    assert not np.array_equal(data.cutout_batch(x.copy(), 1, 2, 4, 5), out)
+    np.testing.assert_array_equal(data.cutout_batch(x.copy(), 1, 2, 3, 0), x)
+
+
+def test_resized_crop_boxes_and_geometry(rng):
+    top, left, h, w = data.resized_crop_boxes(4000, 32, 0.25, np.random.default_rng(0))
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    area = h * w / 32 ** 2
+    assert area.min() >= 0.2 and area.max() <= 1 and np.quantile(area, 0.9) > 0.7
+    ratio = w / h
+    inside = (h < 32) & (w < 32)  # unclipped boxes keep the ratio up to rounding
+    assert ratio[inside].min() > 0.7 and ratio[inside].max() < 1.45
+
+    x = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    full = np.full(3, 8)
+    zero = np.zeros(3, int)
+    np.testing.assert_array_equal(data.resized_crop(x, zero, zero, full, full, np.zeros(3, bool)), x)
+    np.testing.assert_array_equal(data.resized_crop(x, zero, zero, full, full, np.ones(3, bool)), x[:, :, ::-1])
+    # the bottom-left quarter (200 inside, 0 around it) fills the output, up to the bilinear border
+    q = np.zeros((3, 8, 8, 3), np.uint8)
+    q[:, 4:, :4] = 200
+    quarter = data.resized_crop(q, zero + 4, zero, full // 2, full // 2, np.zeros(3, bool))
+    assert (quarter[:, 1:, :-1] == 200).all() and quarter.shape == q.shape
+
+
+def test_augmentation_options_are_deterministic_per_batch(rng):
+    x = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    y = np.arange(40) % 4
+    kw = dict(train=True, seed=7, pad=2, resized_crop_area=0.3, cutout=4)
+    a = data.Loader(x, y, 8, np.full(3, 0.5), np.full(3, 0.25), **kw)
+    b = data.Loader(x, y, 8, np.full(3, 0.5), np.full(3, 0.25), **kw)
+    got = list(a.epoch(1))
+    for (i, xa, ya), (j, xb, yb) in zip(got[2:], b.epoch(1, start=2)):  # a resumed epoch
+        assert i == j
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    xa, ya = a.batch(1, 3)
+    np.testing.assert_array_equal(xa, got[3][1])
+    assert xa.shape == (8, 16, 16, 3) and xa.dtype == np.float32
+    assert ((xa == 0).all(-1).sum((1, 2)) >= 16).all()  # the cutout square (mean colour = 0)
+    assert not np.array_equal(a.batch(2, 3)[0], xa)
+
+
+def test_crop_padding_scales_with_the_resolution():
+    cfg = train.make_config(train.build_parser().parse_args(["--resolution", "224", "--cutout", "0.25"]))
+    assert train.augmentation(cfg) == {"pad": 28, "resized_crop_area": None, "cutout": 56, "hflip": True}
+    cfg = train.make_config(train.build_parser().parse_args(["--crop-padding", "0.25", "--random-resized-crop", "0.5",
+                                                             "--no-hflip"]))
+    assert train.augmentation(cfg) == {"pad": 8, "resized_crop_area": 0.5, "cutout": 0, "hflip": False}
+    assert train.augmentation({"resolution": 64})["pad"] == 4  # a run saved before the option existed
+
+
+@pytest.mark.parametrize("argv", [["--val-split", "1"], ["--val-split", "0"], ["--cutout", "-0.1"],
+                                  ["--random-resized-crop", "0"], ["--crop-padding", "nan"]])
+def test_bad_data_options_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(argv)
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_loader_is_a_plain_iterable(rng):
+    x = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    ld = data.Loader(x, np.arange(50) % 5, 16, np.full(3, 0.5), np.full(3, 0.25), train=True, seed=1)
+    first = [(bx, by) for bx, by in ld]
+    second = list(ld)
+    assert len(first) == len(second) == 3
+    for (bx, by), (_, ex, ey) in zip(first, ld.epoch(0)):
+        np.testing.assert_array_equal(bx, ex)
+        np.testing.assert_array_equal(by, ey)
+    np.testing.assert_array_equal(second[0][0], ld.batch(1, 0)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation through train.main / evaluate.main
+
+SMALL = ["--threads", "1", "--alpha", "0.25", "--batch-size", "8", "--epochs", "1", "--warmup", "0", "--no-tta",
+         "--ema-decay", "0.5"]
+
+
+def _train(tmp_path, root, *extra):
+    out = tmp_path / "run"
+    assert train.main(SMALL + ["--data-dir", str(root), "--out", str(out), *extra]) == 0
+    return out, json.loads((out / "config.json").read_text())
+
+
+def _evaluate(out, root, capsys):
+    capsys.readouterr()
+    assert evaluate.main([str(out / "last.npz"), "--data-dir", str(root), "--threads", "1"]) == 0
+    return capsys.readouterr().out
+
+
+def test_twelve_class_folder_trains_and_evaluates(twelve, tmp_path, capsys):
+    out, cfg = _train(tmp_path, twelve, "--resolution", "24", "--limit-train", "24", "--cutout", "0.25",
+                      "--random-resized-crop", "0.5")
+    assert cfg["dataset"] == "folder" and cfg["classes"] == TWELVE and cfg["num_classes"] == 12
+    assert cfg["cutout"] == 0.25 and cfg["random_resized_crop"] == 0.5 and cfg["crop_padding"] == 0.125
+    with np.load(out / "last.npz") as z:
+        assert z["model/classifier.weight"].shape[1] == 12 and z["model/classifier.bias"].shape == (12,)
+    text = _evaluate(out, twelve, capsys)
+    assert "test accuracy" in text and "(24)" not in text
+    for name in TWELVE:
+        assert f"  {name} " in text
+    assert "airplane" not in text
+    lines = text.splitlines()
+    header = lines[lines.index("confusion matrix (rows: true class, columns: predicted class, by index):") + 1]
+    assert header.split() == [str(k) for k in range(12)]
+    assert [line.split()[:2] for line in lines[-12:]] == [[str(k), name] for k, name in enumerate(TWELVE)]
+    assert sum(int(v) for line in lines[-12:] for v in line.split()[2:]) == 24
+
+
+def test_three_class_val_split_trains_and_evaluates(three, tmp_path, capsys):
+    out, cfg = _train(tmp_path, three, "--resolution", "16", "--val-split", "0.25")
+    assert cfg["classes"] == THREE and cfg["val_split"] == 0.25
+    text = _evaluate(out, three, capsys)
+    assert "(9)" not in text and "test accuracy" in text and "/9)" in text
+    for name in THREE:
+        assert f"  {name} " in text
+
+    # the weights belong to 3 classes: evaluating them on a 4-class folder is refused with a message
+    other = write_folder(tmp_path / "other", ["ants", "bees", "cats", "dogs"], 4, 0, test_split=None)
+    assert evaluate.main([str(out / "last.npz"), "--data-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert str(other) in err and "classes" in err
+
+
+def test_cifar100_trains_and_evaluates(cifar100, tmp_path, capsys):
+    out, cfg = _train(tmp_path, cifar100.parent, "--resolution", "16", "--limit-train", "16")
+    assert cfg["dataset"] == "cifar100" and cfg["num_classes"] == 100 and cfg["classes"][:2] == FINE[:2]
+    text = _evaluate(out, cifar100.parent, capsys)
+    assert "fine99" in text and "largest confusions" in text and "->" in text
+
+
+def test_data_errors_are_one_line_messages(tmp_path, capsys):
+    root = write_folder(tmp_path / "f", THREE, 1, 1)
+    shutil.rmtree(root / "test" / "cats")
+    assert train.main(SMALL + ["--data-dir", str(root), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "missing cats" in err and str(root / "test") in err and "Traceback" not in err
+    (root / "test" / "cats").mkdir()
+    (root / "train" / "dogs" / "000.png").write_bytes(b"not a png")
+    assert train.main(SMALL + ["--data-dir", str(root), "--out", str(tmp_path / "r")]) == 2
+    assert "dogs/000.png" in capsys.readouterr().err
+
+
+def test_digits_tool_writes_a_fixed_folder_tree(tmp_path):
+    pytest.importorskip("sklearn", reason="tools/make_digits_folder.py needs scikit-learn")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "make_digits_folder.py"
+    spec = importlib.util.spec_from_file_location("make_digits_folder", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.write_digits(tmp_path / "a") == {"train": 1438, "test": 359}
+    # the first test images of digit 0 for seed 0 (a fixed split: a change here changes the README figure)
+    assert sorted(p.name for p in (tmp_path / "a" / "test" / "0").iterdir())[:3] == ["0048.png", "0079.png", "0335.png"]
+    d = data.load_data(tmp_path / "a", resolution=8)
+    assert d["classes"] == [str(k) for k in range(10)] and len(d["test_y"]) == 359
+    assert np.bincount(d["test_y"]).min() >= 35 and (d["train_x"][..., 0] == d["train_x"][..., 2]).all()  # grayscale
+
+
+def test_resume_with_every_augmentation_option_is_bit_identical(twelve, tmp_path):
+    import signal
+
+    opts = ["--resolution", "16", "--limit-train", "40", "--cutout", "0.3", "--random-resized-crop", "0.4",
+            "--dropout", "0.1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(SMALL + ["--data-dir", str(twelve), "--out", str(a), *opts]) == 0
+
+    def interrupt(step):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    assert train.main(SMALL + ["--data-dir", str(twelve), "--out", str(b), *opts], on_step=interrupt) == 130
+    assert train.main(["--data-dir", str(twelve), "--out", str(b), "--resume", "--threads", "1"]) == 0
+    with np.load(a / "last.npz") as za, np.load(b / "last.npz") as zb:
+        assert set(za.files) == set(zb.files)
+        for k in za.files:
+            if k != "meta":
+                np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
