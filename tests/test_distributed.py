@@ -39,16 +39,17 @@ def test_shard_bounds_rejects_a_bad_rank():
         dist.shard_bounds(10, 2, 2)
 
 
-@pytest.mark.parametrize("n, batch, ranks", [(96, 16, 2), (100, 16, 3), (100, 10, 4), (37, 5, 5)],
-                         ids=["R_div_B", "R3_B16", "R4_B10", "R_eq_B"])
-def test_sharded_loaders_cover_each_global_batch_once(n, batch, ranks):
-    """Every image of every global batch goes to exactly one rank, with the crop and flip it gets
-    in the whole batch; over an epoch every image is seen once (the last incomplete global batch
-    is dropped, as with one process)."""
+@pytest.mark.parametrize("n, batch, ranks, augment", [
+    (96, 16, 2, {}), (100, 16, 3, {}), (100, 10, 4, {"resized_crop_area": 0.3, "cutout": 3}), (37, 5, 5, {})],
+    ids=["R_div_B", "R3_B16", "R4_B10_resized_crop_cutout", "R_eq_B"])
+def test_sharded_loaders_cover_each_global_batch_once(n, batch, ranks, augment):
+    """Every image of every global batch goes to exactly one rank, with the crop, flip (and
+    cutout) it gets in the whole batch; over an epoch every image is seen once (the last
+    incomplete global batch is dropped, as with one process)."""
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
     ids = np.arange(n)
-    kw = dict(mean=np.full(3, 0.5), std=np.full(3, 0.25), train=True, seed=7)
+    kw = dict(mean=np.full(3, 0.5), std=np.full(3, 0.25), train=True, seed=7, **augment)
     whole = data.Loader(images, ids, batch, **kw)
     shards = [data.Loader(images, ids, batch, shard=(r, ranks), **kw) for r in range(ranks)]
     assert all(len(s) == len(whole) == n // batch for s in shards)
