@@ -75,7 +75,8 @@ def worker(alpha, batch, size, steps, warmup, overlap):
 
 
 def _launch(ranks, alpha, batch, size, steps, warmup, overlap):
-    cmd = [sys.executable, "-m", "benchmarks.bench_mpi", "--worker", json.dumps([alpha, batch, size, steps, warmup, overlap])]
+    options = json.dumps([alpha, batch, size, steps, warmup, overlap])
+    cmd = [sys.executable, "-m", "benchmarks.bench_mpi", "--worker", options]
     if ranks > 1:
         mpirun = shutil.which("mpirun", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
         if mpirun is None:
@@ -140,8 +141,8 @@ def markdown(res):
              common.table(["configuration", "overlap", "step (ms)", "images/s", "speed-up", "efficiency",
                            "allreduce wait (ms/step)", "bare allreduce (ms)"], rows, "llrrrrrr"),
              "", f"Projection (ring allreduce, no overlap, {LATENCY * 1e6:.0f} us per message; compute "
-                 f"{res['compute_s'] * 1e3:.1f} ms per step at {res['per_rank_batch']} images per rank, "
-                 f"(the global batch grows with R), the 1-process step):", ""]
+                 f"{res['compute_s'] * 1e3:.1f} ms per step at {res['per_rank_batch']} images per rank, the "
+                 f"1-process step; the global batch grows with R): efficiency = compute / (compute + allreduce)", ""]
     head = ["R"] + [f"{g} Gb/s: {k}" for g in GBITS for k in ("allreduce (ms)", "efficiency")]
     lines.append(common.table(head, [[r] + [f"{v:.1f}" if i % 2 == 0 else f"{100 * v:.0f}%"
                                             for i, v in enumerate(vals)] for r, *vals in res["projection"]]))

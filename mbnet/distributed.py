@@ -14,10 +14,9 @@ PMI_SIZE in the environment says more than one process): plain runs and ``-n 1``
 
 Every collective is bounded: a rank waits at most ``timeout`` seconds (polling the request),
 then prints which wait timed out and calls MPI Abort, which ends every rank. An uncaught
-exception on one rank also aborts the job, and so do SIGTERM and a second Ctrl-C.
+exception on one rank also aborts the job (else the others would wait for it until then).
 """
 import os
-import signal
 import sys
 import time
 import traceback
@@ -61,8 +60,9 @@ class World:
         return f"World(rank={self.rank}, size={self.size})"
 
     def abort(self, message, code=1):
-        """Prints `message` naming this rank and ends every rank of the job (MPI Abort)."""
-        print(f"mbnet: rank {self.rank}/{self.size}: {message}; aborting all ranks", file=sys.stderr, flush=True)
+        """Prints `message` naming this rank (on the real stderr: mbnet.train silences ranks > 0)
+        and ends every rank of the job (MPI Abort)."""
+        print(f"mbnet: rank {self.rank}/{self.size}: {message}; aborting all ranks", file=sys.__stderr__, flush=True)
         if self.comm is None:
             raise SystemExit(code)
         self.comm.Abort(code)
@@ -135,24 +135,10 @@ def _abort_on_uncaught(w):
     """An exception that ends one rank ends all of them at once (else the others would wait for it
     until their timeout)."""
     def hook(kind, value, tb):
-        traceback.print_exception(kind, value, tb)
-        if issubclass(kind, SystemExit):
-            w.abort(str(value), value.code if isinstance(value.code, int) and value.code else 1)
+        traceback.print_exception(kind, value, tb, file=sys.__stderr__)
         w.abort(f"uncaught {kind.__name__}")
 
     sys.excepthook = hook
-
-
-def abort_on_signals(w, signals=(signal.SIGTERM,)):
-    """Under MPI: each of `signals` on any rank aborts the whole job with a message."""
-    if w.size == 1:
-        return
-
-    def handler(signum, frame):
-        w.abort(f"got {signal.Signals(signum).name}")
-
-    for s in signals:
-        signal.signal(s, handler)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,19 +160,21 @@ class GradReducer:
     The parameters, in reverse order (the order backward finishes them), are cut into buckets of
     at least ``bucket_floats`` floats, each one flat buffer of the parameters' dtype (float32); the
     last bucket also carries ``n_values`` numbers that ``reduce(values)`` sums along (a stop flag,
-    the loss and accuracy counts of the step: no extra collective). With ``overlap``, each parameter's grad_hook copies its gradient
-    into its bucket as soon as it is final, and a full bucket's Iallreduce starts at once (in
-    bucket order, the same on every rank) while backward goes on; ``reduce()`` then starts what is
-    left, waits, and points each ``.grad`` at its slice of the summed buffer. Without overlap
-    everything is copied and reduced in ``reduce()``. ``wait_time`` is the time the last
-    ``reduce()`` took (the part of the communication that backward did not hide).
+    the loss and accuracy counts of the step: no extra collective). With ``overlap``, each
+    parameter's grad_hook copies its gradient into its bucket as soon as it is final, and a full
+    bucket's Iallreduce starts at once (in bucket order; backward walks the same graph in the same
+    order on every rank, so the collectives, sync-BN's included, are issued in one order) while
+    backward goes on; ``reduce()`` then starts what is left, waits, and points each ``.grad`` at
+    its slice of the summed buffer (valid until the next ``reduce()``). Without overlap everything
+    is copied and reduced in ``reduce()``. ``wait_time`` is the time the last ``reduce()`` took
+    (the part of the communication that backward did not hide).
     """
 
     def __init__(self, world, params, bucket_floats=BUCKET_FLOATS, overlap=True, n_values=0):
         params = list(params)
         self.world, self.overlap = world, overlap
         groups, cur, n = [], [], 0
-        for p in reversed(list(params)):
+        for p in reversed(params):
             cur.append(p)
             n += p.size
             if n >= bucket_floats:

@@ -191,8 +191,9 @@ class SyncBatchNormTrain(Function):
 
     def forward(self, x, gamma, beta):
         c = x.shape[-1]
-        x2 = x.reshape(-1, c).astype(np.float64)
-        s = self.allreduce(np.concatenate([x2.sum(0), np.einsum("ij,ij->j", x2, x2), [len(x2)]]))
+        x2 = x.reshape(-1, c)
+        s = self.allreduce(np.concatenate([x2.sum(0, dtype=np.float64), np.einsum("ij,ij->j", x2, x2, dtype=np.float64),
+                                           [len(x2)]]))
         n = s[-1]
         mean = s[:c] / n
         var = np.maximum(s[c:2 * c] / n - mean * mean, 0.0)

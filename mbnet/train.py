@@ -592,7 +592,8 @@ def main(argv=None, *, on_step=None):
         return e.status
     except (KeyboardInterrupt, SystemExit) as e:  # a second signal: no saving
         if world.size > 1:  # (else this rank would wait for the others in MPI's finalization)
-            world.abort(f"{type(e).__name__} {getattr(e, 'code', '')}".strip(), 130 if isinstance(e, KeyboardInterrupt) else 143)
+            status = 130 if isinstance(e, KeyboardInterrupt) else 143
+            world.abort(f"{type(e).__name__} {getattr(e, 'code', '')}".strip(), status)
         raise
 
 
