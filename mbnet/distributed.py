@@ -67,13 +67,15 @@ class World:
             raise SystemExit(code)
         self.comm.Abort(code)
 
-    def wait(self, request, what):
-        """Waits for a non-blocking MPI request at most ``timeout`` seconds, else aborts the job."""
+    def wait(self, request, what, timeout=None):
+        """Waits for a non-blocking MPI request at most ``timeout`` seconds (default: the world's),
+        else aborts the job."""
+        timeout = self.timeout if timeout is None else timeout
         start = time.monotonic()
         while not request.Test():
             waited = time.monotonic() - start
-            if waited > self.timeout:
-                self.abort(f"{what} did not complete within {self.timeout:g} s (another rank died, hangs or "
+            if waited > timeout:
+                self.abort(f"{what} did not complete within {timeout:g} s (another rank died, hangs or "
                            f"is far behind)")
             if waited > SPIN:  # a long wait (a rank behind): leave the core to others
                 time.sleep(2e-4)
@@ -102,9 +104,31 @@ class World:
             a[...] = flat[offset:offset + a.size].reshape(a.shape)
             offset += a.size
 
-    def barrier(self, what="barrier"):
+    def barrier(self, what="barrier", timeout=None):
         if self.size > 1:
-            self.wait(self.comm.Ibarrier(), what)
+            self.wait(self.comm.Ibarrier(), what, timeout)
+
+    def first_rank_of_each_machine(self):
+        """True on the lowest rank of every machine (ranks sharing memory)."""
+        from mpi4py import MPI
+
+        return self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank() == 0
+
+    def in_turn(self, fn, what):
+        """-> fn() of this rank, called on rank 0 first, then on the first rank of every other
+        machine, then on the others: fn fills a cache (shared by all machines, or one per machine)
+        that ranks writing at once would corrupt. Ranks wait for their turn without a time bound
+        (rank 0 may decode a large data set for hours; a rank that dies still ends the job)."""
+        if self.size == 1:
+            return fn()
+        first = self.first_rank_of_each_machine()
+        turn = 0 if self.rank == 0 else 1 if first else 2
+        result = None
+        for phase in range(3):
+            if phase == turn:
+                result = fn()
+            self.barrier(what, timeout=float("inf"))
+        return result
 
 
 _world = None

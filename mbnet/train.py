@@ -490,7 +490,8 @@ def start_run(args, argv, parser, out, world=None):
             cfg["alpha"], cfg["mean"], cfg["std"] = source.alpha, list(source.mean), list(source.std)
 
     try:
-        xtr, ytr, xte, yte = D.prepare_data(cfg, args.data_dir, workers=args.workers)
+        xtr, ytr, xte, yte = world.in_turn(lambda: D.prepare_data(cfg, args.data_dir, workers=args.workers),
+                                           "waiting for another rank to fill the data cache")
     except D.DataError as e:
         raise RunError(str(e)) from None
     mean, std = np.array(cfg["mean"]), np.array(cfg["std"])
