@@ -3,7 +3,7 @@
     python -m benchmarks [--tiny] [--json out.json] [--only NAME[,NAME]] [--threads T]
                          [--no-torch] [--no-numba] [--no-onnxruntime]
 
-NAME is one of: separable, kernels, e2e, depthwise, pointwise, step, latency, data, mpi. Each is the module
+NAME is one of: separable, kernels, e2e, depthwise, pointwise, step, latency, data, plan, mpi. Each is the module
 benchmarks/bench_NAME.py (also runnable alone: `python -m benchmarks.bench_NAME --help`), run in
 this process through its run(...) and markdown(result); e2e spawns one process per configuration,
 mpi one process or `mpirun` job per configuration (skipped without mpi4py).
@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 from . import common
 
-ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step", "latency", "data", "mpi")
+ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step", "latency", "data", "plan", "mpi")
 
 
 def run_one(name, args):

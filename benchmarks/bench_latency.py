@@ -11,7 +11,9 @@ torch is not installed) with BN statistics measured on a random batch, read into
 mbnet.torch_import, and mbnet's model exported with mbnet.export (BN folded into the convolutions)
 for ONNX Runtime. Each engine's logits are checked against mbnet's ("max rel. diff": max |other -
 mbnet| / max |mbnet|).
-- mbnet: eval mode under no_grad, NHWC float32 (1, s, s, 3), mbnet._C's OpenMP threads = threads.
+- mbnet: the compiled inference plan (mbnet.plan.compile: BN folded, the whole network in one call),
+  NHWC float32 (1, s, s, 3), mbnet._C's OpenMP threads = threads; "autograd" is the same model
+  through the layer-by-layer autograd path in eval mode under no_grad, for comparison.
 - ONNX Runtime: CPUExecutionProvider, intra_op_num_threads = threads, inter_op_num_threads = 1,
   sequential execution, all graph optimizations; NCHW input.
 - PyTorch: channels_last, torch.set_num_threads(threads), inference_mode.
@@ -68,7 +70,14 @@ def build(alpha, size, num_classes, stem_stride, use_torch):
     return model, net.to(memory_format=torch.channels_last)
 
 
-def mbnet_fn(model, x):
+def plan_fn(model, x):
+    from mbnet.plan import compile as compile_plan
+
+    plan = compile_plan(model, len(x))
+    return lambda: plan(x)
+
+
+def autograd_fn(model, x):
     from mbnet import Tensor, no_grad
 
     def infer():
@@ -127,7 +136,7 @@ def run(configs=CONFIGS, runs=100, warmup=10, threads=None, tiny=False, use_torc
         alpha, size, num_classes, stem_stride = parse_config(text)
         model, net = build(alpha, size, num_classes, stem_stride, have["torch"])
         x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
-        fns = {"mbnet": mbnet_fn(model, x)}
+        fns = {"mbnet": plan_fn(model, x), "autograd": autograd_fn(model, x)}
         if have["onnxruntime"]:
             fns["onnxruntime"], versions["onnxruntime"] = onnxruntime_fn(model, x, threads)
         if have["torch"]:
@@ -147,11 +156,11 @@ def markdown(res):
     rows = []
     for r in res["rows"]:
         ms = r["mbnet"]["median_ms"]
-        cells = [f"α={r['alpha']:g}, {r['size']} px", ms]
+        cells = [f"α={r['alpha']:g}, {r['size']} px", ms, r["autograd"]["median_ms"]]
         for engine in ("onnxruntime", "torch"):
             e = r.get(engine)
             cells += [e["median_ms"], f"{e['median_ms'] / ms:.2f}"] if e else [res["absent"][engine], None]
-        cells.append(max((r[e]["max_rel_diff"] for e in ("onnxruntime", "torch") if e in r), default=None))
+        cells.append(max((r[e]["max_rel_diff"] for e in ("autograd", "onnxruntime", "torch") if e in r), default=None))
         rows.append(cells)
     v = res["versions"]
     lines = ["## Batch-1 inference latency (MobileNetV1)", ""] + common.header(res) + [
@@ -159,10 +168,11 @@ def markdown(res):
         f"One image, {res['threads']} threads in every engine, median of {res['runs']} calls after {res['warmup']} "
         f"warm-up calls. ONNX Runtime {v.get('onnxruntime', '—')} runs mbnet's own export (BN folded); PyTorch "
         f"{v.get('torch', '—')} with channels_last. 1000 classes and stem stride 2 above 64 px, 10 classes and "
-        "stride 1 at 32 px. Ratio = the other engine's time / mbnet's (> 1: mbnet is faster); max rel. diff = "
+        "stride 1 at 32 px. mbnet runs its compiled inference plan (the autograd path beside it). "
+        "Ratio = the other engine's time / mbnet's (> 1: mbnet is faster); max rel. diff = "
         "the largest logit difference to mbnet over its largest logit (the engines run the same weights).",
         "",
-        common.table(["configuration", "mbnet ms", "ONNX Runtime ms", "ORT / mbnet", "PyTorch ms", "PyTorch / mbnet",
+        common.table(["configuration", "mbnet plan ms", "mbnet autograd ms", "ONNX Runtime ms", "ORT / mbnet", "PyTorch ms", "PyTorch / mbnet",
                       "max rel. diff"], rows),
     ]
     return "\n".join(lines)

@@ -521,6 +521,11 @@ py::array_t<float> dwconv2d_bwd_weight(const py::object& x_, const py::object& d
 
 }  // namespace
 
+void dwconv3x3_f32_fwd_row(index_t C, index_t count, index_t step, index_t rs,
+                           const float* src, const float* w, float* out) {
+    dwconv3x3_f32_row(C, count, step, rs, src, w, out);
+}
+
 void bind_dwconv(py::module_& m) {
     m.def("dwconv2d_fwd", &dwconv2d_fwd, py::arg("x"), py::arg("w"), py::arg("stride"),
           py::arg("padding"),

@@ -255,6 +255,13 @@ void sgemm(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t
     }
 }
 
+void sgemm_single_thread(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
+                         const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
+                         bool accumulate) {
+    if (M > 0 && N > 0 && K > 0)
+        sgemm_serial(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate);
+}
+
 // --- bindings -------------------------------------------------------------------------------
 
 namespace {

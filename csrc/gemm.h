@@ -14,4 +14,12 @@ void sgemm(std::int64_t M, std::int64_t N, std::int64_t K,
            const float* B, std::int64_t rsb, std::int64_t csb,
            float* C, std::int64_t ldc, bool accumulate);
 
+// sgemm on the calling thread alone, whatever the OpenMP state (C is left as it is unless M, N
+// and K are all >= 1): for callers that split the work themselves (the inference plan). Each element of C is summed in the same order as sgemm
+// without a K split, whatever part of C a call covers.
+void sgemm_single_thread(std::int64_t M, std::int64_t N, std::int64_t K,
+                         const float* A, std::int64_t rsa, std::int64_t csa,
+                         const float* B, std::int64_t rsb, std::int64_t csb,
+                         float* C, std::int64_t ldc, bool accumulate);
+
 }  // namespace mbnet

@@ -5,6 +5,8 @@
 
 namespace mbnet {
 
+void bind_plan(py::module_& m);  // plan.cpp
+
 static void set_num_threads(int n) {
     require(n >= 1, "n must be >= 1, got " + std::to_string(n));
     // libgomp dies (not raises) when it cannot create threads: refuse absurd counts up front.
@@ -53,4 +55,5 @@ PYBIND11_MODULE(_C, m) {
     bind_batchnorm(m);
     bind_pool(m);
     bind_loss(m);
+    bind_plan(m);
 }

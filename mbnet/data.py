@@ -57,7 +57,7 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 DATASETS = ("cifar10", "cifar100", "folder")
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: EXIF orientation and 16-bit scaling in the decode
 PARALLEL_MIN = 2000  # fewer images are decoded in this process (a pool costs more than it saves)
 
 # Seeds of the independent random streams; see shuffle_order, augment_batch, cutout_batch, _carve.
@@ -77,12 +77,21 @@ def default_cache_dir():
 
 
 def _open_rgb(path):
-    """-> PIL RGB image of the file; DataError naming the file when it cannot be decoded."""
-    from PIL import Image
+    """-> PIL RGB image of the file; DataError naming the file when it cannot be decoded.
+
+    The first frame of an animation, EXIF orientation applied; grayscale and palette images become
+    RGB, an alpha channel is dropped, 16- and 32-bit integer images are scaled to 8 bits (65535 -> 255).
+    """
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
-            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+                a = np.asarray(im, dtype=np.float64) / 257.0
+                im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+            elif im.mode in ("P", "PA"):  # RGBA first: Pillow warns on P with byte transparency -> RGB
+                im = im.convert("RGBA")
             return im.convert("RGB")
     except Exception as e:
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None

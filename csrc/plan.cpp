@@ -1,0 +1,444 @@
+// The inference plan: an eval-mode network (BatchNorm already folded into weights and biases)
+// compiled once for an input size and a maximum batch, then run by one call without the GIL.
+//
+// Network: layers, each "conv" (full KxK convolution + bias + act: the stem, or ConvMobileNet's
+// blocks) or "dwpw" (3x3 depthwise + bias + act, then pointwise + bias + act: one separable block),
+// then global average pooling and the classifier (x @ w + b).
+//
+// Buffers: the input and each layer's output are stored zero-padded by the padding of the layer
+// that reads them, so a convolution reads its taps in place. Two ping-pong buffers hold the
+// activations; the producer of each row writes its zero border too. A batch runs through the whole
+// network a chunk of images at a time, the chunk as large as keeps each buffer within
+// kChunkFloats: memory stays bounded at any batch, and a chunk's activations stay in the caches.
+//
+// A layer runs in tiles of output rows (rows of the n*ho output rows; a tile may span images).
+// Per tile: (1) the GEMM's left operand, M = rows*wo pixels by K (depthwise rows + bias + act, or
+// im2col rows of a full conv), (2) sgemm_single_thread with the (K, cout) weights, into a scratch
+// tile or, when that is cheaper, row by row straight into the output, (3) bias + act written to
+// the padded output while the tile is hot. The intermediate of a separable block never leaves the
+// thread's scratch. Threads: each thread takes whole tiles when there are at least as many tiles
+// as threads; a layer with fewer (late layers, batch 1) has the team share each tile (phases 1
+// and 3 over rows, phase 2 over blocks of columns, so each thread packs only its part of the
+// weights); below kParallelWork multiply-adds one thread runs it. The whole network runs in one
+// parallel region, its phases separated by barriers. Every output element is computed by the same
+// operations in the same order under any tiling, so results do not depend on the thread count,
+// the batch size or the chunk.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+#include "gemm.h"
+#include "kernels.h"
+
+namespace mbnet {
+namespace {
+
+constexpr index_t kChunkFloats = index_t(1) << 22;  // one activation buffer (16 MB), at most
+constexpr index_t kTileFloats = index_t(1) << 18;   // left operand + scratch of one tile (1 MB)
+constexpr index_t kMinGemmPixels = 256;             // GEMM rows per tile, at least
+constexpr double kParallelWork = double(1 << 18);   // multiply-adds below which one thread runs
+constexpr index_t kColGrain = 32;                   // column blocks of a shared tile's GEMM
+constexpr index_t kRowGrain = 32;                   // row blocks of a shared tile's GEMM
+
+template <Act A>
+inline float act(float z) {
+    if constexpr (A == Act::ReLU) return std::max(z, 0.0f);
+    if constexpr (A == Act::ReLU6) return std::min(std::max(z, 0.0f), 6.0f);
+    return z;
+}
+
+// dst[p][c] = act(src[p][c] + b[c]) for px pixels of C channels; dst may be src.
+template <Act A>
+void bias_act_f32(const float* src, float* dst, index_t px, index_t C,
+                  const float* __restrict__ b) {
+    for (index_t q = 0; q < px; ++q) {
+        const float* s = src + q * C;
+        float* d = dst + q * C;
+#pragma GCC ivdep
+        for (index_t c = 0; c < C; ++c) d[c] = act<A>(s[c] + b[c]);
+    }
+}
+
+void bias_act_f32(const float* src, float* dst, index_t px, index_t C, const float* b, Act a) {
+    switch (a) {
+        case Act::None: return bias_act_f32<Act::None>(src, dst, px, C, b);
+        case Act::ReLU: return bias_act_f32<Act::ReLU>(src, dst, px, C, b);
+        case Act::ReLU6: return bias_act_f32<Act::ReLU6>(src, dst, px, C, b);
+    }
+}
+
+inline void zero(float* p, index_t n) { std::fill(p, p + n, 0.f); }
+
+struct Layer {
+    bool dwpw;              // depthwise + pointwise, else a full conv
+    index_t k, s, p;        // kernel, stride, padding of the spatial convolution
+    index_t cin, cout;      // input and output channels
+    index_t h, w, ho, wo;   // input and output size
+    index_t p_out = 0;      // padding of the output buffer (the next layer's padding)
+    Act act1 = Act::None;   // after the depthwise (dwpw)
+    Act act2 = Act::None;   // after the GEMM
+    std::vector<float> dw, db;  // depthwise (3, 3, cin) and its bias (dwpw)
+    std::vector<float> gw, gb;  // the GEMM's (K, cout) weight and its bias
+    index_t K() const { return dwpw ? cin : k * k * cin; }
+    index_t in_floats(index_t n) const { return n * (h + 2 * p) * (w + 2 * p) * cin; }
+    index_t out_floats(index_t n) const { return n * (ho + 2 * p_out) * (wo + 2 * p_out) * cout; }
+    // Output rows per tile: within kTileFloats, but at least kMinGemmPixels pixels, so that
+    // packing the weights (once per tile) stays small against the tile's multiply-adds.
+    index_t tile_rows() const {
+        return std::max({index_t(1), kTileFloats / (wo * (K() + cout)),
+                         (kMinGemmPixels + wo - 1) / wo});
+    }
+    index_t tile_floats() const { return tile_rows() * wo * std::max(K(), cout); }
+};
+
+// Row r = (n, oh) of the GEMM's left operand: wo pixels x K.
+void left_row(const Layer& L, const float* in, index_t r, float* dst) {
+    const index_t n = r / L.ho, oh = r % L.ho;
+    const index_t hp = L.h + 2 * L.p, wp = L.w + 2 * L.p, C = L.cin;
+    const float* img = in + n * hp * wp * C;
+    if (L.dwpw) {
+        dwconv3x3_f32_fwd_row(C, L.wo, L.s * C, wp * C, img + oh * L.s * wp * C, L.dw.data(), dst);
+        bias_act_f32(dst, dst, L.wo, C, L.db.data(), L.act1);
+        return;
+    }
+    const index_t run = L.k * C;  // one kernel row of taps: contiguous in the padded input
+    for (index_t ow = 0; ow < L.wo; ++ow)
+        for (index_t i = 0; i < L.k; ++i)
+            std::memcpy(dst + (ow * L.k + i) * run, img + ((oh * L.s + i) * wp + ow * L.s) * C,
+                        sizeof(float) * run);
+}
+
+// The first pixel of output row r = (n, oh) inside the padded output.
+inline float* out_row(const Layer& L, float* out, index_t r) {
+    const index_t n = r / L.ho, oh = r % L.ho, p = L.p_out;
+    const index_t wp = L.wo + 2 * p, hp = L.ho + 2 * p;
+    return out + ((n * hp + oh + p) * wp + p) * L.cout;
+}
+
+// Output row r = (n, oh) from the GEMM result src (wo x cout; may be the row itself): bias, act,
+// zero border.
+void store_row(const Layer& L, const float* src, index_t r, float* out) {
+    const index_t oh = r % L.ho, p = L.p_out, C = L.cout, wp = L.wo + 2 * p;
+    float* row = out_row(L, out, r);
+    zero(row - p * C, p * C);
+    bias_act_f32(src, row, L.wo, C, L.gb.data(), L.act2);
+    zero(row + L.wo * C, p * C);
+    if (p > 0 && oh == 0) zero(row - p * C - p * wp * C, p * wp * C);
+    if (p > 0 && oh == L.ho - 1) zero(row - p * C + wp * C, p * wp * C);
+}
+
+// Where the GEMM of output rows from r0 writes: the output itself when it has no border (its rows
+// are then contiguous and store_row works in place), else the scratch tile c.
+inline float* gemm_dst(const Layer& L, float* out, float* c, index_t r0) {
+    return L.p_out == 0 ? out + r0 * L.wo * L.cout : c;
+}
+
+// Output rows [r0, r1) on the calling thread; a and c are its scratch tiles. Rows of wo >= K
+// pixels are multiplied one by one straight into the padded output: packing the weights per row
+// (~K*N) then costs less than copying the tile out of c (~wo*N per row).
+void run_tile(const Layer& L, const float* in, float* out, index_t r0, index_t r1, float* a,
+              float* c) {
+    const index_t K = L.K(), N = L.cout, row_a = L.wo * K, row_c = L.wo * N, M = (r1 - r0) * L.wo;
+    for (index_t r = r0; r < r1; ++r) left_row(L, in, r, a + (r - r0) * row_a);
+    if (L.p_out > 0 && L.wo >= K) {
+        for (index_t r = r0; r < r1; ++r) {
+            float* row = out_row(L, out, r);
+            sgemm_single_thread(L.wo, N, K, a + (r - r0) * row_a, K, 1, L.gw.data(), N, 1, row, N,
+                                false);
+            store_row(L, row, r, out);
+        }
+        return;
+    }
+    c = gemm_dst(L, out, c, r0);
+    sgemm_single_thread(M, N, K, a, K, 1, L.gw.data(), N, 1, c, N, false);
+    for (index_t r = r0; r < r1; ++r) store_row(L, c + (r - r0) * row_c, r, out);
+}
+
+// [begin, end) of part t of n items cut into `parts` pieces on multiples of `grain`.
+inline void split_range(index_t n, index_t grain, index_t parts, index_t t, index_t& b,
+                        index_t& e) {
+    const index_t units = (n + grain - 1) / grain;
+    b = std::min(n, units * t / parts * grain);
+    e = std::min(n, units * (t + 1) / parts * grain);
+}
+
+struct Scratch {
+    std::vector<float> a, c;
+};
+
+// Called by every thread of the team (the plan runs in one parallel region); ends with a barrier.
+void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vector<Scratch>& sc) {
+    const index_t R = n * L.ho, K = L.K(), N = L.cout, tile = L.tile_rows();
+    const index_t T = omp_get_num_threads(), ntiles = (R + tile - 1) / tile;
+    if (T == 1 || double(R) * L.wo * K * N < kParallelWork) {
+#pragma omp single
+        for (index_t r0 = 0; r0 < R; r0 += tile)
+            run_tile(L, in, out, r0, std::min(R, r0 + tile), sc[0].a.data(), sc[0].c.data());
+        return;
+    }
+    if (ntiles >= T) {  // each thread takes whole tiles, the same number each
+        const index_t parts = (ntiles + T - 1) / T * T, rows = (R + parts - 1) / parts;
+        Scratch& s = sc[omp_get_thread_num()];
+#pragma omp for schedule(static)
+        for (index_t r0 = 0; r0 < R; r0 += rows)
+            run_tile(L, in, out, r0, std::min(R, r0 + rows), s.a.data(), s.c.data());
+        return;
+    }
+    // Fewer tiles than threads: the team shares each tile (rows, then GEMM blocks, then rows), so
+    // each thread packs only its own columns of the weights.
+    float* a = sc[0].a.data();
+    const index_t cb = std::min<index_t>((N + kColGrain - 1) / kColGrain, 2 * T);
+    for (index_t r0 = 0; r0 < R; r0 += tile) {
+        const index_t r1 = std::min(R, r0 + tile), M = (r1 - r0) * L.wo;
+        const index_t rb = std::max<index_t>(
+            1, std::min<index_t>((M + kRowGrain - 1) / kRowGrain, (2 * T + cb - 1) / cb));
+        float* c = gemm_dst(L, out, sc[0].c.data(), r0);
+#pragma omp for schedule(static)
+        for (index_t r = r0; r < r1; ++r) left_row(L, in, r, a + (r - r0) * L.wo * K);
+#pragma omp for schedule(static) collapse(2)
+        for (index_t i = 0; i < rb; ++i)
+            for (index_t j = 0; j < cb; ++j) {
+                index_t m0, m1, n0, n1;
+                split_range(M, kRowGrain, rb, i, m0, m1);
+                split_range(N, kColGrain, cb, j, n0, n1);
+                if (m1 > m0 && n1 > n0)
+                    sgemm_single_thread(m1 - m0, n1 - n0, K, a + m0 * K, K, 1, L.gw.data() + n0, N,
+                                        1, c + m0 * N + n0, N, false);
+            }
+#pragma omp for schedule(static)
+        for (index_t r = r0; r < r1; ++r) store_row(L, c + (r - r0) * L.wo * N, r, out);
+    }
+}
+
+// Copies a checked float32 array of exactly `shape` into a vector.
+std::vector<float> take(const py::object& obj, const std::string& name,
+                        const std::vector<index_t>& shape) {
+    F32 a = check_f32(obj, name.c_str(), static_cast<int>(shape.size()));
+    if (a.shape != shape)
+        throw py::value_error(name + " must have shape " + shape_str(shape) + ", got " +
+                              shape_str(a.shape));
+    return std::vector<float>(a.ptr, a.ptr + a.size());
+}
+
+index_t take_int(const py::handle& obj, const std::string& name, index_t lo, index_t hi) {
+    if (!py::isinstance<py::int_>(obj)) throw py::type_error(name + " must be an int");
+    const index_t v = py::cast<index_t>(obj);
+    require(v >= lo && v <= hi, name + " must be in [" + std::to_string(lo) + ", " +
+                                    std::to_string(hi) + "], got " + std::to_string(v));
+    return v;
+}
+
+Act take_act(const py::handle& obj, const std::string& name) {
+    if (!py::isinstance<py::str>(obj)) throw py::type_error(name + " must be a str");
+    return parse_act(py::cast<std::string>(obj));
+}
+
+class InferencePlan {
+   public:
+    // layers: a list of ("conv", w (k, k, cin, cout), b (cout,), stride, padding, act) and
+    // ("dwpw", w_dw (3, 3, c), b_dw (c,), stride, padding, act_dw, w_pw (c, cout), b_pw (cout,),
+    // act_pw); then the classifier w (d, classes), b (classes,); batch: the largest batch;
+    // input_hw: the image size; chunk: images per pass (0: as many as keep each activation
+    // buffer within kChunkFloats).
+    InferencePlan(const py::list& layers, const py::object& fc_w, const py::object& fc_b,
+                  index_t batch, const py::object& input_hw, index_t chunk) {
+        require(batch >= 1 && batch <= (index_t(1) << 20),
+                "batch must be in [1, 2^20], got " + std::to_string(batch));
+        require(py::len(layers) >= 1, "layers must not be empty");
+        require(chunk >= 0, "chunk must be >= 0, got " + std::to_string(chunk));
+        batch_ = batch;
+        std::tie(h_, w_) = parse_hw(input_hw, "input_hw");
+        index_t h = h_, w = w_, c = -1;
+        for (size_t i = 0; i < py::len(layers); ++i) {
+            const std::string name = "layers[" + std::to_string(i) + "]";
+            if (!py::isinstance<py::tuple>(layers[i]))
+                throw py::type_error(name + " must be a tuple");
+            py::tuple t = layers[i];
+            require(t.size() >= 1 && py::isinstance<py::str>(t[0]),
+                    name + " must start with its kind, 'conv' or 'dwpw'");
+            const std::string kind = py::cast<std::string>(t[0]);
+            require(kind == "conv" || kind == "dwpw",
+                    name + " kind must be 'conv' or 'dwpw', got '" + kind + "'");
+            Layer L;
+            L.dwpw = kind == "dwpw";
+            require(t.size() == (L.dwpw ? 9u : 6u),
+                    name + " (" + kind + ") must have " + (L.dwpw ? "9" : "6") + " entries");
+            F32 w0 = check_f32(t[1], (name + " weight").c_str(), L.dwpw ? 3 : 4);
+            L.k = w0[0];
+            require(w0[0] == w0[1], name + " weight must have a square kernel, got " +
+                                        shape_str(w0.shape));
+            require(!L.dwpw || L.k == 3, name + " depthwise kernel must be 3x3, got " +
+                                             shape_str(w0.shape));
+            L.cin = w0[2];
+            if (c >= 0)
+                require(L.cin == c, name + " takes " + std::to_string(L.cin) +
+                                        " channels but the layer before gives " +
+                                        std::to_string(c));
+            L.h = h;
+            L.w = w;
+            L.s = take_int(t[3], name + " stride", 1, kMaxDim);
+            L.p = take_int(t[4], name + " padding", 0, kMaxDim);
+            L.ho = conv_out_size(h, L.k, L.s, L.p, "height");
+            L.wo = conv_out_size(w, L.k, L.s, L.p, "width");
+            L.act1 = L.act2 = take_act(t[5], name + " act");
+            if (L.dwpw) {
+                L.dw = take(t[1], name + " weight", {3, 3, L.cin});
+                L.db = take(t[2], name + " bias", {L.cin});
+                F32 wp = check_f32(t[6], (name + " pointwise weight").c_str(), 2);
+                L.cout = wp[1];
+                L.gw = take(t[6], name + " pointwise weight", {L.cin, L.cout});
+                L.gb = take(t[7], name + " pointwise bias", {L.cout});
+                L.act2 = take_act(t[8], name + " pointwise act");
+            } else {
+                L.cout = w0[3];
+                L.gw = take(t[1], name + " weight", {L.k, L.k, L.cin, L.cout});
+                L.gb = take(t[2], name + " bias", {L.cout});
+            }
+            check_alloc({L.ho + 2 * L.p, L.wo + 2 * L.p, std::max(L.cin, L.cout)},
+                        name + " activation of one image");
+            check_alloc({L.tile_rows(), L.wo, std::max(L.K(), L.cout)}, name + " tile");
+            if (!layers_.empty()) layers_.back().p_out = L.p;
+            h = L.ho;
+            w = L.wo;
+            c = L.cout;
+            layers_.push_back(std::move(L));
+        }
+        F32 fw = check_f32(fc_w, "classifier weight", 2);
+        require(fw[0] == c, "classifier weight takes " + std::to_string(fw[0]) +
+                                " features but the last layer gives " + std::to_string(c));
+        classes_ = fw[1];
+        fc_w_ = take(fc_w, "classifier weight", {c, classes_});
+        fc_b_ = take(fc_b, "classifier bias", {classes_});
+        index_t act = 0, tile = 0;  // per image
+        for (const auto& L : layers_) {
+            act = std::max(act, L.out_floats(1));
+            tile = std::max(tile, L.tile_floats());
+        }
+        chunk_ = std::min(batch, chunk > 0 ? chunk : std::max<index_t>(1, kChunkFloats / act));
+        input_.assign(layers_[0].in_floats(chunk_), 0.f);
+        buf_[0].assign(act * chunk_, 0.f);
+        buf_[1].assign(act * chunk_, 0.f);
+        pooled_.assign(chunk_ * c, 0.f);
+        tile_floats_ = tile;
+    }
+
+    py::array_t<float> run(const py::object& x_) {
+        F32 x = check_f32(x_, "x", 4);
+        const index_t cin = layers_[0].cin;
+        if (x[1] != h_ || x[2] != w_ || x[3] != cin)
+            throw py::value_error("x has shape " + shape_str(x.shape) +
+                                  " but the plan was compiled for (n, " + std::to_string(h_) +
+                                  ", " + std::to_string(w_) + ", " + std::to_string(cin) +
+                                  ") images");
+        if (x[0] > batch_)
+            throw py::value_error("x has a batch of " + std::to_string(x[0]) +
+                                  " but the plan was compiled for at most " +
+                                  std::to_string(batch_));
+        const index_t n = x[0];
+        auto y = new_f32({n, classes_});
+        float* yp = ptr(y);
+        {
+            py::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lock(mutex_);
+            forward(n, x.ptr, yp);
+        }
+        return y;
+    }
+
+    py::dict info() const {
+        py::list layers;
+        for (const auto& L : layers_)
+            layers.append(py::dict(py::arg("kind") = L.dwpw ? "dwpw" : "conv",
+                                   py::arg("input") = py::make_tuple(L.h, L.w, L.cin),
+                                   py::arg("output") = py::make_tuple(L.ho, L.wo, L.cout),
+                                   py::arg("stride") = L.s, py::arg("tile_rows") = L.tile_rows()));
+        const index_t floats = index_t(input_.size() + 2 * buf_[0].size() + pooled_.size());
+        return py::dict(py::arg("batch") = batch_, py::arg("chunk") = chunk_,
+                        py::arg("input_hw") = py::make_tuple(h_, w_),
+                        py::arg("classes") = classes_, py::arg("layers") = layers,
+                        py::arg("buffer_bytes") = 4 * floats);
+    }
+
+   private:
+    void forward(index_t n, const float* x, float* y) {
+        const int T = std::max(1, omp_get_max_threads());
+        if (static_cast<int>(scratch_.size()) != T) scratch_.resize(T);
+        for (auto& s : scratch_)
+            if (static_cast<index_t>(s.a.size()) < tile_floats_) {
+                s.a.resize(tile_floats_);
+                s.c.resize(tile_floats_);
+            }
+        // One parallel region for the whole network: a layer's phases end in barriers, not in
+        // joins and forks.
+#pragma omp parallel num_threads(T)
+        for (index_t b0 = 0; b0 < n; b0 += chunk_)
+            forward_chunk(std::min(chunk_, n - b0), x + b0 * h_ * w_ * layers_[0].cin,
+                          y + b0 * classes_);
+    }
+
+    // Images [0, n) of x (n <= chunk_) -> logits y; called by every thread of the team.
+    void forward_chunk(index_t n, const float* x, float* y) {
+        // The input, zero-padded for the first layer (its border was zeroed at compile).
+        const Layer& first = layers_[0];
+        const index_t p = first.p, C = first.cin, wp = w_ + 2 * p, hp = h_ + 2 * p;
+#pragma omp for schedule(static)
+        for (index_t r = 0; r < n * h_; ++r)
+            std::memcpy(input_.data() + ((r / h_ * hp + r % h_ + p) * wp + p) * C,
+                        x + r * w_ * C, sizeof(float) * w_ * C);
+        const float* in = input_.data();
+        for (size_t i = 0; i < layers_.size(); ++i) {
+            float* out = buf_[i % 2].data();
+            run_layer(layers_[i], n, in, out, scratch_);
+            in = out;
+        }
+        // Global average pool (in double, like global_avg_pool_fwd), then the classifier.
+        const Layer& last = layers_.back();
+        const index_t hw = last.ho * last.wo, c = last.cout;
+#pragma omp for schedule(static)
+        for (index_t b = 0; b < n; ++b) {
+            std::vector<double> acc(c, 0.0);
+            for (index_t q = 0; q < hw; ++q) {
+                const float* __restrict__ xr = in + (b * hw + q) * c;
+                for (index_t j = 0; j < c; ++j) acc[j] += double(xr[j]);
+            }
+            for (index_t j = 0; j < c; ++j) pooled_[b * c + j] = float(acc[j] / double(hw));
+        }
+#pragma omp single
+        {
+            for (index_t b = 0; b < n; ++b)
+                std::memcpy(y + b * classes_, fc_b_.data(), sizeof(float) * classes_);
+            sgemm_single_thread(n, classes_, c, pooled_.data(), c, 1, fc_w_.data(), classes_, 1,
+                                y, classes_, true);
+        }
+    }
+
+    std::vector<Layer> layers_;
+    std::vector<float> fc_w_, fc_b_;
+    index_t batch_ = 0, chunk_ = 0, h_ = 0, w_ = 0, classes_ = 0, tile_floats_ = 0;
+    std::vector<float> input_, buf_[2], pooled_;
+    std::vector<Scratch> scratch_;
+    std::mutex mutex_;
+};
+
+}  // namespace
+
+void bind_plan(py::module_& m) {
+    py::class_<InferencePlan>(m, "_InferencePlan",
+                              "An eval-mode network with folded BatchNorm, compiled for one input "
+                              "size and a maximum batch (built by mbnet.plan.compile).")
+        .def(py::init<const py::list&, const py::object&, const py::object&, index_t,
+                      const py::object&, index_t>(),
+             py::arg("layers"), py::arg("fc_w"), py::arg("fc_b"), py::arg("batch"),
+             py::arg("input_hw"), py::arg("chunk") = 0)
+        .def("run", &InferencePlan::run, py::arg("x"),
+             "x (n, h, w, c) float32, n <= batch -> logits (n, classes); one call, no GIL.")
+        .def("info", &InferencePlan::info, "The compiled layers, tile sizes and buffer bytes.");
+}
+
+}  // namespace mbnet

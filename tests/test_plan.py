@@ -1,0 +1,281 @@
+"""mbnet.plan: BatchNorm folding and the compiled inference plan, held to the autograd model in eval
+mode (float32 tolerance) and to the unfused folded network; its results must not depend on the
+thread count or on the batch it runs."""
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import mbnet
+from mbnet import _C, models, nn
+from mbnet import plan as P
+
+RTOL = 2e-5  # of the largest |logit|: float32 sums over up to 9 * 1024 terms, reordered
+
+
+def randomize(model, seed=0):
+    """Non-trivial BN statistics and affine parameters, and a classifier large enough that the
+    logits differ by more than rounding; returns the model in eval mode."""
+    rng = np.random.default_rng(seed)
+    for _, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.gamma.data.shape[0]
+            m.gamma.data[...] = rng.uniform(0.5, 1.5, c)
+            m.beta.data[...] = rng.normal(0, 0.3, c)
+            m.running_mean[...] = rng.normal(0, 0.3, c)
+            m.running_var[...] = rng.uniform(0.5, 2.0, c)
+    m = model.classifier
+    m.weight.data[...] = rng.normal(0, 0.1, m.weight.shape)
+    m.bias.data[...] = rng.normal(0, 0.1, m.bias.shape)
+    return model.eval()
+
+
+def eval_logits(model, x):
+    with mbnet.no_grad():
+        return model(x).data
+
+
+def images(n, size, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+def assert_close(got, want, what):
+    scale = np.abs(want).max()
+    err = np.abs(got - want).max() / scale
+    assert err < RTOL, f"{what}: max error {err:.2e} of max |logit| {scale:.3g}"
+
+
+@pytest.fixture
+def restore_threads():
+    threads = _C.get_num_threads()
+    yield
+    _C.set_num_threads(threads)
+
+
+# --- folding -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha, act, size", [
+    (1.0, "relu", 32), (0.5, "relu6", 32), (0.5, "relu", 40), (0.25, "relu6", 40), (0.25, "relu", 32),
+])
+def test_folded_network_matches_eval_model(alpha, act, size):
+    model = randomize(models.MobileNetV1(alpha=alpha, input_size=size, act=act, seed=2))
+    x = images(2, size)
+    assert_close(P.run_folded(P.fold(model), x), eval_logits(model, x), f"alpha={alpha} {act} {size}px")
+
+
+def test_folded_conv_mobilenet_matches_eval_model():
+    model = randomize(models.ConvMobileNet(alpha=0.25, input_size=32, act="relu6"))
+    x = images(2, 32)
+    layers = P.fold(model)
+    assert [f.kind for f in layers] == ["conv"] * 14 + ["pool", "linear"]
+    assert_close(P.run_folded(layers, x), eval_logits(model, x), "ConvMobileNet")
+
+
+def test_fold_is_bn_in_the_weights():
+    """One layer by hand: w * gamma / sqrt(var + eps) and beta - mean * gamma / sqrt(var + eps)."""
+    model = randomize(models.MobileNetV1(alpha=0.25, input_size=32))
+    conv, bn = model.features[0], model.features[1]
+    scale = bn.gamma.data / np.sqrt(bn.running_var + bn.eps)
+    stem = P.fold(model)[0]
+    assert (stem.kind, stem.stride, stem.padding, stem.act) == ("conv", 1, 1, "relu")
+    np.testing.assert_allclose(stem.weight, conv.weight.data * scale, rtol=1e-6)
+    np.testing.assert_allclose(stem.bias, bn.beta.data - bn.running_mean * scale, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_refuses_what_it_cannot_fold():
+    with pytest.raises(ValueError, match="MobileNetV1 or ConvMobileNet"):
+        P.fold(nn.Linear(3, 4))
+    model = models.MobileNetV1(alpha=0.25)
+    model.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"features\.0 \(Conv2d\)"):
+        P.fold(model)
+
+
+# --- the compiled plan ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha, size, act, stem_stride", [
+    (0.25, 32, "relu", None),    # stem stride 1
+    (0.5, 40, "relu6", None),
+    (0.25, 128, "relu", None),   # stem stride 2
+    (0.75, 32, "relu6", 2),
+    (1.0, 32, "relu", None),
+])
+def test_plan_matches_eval_model(alpha, size, act, stem_stride):
+    model = randomize(models.MobileNetV1(alpha=alpha, input_size=size, act=act, stem_stride=stem_stride, seed=3))
+    plan = P.compile(model, batch=8)
+    x = images(5, size)
+    want = eval_logits(model, x)
+    for n in (1, 5):  # smaller batches run on the plan compiled for 8
+        got = plan(x[:n])
+        assert got.shape == (n, model.num_classes) and got.dtype == np.float32
+        assert_close(got, want[:n], f"alpha={alpha} {size}px {act} batch {n}")
+
+
+def test_plan_runs_a_full_batch_and_conv_mobilenet():
+    model = randomize(models.ConvMobileNet(alpha=0.25, input_size=40, act="relu", num_classes=7))
+    plan = P.compile(model, batch=3)
+    x = images(3, 40)
+    assert_close(plan(x), eval_logits(model, x), "ConvMobileNet batch 3")
+
+
+def test_plan_other_input_size_and_copies_the_weights():
+    model = randomize(models.MobileNetV1(alpha=0.25, input_size=32))
+    plan = P.compile(model, batch=2, input_size=48)
+    x = images(2, 48)
+    want = eval_logits(model, x)
+    model.classifier.bias.data += 100.0  # the plan holds copies
+    assert_close(plan(x), want, "48px plan")
+    assert plan.info()["input_hw"] == (48, 48)
+    assert [layer["kind"] for layer in plan.info()["layers"]] == ["conv"] + ["dwpw"] * 13
+
+
+@pytest.mark.parametrize("alpha, size, batch", [(0.25, 128, 1), (0.5, 32, 8), (1.0, 32, 1)])
+def test_plan_independent_of_threads_and_batch(alpha, size, batch, restore_threads):
+    """Bitwise: every element is computed in the same order under any tiling."""
+    model = randomize(models.MobileNetV1(alpha=alpha, input_size=size))
+    plan = P.compile(model, batch=batch)
+    x = images(batch, size)
+    results = []
+    for threads in (1, 2, 3):
+        _C.set_num_threads(threads)
+        results.append(plan(x))
+    for threads, got in zip((2, 3), results[1:]):
+        np.testing.assert_array_equal(got, results[0], err_msg=f"{threads} threads vs 1")
+    np.testing.assert_array_equal(plan(x[:1]), results[0][:1], err_msg="batch 1 vs batch of the plan")
+
+
+def test_plan_chunks_give_the_same_logits():
+    """A batch runs a chunk of images at a time; the chunk changes nothing, bitwise."""
+    model = randomize(models.MobileNetV1(alpha=0.25, input_size=40))
+    x = images(5, 40)
+    whole = P.compile(model, batch=5)
+    assert whole.info()["chunk"] == 5
+    for chunk in (1, 2, 3):
+        plan = P.compile(model, batch=5, chunk=chunk)
+        assert plan.info()["chunk"] == chunk
+        np.testing.assert_array_equal(plan(x), whole(x), err_msg=f"chunk {chunk}")
+        np.testing.assert_array_equal(plan(x[:4]), whole(x)[:4], err_msg=f"chunk {chunk}, batch 4")
+    big = P.compile(models.MobileNetV1(alpha=0.25, input_size=224), batch=64)
+    assert 1 < big.info()["chunk"] < 64  # 16 MB buffers: a few 224 px images per pass
+    assert big.info()["buffer_bytes"] < 100 * 2**20
+
+
+def test_plan_takes_tensors_and_concurrent_calls():
+    """Calls from several Python threads take turns (the plan's buffers are shared)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = randomize(models.MobileNetV1(alpha=0.25, input_size=32))
+    plan = P.compile(model, batch=2)
+    xs = [images(2, 32, seed=s) for s in range(6)]
+    want = [plan(x) for x in xs]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(plan, xs))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(plan(mbnet.Tensor(xs[0])), want[0])
+
+
+def test_plan_bad_inputs_raise_named_errors():
+    model = randomize(models.MobileNetV1(alpha=0.25, input_size=32))
+    plan = P.compile(model, batch=4)
+    x = images(4, 32)
+    with pytest.raises(ValueError, match=r"x has a batch of 5 .* at most 4"):
+        plan(images(5, 32))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 40, 40, 3\) .* \(n, 32, 32, 3\)"):
+        plan(images(2, 40))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 32, 32, 4\)"):
+        plan(np.zeros((2, 32, 32, 4), np.float32))
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        plan(x[0])
+    with pytest.raises(ValueError, match="x must not be empty"):
+        plan(x[:0])
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        plan(x.astype(np.float64))
+    with pytest.raises(TypeError, match="x must be a numpy.ndarray"):
+        plan(x.tolist())
+    np.testing.assert_array_equal(plan(x[:, ::-1]), plan(np.ascontiguousarray(x[:, ::-1])))  # views work
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch must be a positive int"):
+            P.compile(model, batch=bad)
+    with pytest.raises(ValueError, match="input_size must be a positive int"):
+        P.compile(model, batch=1, input_size=0)
+    with pytest.raises(ValueError, match="chunk must be an int >= 0"):
+        P.compile(model, batch=1, chunk=-1)
+
+
+@st.composite
+def layer_stacks(draw):
+    """(Folded layers, x): 1-3 random conv / dw+pw layers on an odd-sized, non-square input with
+    channel counts below, at and off the vector width, then pool and linear. Half the inputs are
+    tiny (one thread runs them), half large enough to be split between threads."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    big = draw(st.booleans())  # large enough for the threaded paths (tiles per thread, shared tiles)
+    sizes = st.integers(17, 41) if big else st.integers(1, 9)
+    h, w, c = draw(sizes), draw(sizes), draw(st.sampled_from([1, 3, 16, 17, 64]))
+    n = draw(st.integers(1, 3))
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    layers = []
+    for _ in range(draw(st.integers(1, 3))):
+        act, s = draw(st.sampled_from(["none", "relu", "relu6"])), draw(st.sampled_from([1, 2]))
+        co = draw(st.sampled_from([1, 5, 16, 33, 64]))
+        if draw(st.booleans()):
+            k = draw(st.sampled_from([1, 3, 5]))
+            p = draw(st.integers(0, k // 2))
+            layers.append(P.Folded("conv", rng.standard_normal((k, k, c, co)), rng.standard_normal(co), s, p, act))
+        else:
+            k, p = 3, draw(st.integers(0, 1))
+            layers += [P.Folded("dw", rng.standard_normal((3, 3, c)), rng.standard_normal(c), s, p, act),
+                       P.Folded("pw", rng.standard_normal((c, co)), rng.standard_normal(co), 1, 0,
+                                draw(st.sampled_from(["none", "relu", "relu6"])))]
+        h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        assume(h >= 1 and w >= 1)
+        c = co
+    k = draw(st.integers(1, 4))
+    layers += [P.Folded("pool"), P.Folded("linear", rng.standard_normal((c, k)), rng.standard_normal(k))]
+    return layers, x
+
+
+@given(layer_stacks(), st.sampled_from([1, 2, 3]))
+def test_plan_matches_unfused_layers_on_edge_shapes(stack, threads):
+    """The plan against run_folded (one _C kernel per layer): odd and non-square sizes, stride 2
+    on odd sizes, padding 0..2, 1x1 / 3x3 / 5x5 convs, channels 1..33, batch 1..3, any act."""
+    layers, x = stack
+    plan = P.Plan(layers, batch=3, input_hw=x.shape[1:3])
+    want = P.run_folded(layers, x)
+    old = _C.get_num_threads()
+    _C.set_num_threads(threads)
+    try:
+        got = plan(x)
+    finally:
+        _C.set_num_threads(old)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+def test_plan_binding_checks_its_layers():
+    w = np.ones((3, 3, 3, 8), np.float32)
+    b, fc_w, fc_b = np.zeros(8, np.float32), np.ones((8, 2), np.float32), np.zeros(2, np.float32)
+    conv = ("conv", w, b, 1, 1, "relu")
+    assert _C._InferencePlan([conv], fc_w, fc_b, 1, (4, 4)).run(np.ones((1, 4, 4, 3), np.float32)).shape == (1, 2)
+    with pytest.raises(ValueError, match=r"layers\[1\] takes 3 channels but the layer before gives 8"):
+        _C._InferencePlan([conv, conv], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(ValueError, match=r"layers\[0\] depthwise kernel must be 3x3"):
+        _C._InferencePlan([("dwpw", np.ones((5, 5, 3), np.float32), np.zeros(3, np.float32), 1, 2, "relu",
+                            np.ones((3, 8), np.float32), b, "relu")], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(ValueError, match=r"layers\[0\] bias must have shape \(8,\)"):
+        _C._InferencePlan([("conv", w, np.zeros(7, np.float32), 1, 1, "relu")], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(ValueError, match="act must be"):
+        _C._InferencePlan([("conv", w, b, 1, 1, "gelu")], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(TypeError, match=r"layers\[0\] act must be a str"):
+        _C._InferencePlan([("conv", w, b, 1, 1, None)], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(TypeError, match=r"layers\[0\] stride must be an int"):
+        _C._InferencePlan([("conv", w, b, 1.0, 1, "relu")], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(TypeError, match=r"layers\[0\] weight must have dtype float32"):
+        _C._InferencePlan([("conv", w.astype(np.float64), b, 1, 1, "relu")], fc_w, fc_b, 1, (4, 4))
+    with pytest.raises(ValueError, match="chunk must be >= 0"):
+        _C._InferencePlan([conv], fc_w, fc_b, 1, (4, 4), -1)
+    with pytest.raises(ValueError, match="classifier weight takes 3 features"):
+        _C._InferencePlan([conv], np.ones((3, 2), np.float32), fc_b, 1, (4, 4))
+    with pytest.raises(ValueError, match="output height would be < 1"):
+        _C._InferencePlan([("conv", w, b, 1, 0, "relu")], fc_w, fc_b, 1, (2, 2))
+    with pytest.raises(ValueError, match="batch must be in"):
+        _C._InferencePlan([conv], fc_w, fc_b, 0, (4, 4))
