@@ -66,6 +66,7 @@ def test_sharded_loaders_cover_each_global_batch_once(n, batch, ranks, augment):
 
 def test_launched_size_reads_the_launchers_variables():
     assert dist.launched_size({}) == 1
+    assert dist.launched_size({"OMPI_COMM_WORLD_SIZE": "1"}) == 1  # mpirun -n 1: a plain run
     assert dist.launched_size({"OMPI_COMM_WORLD_SIZE": "4"}) == 4
     assert dist.launched_size({"PMI_SIZE": "3"}) == 3
 
