@@ -3,9 +3,10 @@
     python -m benchmarks [--tiny] [--json out.json] [--only NAME[,NAME]] [--threads T]
                          [--no-torch] [--no-numba] [--no-onnxruntime]
 
-NAME is one of: separable, kernels, e2e, depthwise, pointwise, step, latency, data, plan. Each is the module
+NAME is one of: separable, kernels, e2e, depthwise, pointwise, step, latency, data, plan, mpi. Each is the module
 benchmarks/bench_NAME.py (also runnable alone: `python -m benchmarks.bench_NAME --help`), run in
-this process through its run(...) and markdown(result); e2e spawns one process per configuration.
+this process through its run(...) and markdown(result); e2e spawns one process per configuration,
+mpi one process or `mpirun` job per configuration (skipped without mpi4py).
 
 --tiny runs everything once on tiny sizes (batch 2, few layers, 1 repeat): a check that the
 benchmarks still run (CI), not a measurement. Timings belong under `flock /tmp/mbnet-bench.lock`.
@@ -21,7 +22,7 @@ from datetime import datetime, timezone
 
 from . import common
 
-ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step", "latency", "data", "plan")
+ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step", "latency", "data", "plan", "mpi")
 
 
 def run_one(name, args):

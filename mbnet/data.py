@@ -688,31 +688,38 @@ def resized_crop(images, top, left, h, w, flip):
     return out
 
 
-def augment_batch(images, seed, epoch, batch, pad=4, resized_crop_area=None, hflip=True):
+def augment_batch(images, seed, epoch, batch, pad=4, resized_crop_area=None, hflip=True, rows=None):
     """Random crop and (if hflip) horizontal flip, drawn from (seed, epoch, batch): with
     resized_crop_area a random-resized crop (area fraction in [resized_crop_area, 1]), else a crop
-    of the image zero-padded by `pad` pixels."""
+    of the image zero-padded by `pad` pixels.
+
+    rows=(start, total): `images` are rows start.. of a batch of `total` images (a process's shard
+    of the global batch); each image gets the draws it would get in the whole batch."""
     rng = np.random.default_rng([seed, _AUGMENT, epoch, batch])
-    b = len(images)
+    start, b = rows if rows is not None else (0, len(images))
+    part = slice(start, start + len(images))
     if resized_crop_area is not None:
-        box = resized_crop_boxes(b, images.shape[1], resized_crop_area, rng)
-        return resized_crop(images, *box, (rng.random(b) < 0.5) & hflip)
-    dy = rng.integers(0, 2 * pad + 1, b)
-    dx = rng.integers(0, 2 * pad + 1, b)
-    flip = (rng.random(b) < 0.5) & hflip
+        box = [a[part] for a in resized_crop_boxes(b, images.shape[1], resized_crop_area, rng)]
+        return resized_crop(images, *box, ((rng.random(b) < 0.5) & hflip)[part])
+    dy = rng.integers(0, 2 * pad + 1, b)[part]
+    dx = rng.integers(0, 2 * pad + 1, b)[part]
+    flip = ((rng.random(b) < 0.5) & hflip)[part]
     return crop_flip(images, dy, dx, flip, pad)
 
 
-def cutout_batch(x, seed, epoch, batch, side):
+def cutout_batch(x, seed, epoch, batch, side, rows=None):
     """Zeroes (in place) one side x side square per image of x (B,S,S,C), placed uniformly inside
-    the image, drawn from (seed, epoch, batch). On a normalized batch zero is the mean colour."""
+    the image, drawn from (seed, epoch, batch). On a normalized batch zero is the mean colour.
+    rows: as in augment_batch."""
     if side <= 0:
         return x
-    b, s = len(x), x.shape[1]
+    start, b = rows if rows is not None else (0, len(x))
+    s = x.shape[1]
     side = min(side, s)
     rng = np.random.default_rng([seed, _CUTOUT, epoch, batch])
-    top, left = rng.integers(0, s - side + 1, b), rng.integers(0, s - side + 1, b)
-    for i in range(b):
+    part = slice(start, start + len(x))
+    top, left = rng.integers(0, s - side + 1, b)[part], rng.integers(0, s - side + 1, b)[part]
+    for i in range(len(x)):
         x[i, top[i]:top[i] + side, left[i]:left[i] + side] = 0
     return x
 
@@ -728,15 +735,20 @@ class Loader:
     `for x, y in loader` runs one epoch (the first loop epoch 0, the next epoch 1, ...);
     `epoch(e, start)` iterates (i, x, y) of epoch e from batch `start`. Both prepare the next
     `prefetch` batches in a background thread while the model computes.
+
+    shard=(rank, size): a training loader yields process `rank`'s shard of every global batch of
+    `batch_size` images (mbnet.distributed.shard_bounds), with the same shuffle and augmentation
+    draws as the whole batch; len() stays the number of global batches.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, resized_crop_area=None,
-                 cutout=0, hflip=True, prefetch=2):
+                 cutout=0, hflip=True, prefetch=2, shard=(0, 1)):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.train, self.seed, self.pad, self.prefetch = train, seed, pad, prefetch
         self.resized_crop_area, self.cutout, self.hflip = resized_crop_area, cutout, hflip
         self.next_epoch = 0
+        self.shard = shard
 
     def __len__(self):
         n, b = len(self.images), self.batch_size
@@ -748,10 +760,13 @@ class Loader:
         b = self.batch_size
         if not self.train:
             return normalize(self.images[i * b:(i + 1) * b], self.mean, self.std), self.labels[i * b:(i + 1) * b]
-        idx = order[i * b:(i + 1) * b]
+        from .distributed import shard_bounds
+
+        lo, hi = shard_bounds(b, *self.shard)  # the whole batch on one process
+        idx = order[i * b:(i + 1) * b][lo:hi]
         x = augment_batch(np.asarray(self.images[idx]), self.seed, epoch, i, self.pad, self.resized_crop_area,
-                          self.hflip)
-        x = cutout_batch(normalize(x, self.mean, self.std), self.seed, epoch, i, self.cutout)
+                          self.hflip, rows=(lo, b))
+        x = cutout_batch(normalize(x, self.mean, self.std), self.seed, epoch, i, self.cutout, rows=(lo, b))
         return x, self.labels[idx]
 
     def batch(self, epoch, i):

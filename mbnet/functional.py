@@ -21,6 +21,7 @@ from . import _C, reference
 from .tensor import Function, Tensor, mul
 
 _timings = None  # name -> [calls, seconds] while profile() is active
+_bn_allreduce = None  # set_batch_norm_allreduce: training BatchNorm uses the statistics of all ranks
 
 
 @contextlib.contextmanager
@@ -177,6 +178,58 @@ class BatchNormInfer(Function):
         return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None
 
 
+class SyncBatchNormTrain(Function):
+    """BatchNormTrain with the statistics of the global batch spread over several processes:
+    ``allreduce`` (float64 ndarray -> its sum over the processes) reduces the per-channel sum,
+    sum of squares and count in forward and the two per-channel gradient sums in backward. Runs
+    on the fixed-statistics kernels; dgamma and dbeta stay this process's share (the gradient
+    allreduce adds them up)."""
+
+    def __init__(self, running_mean, running_var, momentum, eps, act, allreduce):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.momentum, self.eps, self.act, self.allreduce = momentum, eps, act, allreduce
+
+    def forward(self, x, gamma, beta):
+        c = x.shape[-1]
+        x2 = x.reshape(-1, c)
+        s = self.allreduce(np.concatenate([x2.sum(0, dtype=np.float64), np.einsum("ij,ij->j", x2, x2, dtype=np.float64),
+                                           [len(x2)]]))
+        n = s[-1]
+        mean = s[:c] / n
+        var = np.maximum(s[c:2 * c] / n - mean * mean, 0.0)
+        m = self.momentum
+        self.running_mean *= 1 - m
+        self.running_mean += (m * mean).astype(x.dtype)
+        self.running_var *= 1 - m
+        self.running_var += (m * var * n / max(n - 1, 1)).astype(x.dtype)
+        del self.running_mean, self.running_var
+        mean, var = mean.astype(x.dtype), var.astype(x.dtype)
+        y = _run("batchnorm_act_infer_fwd", x.dtype, x, gamma, beta, mean, var, self.eps, self.act)
+        self.saved = (x, y, gamma, beta, mean, var, n)
+        return y
+
+    def backward(self, gy):
+        x, y, gamma, beta, mean, var, n = self.saved
+        # The kernel gives dz * gamma * invstd and this process's sum(dz * xhat), sum(dz).
+        gx, ggamma, gbeta = _run("batchnorm_act_infer_bwd", gy.dtype, gy, x, y, gamma, beta, mean, var,
+                                 self.eps, self.act)
+        need = self.needs_input_grad
+        if need[0]:
+            c = x.shape[-1]
+            s = self.allreduce(np.concatenate([gbeta, ggamma]).astype(np.float64)).astype(x.dtype)
+            invstd = x.dtype.type(1) / np.sqrt(var + x.dtype.type(self.eps))
+            xhat = (x - mean) * invstd
+            gx -= gamma * invstd / x.dtype.type(n) * (s[:c] + xhat * s[c:])
+        return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None
+
+
+def set_batch_norm_allreduce(allreduce):
+    """Makes every training-mode batch_norm synchronized (SyncBatchNormTrain) with ``allreduce``
+    (float64 ndarray -> its sum over the processes); None restores per-process statistics."""
+    global _bn_allreduce
+    _bn_allreduce = allreduce
+
+
 def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, act="none"):
     """x (..., c) (NHWC: statistics over n, h, w), gamma/beta (c,) Tensors, running_mean/var (c,)
     ndarrays of x's dtype -> act(BN(x)), same shape as x.
@@ -184,11 +237,14 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
     training: normalizes with the batch statistics (biased variance) and updates running_mean /
     running_var in place: new = (1 - momentum) * old + momentum * batch (unbiased variance), also
     under no_grad. Otherwise normalizes with the running statistics. act: "none", "relu", "relu6".
+    After set_batch_norm_allreduce(fn), training uses the statistics of all processes.
     """
     dtype = _common_dtype("batch_norm", x=x, gamma=gamma, beta=beta)
     for name, a in (("running_mean", running_mean), ("running_var", running_var)):
         if not isinstance(a, np.ndarray) or a.dtype != dtype:
             raise TypeError(f"batch_norm: {name} must be an ndarray of {dtype}")
+    if training and _bn_allreduce is not None:
+        return SyncBatchNormTrain(running_mean, running_var, momentum, eps, act, _bn_allreduce)(x, gamma, beta)
     if training:
         return BatchNormTrain(running_mean, running_var, momentum, eps, act)(x, gamma, beta)
     return BatchNormInfer(running_mean, running_var, eps, act)(x, gamma, beta)
@@ -253,14 +309,19 @@ def linear(x, w, b=None):
     return Linear()(x, w, b)
 
 
-def dropout(x, p, training, rng):
+def dropout(x, p, training, rng, rows=None):
     """x (any shape) -> x * mask / (1 - p), mask ~ Bernoulli(1 - p) drawn from ``rng``
-    (a np.random.Generator); the identity when not training or p == 0."""
+    (a np.random.Generator); the identity when not training or p == 0. rows=(start, total): x is
+    rows start.. of a batch of `total` (a process's shard) and gets those rows of its mask."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0:
         return x
-    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    if rows is None:
+        keep = rng.random(x.shape, dtype=x.dtype) >= p
+    else:
+        start, total = rows
+        keep = rng.random((total, *x.shape[1:]), dtype=x.dtype)[start:start + len(x)] >= p
     return mul(x, keep.astype(x.dtype) * x.dtype.type(1 / (1 - p)))
 
 

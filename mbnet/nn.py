@@ -302,7 +302,10 @@ class Linear(Module):
 class Dropout(Module):
     """Zeroes each element with probability p in training (scaling the rest by 1 / (1 - p)).
     ``rng`` (a np.random.Generator, seeded by ``seed``) draws the masks: reseed it or save its
-    ``rng.bit_generator.state`` to reproduce a run."""
+    ``rng.bit_generator.state`` to reproduce a run. ``rows`` = (start, total): the input is rows
+    start.. of a global batch of `total` (mbnet.distributed), masked as within the whole batch."""
+
+    rows = None
 
     def __init__(self, p=0.5, seed=None):
         if not 0 <= p < 1:
@@ -311,7 +314,7 @@ class Dropout(Module):
         self.rng = np.random.default_rng(seed)
 
     def forward(self, x):
-        return F.dropout(x, self.p, self.training, self.rng)
+        return F.dropout(x, self.p, self.training, self.rng, self.rows)
 
 
 class Sequential(Module):

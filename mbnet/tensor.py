@@ -45,6 +45,7 @@ class Tensor:
     """
 
     __array_priority__ = 1000  # ndarray (op) Tensor defers to Tensor's reflected operators
+    grad_hook = None  # on a leaf: called as grad_hook(leaf) by backward once leaf.grad is final
 
     def __init__(self, data, requires_grad=False):
         self.data = _as_array(data.data if isinstance(data, Tensor) else data)
@@ -93,7 +94,11 @@ class Tensor:
     # --- backward ---
     def backward(self, grad=None):
         """Accumulates d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires a gradient.
-        ``grad`` defaults to ones (a scalar loss). The graph is freed as it is walked."""
+        ``grad`` defaults to ones (a scalar loss). The graph is freed as it is walked.
+
+        A leaf with a ``grad_hook`` has it called as soon as every function that uses the leaf has
+        run its backward (its gradient is final), while the rest of the graph is still being
+        walked: mbnet.distributed starts the gradient allreduce from there."""
         if grad is None:
             grad = np.ones_like(self.data)
         else:
@@ -104,16 +109,20 @@ class Tensor:
         if self.creator is None:
             if self.requires_grad:
                 _accumulate_leaf(self, grad, seen)
+                if self.grad_hook is not None:
+                    self.grad_hook(self)
             return
 
         # Output gradients waiting for their function, by id(function); the order list keeps
         # every function alive (and its id unique) for the whole walk.
         order = _topological_order(self.creator)
+        uses = _hooked_leaf_uses(order)
         pending = {id(self.creator): [None] * len(self.creator.output_shapes)}
         pending[id(self.creator)][self.output_index] = grad
         for func in order:
             gys = pending.pop(id(func), None)
             if gys is None:  # nothing reached it (an unused output of a multi-output function)
+                _leaf_uses_done(func, uses)
                 func.release()
                 continue
             gys = [g if g is not None else np.zeros(s, func.output_dtype) for g, s in zip(gys, func.output_shapes)]
@@ -130,6 +139,7 @@ class Tensor:
                     old = slots[x.output_index]
                     slots[x.output_index] = gx if old is None else old + gx
                 seen.add(id(gx))
+            _leaf_uses_done(func, uses)
             func.release()
 
     # --- operators (defined in terms of the Function classes below) ---
@@ -180,6 +190,29 @@ def _accumulate_leaf(x, gx, seen):
         x.grad = gx.copy() if (id(gx) in seen or gx.base is not None) else gx
     else:
         x.grad = x.grad + gx
+
+
+def _hooked_leaf_uses(order):
+    """id(leaf) -> how many inputs of the functions in ``order`` are that leaf, for the leaves
+    with a grad_hook."""
+    uses = {}
+    for func in order:
+        for x in func.inputs:
+            if x.creator is None and x.grad_hook is not None:
+                uses[id(x)] = uses.get(id(x), 0) + 1
+    return uses
+
+
+def _leaf_uses_done(func, uses):
+    """Counts ``func``'s backward as done for its hooked leaf inputs; calls the hook of each
+    leaf that has no use left."""
+    if not uses:
+        return
+    for x in func.inputs:
+        if id(x) in uses:
+            uses[id(x)] -= 1
+            if uses[id(x)] == 0:
+                x.grad_hook(x)
 
 
 def _topological_order(root):

@@ -12,6 +12,12 @@ class names and normalization in "meta") plus "optim/<key>" and "ema/<key>" arra
 the config, position (epoch, batch, step), per-epoch metrics so far, and the running sums of the
 epoch in progress.
 
+`mpirun -n R python -m mbnet.train ...` trains the same model on R processes (mbnet.distributed):
+--batch-size stays the global batch, each rank takes its shard of every batch, the gradients are
+summed with MPI allreduce, rank 0 alone writes the run directory; --sync-bn for BatchNorm
+statistics over the global batch. SIGUSR1 to mpirun (or SIGINT/SIGTERM to any rank) saves at the
+current step on every rank; a rank that dies or hangs ends the job (--mpi-timeout).
+
 Failures (exit status): 0 done; 1 a file could not be written (full disk, permissions: the message
 names the file and errno, the previous checkpoint is intact); 2 a bad option, data, checkpoint, or
 a run directory in use by another run; 3 the run diverged (a non-finite loss, gradient or weight:
@@ -19,6 +25,9 @@ nothing non-finite is ever saved); 130 Ctrl-C and 143 SIGTERM, after saving last
 current step.
 """
 import argparse
+import contextlib
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +36,7 @@ import numpy as np
 
 from . import checkpoint, optim
 from . import data as D
+from . import distributed as dist
 from .run import (EVAL_BATCH, Interrupt, Progress, RunError, RunLock, all_finite, dropout_modules, dumps, evaluate,
                   float_in, fmt_time, int_in, live_arrays, load_checkpoint, max_threads, remove_orphans,
                   save_checkpoint, set_threads, swapped_weights, write_metrics, write_text)
@@ -83,11 +93,17 @@ def build_parser():
     a("--out", default=None, help="run directory (default runs/<name> or runs/<timestamp>)")
     a("--name", default=None, help="run name, for the default --out")
     a("--resume", action="store_true", help="continue from <out>/last.npz")
+    a("--sync-bn", action="store_true",
+      help="under MPI: BatchNorm uses the statistics of the global batch (default: each rank's shard's)")
+    a("--overlap", action=argparse.BooleanOptionalAction, default=True,
+      help="under MPI: start the gradient allreduce while backward runs (default on)")
+    a("--mpi-timeout", type=float, default=dist.DEFAULT_TIMEOUT,
+      help=f"under MPI: seconds a rank waits for the others before aborting the job (default {dist.DEFAULT_TIMEOUT:g})")
     return p
 
 
 # Options that do not change the computed weights; everything else is frozen in the checkpoint.
-RUNTIME_KEYS = ("threads", "data_dir", "out", "name", "resume", "on_nan", "workers")
+RUNTIME_KEYS = ("threads", "data_dir", "out", "name", "resume", "on_nan", "workers", "overlap", "mpi_timeout")
 
 
 def make_config(args):
@@ -134,6 +150,7 @@ VALUE_TYPES = {
     "threads": int_in(1, max_threads),
     "limit_train": int_in(1),
     "limit_test": int_in(1),
+    "mpi_timeout": float_in(0, lo_open=True),
 }
 SKIP_LIMIT = 20  # non-finite steps in a row after which --on-nan skip stops too
 
@@ -187,9 +204,15 @@ def _fresh_sums():
 class Run:
     """A training run in its directory ``out``: cfg, loaders, model, optimizer, EMA (or None) and
     the position ``pos`` (epoch, batch, metrics, running sums of the epoch in progress, best
-    score, elapsed time), which is what a checkpoint saves besides the arrays."""
+    score, elapsed time), which is what a checkpoint saves besides the arrays.
 
-    def __init__(self, out, cfg, train_loader, test_loader, model, opt, ema, pos, on_nan="stop"):
+    On R ranks (``world``, mbnet.distributed): the loaders hold this rank's shard, the loss is
+    scaled so that the gradients summed by ``reducer`` are the global batch's, the step's loss
+    and accuracy counts are summed with them (``pos`` is the same on every rank), evaluation
+    sums the ranks' counts, and rank 0 alone writes."""
+
+    def __init__(self, out, cfg, train_loader, test_loader, model, opt, ema, pos, on_nan="stop", world=None,
+                 overlap=True):
         self.out, self.cfg, self.on_nan = out, cfg, on_nan
         self.train_loader, self.test_loader = train_loader, test_loader
         self.model, self.opt, self.ema, self.pos = model, opt, ema, pos
@@ -199,12 +222,23 @@ class Run:
         self.dropouts = dropout_modules(model)
         self.bad_in_a_row = 0
         self.progress = Progress()
+        self.world = world or dist.World()
+        self.loss_scale = dist.loss_scale(self.world, cfg["batch_size"])
+        self.reducer = None
+        if self.world.size > 1:
+            # values summed with the gradients: stop signal, loss sum, correct, images
+            self.reducer = dist.GradReducer(self.world, model.parameters(), overlap=overlap, n_values=4)
+            if cfg.get("sync_bn"):
+                dist.enable_sync_batch_norm(self.world)
+            for m in self.dropouts:
+                m.rows = (dist.shard_bounds(cfg["batch_size"], self.world.rank, self.world.size)[0], cfg["batch_size"])
+            self.world.broadcast(list(model.named_state().values()), "the initial weights")
 
     def meta(self):
         from . import _C
 
         return dict(self.pos, config=self.cfg, step=self.pos["epoch"] * self.spe + self.pos["batch"],
-                    threads=_C.get_num_threads())
+                    threads=_C.get_num_threads(), ranks=self.world.size)
 
     def save(self, name):
         """Writes the checkpoint ``name`` (last.npz, best.npz), never with non-finite weights."""
@@ -214,6 +248,8 @@ class Run:
             raise RunError(f"the weights became non-finite by step {self.meta()['step']} (an overflow: the "
                            f"learning rate, peak {self.cfg['lr']:.3g}, is likely too high); "
                            f"{self._kept(name)}", status=3)
+        if self.world.rank != 0:
+            return
         try:
             save_checkpoint(path, self.model, self.opt, self.ema, self.meta())
         except checkpoint.WriteError as e:
@@ -236,6 +272,7 @@ class Run:
         params = model.parameters()
         model.train()
         t_epoch = t_last = time.perf_counter()
+        stop = False  # under MPI, the ranks stop together when the step's sum of their flags says so
         for i, x, y in self.train_loader.epoch(epoch, pos["batch"]):
             step = epoch * spe + i
             opt.lr = self.schedule(step)
@@ -244,9 +281,16 @@ class Run:
             model.zero_grad()
             logits = model(Tensor(x))
             loss = cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+            loss_sum, correct, seen = float(loss.data) * len(y), int((logits.data.argmax(1) == y).sum()), len(y)
             bad = None if np.isfinite(loss.data).all() else "loss"
             if bad is None:
-                loss.backward()
+                loss.backward(self.loss_scale)
+            if self.reducer is not None:  # every rank takes part, also one whose loss is not finite
+                stop, loss_sum, correct, seen = self.reducer.reduce([interrupt.requested, loss_sum, correct, seen])
+                if stop and not interrupt.requested:  # another rank got a signal: all stop after this step
+                    interrupt.signum = signal.SIGTERM
+                bad = None if np.isfinite(loss_sum) else "loss"  # the same decision on every rank
+            if bad is None:
                 bad = None if grads_finite(params) else "gradient"
             if bad:
                 self._diverged(bad, epoch, i)
@@ -256,9 +300,9 @@ class Run:
                 opt.step()
                 if self.ema is not None:
                     self.ema.update(live_arrays(model))
-                sums["loss"] += float(loss.data) * len(y)
-                sums["correct"] += int((logits.data.argmax(1) == y).sum())
-                sums["seen"] += len(y)
+                sums["loss"] += loss_sum
+                sums["correct"] += int(correct)
+                sums["seen"] += int(seen)
             now = time.perf_counter()
             sums["time"] += now - t_last
             t_last = now
@@ -271,7 +315,7 @@ class Run:
                                  f"lr {opt.lr:.4g} {ips:.0f} img/s ETA {fmt_time(eta)}", final=i + 1 == spe)
             if on_step is not None:
                 on_step(step)
-            if interrupt.requested:
+            if stop if self.reducer is not None else interrupt.requested:
                 break
         pos["elapsed"] += time.perf_counter() - t_epoch
         return pos["batch"] == spe
@@ -289,6 +333,15 @@ class Run:
                        f"batch size; {self._kept('last.npz')}; lower --lr, or pass --on-nan skip to step over "
                        "rare bad batches", status=3)
 
+    def evaluate(self, tta=False, label_smoothing=0.0):
+        """-> (mean loss, accuracy) over the test set, each rank evaluating its shard."""
+        loss, acc, preds = evaluate(self.model, self.test_loader, tta=tta, label_smoothing=label_smoothing)
+        if self.world.size == 1:
+            return loss, acc
+        n = len(preds)
+        loss_sum, correct, n = self.world.allreduce(np.array([loss * n, round(acc * n), n]), "evaluation counts")
+        return loss_sum / max(n, 1), correct / max(n, 1)
+
     def finish_epoch(self):
         """Evaluates, appends the epoch's metrics, saves last.npz (and best.npz), metrics.jsonl and
         curves.png, prints the epoch's line; -> True after the last epoch."""
@@ -297,17 +350,19 @@ class Run:
         t_eval = time.perf_counter()
         ls = cfg["label_smoothing"]
         final = epoch + 1 == cfg["epochs"]
-        test_loss, test_acc, _ = evaluate(model, self.test_loader, label_smoothing=ls)
+        # the ranks' BatchNorm statistics (their own shards' without --sync-bn) become rank 0's
+        self.world.broadcast(model.buffers() + (list(ema.shadow.values()) if ema else []), "the BatchNorm statistics")
+        test_loss, test_acc = self.evaluate(label_smoothing=ls)
         m = {"epoch": epoch + 1, "lr": self.opt.lr,
              "train_loss": sums["loss"] / max(1, sums["seen"]), "train_acc": sums["correct"] / max(1, sums["seen"]),
              "test_loss": test_loss, "test_acc": test_acc}
         primary = None if ema is None else ema.shadow  # weights that count: EMA if on
         if ema is not None:
             with swapped_weights(model, primary):
-                m["ema_test_loss"], m["ema_test_acc"], _ = evaluate(model, self.test_loader, label_smoothing=ls)
+                m["ema_test_loss"], m["ema_test_acc"] = self.evaluate(label_smoothing=ls)
         if final and cfg["tta"]:
             with swapped_weights(model, primary):
-                m["tta_test_loss"], m["tta_test_acc"], _ = evaluate(model, self.test_loader, tta=True, label_smoothing=ls)
+                m["tta_test_loss"], m["tta_test_acc"] = self.evaluate(tta=True, label_smoothing=ls)
         if sums.get("skipped"):
             m["skipped_steps"] = sums["skipped"]
         pos["elapsed"] += time.perf_counter() - t_eval
@@ -326,10 +381,11 @@ class Run:
         if is_best:
             self.save("best.npz")
         try:
-            write_metrics(self.out, pos["metrics"])
-            from .plot import plot_curves
+            if self.world.rank == 0:
+                write_metrics(self.out, pos["metrics"])
+                from .plot import plot_curves
 
-            plot_curves(pos["metrics"], self.out / "curves.png")
+                plot_curves(pos["metrics"], self.out / "curves.png")
         except ImportError as e:
             print(f"mbnet: no curves.png ({e})", file=sys.stderr)
         except checkpoint.WriteError as e:
@@ -346,8 +402,12 @@ class Run:
     def train(self, on_step=None):
         """Trains to the last epoch; -> the exit status (0, or 130/143 after saving on a signal)."""
         cfg, out = self.cfg, self.out
-        resume = f"continue with: python -m mbnet.train --out {out} --resume"
-        with Interrupt() as interrupt:
+        mpirun = f"mpirun -n {self.world.size} " if self.world.size > 1 else ""
+        resume = f"continue with: {mpirun}python -m mbnet.train --out {out} --resume"
+        interrupt = Interrupt()
+        if self.world.size > 1:  # mpirun forwards SIGUSR1 to every rank (and ends them all on SIGINT/SIGTERM)
+            interrupt.SIGNALS = Interrupt.SIGNALS + (signal.SIGUSR1,)
+        with interrupt:
             while self.pos["epoch"] < cfg["epochs"]:
                 if not self.train_epoch(interrupt, on_step):
                     self.save("last.npz")
@@ -355,6 +415,10 @@ class Run:
                           f"step {self.pos['batch']}/{self.spe}; {resume}", file=sys.stderr)
                     return interrupt.status
                 final = self.finish_epoch()
+                if self.world.size > 1:  # a signal may have reached some ranks only, during the evaluation
+                    stop = self.world.allreduce(np.array([float(interrupt.requested)]), "the stop flag")[0]
+                    if stop and not interrupt.requested:
+                        interrupt.signum = signal.SIGTERM
                 if interrupt.requested and not final:
                     print(f"mbnet: saved {out / 'last.npz'} after epoch {self.pos['epoch']}; {resume}", file=sys.stderr)
                     return interrupt.status
@@ -400,8 +464,10 @@ def init_model(model, source, seed=0):
     return model, keep_head
 
 
-def start_run(args, argv, parser, out):
-    """Stage 1: a Run in ``out`` (created and locked by the caller), new or resumed (--resume)."""
+def start_run(args, argv, parser, out, world=None):
+    """Stage 1: a Run in ``out`` (created and locked by the caller), new or resumed (--resume);
+    under MPI (``world``) each rank loads the data and holds its shards."""
+    world = world or dist.World()
     from . import _C
     from .models import from_config
 
@@ -424,12 +490,17 @@ def start_run(args, argv, parser, out):
             cfg["alpha"], cfg["mean"], cfg["std"] = source.alpha, list(source.mean), list(source.std)
 
     try:
-        xtr, ytr, xte, yte = D.prepare_data(cfg, args.data_dir, workers=args.workers)
+        xtr, ytr, xte, yte = world.in_turn(lambda: D.prepare_data(cfg, args.data_dir, workers=args.workers),
+                                           "waiting for another rank to fill the data cache")
     except D.DataError as e:
         raise RunError(str(e)) from None
     mean, std = np.array(cfg["mean"]), np.array(cfg["std"])
-    train_loader = D.Loader(xtr, ytr, cfg["batch_size"], mean, std, train=True, seed=cfg["seed"], **augmentation(cfg))
-    test_loader = D.Loader(xte, yte, EVAL_BATCH, mean, std, train=False)
+    if cfg["batch_size"] < world.size:
+        raise RunError(f"--batch-size {cfg['batch_size']} is smaller than the {world.size} MPI ranks")
+    train_loader = D.Loader(xtr, ytr, cfg["batch_size"], mean, std, train=True, seed=cfg["seed"], **augmentation(cfg),
+                            shard=(world.rank, world.size))
+    lo, hi = dist.shard_bounds(len(yte), world.rank, world.size)
+    test_loader = D.Loader(xte[lo:hi], yte[lo:hi], EVAL_BATCH, mean, std, train=False)
 
     if ckpt is not None:
         model = from_config(checkpoint.model_config(ckpt, out / "last.npz"), seed=cfg["seed"])
@@ -460,12 +531,18 @@ def start_run(args, argv, parser, out):
         if saved_threads is not None and saved_threads != _C.get_num_threads():
             print(f"mbnet: note: this run used {saved_threads} kernel threads, now {_C.get_num_threads()}; "
                   "the result will not be bit-identical to an unbroken run (pass --threads)", file=sys.stderr)
+        saved_ranks = ckpt["meta"].get("ranks", 1)
+        if saved_ranks != world.size:
+            print(f"mbnet: note: this run used {saved_ranks} MPI rank(s), now {world.size}; it goes on with the same "
+                  "global batch, but the result will not be bit-identical to an unbroken run", file=sys.stderr)
     else:
         try:
-            write_text(out / "config.json", dumps(cfg, indent=1) + "\n")
+            if world.rank == 0:
+                write_text(out / "config.json", dumps(cfg, indent=1) + "\n")
         except checkpoint.WriteError as e:
             raise RunError(str(e), status=1) from None
-    run = Run(out, cfg, train_loader, test_loader, model, opt, ema, pos, on_nan=args.on_nan)
+    run = Run(out, cfg, train_loader, test_loader, model, opt, ema, pos, on_nan=args.on_nan, world=world,
+              overlap=args.overlap)
     if ckpt is not None:
         print(f"mbnet: resuming {out} at epoch {pos['epoch'] + 1}, step {pos['batch']}/{run.spe}", file=sys.stderr)
     nparams = sum(p.data.size for p in model.parameters())
@@ -481,28 +558,44 @@ def main(argv=None, *, on_step=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     check_args(parser, args)
-    out = Path(args.out or Path("runs") / (args.name or time.strftime("%Y%m%d-%H%M%S")))
+    world = dist.world(args.mpi_timeout)
+    lead = world.rank == 0  # under MPI rank 0 alone writes and prints; the others print their errors only
+    started = np.array([time.time()])
+    world.broadcast([started], "the start time")  # one default run name for all ranks
+    out = Path(args.out or Path("runs") / (args.name or time.strftime("%Y%m%d-%H%M%S", time.localtime(started[0]))))
     created = False
     try:
-        set_threads(args.threads)
-        if args.resume and not (out / "last.npz").is_file():
-            raise RunError(f"--resume: {out / 'last.npz'}: no such file")
-        created = not out.exists()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunError(f"cannot create the run directory {out}: [Errno {e.errno}] {e.strerror}") from None
-        with RunLock(out):
-            removed = remove_orphans(out)
-            if removed:
-                print(f"mbnet: removed {len(removed)} temp file(s) a killed run left in {out}: {', '.join(removed)}",
-                      file=sys.stderr)
-            return start_run(args, argv, parser, out).train(on_step)
+        with contextlib.ExitStack() as stack:
+            if not lead:
+                stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+            set_threads(args.threads)
+            if args.resume and not (out / "last.npz").is_file():
+                raise RunError(f"--resume: {out / 'last.npz'}: no such file")
+            if not lead:
+                return start_run(args, argv, parser, out, world).train(on_step)
+            created = not out.exists()
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunError(f"cannot create the run directory {out}: [Errno {e.errno}] {e.strerror}") from None
+            with RunLock(out):
+                removed = remove_orphans(out)
+                if removed:
+                    print(f"mbnet: removed {len(removed)} temp file(s) a killed run left in {out}: {', '.join(removed)}",
+                          file=sys.stderr)
+                return start_run(args, argv, parser, out, world).train(on_step)
     except RunError as e:
-        print(f"mbnet: {e}", file=sys.stderr)
         if created and e.status == 2:  # a run that never started leaves no directory behind
             _remove_unused(out)
+        if world.size > 1:  # the other ranks may be waiting for this one in a collective: end them all now
+            world.abort(str(e), e.status)
+        print(f"mbnet: {e}", file=sys.stderr)
         return e.status
+    except (KeyboardInterrupt, SystemExit) as e:  # a second signal: no saving
+        if world.size > 1:  # (else this rank would wait for the others in MPI's finalization)
+            status = 130 if isinstance(e, KeyboardInterrupt) else 143
+            world.abort(f"{type(e).__name__} {getattr(e, 'code', '')}".strip(), status)
+        raise
 
 
 def _remove_unused(out):
