@@ -53,14 +53,6 @@ def batches(rng):
     return _official_like(rng, 24)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.delenv("MBNET_DATA", raising=False)
-    c = tmp_path / "cache"
-    monkeypatch.setenv("MBNET_CACHE", str(c))
-    return c
-
-
 def _expected(batches, names):
     images = np.concatenate([batches[n][0] for n in names])
     labels = np.concatenate([batches[n][1] for n in names])

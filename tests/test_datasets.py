@@ -92,14 +92,6 @@ def cifar100(tmp_path_factory):
     return write_cifar100(tmp_path_factory.mktemp("c100"))
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.delenv("MBNET_DATA", raising=False)
-    c = tmp_path / "cache"
-    monkeypatch.setenv("MBNET_CACHE", str(c))
-    return c
-
-
 # ----------------------------------------------------------------------------------------------
 # One image
 

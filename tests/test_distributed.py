@@ -273,12 +273,6 @@ def tiny(tmp_path_factory):
     return _tiny_cifar(tmp_path_factory.mktemp("cifar"))
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.delenv("MBNET_DATA", raising=False)
-    monkeypatch.setenv("MBNET_CACHE", str(tmp_path / "cache"))
-
-
 def _arrays(path):
     with np.load(path) as z:
         return {k: z[k] for k in z.files if k != "meta"}

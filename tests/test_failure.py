@@ -17,7 +17,7 @@ import pytest
 from mbnet import Tensor, checkpoint, data, evaluate, run, train
 from mbnet import functional as F
 from mbnet.models import MobileNetV1
-from test_train import _args, _cache, _meta, _restore_threads, _tiny_cifar, tiny  # noqa: F401  (fixtures)
+from test_train import _args, _meta, _restore_threads, _tiny_cifar, tiny  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SPE = 10  # steps per epoch of _args on the tiny data: 320 images, batch 32

@@ -35,12 +35,6 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.delenv("MBNET_DATA", raising=False)
-    monkeypatch.setenv("MBNET_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(autouse=True)
 def _restore_threads():
     n = _C.get_num_threads()
     yield
