@@ -3,8 +3,8 @@ with measured latency: `python -m mbnet.experiments [TABLE ...] [options]` (see 
 
 Tables (all by default):
   table4   conv MobileNet (full 3x3 convolutions) against MobileNetV1 at one alpha (--table4-alpha,
-           default 0.5: at alpha 1 the conv model trains 6.6x slower per step than MobileNetV1, about
-           9 of the sweep's hours at 15 epochs)
+           default 0.5: at alpha 1 the conv model trains 6.6x slower per step than MobileNetV1, which
+           alone would take about as long as the whole 16-point grid)
   table5   narrow (alpha 0.75, full depth) against shallow (alpha 1 without the five 512-channel blocks)
   table6   alpha 1, 0.75, 0.5, 0.25 at 32 px
   table7   resolution 32, 28, 24, 20 px at alpha 1 (CIFAR downscaled; --upscaled: 224, 192, 160, 128)
@@ -418,7 +418,7 @@ def write_figures(out, grid, measured):
     engine = timed[0]["engine"] if timed else "?"
     threads = timed[0]["threads"] if timed else "?"
     plot_points(series, out / FIGURES["latency"], xlabel="mult-adds per image (log scale)",
-                ylabel="latency per image (ms, log scale)", logy=True, proportional=True,
+                ylabel="latency per image (ms, log scale)", logy=True, join=False, proportional=True,
                 title=f"Latency vs mult-adds ({engine}, {threads} threads; dashed: proportional)")
 
 
@@ -448,7 +448,8 @@ def write_report(out, settings, tables, manifest):
           f"every run. Test accuracy: the final epoch, {what} (no epoch chosen by test score). Mult-adds and "
           f"parameters: `summary()` at the run's input size, 10 classes. Latency: median of "
           f"{' and '.join(f'{n} calls at batch {b}' for b, n in latency_repeats(settings).items())} "
-          f"after one untimed call, {', '.join(engines)}, {settings['threads']} thread(s), {machine['cpu']} ({machine['simd']}); "
+          f"after one untimed call, {', '.join(engines)}, {settings['threads']} thread(s), "
+          f"{machine['cpu']} ({machine['simd']}); "
           "batch 128 is the time of the whole batch. Training time: the training steps of all epochs "
           "(evaluation excluded). Paper: ImageNet, 224 px unless named.", ""]
     if noise:

@@ -30,9 +30,9 @@ def plot_curves(metrics, path):
         plt.close(fig)
 
 
-def plot_points(series, path, *, xlabel, ylabel, title, logy=False, proportional=False):
+def plot_points(series, path, *, xlabel, ylabel, title, logy=False, join=True, proportional=False):
     """A scatter plot with log-scale x: series is {label: [(x, y, note), ...]}, the points of a
-    series joined in order of x and each annotated with its note (may be ""). proportional: also a
+    series joined in order of x (join) and each annotated with its note (may be ""). proportional: also a
     dashed line y = k·x per series, k the median of y/x (where y follows x, the points lie on it).
     Written atomically (checkpoint.WriteError on failure)."""
     import matplotlib
@@ -46,7 +46,7 @@ def plot_points(series, path, *, xlabel, ylabel, title, logy=False, proportional
         if not points:
             continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        line, = ax.plot(xs, ys, "o-", label=label)
+        line, = ax.plot(xs, ys, "o-" if join else "o", label=label)
         for x, y, note in points:
             if note:
                 ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)

@@ -139,6 +139,17 @@ def test_a_diverged_run_is_recorded_and_skipped(tiny_data, env, tmp_path, capsys
     assert "skipping shallow-a0.125-r16-s0: it diverged" in capsys.readouterr().err
 
 
+def test_report_only_trains_nothing_and_shows_pending_rows(tiny_data, env, tmp_path):
+    out = tmp_path / "s"
+    assert _sweep(tiny_data, out, "table5", "--report-only") == 0
+    assert not (out / "runs").exists()
+    md = (out / "results.md").read_text()
+    assert "| shallow α=0.125 | pending |" in md and "Noise band**: not run yet" in md
+    rows = json.loads((out / "results.json").read_text())["tables"]["table5"]["rows"]
+    assert [r["state"] for r in rows] == ["pending", "pending"] and rows[1]["params"] > 0
+    assert all((out / png).read_bytes()[:8] == PNG for png in experiments.FIGURES.values())
+
+
 def test_bad_options_are_one_line(tiny_data, env, tmp_path, capsys):
     assert _sweep(tiny_data, tmp_path / "a", "--train-args", "--schedule onecycle --gamma 0.5") == 2
     err = capsys.readouterr().err
@@ -216,8 +227,8 @@ def test_summary_prints_table_2(capsys):
 # Trainer options
 
 
-NEW_OPTIONS = ["--arch", "shallow", "--act", "relu6", "--stem-stride", "2", "--schedule", "step", "--milestones", "0.25",
-               "0.5", "--gamma", "0.5", "--warmup", "0", "--dw-weight-decay", "0"]
+NEW_OPTIONS = ["--arch", "shallow", "--act", "relu6", "--stem-stride", "2", "--schedule", "step",
+               "--milestones", "0.25", "0.5", "--gamma", "0.5", "--warmup", "0", "--dw-weight-decay", "0"]
 
 
 def _train_args(tiny_data, out, *extra):
