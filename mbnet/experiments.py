@@ -9,6 +9,8 @@ Tables (all by default):
   table6   alpha 1, 0.75, 0.5, 0.25 at 32 px
   table7   resolution 32, 28, 24, 20 px at alpha 1 (CIFAR downscaled; --upscaled: 224, 192, 160, 128)
   figures  the 16-point alpha x resolution grid: Figures 4 and 5 and latency against mult-adds
+  dwdecay  alpha 1 at the first resolution with --dw-weight-decay 0 against the default (the
+           depthwise filters decayed like the other weights): the paper's advice, measured
   noise    one configuration (--noise-alpha at the first resolution) with each of --seeds
 
 One recipe for every run: the trainer's defaults with --epochs and --train-args. Every run is an
@@ -53,8 +55,8 @@ UPSCALED = (224, 192, 160, 128)  # the paper's own sizes, CIFAR upscaled
 # --tiny: every width x 1/8 and these sizes, a few hundred images, one epoch: the pipeline in seconds.
 TINY_WIDTH, TINY_RESOLUTIONS = 1 / 8, (16, 14, 12, 10)
 TINY_RECIPE = ["--limit-train", "256", "--limit-test", "100", "--batch-size", "64", "--ema-decay", "0.9"]
-TABLES = ("table4", "table5", "table6", "table7", "figures", "noise")
-RUN_ORDER = ("table6", "table7", "table5", "table4", "noise", "figures")  # the most-cited rows first
+TABLES = ("table4", "table5", "table6", "table7", "figures", "dwdecay", "noise")
+RUN_ORDER = ("table6", "table7", "table5", "table4", "noise", "dwdecay", "figures")  # the most-cited rows first
 DEFAULT_EPOCHS, TINY_EPOCHS = 15, 1
 REPEATS, TINY_REPEATS = {1: 50, 128: 10}, {1: 3, 128: 2}  # latency: timed calls per batch size
 FIGURES = {"fig4": "fig4_accuracy_vs_mult_adds.png", "fig5": "fig5_accuracy_vs_params.png",
@@ -66,16 +68,19 @@ PAPER_ALPHA = {1.0: (70.6, 569, 4.2), 0.75: (68.4, 325, 2.6), 0.5: (63.7, 149, 1
 PAPER_RHO = [("224", (70.6, 569, 4.2)), ("192", (69.1, 418, 4.2)), ("160", (67.2, 290, 4.2)), ("128", (64.4, 186, 4.2))]
 
 
-class Spec(namedtuple("Spec", "arch alpha resolution seed")):
-    """One training run: architecture, width, input size, seed."""
+class Spec(namedtuple("Spec", "arch alpha resolution seed extra", defaults=((),))):
+    """One training run: architecture, width, input size, seed, and trainer options of its own
+    (extra: they come after the sweep's recipe, so they win)."""
 
     @property
     def name(self):
-        return f"{self.arch}-a{self.alpha:g}-r{self.resolution}-s{self.seed}"
+        return f"{self.arch}-a{self.alpha:g}-r{self.resolution}-s{self.seed}" + \
+            "".join("-" + x.lstrip("-") for x in self.extra)
 
-    def argv(self):
+    def options(self, settings):
+        """The trainer options of this run in the sweep."""
         return ["--arch", self.arch, "--alpha", repr(self.alpha), "--resolution", str(self.resolution),
-                "--seed", str(self.seed)]
+                "--seed", str(self.seed)] + recipe(settings) + list(self.extra)
 
 
 Row = namedtuple("Row", "label spec paper_label paper")  # paper: (acc, mult-adds M, params M) or None
@@ -113,6 +118,10 @@ def make_tables(settings):
             for r, (p, fig) in zip(res, PAPER_RHO)]),
         "figures": Table("Figures 4 and 5: the α x ρ grid", [
             Row(f"{a(x)} {r} px", spec("mobilenet", x, r), None, None) for x in ALPHAS for r in res]),
+        "dwdecay": Table(f"Weight decay on the depthwise filters ({a(1.0)}, {res[0]} px; the paper: little or none)", [
+            Row("depthwise filters decayed like the other weights (default)", spec("mobilenet", 1.0), None, None),
+            Row("no weight decay on the depthwise filters", spec("mobilenet", 1.0)._replace(
+                extra=("--dw-weight-decay", "0")), None, None)]),
         "noise": Table(f"Noise band: MobileNet {a(settings['noise_alpha'])} {res[0]} px, seeds "
                        f"{', '.join(map(str, settings['seeds']))}", [
             Row(f"seed {s}", spec("mobilenet", settings["noise_alpha"], s=s), None, None) for s in settings["seeds"]]),
@@ -208,7 +217,7 @@ def train_run(spec, run_dir, state, settings, data_dir, on_step):
     if state == "interrupted":
         argv = runtime + ["--resume"]
     else:
-        argv = spec.argv() + recipe(settings) + runtime
+        argv = spec.options(settings) + runtime
     print(f"mbnet.experiments: {'resuming' if state == 'interrupted' else 'training'} {spec.name}: "
           f"python -m mbnet.train {shlex.join(argv)}", file=sys.stderr)
     return train.main(argv, on_step=on_step)
@@ -260,7 +269,7 @@ def sweep(out, settings, names, data_dir=None, on_step=None, report_only=False):
     with Interrupt() as interrupt:
         for spec in [] if report_only else run_specs(tables, names):
             run_dir = out / "runs" / spec.name
-            entry = manifest["runs"].setdefault(spec.name, {"options": spec.argv() + recipe(settings)})
+            entry = manifest["runs"].setdefault(spec.name, {"options": spec.options(settings)})
             state = run_state(run_dir, settings["epochs"])
             if entry.get("state") == "diverged" and state != "done":
                 print(f"mbnet.experiments: skipping {spec.name}: it diverged (delete {run_dir} to try again)",
@@ -543,7 +552,12 @@ def _recipe_ok(settings):
 
     parser = train.make_parser()
     try:
-        train.check_args(parser, parser.parse_args(Spec("mobilenet", 1.0, 32, 0).argv() + recipe(settings)))
+        argv = Spec("mobilenet", 1.0, 32, 0).options(settings)
+    except ValueError as e:  # shlex: unbalanced quotes
+        print(f"mbnet.experiments: --train-args {settings['train_args']!r}: {e}", file=sys.stderr)
+        return False
+    try:
+        train.check_args(parser, parser.parse_args(argv))
     except SystemExit:
         print(f"mbnet.experiments: --train-args {settings['train_args']!r}: refused by the trainer (above)",
               file=sys.stderr)

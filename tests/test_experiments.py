@@ -50,9 +50,11 @@ def _runs(out):
 
 
 def test_tiny_sweep_writes_runs_manifest_results_and_figures(sweep):
-    # 16 grid points (Tables 6 and 7 and narrow are among them) + conv + shallow + 2 more seeds
+    # 16 grid points (Tables 6 and 7 and narrow are among them) + conv + shallow + 2 more seeds + no dw decay
     runs = _runs(sweep)
-    assert len(runs) == 20 and "shallow-a0.125-r16-s0" in runs and "conv-a0.0625-r16-s0" in runs
+    assert len(runs) == 21 and "shallow-a0.125-r16-s0" in runs and "conv-a0.0625-r16-s0" in runs
+    dw = json.loads((sweep / "runs" / "mobilenet-a0.125-r16-s0-dw-weight-decay-0" / "config.json").read_text())
+    assert dw["dw_weight_decay"] == 0 and dw["weight_decay"] == 5e-4 and dw["alpha"] == 0.125
     for name in runs:
         d = sweep / "runs" / name
         assert {"config.json", "metrics.jsonl", "last.npz", "latency.json"} <= {p.name for p in d.iterdir()}, name
@@ -84,7 +86,8 @@ def test_tiny_sweep_writes_runs_manifest_results_and_figures(sweep):
         assert row["within_noise"] == (abs(row["delta"]) < noise["spread"])
 
     md = (sweep / "results.md").read_text()
-    for title in ("Table 4", "Table 5", "Table 6", "Table 7", "Figures 4 and 5", "Noise band"):
+    for title in ("Table 4", "Table 5", "Table 6", "Table 7", "Figures 4 and 5", "Weight decay on the depthwise",
+                  "Noise band"):
         assert f"## {title}" in md
     assert "Shallow MobileNet: 65.3%, -3.1 pts, 307M, 2.9M" in md and "spread" in md
     assert "| shallow α=0.125 | " in md
@@ -155,6 +158,8 @@ def test_bad_options_are_one_line(tiny_data, env, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--milestones and --gamma apply to --schedule step" in err and "--train-args" in err
     assert not (tmp_path / "a").exists()
+    assert _sweep(tiny_data, tmp_path / "a", "--train-args", "--lr '0.1") == 2
+    assert "--train-args \"--lr '0.1\": No closing quotation" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         _sweep(tiny_data, tmp_path / "b", "table8")
     assert e.value.code == 2 and "unknown table 'table8'" in capsys.readouterr().err
