@@ -271,7 +271,7 @@ def sweep(out, settings, names, data_dir=None, on_step=None, report_only=False):
             run_dir = out / "runs" / spec.name
             entry = manifest["runs"].setdefault(spec.name, {"options": spec.options(settings)})
             state = run_state(run_dir, settings["epochs"])
-            if entry.get("state") == "diverged" and state != "done":
+            if entry.get("state") == "diverged" and state != "done" and run_dir.is_dir():
                 print(f"mbnet.experiments: skipping {spec.name}: it diverged (delete {run_dir} to try again)",
                       file=sys.stderr)
                 diverged.append(spec.name)

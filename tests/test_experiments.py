@@ -2,6 +2,7 @@
 against the paper, and the trainer options the tables need (each reaches the model or optimizer,
 is recorded in config.json, and resumes bit for bit)."""
 import json
+import shutil
 import signal
 
 import numpy as np
@@ -140,6 +141,10 @@ def test_a_diverged_run_is_recorded_and_skipped(tiny_data, env, tmp_path, capsys
     capsys.readouterr()
     assert _sweep(tiny_data, out, "table5", "--train-args", "--lr 1e30") == 3
     assert "skipping shallow-a0.125-r16-s0: it diverged" in capsys.readouterr().err
+    shutil.rmtree(out / "runs" / "shallow-a0.125-r16-s0")  # deleted: tried again
+    assert _sweep(tiny_data, out, "table5", "--train-args", "--lr 1e30") == 3
+    err = capsys.readouterr().err
+    assert "training shallow-a0.125-r16-s0" in err and "skipping mobilenet-a0.09375-r16-s0" in err
 
 
 def test_report_only_trains_nothing_and_shows_pending_rows(tiny_data, env, tmp_path):
