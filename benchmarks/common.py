@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mbnet._native import cpu_name  # noqa: F401  (part of this module's interface)
+
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")
 PAUSE = 0.05  # seconds of sleep before each measurement; the --tiny smoke runs set it to 0
 
@@ -34,16 +36,6 @@ def measure(fn, repeat=5, warmup=1, pause=None):
         fn()
         times.append(time.perf_counter() - t0)
     return {"median": statistics.median(times), "min": min(times), "times": times}
-
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def optional_import(name):

@@ -12,6 +12,19 @@ def _cpu_flags():
     return None
 
 
+def cpu_name():
+    """The CPU's model name (/proc/cpuinfo), else platform.processor(), else "unknown CPU"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 def _check_build():
     try:
         from . import _build_info

@@ -1,5 +1,5 @@
-"""MobileNetV1 (Howard et al. 2017, arXiv:1704.04861, Table 1) and the paper's "conv MobileNet"
-(Table 4), NHWC: (n, s, s, 3) images -> (n, num_classes) logits.
+"""MobileNetV1 (Howard et al. 2017, arXiv:1704.04861, Table 1), the paper's "conv MobileNet"
+(Table 4) and "shallow MobileNet" (Table 5), NHWC: (n, s, s, 3) images -> (n, num_classes) logits.
 
 Counting (``summary``), which reproduces the paper's figures: parameters are all trainable
 parameters (conv weights, BN gamma/beta, FC weight and bias); mult-adds are the conv and FC
@@ -8,7 +8,14 @@ multiply-adds per image (no BN, activation or pooling). At 224x224 with 1000 cla
 128 exactly as printed. Two printed figures are approximations of these counts: Table 7's 290M at
 160 is 569M x (160/224)^2 = 290.2M (the exact count is 290.7M: the FC layer does not shrink with
 the resolution), and Table 4's 4866M for conv MobileNet leaves out the FC layer's 1.0M (4866.3M;
-4867.3M with it).
+4867.3M with it). The shallow MobileNet is MobileNetV1 less five times Table 3's 14x14x512
+separable layer: 307.3M / 2.89M (printed 307M / 2.9M).
+
+``summary`` also prints Table 2: the shares of mult-adds and weights by layer type. Its weights are
+the conv and FC weight tensors (no BN parameters or biases), which reproduces the printed parameter
+shares (74.59%, 1.06%, 0.02%, 24.33%) and three of the four mult-add shares (94.86%, 3.06%, 0.18%).
+The printed 1.19% for the full 3x3 convolution (the stem) is 1.91% with its digits swapped: the
+stem's 10.84M of 568.7M, and the printed four sum to 99.29% where 1.91% makes them 100%.
 """
 import numpy as np
 
@@ -26,6 +33,11 @@ STEM_CHANNELS = 32
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
+# Table 2's layer types, by the layer class that computes them.
+TABLE2_TYPES = (("Conv 1x1", nn.PointwiseConv2d), ("Conv DW 3x3", nn.DepthwiseConv2d), ("Conv 3x3 (full)", nn.Conv2d),
+                ("Fully connected", nn.Linear))
+
+
 def _stem_stride(input_size, stem_stride):
     if stem_stride is not None:
         return stem_stride
@@ -37,6 +49,7 @@ class _ImageClassifier(nn.Module):
     -> global average pool -> dropout -> classifier (Linear)."""
 
     ARCH = None  # the name from_config() knows the class by
+    BLOCKS = BLOCKS  # the rows of Table 1 this architecture has
 
     def __init__(self, alpha=1.0, num_classes=10, input_size=32, stem_stride=None, dropout=0.0, act="relu",
                  dtype=np.float32, seed=0, classes=None, mean=CIFAR10_MEAN, std=CIFAR10_STD):
@@ -50,7 +63,7 @@ class _ImageClassifier(nn.Module):
         c = int(STEM_CHANNELS * alpha)
         layers = [nn.Conv2d(3, c, 3, self.stem_stride, rng=rng, dtype=dtype),
                   nn.BatchNorm2d(c, act, dtype=dtype)]
-        for cout, stride in BLOCKS:
+        for cout, stride in self.BLOCKS:
             cout = int(cout * alpha)
             layers += self._block(c, cout, stride, act, rng, dtype)
             c = cout
@@ -77,10 +90,35 @@ class _ImageClassifier(nn.Module):
                 "std": list(self.std)}
 
     def summary(self, input_size=None, show=True):
-        """Per-layer table for (input_size, input_size, 3) images (default: the model's
-        input_size); returns {"params", "mult_adds", "buffers"}. See the module docstring."""
+        """Per-layer table and Table 2 (``layer_types``) for (input_size, input_size, 3) images
+        (default: the model's input_size); returns {"params", "mult_adds", "buffers", "by_type"}.
+        See the module docstring."""
         s = self.input_size if input_size is None else input_size
-        return super().summary((s, s, 3), show=show)
+        totals = super().summary((s, s, 3), show=show)
+        totals["by_type"] = by_type = self.layer_types(s)
+        if show:
+            madds, weights = (sum(v[k] for v in by_type.values()) for k in ("mult_adds", "weights"))
+            print(f"{'Type (Table 2)':<16} {'Mult-adds':>15} {'share':>8} {'Weights':>12} {'share':>8}")
+            for kind, v in by_type.items():
+                print(f"{kind:<16} {v['mult_adds']:>15,} {100 * v['mult_adds'] / madds:>7.2f}% "
+                      f"{v['weights']:>12,} {100 * v['weights'] / weights:>7.2f}%")
+            print(f"(weights: conv and FC weight tensors; the {totals['params'] - weights:,} BN parameters and "
+                  "biases are left out, as in the paper)")
+        return totals
+
+    def layer_types(self, input_size=None):
+        """The paper's Table 2 for (input_size, input_size, 3) images: {type: {"mult_adds",
+        "weights"}} for the types of TABLE2_TYPES, in that order (weights: the weight tensors)."""
+        s = self.input_size if input_size is None else input_size
+        rows, _ = self._summary_rows((s, s, 3), "")
+        modules = {name.rstrip("."): m for name, m in self.named_modules()}
+        out = {kind: {"mult_adds": 0, "weights": 0} for kind, _ in TABLE2_TYPES}
+        for name, _, _, _, madds in rows:
+            for kind, cls in TABLE2_TYPES:
+                if type(modules[name]) is cls:
+                    out[kind]["mult_adds"] += madds
+                    out[kind]["weights"] += modules[name].weight.size
+        return out
 
 
 class MobileNetV1(_ImageClassifier):
@@ -110,7 +148,16 @@ class ConvMobileNet(_ImageClassifier):
         return [nn.Conv2d(cin, cout, 3, stride, rng=rng, dtype=dtype), nn.BatchNorm2d(cout, act, dtype=dtype)]
 
 
-ARCHS = {cls.ARCH: cls for cls in (MobileNetV1, ConvMobileNet)}
+class ShallowMobileNet(MobileNetV1):
+    """Table 5's "shallow MobileNet": MobileNetV1 without the five repeated separable blocks of
+    512 channels at stride 1 (14x14x512 at 224 px). Same arguments and init as MobileNetV1;
+    features.0 ... features.9 (stem conv, stem BN, 8 blocks)."""
+
+    ARCH = "shallow"
+    BLOCKS = BLOCKS[:6] + BLOCKS[11:]
+
+
+ARCHS = {cls.ARCH: cls for cls in (MobileNetV1, ConvMobileNet, ShallowMobileNet)}
 
 
 def from_config(config, **kwargs):

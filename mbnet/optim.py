@@ -4,7 +4,8 @@ Optimizers take a list of parameters (objects with `.data` and `.grad` float32 n
 `p.data` in place with NumPy ufuncs writing into preallocated buffers. `lr` is an attribute the
 training loop sets every step from a schedule. Parameters whose `.grad` is None are skipped.
 
-Weight decay is L2 added to the gradient (PyTorch's `weight_decay`); with `decay_1d=False` it is not
+Weight decay is L2 added to the gradient (PyTorch's `weight_decay`): one factor for all parameters or
+a sequence of one per parameter (the trainer's --dw-weight-decay); with `decay_1d=False` it is not
 applied to parameters with ndim == 1 (BatchNorm scales and shifts, biases).
 
 state_dict() is a flat dict of ndarrays ("step", "<i>.<slot>" with i the parameter's position), so
@@ -24,6 +25,10 @@ class Optimizer:
         self.lr = lr
         self.weight_decay = weight_decay
         self.decay_1d = decay_1d
+        factors = [weight_decay] * len(self.params) if np.isscalar(weight_decay) else list(weight_decay)
+        if len(factors) != len(self.params):
+            raise ValueError(f"weight_decay: {len(factors)} factors for {len(self.params)} parameters")
+        self.decays = [wd if (decay_1d or p.data.ndim > 1) else 0.0 for p, wd in zip(self.params, factors)]
         self.step_count = 0
         self.state = [{s: self._init_slot(s, p.data) for s in self.slots} for p in self.params]
         self._scratch = [np.empty_like(p.data) for p in self.params]
@@ -32,12 +37,8 @@ class Optimizer:
     def _init_slot(self, slot, data):
         return np.zeros_like(data)
 
-    def _decay(self, p):
-        return self.weight_decay if (self.decay_1d or p.data.ndim > 1) else 0.0
-
-    def _grad(self, p, g):
-        """Writes grad + weight_decay * p into g (the scratch buffer) and returns it."""
-        wd = self._decay(p)
+    def _grad(self, p, g, wd):
+        """Writes grad + wd * p into g (the scratch buffer) and returns it."""
         if wd:
             np.multiply(p.data, wd, out=g)
             g += p.grad
@@ -47,9 +48,9 @@ class Optimizer:
 
     def step(self):
         self.step_count += 1
-        for p, st, g, tmp in zip(self.params, self.state, self._scratch, self._tmp):
+        for p, wd, st, g, tmp in zip(self.params, self.decays, self.state, self._scratch, self._tmp):
             if p.grad is not None:
-                self._update(p.data, self._grad(p, g), st, tmp)
+                self._update(p.data, self._grad(p, g, wd), st, tmp)
 
     def zero_grad(self):
         for p in self.params:
@@ -229,11 +230,12 @@ class OneCycleSchedule(CosineSchedule):
         self.start = peak / div
 
 
-def make_schedule(name, peak, total, warmup):
+def make_schedule(name, peak, total, warmup, **options):
+    """options: the schedule's own keywords (step: milestones, gamma)."""
     kinds = {"step": StepSchedule, "cosine": CosineSchedule, "onecycle": OneCycleSchedule}
     if name not in kinds:
         raise ValueError(f"unknown schedule {name!r}")
-    return kinds[name](peak, total, warmup)
+    return kinds[name](peak, total, warmup, **options)
 
 
 # ----------------------------------------------------------------------------------------------

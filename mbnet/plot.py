@@ -28,3 +28,40 @@ def plot_curves(metrics, path):
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
+
+
+def plot_points(series, path, *, xlabel, ylabel, title, logy=False, join=True, proportional=False):
+    """A scatter plot with log-scale x: series is {label: [(x, y, note), ...]}, the points of a
+    series joined in order of x (join) and each annotated with its note (may be ""). proportional: also a
+    dashed line y = k·x per series, k the median of y/x (where y follows x, the points lie on it).
+    Written atomically (checkpoint.WriteError on failure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, points in series.items():
+        points = sorted(points)
+        if not points:
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        line, = ax.plot(xs, ys, "o-" if join else "o", label=label)
+        for x, y, note in points:
+            if note:
+                ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if proportional:
+            k = sorted(y / x for x, y in zip(xs, ys))[len(xs) // 2]
+            ax.plot([xs[0], xs[-1]], [k * xs[0], k * xs[-1]], "--", color=line.get_color(), alpha=0.5)
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)

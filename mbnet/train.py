@@ -49,6 +49,12 @@ def build_parser():
                                 description="Train MobileNetV1 on CIFAR-10, CIFAR-100 or an image folder.")
     a = p.add_argument
     a("--alpha", type=float, default=1.0, help="width multiplier (default 1.0)")
+    a("--arch", choices=("mobilenet", "conv", "shallow"), default="mobilenet",
+      help="mobilenet (default); conv: every separable block a full 3x3 convolution (the paper's Table 4); "
+           "shallow: without the five repeated 512-channel blocks (Table 5)")
+    a("--act", choices=("relu", "relu6"), default="relu", help="activation after every BatchNorm (default relu)")
+    a("--stem-stride", type=int, choices=(1, 2), default=None,
+      help="stride of the first convolution (default: 2 above 64 px, else 1)")
     a("--resolution", type=int, default=32,
       help="input side S in pixels (default 32): every image is converted to RGB, its shorter side resized to S "
            "(bilinear) and the center SxS cropped, once, into the data cache")
@@ -59,9 +65,15 @@ def build_parser():
     a("--lr", type=float, default=None,
       help="peak learning rate (default: sgd 0.1, rmsprop 0.045, adam 1e-3, times batch-size/128)")
     a("--schedule", choices=("onecycle", "cosine", "step"), default="onecycle")
+    a("--milestones", type=float, nargs="+", default=None, metavar="F",
+      help="--schedule step: multiply the lr by --gamma at these fractions of the steps after the warm-up "
+           "(default 0.5 0.75)")
+    a("--gamma", type=float, default=None, help="--schedule step: the factor at each milestone (default 0.1)")
     a("--warmup", type=float, default=None,
       help="warm-up length in epochs (default: 20%% of the epochs for onecycle, 5%% otherwise)")
     a("--weight-decay", type=float, default=5e-4, help="L2, not applied to BN parameters and biases")
+    a("--dw-weight-decay", type=float, default=None,
+      help="L2 on the depthwise filters (default: --weight-decay; the paper advises little or none)")
     a("--label-smoothing", type=float, default=0.1)
     a("--dropout", type=float, default=0.0, help="dropout before the classifier")
     a("--ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights (default on)")
@@ -112,14 +124,46 @@ def make_config(args):
         cfg["lr"] = DEFAULT_LR[cfg["optimizer"]] * cfg["batch_size"] / 128
     if cfg["warmup"] is None:
         cfg["warmup"] = (0.2 if cfg["schedule"] == "onecycle" else 0.05) * cfg["epochs"]
+    if cfg["stem_stride"] is None:
+        from .models import _stem_stride
+
+        cfg["stem_stride"] = _stem_stride(cfg["resolution"], None)
+    if cfg["schedule"] == "step":
+        cfg["milestones"] = list(STEP_DEFAULTS["milestones"] if cfg["milestones"] is None else cfg["milestones"])
+        cfg["gamma"] = STEP_DEFAULTS["gamma"] if cfg["gamma"] is None else cfg["gamma"]
+    if cfg["dw_weight_decay"] is None:
+        cfg["dw_weight_decay"] = cfg["weight_decay"]
     return cfg
 
 
-def build_model(cfg):
-    from .models import MobileNetV1
+STEP_DEFAULTS = {"milestones": (0.5, 0.75), "gamma": 0.1}
 
-    return MobileNetV1(alpha=cfg["alpha"], num_classes=cfg["num_classes"], input_size=cfg["resolution"],
-                       dropout=cfg["dropout"], seed=cfg["seed"], classes=cfg["classes"], mean=cfg["mean"], std=cfg["std"])
+
+def build_model(cfg):
+    """A fresh model for cfg (configs saved before --arch, --act and --stem-stride existed: MobileNetV1, relu, auto)."""
+    from .models import ARCHS
+
+    return ARCHS[cfg.get("arch", "mobilenet")](
+        alpha=cfg["alpha"], num_classes=cfg["num_classes"], input_size=cfg["resolution"],
+        stem_stride=cfg.get("stem_stride"), act=cfg.get("act", "relu"), dropout=cfg["dropout"], seed=cfg["seed"],
+        classes=cfg["classes"], mean=cfg["mean"], std=cfg["std"])
+
+
+def weight_decays(model, cfg):
+    """The L2 factor of each of model.parameters(): dw_weight_decay for depthwise filters, weight_decay
+    for the others (the optimizer leaves BN parameters and biases undecayed)."""
+    from .nn import DepthwiseConv2d
+
+    dw = {id(m.weight) for _, m in model.named_modules() if isinstance(m, DepthwiseConv2d)}
+    wd, dw_wd = cfg["weight_decay"], cfg.get("dw_weight_decay", cfg["weight_decay"])
+    return [dw_wd if id(p) in dw else wd for p in model.parameters()]
+
+
+def schedule_options(cfg):
+    """make_schedule keywords from the config (runs saved before --milestones/--gamma: the defaults)."""
+    if cfg["schedule"] != "step":
+        return {}
+    return {k: cfg.get(k) if cfg.get(k) is not None else v for k, v in STEP_DEFAULTS.items()}
 
 
 def augmentation(cfg):
@@ -143,6 +187,9 @@ VALUE_TYPES = {
     "lr": float_in(0, lo_open=True),
     "warmup": float_in(0),
     "weight_decay": float_in(0),
+    "dw_weight_decay": float_in(0),
+    "milestones": float_in(0, 1, lo_open=True, hi_open=True),
+    "gamma": float_in(0, lo_open=True),
     "label_smoothing": float_in(0, 1, hi_open=True),
     "dropout": float_in(0, 1, hi_open=True),
     "ema_decay": float_in(0, 1, hi_open=True),
@@ -184,6 +231,10 @@ def check_args(parser, args):
         parser.error("--resume needs the run's --out (or --name)")
     if args.warmup is not None and args.warmup > args.epochs:
         parser.error(f"--warmup {args.warmup} is longer than --epochs {args.epochs}")
+    if args.schedule != "step" and (args.milestones is not None or args.gamma is not None):
+        parser.error(f"--milestones and --gamma apply to --schedule step, not {args.schedule}")
+    if args.milestones is not None and list(args.milestones) != sorted(set(args.milestones)):
+        parser.error(f"--milestones must increase, got {' '.join(map(str, args.milestones))}")
 
 
 def _explicit_args(parser, argv):
@@ -218,7 +269,7 @@ class Run:
         self.model, self.opt, self.ema, self.pos = model, opt, ema, pos
         self.spe = len(train_loader)
         self.schedule = optim.make_schedule(cfg["schedule"], cfg["lr"], cfg["epochs"] * self.spe,
-                                            round(cfg["warmup"] * self.spe))
+                                            round(cfg["warmup"] * self.spe), **schedule_options(cfg))
         self.dropouts = dropout_modules(model)
         self.bad_in_a_row = 0
         self.progress = Progress()
@@ -484,10 +535,13 @@ def start_run(args, argv, parser, out, world=None):
         cfg = make_config(args)
         if cfg["init"]:
             source = _load_init(cfg["init"])
-            if "alpha" in _explicit_args(parser, argv) and cfg["alpha"] != source.alpha:
-                raise RunError(f"--alpha {cfg['alpha']} disagrees with --init {cfg['init']} (alpha {source.alpha}); "
-                               "leave --alpha out")
-            cfg["alpha"], cfg["mean"], cfg["std"] = source.alpha, list(source.mean), list(source.std)
+            given, arch = _explicit_args(parser, argv), source.config()
+            for key in ("alpha", "arch", "act"):
+                if key in given and cfg[key] != arch[key]:
+                    raise RunError(f"--{key} {cfg[key]} disagrees with --init {cfg['init']} ({key} {arch[key]}); "
+                                   f"leave --{key} out")
+                cfg[key] = arch[key]
+            cfg["mean"], cfg["std"] = list(source.mean), list(source.std)
 
     try:
         xtr, ytr, xte, yte = world.in_turn(lambda: D.prepare_data(cfg, args.data_dir, workers=args.workers),
@@ -514,7 +568,7 @@ def start_run(args, argv, parser, out, world=None):
             print(f"mbnet: starting from {cfg['init']}; "
                   + ("classifier kept" if kept else f"classifier re-made for {model.num_classes} classes "
                                                     f"(the weights have {source.num_classes})"), file=sys.stderr)
-    opt = optim.make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = optim.make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], weight_decay=weight_decays(model, cfg))
     ema = optim.EMA(model.state_dict(), cfg["ema_decay"]) if cfg["ema"] else None
     pos = {"epoch": 0, "batch": 0, "metrics": [], "sums": _fresh_sums(), "best": None, "elapsed": 0.0}
     if ckpt is not None:
@@ -546,7 +600,7 @@ def start_run(args, argv, parser, out, world=None):
     if ckpt is not None:
         print(f"mbnet: resuming {out} at epoch {pos['epoch'] + 1}, step {pos['batch']}/{run.spe}", file=sys.stderr)
     nparams = sum(p.data.size for p in model.parameters())
-    print(f"mbnet: MobileNetV1 alpha={cfg['alpha']} {cfg['resolution']}px, {nparams:,} parameters; "
+    print(f"mbnet: {type(model).__name__} alpha={cfg['alpha']} {cfg['resolution']}px, {nparams:,} parameters; "
           f"{len(ytr)} train / {len(yte)} test images, {run.spe} steps/epoch; run dir {out}", file=sys.stderr)
     return run
 
