@@ -19,7 +19,7 @@ converted to RGB (grayscale, palette and RGBA alike; alpha is dropped), its shor
 (bilinear) and the center S x S cropped. This is done once per data set and resolution, in worker
 processes, into the cache: one directory of raw .npy files (memory-mapped when loaded, so a 224 px
 set is never held in RAM twice) and a meta.json with each file's size and SHA-256 digest (of the
-whole file up to 64 MiB, else of 256 evenly spaced 256 KiB blocks and the size). A cache that does
+whole file). A cache that does
 not match its meta.json is rebuilt. The cache is keyed by the source's fingerprint (relative file
 names, sizes and modification times: moving the data keeps the cache, touching a file rebuilds it),
 the resolution and the validation split.
@@ -57,7 +57,7 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 DATASETS = ("cifar10", "cifar100", "folder")
-CACHE_VERSION = 3  # 3: EXIF orientation and 16-bit scaling in the decode
+CACHE_VERSION = 4  # 3: EXIF orientation and 16-bit scaling in the decode; 4: whole-file digests
 PARALLEL_MIN = 2000  # fewer images are decoded in this process (a pool costs more than it saves)
 
 # Seeds of the independent random streams; see shuffle_order, augment_batch, cutout_batch, _carve.
@@ -442,21 +442,14 @@ def _fingerprint(root, files):
     return f"{len(files)}:{h.hexdigest()}"
 
 
-_FULL_DIGEST, _BLOCKS, _BLOCK = 64 << 20, 256, 256 << 10
-
-
 def file_digest(path):
-    """SHA-256 of the size and the whole file up to 64 MiB, else of 256 evenly spaced 256 KiB blocks."""
+    """SHA-256 of the size and the whole file (about 0.5 GB/s: a 32 px CIFAR-10 cache checks in
+    0.3 s, a 224 px one in about 15 s; any changed byte is caught)."""
     size = os.path.getsize(path)
     h = hashlib.sha256(f"{size}\n".encode())
     with open(path, "rb") as f:
-        if size <= _FULL_DIGEST:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
-            for k in range(_BLOCKS):
-                f.seek(k * (size - _BLOCK) // (_BLOCKS - 1))
-                h.update(f.read(_BLOCK))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 

@@ -299,17 +299,16 @@ def test_cache_key_follows_content_and_resolution_not_location(twelve, tmp_path,
         data.load_data(moved, resolution=16)
 
 
-def test_digest_of_a_large_file_samples_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_FULL_DIGEST", 1 << 16)
-    monkeypatch.setattr(data, "_BLOCK", 1 << 10)
-    monkeypatch.setattr(data, "_BLOCKS", 8)
+def test_digest_catches_any_changed_byte(tmp_path):
     p = tmp_path / "big"
-    raw = bytearray(np.random.default_rng(0).integers(0, 256, 1 << 17, dtype=np.uint8).tobytes())
+    raw = bytearray(np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
     p.write_bytes(raw)
     d0 = data.file_digest(p)
-    raw[0] ^= 1  # the first block is always read
-    p.write_bytes(raw)
-    assert data.file_digest(p) != d0
+    for k in (0, len(raw) // 2 + 12345, len(raw) - 1):  # first, middle (between 1 MiB reads), last
+        raw[k] ^= 1
+        p.write_bytes(raw)
+        assert data.file_digest(p) != d0, k
+        raw[k] ^= 1
     p.write_bytes(raw[:-1])
     assert data.file_digest(p) != d0
 
