@@ -28,8 +28,14 @@ Order: every split is class-major (all of class 0, then class 1, ...); within a 
 keep their official order and folders their sorted file names.
 
 Every random choice is a pure function of (seed, epoch, batch index): the shuffle of an epoch comes
-from (seed, epoch), a batch's crops, flips and cutout squares from (seed, epoch, batch). A run
-resumed in the middle of an epoch therefore sees exactly the batches an unbroken run sees.
+from (seed, epoch), a batch's crops, flips, cutout squares and mixup/cutmix draws from (seed, epoch,
+batch). A run resumed in the middle of an epoch therefore sees exactly the batches an unbroken run sees.
+
+Mixup and CutMix (mix_batch) are batch-level: one draw per global batch pairs every image with a
+partner of the same batch (a random permutation) and one lambda ~ Beta(alpha, alpha); mixup takes
+lambda x image + (1 - lambda) x partner, CutMix pastes the partner's box of area fraction 1 - lambda
+(lambda recomputed from the box clipped to the image). The labels come as Mixed(a, b, lam): the loss
+is lam CE(a) + (1 - lam) CE(b). With both on, each batch is one or the other, with equal chances.
 """
 import hashlib
 import json
@@ -45,6 +51,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,7 +68,7 @@ CACHE_VERSION = 4  # 3: EXIF orientation and 16-bit scaling in the decode; 4: wh
 PARALLEL_MIN = 2000  # fewer images are decoded in this process (a pool costs more than it saves)
 
 # Seeds of the independent random streams; see shuffle_order, augment_batch, cutout_batch, _carve.
-_SHUFFLE, _AUGMENT, _CUTOUT, _VAL = 1, 2, 4, 5
+_SHUFFLE, _AUGMENT, _CUTOUT, _VAL, _MIX = 1, 2, 4, 5, 6
 
 
 class DataError(RuntimeError):
@@ -681,16 +688,25 @@ def resized_crop(images, top, left, h, w, flip):
     return out
 
 
+def _rows(rows, n):
+    """-> (part, total) of rows=(start, total) for n images: `part` indexes their draws among the
+    batch's `total`; start is an int (rows start..start+n-1) or an int array (those rows)."""
+    if rows is None:
+        return slice(0, n), n
+    start, total = rows
+    return (slice(start, start + n) if np.ndim(start) == 0 else np.asarray(start)), total
+
+
 def augment_batch(images, seed, epoch, batch, pad=4, resized_crop_area=None, hflip=True, rows=None):
     """Random crop and (if hflip) horizontal flip, drawn from (seed, epoch, batch): with
     resized_crop_area a random-resized crop (area fraction in [resized_crop_area, 1]), else a crop
     of the image zero-padded by `pad` pixels.
 
     rows=(start, total): `images` are rows start.. of a batch of `total` images (a process's shard
-    of the global batch); each image gets the draws it would get in the whole batch."""
+    of the global batch; start may be an array of row numbers); each image gets the draws it would
+    get in the whole batch."""
     rng = np.random.default_rng([seed, _AUGMENT, epoch, batch])
-    start, b = rows if rows is not None else (0, len(images))
-    part = slice(start, start + len(images))
+    part, b = _rows(rows, len(images))
     if resized_crop_area is not None:
         box = [a[part] for a in resized_crop_boxes(b, images.shape[1], resized_crop_area, rng)]
         return resized_crop(images, *box, ((rng.random(b) < 0.5) & hflip)[part])
@@ -706,14 +722,64 @@ def cutout_batch(x, seed, epoch, batch, side, rows=None):
     rows: as in augment_batch."""
     if side <= 0:
         return x
-    start, b = rows if rows is not None else (0, len(x))
+    part, b = _rows(rows, len(x))
     s = x.shape[1]
     side = min(side, s)
     rng = np.random.default_rng([seed, _CUTOUT, epoch, batch])
-    part = slice(start, start + len(x))
     top, left = rng.integers(0, s - side + 1, b)[part], rng.integers(0, s - side + 1, b)[part]
     for i in range(len(x)):
         x[i, top[i]:top[i] + side, left[i]:left[i] + side] = 0
+    return x
+
+
+class Mixed(NamedTuple):
+    """The labels of a mixed batch (B,) each: the images are lam of a's and 1 - lam of b's."""
+    a: np.ndarray
+    b: np.ndarray
+    lam: float
+
+
+class MixDraw(NamedTuple):
+    """One batch's mixing: kind "mixup" or "cutmix", lam, partner (B,) (image i is mixed with image
+    partner[i] of the batch), box (top, left, height, width) of CutMix (None for mixup)."""
+    kind: str
+    lam: float
+    partner: np.ndarray
+    box: tuple
+
+
+def mix_draw(seed, epoch, batch, b, s, mixup=0.0, cutmix=0.0):
+    """The MixDraw of batch (seed, epoch, batch) of b images of side s, or None when mixup and cutmix
+    (the Beta(alpha, alpha) parameters) are both 0. With both > 0 a coin picks one per batch.
+
+    CutMix: a box of sides s x sqrt(1 - lam) centred uniformly on the image and clipped to it; lam
+    is then 1 - the box's area fraction, the weight of the labels of the images it is pasted into."""
+    if not (mixup or cutmix):
+        return None
+    rng = np.random.default_rng([seed, _MIX, epoch, batch])
+    kind = "cutmix" if not mixup else "mixup" if not cutmix else ("mixup", "cutmix")[rng.integers(2)]
+    alpha = mixup if kind == "mixup" else cutmix
+    lam = float(rng.beta(alpha, alpha))
+    partner = rng.permutation(b)
+    if kind == "mixup":
+        return MixDraw(kind, lam, partner, None)
+    side = s * np.sqrt(1.0 - lam)
+    cy, cx = rng.random(2) * s
+    top, bottom = (int(np.clip(round(c), 0, s)) for c in (cy - side / 2, cy + side / 2))
+    left, right = (int(np.clip(round(c), 0, s)) for c in (cx - side / 2, cx + side / 2))
+    box = (top, left, bottom - top, right - left)
+    return MixDraw(kind, 1.0 - box[2] * box[3] / (s * s), partner, box)
+
+
+def mix_batch(x, partner_x, draw):
+    """(B,S,S,C) float32 images and the images of their partners -> the mixed batch (x, modified in
+    place): mixup lam x + (1 - lam) partner_x; cutmix: partner_x's box pasted into x."""
+    if draw.kind == "mixup":
+        x *= np.float32(draw.lam)
+        x += np.float32(1.0 - draw.lam) * partner_x
+    else:
+        top, left, h, w = draw.box
+        x[:, top:top + h, left:left + w] = partner_x[:, top:top + h, left:left + w]
     return x
 
 
@@ -722,8 +788,9 @@ class Loader:
 
     Training loaders (train=True) shuffle each epoch, augment (crop with `pad` pixels of zero
     padding, or a random-resized crop of area fraction >= resized_crop_area; a horizontal flip
-    of half the images if hflip; a cutout square of `cutout` pixels if > 0), and drop the last
-    incomplete batch; evaluation loaders go in order over every image.
+    of half the images if hflip; a cutout square of `cutout` pixels if > 0), mix the batch (mixup /
+    cutmix: Beta parameters, 0 off; the labels then come as Mixed) and drop the last incomplete
+    batch; evaluation loaders go in order over every image.
 
     `for x, y in loader` runs one epoch (the first loop epoch 0, the next epoch 1, ...);
     `epoch(e, start)` iterates (i, x, y) of epoch e from batch `start`. Both prepare the next
@@ -735,11 +802,12 @@ class Loader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, resized_crop_area=None,
-                 cutout=0, hflip=True, prefetch=2, shard=(0, 1)):
+                 cutout=0, hflip=True, mixup=0.0, cutmix=0.0, prefetch=2, shard=(0, 1)):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.train, self.seed, self.pad, self.prefetch = train, seed, pad, prefetch
         self.resized_crop_area, self.cutout, self.hflip = resized_crop_area, cutout, hflip
+        self.mixup, self.cutmix = mixup, cutmix
         self.next_epoch = 0
         self.shard = shard
 
@@ -756,11 +824,22 @@ class Loader:
         from .distributed import shard_bounds
 
         lo, hi = shard_bounds(b, *self.shard)  # the whole batch on one process
-        idx = order[i * b:(i + 1) * b][lo:hi]
+        batch = order[i * b:(i + 1) * b]
+        x = self._augmented(batch[lo:hi], epoch, i, lo)
+        y = self.labels[batch[lo:hi]]
+        draw = mix_draw(self.seed, epoch, i, b, x.shape[1], self.mixup, self.cutmix)
+        if draw is None:
+            return x, y
+        rows = draw.partner[lo:hi]  # under MPI the partners may lie in other shards: made here as well
+        partner_x = x[rows] if hi - lo == b else self._augmented(batch[rows], epoch, i, rows)
+        return mix_batch(x, partner_x, draw), Mixed(y, self.labels[batch[rows]], draw.lam)
+
+    def _augmented(self, idx, epoch, i, rows):
+        """The images idx, rows `rows` (augment_batch) of training batch i, augmented and normalized."""
+        b = self.batch_size
         x = augment_batch(np.asarray(self.images[idx]), self.seed, epoch, i, self.pad, self.resized_crop_area,
-                          self.hflip, rows=(lo, b))
-        x = cutout_batch(normalize(x, self.mean, self.std), self.seed, epoch, i, self.cutout, rows=(lo, b))
-        return x, self.labels[idx]
+                          self.hflip, rows=(rows, b))
+        return cutout_batch(normalize(x, self.mean, self.std), self.seed, epoch, i, self.cutout, rows=(rows, b))
 
     def batch(self, epoch, i):
         """Batch i of epoch `epoch`; a pure function of (seed, epoch, i) and the data."""

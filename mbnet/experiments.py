@@ -557,7 +557,7 @@ def _recipe_ok(settings):
         print(f"mbnet.experiments: --train-args {settings['train_args']!r}: {e}", file=sys.stderr)
         return False
     try:
-        train.check_args(parser, parser.parse_args(argv))
+        train.check_args(parser, train.parse_args(parser, argv))
     except SystemExit:
         print(f"mbnet.experiments: --train-args {settings['train_args']!r}: refused by the trainer (above)",
               file=sys.stderr)

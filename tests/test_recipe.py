@@ -1,0 +1,157 @@
+"""Mixup, CutMix and the --recipe presets: the batch draws (shape, dtype, determinism in (seed,
+epoch, step), their defining property, MPI shards), the loss and accuracy of a mixed batch, the
+presets' values and overrides, and a bit-identical resume with mixing on."""
+import json
+import signal
+
+import numpy as np
+import pytest
+
+from mbnet import Tensor, data, train
+from mbnet.functional import cross_entropy
+from test_train import _args, _arrays, _tiny_cifar
+
+
+def _images(n=16, s=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def _loader(x, y, **kw):
+    return data.Loader(x, y, 8, np.full(3, 0.5), np.full(3, 0.25), train=True, seed=3, pad=0, hflip=False, **kw)
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mix_draw_is_a_pure_function_of_seed_epoch_step(kind):
+    opts = {kind: 1.0}
+    d = data.mix_draw(1, 2, 3, 16, 8, **opts)
+    assert d.kind == kind and 0 <= d.lam <= 1 and sorted(d.partner) == list(range(16))
+    again = data.mix_draw(1, 2, 3, 16, 8, **opts)
+    assert d.lam == again.lam and d.box == again.box and np.array_equal(d.partner, again.partner)
+    others = [data.mix_draw(*k, 16, 8, **opts) for k in ((2, 2, 3), (1, 3, 3), (1, 2, 4))]
+    assert all(o.lam != d.lam for o in others)  # seed, epoch and step each change the draw
+    assert data.mix_draw(1, 2, 3, 16, 8) is None  # both off
+
+
+def test_both_on_picks_each_kind_per_batch():
+    kinds = {data.mix_draw(0, 0, i, 8, 8, mixup=0.2, cutmix=1.0).kind for i in range(20)}
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_mixup_batch_is_the_convex_combination_and_weights_sum_to_one():
+    x, y = _images()
+    plain, mixed = _loader(x, y), _loader(x, y, mixup=0.4)
+    for step in range(2):
+        (xp, yp), (xm, ym) = plain.batch(1, step), mixed.batch(1, step)
+        assert xm.shape == xp.shape and xm.dtype == np.float32 and xm.flags.c_contiguous
+        d = data.mix_draw(3, 1, step, 8, 8, mixup=0.4)
+        assert isinstance(ym, data.Mixed) and ym.lam == d.lam and 0 < ym.lam < 1
+        assert ym.lam + (1 - ym.lam) == 1.0 and ym.a.dtype == ym.b.dtype == np.int64
+        np.testing.assert_array_equal(ym.a, yp)
+        np.testing.assert_array_equal(ym.b, yp[d.partner])
+        np.testing.assert_allclose(xm, ym.lam * xp + (1 - ym.lam) * xp[d.partner], rtol=1e-6, atol=1e-6)
+        again = mixed.batch(1, step)  # the same batch when asked again (a resumed run)
+        np.testing.assert_array_equal(again[0], xm)
+
+
+def test_cutmix_pastes_a_box_whose_area_fraction_is_its_label_weight():
+    x, y = _images(s=16)
+    plain, mixed = _loader(x, y), _loader(x, y, cutmix=1.0)
+    seen_clipped = False
+    for step in range(2):
+        for epoch in range(6):
+            (xp, yp), (xm, ym) = plain.batch(epoch, step), mixed.batch(epoch, step)
+            assert xm.shape == xp.shape and xm.dtype == np.float32
+            d = data.mix_draw(3, epoch, step, 8, 16, cutmix=1.0)
+            top, left, h, w = d.box
+            inside = np.zeros((16, 16), bool)
+            inside[top:top + h, left:left + w] = True
+            np.testing.assert_array_equal(xm[:, inside], xp[d.partner][:, inside])
+            np.testing.assert_array_equal(xm[:, ~inside], xp[:, ~inside])
+            assert 1 - ym.lam == pytest.approx(inside.mean()) and ym.lam == d.lam
+            np.testing.assert_array_equal(ym.b, yp[d.partner])
+            seen_clipped |= h < w or w < h  # a box cut by the image border
+    assert seen_clipped
+
+
+@pytest.mark.parametrize("opts", [{"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.4, "cutmix": 1.0, "cutout": 3}])
+def test_mpi_shards_are_slices_of_the_whole_mixed_batch(opts):
+    x, y = _images(n=24)
+    whole = _loader(x, y, **opts).batch(2, 1)
+    parts = [_loader(x, y, shard=(r, 3), **opts).batch(2, 1) for r in range(3)]
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), whole[0])
+    for field in ("a", "b"):
+        np.testing.assert_array_equal(np.concatenate([getattr(p[1], field) for p in parts]), getattr(whole[1], field))
+    assert {p[1].lam for p in parts} == {whole[1].lam}
+
+
+def test_mixed_loss_and_accuracy():
+    logits = Tensor(np.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]], np.float32))
+    a, b = np.array([0, 2]), np.array([1, 1])
+    loss, correct = train.batch_loss(logits, data.Mixed(a, b, 0.25), 0.1)
+    want = 0.25 * cross_entropy(logits, a, 0.1).data + 0.75 * cross_entropy(logits, b, 0.1).data
+    assert float(loss.data) == pytest.approx(float(want), rel=1e-6)
+    assert correct == pytest.approx(0.25 * 1 + 0.75 * 1)  # row 0 hits a, row 1 hits b
+    assert train.batch_loss(logits, a, 0.0)[1] == 1
+
+
+def _parse(*argv):
+    parser = train.make_parser()
+    return train.make_config(train.parse_args(parser, list(argv)))
+
+
+def test_presets_resolve_to_their_documented_values_and_options_override_them():
+    default = _parse()
+    assert default["recipe"] == "default" and default == {**_parse("--recipe", "default")}
+    for name, preset in train.RECIPES.items():
+        cfg = _parse("--recipe", name)
+        assert cfg["recipe"] == name
+        assert {k: cfg[k] for k in preset} == preset
+        assert {k: v for k, v in cfg.items() if k not in preset and k != "recipe" and k != "warmup"} == \
+            {k: v for k, v in default.items() if k not in preset and k != "recipe" and k != "warmup"}
+        for k, v in preset.items():  # each value appears in --help
+            shown = f"{v:g}" if isinstance(v, float) else str(v)
+            assert f"--{k.replace('_', '-')} {shown}" in train._recipe_help(), (name, k)
+    rec = _parse("--recipe", "record")
+    assert (rec["epochs"], rec["schedule"], rec["cutmix"], rec["warmup"]) == (300, "cosine", 1.0, 15.0)
+    # an explicit option wins, also when it equals the option's own default
+    over = _parse("--recipe", "record", "--epochs", "50", "--cutmix", "0", "--schedule", "onecycle")
+    assert (over["epochs"], over["cutmix"], over["schedule"], over["dw_weight_decay"]) == (50, 0.0, "onecycle", 0.0)
+    assert "untested" in train._recipe_help()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--recipe", "slow"], "argument --recipe: invalid choice"),
+    (["--mixup", "-1"], "argument --mixup"),
+    (["--cutmix", "nan"], "argument --cutmix"),
+    (["--recipe", "record", "--warmup", "400"], "--warmup 400.0 is longer than --epochs 300"),
+])
+def test_bad_recipe_and_mix_options_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_cifar(tmp_path_factory.mktemp("cifar"), n_per_batch=32)
+
+
+def test_resume_with_mixup_and_cutmix_is_bit_identical(tiny, tmp_path, capsys):
+    common = ["--epochs", "2", "--limit-train", "128", "--limit-test", "32", "--mixup", "0.4", "--cutmix", "1",
+              "--cutout", "0.25", "--recipe", "fast"]
+    assert train.main(_args(tiny, tmp_path / "a", *common)) == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (cfg["recipe"], cfg["epochs"], cfg["mixup"], cfg["cutmix"], cfg["cutout"], cfg["dw_weight_decay"]) == \
+        ("fast", 2, 0.4, 1.0, 0.25, 0.0)
+    stop = lambda step: step == 2 and signal.raise_signal(signal.SIGINT)  # noqa: E731  mid-epoch 1
+    assert train.main(_args(tiny, tmp_path / "b", *common), on_step=stop) == 130
+    assert train.main(["--out", str(tmp_path / "b"), "--resume", "--data-dir", str(tiny), "--threads", "1"]) == 0
+    a, b = _arrays(tmp_path / "a" / "last.npz"), _arrays(tmp_path / "b" / "last.npz")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= m["train_acc"] <= 1 and np.isfinite(m["train_loss"]) for m in metrics)
+    assert [json.loads(line)["train_acc"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] \
+        == [m["train_acc"] for m in metrics]
