@@ -12,6 +12,10 @@ Tables (all by default):
   dwdecay  alpha 1 at the first resolution with --dw-weight-decay 0 against the default (the
            depthwise filters decayed like the other weights): the paper's advice, measured
   noise    one configuration (--noise-alpha at the first resolution) with each of --seeds
+  ablation alpha 1 at the first resolution: the trainer's default recipe against the default plus
+           each part the fast and record recipes add (ABLATION: cutout, mixup, CutMix, random-resized
+           crop, no depthwise weight decay), one run each, the same epochs; read it beside the noise band
+           (`ablation noise`: a difference smaller than the seeds' spread is marked "within noise")
 
 One recipe for every run: the trainer's defaults with --epochs and --train-args. Every run is an
 ordinary run directory of `python -m mbnet.train`, OUT/runs/<arch>-a<alpha>-r<px>-s<seed>, trained
@@ -55,8 +59,14 @@ UPSCALED = (224, 192, 160, 128)  # the paper's own sizes, CIFAR upscaled
 # --tiny: every width x 1/8 and these sizes, a few hundred images, one epoch: the pipeline in seconds.
 TINY_WIDTH, TINY_RESOLUTIONS = 1 / 8, (16, 14, 12, 10)
 TINY_RECIPE = ["--limit-train", "256", "--limit-test", "100", "--batch-size", "64", "--ema-decay", "0.9"]
-TABLES = ("table4", "table5", "table6", "table7", "figures", "dwdecay", "noise")
-RUN_ORDER = ("table6", "table7", "table5", "table4", "noise", "dwdecay", "figures")  # the most-cited rows first
+TABLES = ("table4", "table5", "table6", "table7", "figures", "dwdecay", "noise", "ablation")
+RUN_ORDER = ("table6", "table7", "table5", "table4", "noise", "dwdecay", "ablation", "figures")  # most-cited first
+# The ablation's rows: the default recipe plus one part (mbnet.train options; the values of train.RECIPES).
+ABLATION = (("cutout, 0.25 of the side (8 px at 32)", ("--cutout", "0.25")),
+            ("mixup, alpha 0.2", ("--mixup", "0.2")),
+            ("CutMix, alpha 1", ("--cutmix", "1")),
+            ("random-resized crop, area >= 0.35", ("--random-resized-crop", "0.35")),
+            ("no weight decay on the depthwise filters", ("--dw-weight-decay", "0")))
 DEFAULT_EPOCHS, TINY_EPOCHS = 15, 1
 REPEATS, TINY_REPEATS = {1: 50, 128: 10}, {1: 3, 128: 2}  # latency: timed calls per batch size
 FIGURES = {"fig4": "fig4_accuracy_vs_mult_adds.png", "fig5": "fig5_accuracy_vs_params.png",
@@ -125,6 +135,9 @@ def make_tables(settings):
         "noise": Table(f"Noise band: MobileNet {a(settings['noise_alpha'])} {res[0]} px, seeds "
                        f"{', '.join(map(str, settings['seeds']))}", [
             Row(f"seed {s}", spec("mobilenet", settings["noise_alpha"], s=s), None, None) for s in settings["seeds"]]),
+        "ablation": Table(f"Ablation: the default recipe plus one part ({a(1.0)}, {res[0]} px)", [
+            Row("default recipe", spec("mobilenet", 1.0), None, None)] + [
+            Row(f"+ {label}", spec("mobilenet", 1.0)._replace(extra=extra), None, None) for label, extra in ABLATION]),
     }
 
 

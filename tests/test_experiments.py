@@ -52,10 +52,13 @@ def _runs(out):
 
 def test_tiny_sweep_writes_runs_manifest_results_and_figures(sweep):
     # 16 grid points (Tables 6 and 7 and narrow are among them) + conv + shallow + 2 more seeds + no dw decay
+    # + the ablation's cutout, mixup, CutMix and random-resized crop (its no dw decay row is the one above)
     runs = _runs(sweep)
-    assert len(runs) == 21 and "shallow-a0.125-r16-s0" in runs and "conv-a0.0625-r16-s0" in runs
+    assert len(runs) == 25 and "shallow-a0.125-r16-s0" in runs and "conv-a0.0625-r16-s0" in runs
     dw = json.loads((sweep / "runs" / "mobilenet-a0.125-r16-s0-dw-weight-decay-0" / "config.json").read_text())
     assert dw["dw_weight_decay"] == 0 and dw["weight_decay"] == 5e-4 and dw["alpha"] == 0.125
+    cutmix = json.loads((sweep / "runs" / "mobilenet-a0.125-r16-s0-cutmix-1" / "config.json").read_text())
+    assert (cutmix["cutmix"], cutmix["mixup"], cutmix["cutout"], cutmix["epochs"]) == (1.0, 0.0, 0.0, 1)
     for name in runs:
         d = sweep / "runs" / name
         assert {"config.json", "metrics.jsonl", "last.npz", "latency.json"} <= {p.name for p in d.iterdir()}, name
@@ -83,12 +86,15 @@ def test_tiny_sweep_writes_runs_manifest_results_and_figures(sweep):
     noise = doc["noise"]
     accs = [r["accuracy"] for r in doc["tables"]["noise"]["rows"]]
     assert noise["accuracies"] == accs and noise["spread"] == max(accs) - min(accs)
-    for row in doc["tables"]["table6"]["rows"][1:]:
+    for row in doc["tables"]["table6"]["rows"][1:] + doc["tables"]["ablation"]["rows"][1:]:
         assert row["within_noise"] == (abs(row["delta"]) < noise["spread"])
+    ablation = doc["tables"]["ablation"]["rows"]
+    assert [r["run"] for r in ablation] == ["mobilenet-a0.125-r16-s0"] + [
+        "mobilenet-a0.125-r16-s0" + "".join("-" + x.lstrip("-") for x in extra) for _, extra in experiments.ABLATION]
 
     md = (sweep / "results.md").read_text()
     for title in ("Table 4", "Table 5", "Table 6", "Table 7", "Figures 4 and 5", "Weight decay on the depthwise",
-                  "Noise band"):
+                  "Noise band", "Ablation: the default recipe plus one part"):
         assert f"## {title}" in md
     assert "Shallow MobileNet: 65.3%, -3.1 pts, 307M, 2.9M" in md and "spread" in md
     assert "| shallow α=0.125 | " in md
