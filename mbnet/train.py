@@ -4,8 +4,9 @@ A run directory (--out) receives metrics.jsonl (one JSON object per epoch), curv
 and the checkpoints last.npz (every epoch, and on Ctrl-C/SIGTERM) and best.npz (best test
 accuracy). --resume continues from last.npz at the exact step it was saved; with the same thread
 count the resumed run ends with bit-identical weights to an unbroken one, because every random
-choice (shuffle, augmentation, dropout) is a pure function of (seed, epoch, batch / step).
---init WEIGHTS starts a new run from any weights file mbnet.models.load reads.
+choice (shuffle, augmentation, mixup/CutMix, dropout) is a pure function of (seed, epoch, batch / step).
+--init WEIGHTS starts a new run from any weights file mbnet.models.load reads. --recipe NAME sets a
+group of options (RECIPES; explicit options win), and config.json records the resolved values.
 
 Checkpoint: mbnet's weights file (mbnet/checkpoint.py: "model/<name>" arrays, the architecture,
 class names and normalization in "meta") plus "optim/<key>" and "ema/<key>" arrays and, in "meta",

@@ -373,10 +373,12 @@ def test_augmentation_options_are_deterministic_per_batch(rng):
 
 def test_crop_padding_scales_with_the_resolution():
     cfg = train.make_config(train.build_parser().parse_args(["--resolution", "224", "--cutout", "0.25"]))
-    assert train.augmentation(cfg) == {"pad": 28, "resized_crop_area": None, "cutout": 56, "hflip": True}
+    assert train.augmentation(cfg) == {"pad": 28, "resized_crop_area": None, "cutout": 56, "hflip": True,
+                                         "mixup": 0.0, "cutmix": 0.0}
     cfg = train.make_config(train.build_parser().parse_args(["--crop-padding", "0.25", "--random-resized-crop", "0.5",
-                                                             "--no-hflip"]))
-    assert train.augmentation(cfg) == {"pad": 8, "resized_crop_area": 0.5, "cutout": 0, "hflip": False}
+                                                             "--no-hflip", "--mixup", "0.2", "--cutmix", "1"]))
+    assert train.augmentation(cfg) == {"pad": 8, "resized_crop_area": 0.5, "cutout": 0, "hflip": False,
+                                       "mixup": 0.2, "cutmix": 1.0}
     assert train.augmentation({"resolution": 64})["pad"] == 4  # a run saved before the option existed
 
 
