@@ -312,14 +312,16 @@ def test_train_on_two_ranks_resumes_bit_for_bit_and_only_rank0_writes(tiny, tmp_
     assert [m["epoch"] for m in metrics] == [1, 2] and 0 <= metrics[-1]["test_acc"] <= 1
 
 
-def test_train_sync_bn_step_on_two_ranks_equals_one_process(tiny, tmp_path):
+@pytest.mark.parametrize("mixing", [[], ["--mixup", "0.4"], ["--cutmix", "1"]], ids=["plain", "mixup", "cutmix"])
+def test_train_sync_bn_step_on_two_ranks_equals_one_process(tiny, tmp_path, mixing):
     """The third step of a run (augmentation, schedule, momentum, EMA all at work) computed by 2
     ranks with --sync-bn from the 1-process checkpoint after step 2 gives the 1-process weights
     to float32 rounding (measured 1e-6; one more step multiplies such differences by ~10^3 on
-    this tiny network, see test_two_ranks_with_sync_bn_equal_one_process)."""
+    this tiny network, see test_two_ranks_with_sync_bn_equal_one_process). With mixup or CutMix
+    the ranks make their rows of the global batch's mixing (partners from the other shard too)."""
     from mbnet import train
 
-    common = ["--epochs", "1", "--limit-train", "96", "--sync-bn", "--data-dir", str(tiny)]
+    common = ["--epochs", "1", "--limit-train", "96", "--sync-bn", "--data-dir", str(tiny), *mixing]
     one, split = tmp_path / "one", tmp_path / "split"
     assert train.main(TRAIN + common + ["--out", str(one)]) == 0
     stop_after_2 = lambda step: step == 1 and signal.raise_signal(signal.SIGINT)  # noqa: E731
