@@ -67,7 +67,8 @@ DATASETS = ("cifar10", "cifar100", "folder")
 CACHE_VERSION = 4  # 3: EXIF orientation and 16-bit scaling in the decode; 4: whole-file digests
 PARALLEL_MIN = 2000  # fewer images are decoded in this process (a pool costs more than it saves)
 
-# Seeds of the independent random streams; see shuffle_order, augment_batch, cutout_batch, _carve.
+# Seeds of the independent random streams; see shuffle_order, augment_batch, cutout_batch, _carve, mix_draw
+# (3 is the trainer's dropout stream).
 _SHUFFLE, _AUGMENT, _CUTOUT, _VAL, _MIX = 1, 2, 4, 5, 6
 
 
