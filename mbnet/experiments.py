@@ -563,7 +563,7 @@ def _recipe_ok(settings):
     """False (after the trainer's one-line error) when the trainer refuses the recipe (--train-args)."""
     from . import train
 
-    parser = train.make_parser()
+    parser = train.build_parser()
     try:
         argv = Spec("mobilenet", 1.0, 32, 0).options(settings)
     except ValueError as e:  # shlex: unbalanced quotes

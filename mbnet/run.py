@@ -40,16 +40,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def check_values(parser, types):
-    """Gives the options of ``parser`` whose dest is in ``types`` (dest -> argparse type) that type,
-    and makes the parser's errors one line (Parser.error)."""
-    for action in parser._actions:  # argparse keeps no public list of a parser's options
-        if action.dest in types:
-            action.type = types[action.dest]
-    if type(parser) is argparse.ArgumentParser:
-        parser.__class__ = Parser
-
-
 def int_in(lo, hi=None):
     """argparse type: an integer in [lo, hi] (hi None: no upper bound; a callable: computed at parse time)."""
 

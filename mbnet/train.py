@@ -38,10 +38,11 @@ import numpy as np
 from . import checkpoint, optim
 from . import data as D
 from . import distributed as dist
-from .run import (EVAL_BATCH, Interrupt, Progress, RunError, RunLock, all_finite, dropout_modules, dumps, evaluate,
-                  float_in, fmt_time, int_in, live_arrays, load_checkpoint, max_threads, remove_orphans,
+from .run import (EVAL_BATCH, Interrupt, Parser, Progress, RunError, RunLock, all_finite, dropout_modules, dumps,
+                  evaluate, float_in, fmt_time, int_in, live_arrays, load_checkpoint, max_threads, remove_orphans,
                   save_checkpoint, set_threads, swapped_weights, write_metrics, write_text)
 
+SKIP_LIMIT = 20  # non-finite steps in a row after which --on-nan skip stops too
 DEFAULT_LR = {"sgd": 0.1, "rmsprop": 0.045, "adam": 1e-3}  # at batch size 128; scaled linearly
 
 # --recipe NAME: option values (argparse dests) set unless given on the command line. Untested choices
@@ -68,44 +69,46 @@ def _recipe_help():
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m mbnet.train",
+    p = Parser(prog="python -m mbnet.train",
                                 description="Train MobileNetV1 on CIFAR-10, CIFAR-100 or an image folder.")
     a = p.add_argument
     a("--recipe", choices=tuple(RECIPES), default="default", help=_recipe_help())
-    a("--alpha", type=float, default=1.0, help="width multiplier (default 1.0)")
+    a("--alpha", type=float_in(1 / 32, 4), default=1.0,  # below 1/32 the 32-channel stem has no channel
+      help="width multiplier (default 1.0)")
     a("--arch", choices=("mobilenet", "conv", "shallow"), default="mobilenet",
       help="mobilenet (default); conv: every separable block a full 3x3 convolution (the paper's Table 4); "
            "shallow: without the five repeated 512-channel blocks (Table 5)")
     a("--act", choices=("relu", "relu6"), default="relu", help="activation after every BatchNorm (default relu)")
     a("--stem-stride", type=int, choices=(1, 2), default=None,
       help="stride of the first convolution (default: 2 above 64 px, else 1)")
-    a("--resolution", type=int, default=32,
+    a("--resolution", type=int_in(8, 512), default=32,
       help="input side S in pixels (default 32): every image is converted to RGB, its shorter side resized to S "
            "(bilinear) and the center SxS cropped, once, into the data cache")
-    a("--epochs", type=int, default=50)
-    a("--batch-size", type=int, default=128)
+    a("--epochs", type=int_in(1), default=50)
+    a("--batch-size", type=int_in(1), default=128)
     a("--optimizer", choices=("sgd", "rmsprop", "adam"), default="sgd",
       help="sgd = Nesterov momentum 0.9; rmsprop = TF-style (decay 0.9, momentum 0.9, eps 1.0); adam")
-    a("--lr", type=float, default=None,
+    a("--lr", type=float_in(0, lo_open=True), default=None,
       help="peak learning rate (default: sgd 0.1, rmsprop 0.045, adam 1e-3, times batch-size/128)")
     a("--schedule", choices=("onecycle", "cosine", "step"), default="onecycle")
-    a("--milestones", type=float, nargs="+", default=None, metavar="F",
+    a("--milestones", type=float_in(0, 1, lo_open=True, hi_open=True), nargs="+", default=None, metavar="F",
       help="--schedule step: multiply the lr by --gamma at these fractions of the steps after the warm-up "
            "(default 0.5 0.75)")
-    a("--gamma", type=float, default=None, help="--schedule step: the factor at each milestone (default 0.1)")
-    a("--warmup", type=float, default=None,
+    a("--gamma", type=float_in(0, lo_open=True), default=None,
+      help="--schedule step: the factor at each milestone (default 0.1)")
+    a("--warmup", type=float_in(0), default=None,
       help="warm-up length in epochs (default: 20%% of the epochs for onecycle, 5%% otherwise)")
-    a("--weight-decay", type=float, default=5e-4, help="L2, not applied to BN parameters and biases")
-    a("--dw-weight-decay", type=float, default=None,
+    a("--weight-decay", type=float_in(0), default=5e-4, help="L2, not applied to BN parameters and biases")
+    a("--dw-weight-decay", type=float_in(0), default=None,
       help="L2 on the depthwise filters (default: --weight-decay; the paper advises little or none)")
-    a("--label-smoothing", type=float, default=0.1)
-    a("--dropout", type=float, default=0.0, help="dropout before the classifier")
+    a("--label-smoothing", type=float_in(0, 1, hi_open=True), default=0.1)
+    a("--dropout", type=float_in(0, 1, hi_open=True), default=0.0, help="dropout before the classifier")
     a("--ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights (default on)")
-    a("--ema-decay", type=float, default=0.999)
+    a("--ema-decay", type=float_in(0, 1, hi_open=True), default=0.999)
     a("--tta", action=argparse.BooleanOptionalAction, default=True,
       help="horizontal-flip test-time augmentation in the final evaluation (default on)")
-    a("--seed", type=int, default=0)
-    a("--threads", type=int, default=None, help="kernel threads (mbnet._C.set_num_threads)")
+    a("--seed", type=int_in(0), default=0)
+    a("--threads", type=int_in(1, max_threads), default=None, help="kernel threads (mbnet._C.set_num_threads)")
     # data: source, held-out split, augmentation, subsets
     a("--data-dir", default=None,
       help="cifar-10-batches-py/, cifar-100-python/, or an image tree train/<class>/*.png|jpg with test/<class>/ "
@@ -123,18 +126,18 @@ def build_parser():
            "training image (default 0: off)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True,
       help="mirror half the training images left-right (default on; off for digits or text)")
-    a("--mixup", type=float, default=0.0, metavar="ALPHA",
+    a("--mixup", type=float_in(0), default=0.0, metavar="ALPHA",
       help="mixup: every training batch becomes lambda x itself + (1 - lambda) x a shuffle of itself, one "
            "lambda ~ Beta(ALPHA, ALPHA) per batch, the loss lambda CE(labels) + (1 - lambda) CE(shuffled "
            "labels) (default 0: off)")
-    a("--cutmix", type=float, default=0.0, metavar="ALPHA",
+    a("--cutmix", type=float_in(0), default=0.0, metavar="ALPHA",
       help="CutMix: one box per training batch, of area fraction 1 - lambda (lambda ~ Beta(ALPHA, ALPHA), then "
            "clipped to the image), pasted from a shuffle of the batch, labels weighted by area (default 0: off); "
            "with --mixup too, each batch is one or the other. Train accuracy of a mixed batch: lambda x "
            "(hits of the first labels) + (1 - lambda) x (hits of the second)")
-    a("--limit-train", type=int, default=None, help="use N training images (a fixed subset; smoke tests)")
-    a("--limit-test", type=int, default=None, help="use N test images (a fixed subset)")
-    a("--workers", type=int, default=None, help="processes decoding images into the cache (default: all cores)")
+    a("--limit-train", type=int_in(1), default=None, help="use N training images (a fixed subset; smoke tests)")
+    a("--limit-test", type=int_in(1), default=None, help="use N test images (a fixed subset)")
+    a("--workers", type=int_in(1), default=None, help="processes decoding images into the cache (default: all cores)")
     a("--out", default=None, help="run directory (default runs/<name> or runs/<timestamp>)")
     a("--name", default=None, help="run name, for the default --out")
     a("--resume", action="store_true", help="continue from <out>/last.npz")
@@ -142,8 +145,20 @@ def build_parser():
       help="under MPI: BatchNorm uses the statistics of the global batch (default: each rank's shard's)")
     a("--overlap", action=argparse.BooleanOptionalAction, default=True,
       help="under MPI: start the gradient allreduce while backward runs (default on)")
-    a("--mpi-timeout", type=float, default=dist.DEFAULT_TIMEOUT,
+    a("--mpi-timeout", type=float_in(0, lo_open=True), default=dist.DEFAULT_TIMEOUT,
       help=f"under MPI: seconds a rank waits for the others before aborting the job (default {dist.DEFAULT_TIMEOUT:g})")
+    p.add_argument("--init", metavar="WEIGHTS", default=None,
+                   help="start from these weights: an mbnet weights file, a training checkpoint (its EMA weights "
+                        "when it has them) or a PyTorch .pt/.pth state_dict; the architecture (alpha, activation) "
+                        "and input normalization come from the file, the classifier is re-made when the data's class "
+                        "count differs")
+    p.add_argument("--on-nan", choices=("stop", "skip"), default="stop",
+                   help="on a non-finite loss or gradient: stop (default; exit 3) or skip the step "
+                        f"(stop after {SKIP_LIMIT} in a row); non-finite weights are never saved")
+    p.epilog = ("Checkpoints (last.npz, best.npz) hold the raw weights and, with --ema, their EMA; every reader "
+                "(--init, mbnet.evaluate, predict, export, mbnet.models.load) yields the EMA weights when the file has "
+                "them (mbnet.evaluate --no-ema: the raw ones). Exit status: 0 done, 1 a file could not be written, "
+                "2 bad options, data or run directory, 3 diverged (non-finite), 130 Ctrl-C, 143 SIGTERM.")
     return p
 
 
@@ -208,54 +223,9 @@ def augmentation(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: build_parser()'s options, each value checked, plus --init and --on-nan
+# Command line
 
 
-# dest -> argparse type that refuses what cannot train (one-line error before anything is written)
-VALUE_TYPES = {
-    "alpha": float_in(1 / 32, 4),  # below 1/32 the 32-channel stem has no channel
-    "resolution": int_in(8, 512),
-    "epochs": int_in(1),
-    "batch_size": int_in(1),
-    "lr": float_in(0, lo_open=True),
-    "warmup": float_in(0),
-    "weight_decay": float_in(0),
-    "dw_weight_decay": float_in(0),
-    "milestones": float_in(0, 1, lo_open=True, hi_open=True),
-    "gamma": float_in(0, lo_open=True),
-    "label_smoothing": float_in(0, 1, hi_open=True),
-    "mixup": float_in(0),
-    "cutmix": float_in(0),
-    "dropout": float_in(0, 1, hi_open=True),
-    "ema_decay": float_in(0, 1, hi_open=True),
-    "seed": int_in(0),
-    "threads": int_in(1, max_threads),
-    "limit_train": int_in(1),
-    "limit_test": int_in(1),
-    "mpi_timeout": float_in(0, lo_open=True),
-}
-SKIP_LIMIT = 20  # non-finite steps in a row after which --on-nan skip stops too
-
-
-def make_parser():
-    """build_parser() with the values of VALUE_TYPES checked and one-line errors, plus --init and --on-nan."""
-    from . import run
-
-    p = build_parser()
-    p.add_argument("--init", metavar="WEIGHTS", default=None,
-                   help="start from these weights: an mbnet weights file, a training checkpoint (its EMA weights "
-                        "when it has them) or a PyTorch .pt/.pth state_dict; the architecture (alpha, activation) "
-                        "and input normalization come from the file, the classifier is re-made when the data's class "
-                        "count differs")
-    p.add_argument("--on-nan", choices=("stop", "skip"), default="stop",
-                   help="on a non-finite loss or gradient: stop (default; exit 3) or skip the step "
-                        f"(stop after {SKIP_LIMIT} in a row); non-finite weights are never saved")
-    p.epilog = ("Checkpoints (last.npz, best.npz) hold the raw weights and, with --ema, their EMA; every reader "
-                "(--init, mbnet.evaluate, predict, export, mbnet.models.load) yields the EMA weights when the file has "
-                "them (mbnet.evaluate --no-ema: the raw ones). Exit status: 0 done, 1 a file could not be written, "
-                "2 bad options, data or run directory, 3 diverged (non-finite), 130 Ctrl-C, 143 SIGTERM.")
-    run.check_values(p, VALUE_TYPES)
-    return p
 
 
 def parse_args(parser, argv):
@@ -679,7 +649,7 @@ def start_run(args, argv, parser, out, world=None):
 def main(argv=None, *, on_step=None):
     """Returns the exit status (see the module docstring). on_step(step) is called after each
     optimizer step (tests use it to interrupt)."""
-    parser = make_parser()
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(parser, argv)
     check_args(parser, args)

@@ -254,7 +254,7 @@ def _train_args(tiny_data, out, *extra):
 
 
 def test_new_train_options_reach_the_model_and_optimizer(tiny_data, env, tmp_path):
-    parser = train.make_parser()
+    parser = train.build_parser()
     argv = _train_args(tiny_data, tmp_path, *NEW_OPTIONS)
     r = train.start_run(parser.parse_args(argv), argv, parser, tmp_path)
     m = r.model

@@ -95,7 +95,7 @@ def test_on_nan_skip_gives_up_after_a_run_of_bad_steps(tiny, tmp_path, monkeypat
 
 def test_non_finite_weights_are_never_saved(tiny, tmp_path):
     out = tmp_path / "r"
-    parser = train.make_parser()
+    parser = train.build_parser()
     argv = _args(tiny, out, "--epochs", "1")
     out.mkdir()
     r = train.start_run(parser.parse_args(argv), argv, parser, out)

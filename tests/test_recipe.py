@@ -96,7 +96,7 @@ def test_mixed_loss_and_accuracy():
 
 
 def _parse(*argv):
-    parser = train.make_parser()
+    parser = train.build_parser()
     return train.make_config(train.parse_args(parser, list(argv)))
 
 

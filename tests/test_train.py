@@ -216,7 +216,7 @@ def _init_args(tiny, out, *extra):
 
 def _start(tiny, out, *extra):
     """Stage 1 alone: the Run that `python -m mbnet.train ...` would train."""
-    parser = train.make_parser()
+    parser = train.build_parser()
     argv = _init_args(tiny, out, *extra)
     args = parser.parse_args(argv)
     out.mkdir(parents=True, exist_ok=True)
