@@ -5,8 +5,8 @@ running mbnet's ONNX export of the same network and against PyTorch, with the sa
         [--runs 100] [--warmup 10] [--threads T] [--no-torch] [--no-onnxruntime] [--tiny] [--json out.json]
 
 A configuration α@s is MobileNetV1 of width α on one s x s x 3 image: 1000 classes and stem stride 2
-at ImageNet sizes (s > 64: mbnet.models.default_stem_stride), 10 classes and stem stride 1 at CIFAR's 32 px. One network runs in all
-three engines: PyTorch's (benchmarks.common.torch_model, its own random init; mbnet's own init when
+at ImageNet sizes (s > 64: mbnet.models.default_stem_stride), 10 classes and stem stride 1 at CIFAR's
+32 px. One network runs in all three engines: PyTorch's (benchmarks.common.torch_model, its own random init; mbnet's own init when
 torch is not installed) with BN statistics measured on a random batch, read into mbnet with
 mbnet.torch_import, and mbnet's model exported with mbnet.export (BN folded into the convolutions)
 for ONNX Runtime. Each engine's logits are checked against mbnet's ("max rel. diff": max |other -

@@ -84,15 +84,18 @@ def test_architecture_of_table_1():
 def test_layer_shapes_match_a_forward_pass(alpha, size, stem_stride):
     model = MobileNetV1(alpha, input_size=size, stem_stride=stem_stride, seed=0).eval()
     blocks = list(model.features)[2:]
-    layers = [(model.features[0], model.features[1])] + [pair for b in blocks for pair in ((b.dw, b.bn1), (b.pw, b.bn2))]
+    layers = [(model.features[0], model.features[1])]
+    layers += [pair for b in blocks for pair in ((b.dw, b.bn1), (b.pw, b.bn2))]
     shapes = layer_shapes(alpha, size, stem_stride)
     assert len(shapes) == len(layers) == 27
-    weight_shape = {"conv": lambda L: (3, 3, L.cin, L.cout), "dw": lambda L: (3, 3, L.cin), "pw": lambda L: (L.cin, L.cout)}
+    weight_shape = {"conv": lambda L: (3, 3, L.cin, L.cout), "dw": lambda L: (3, 3, L.cin),
+                    "pw": lambda L: (L.cin, L.cout)}
     x = Tensor(np.random.default_rng(0).standard_normal((1, size, size, 3), dtype=np.float32))
     with no_grad():
         for i, (L, (conv, bn)) in enumerate(zip(shapes, layers)):
             assert x.shape == (1, L.size, L.size, L.cin), f"layer {i} {L}: input {x.shape}"
-            assert getattr(conv, "stride", 1) == L.stride and conv.weight.shape == weight_shape[L.kind](L), f"layer {i} {L}"
+            assert getattr(conv, "stride", 1) == L.stride, f"layer {i} {L}"
+            assert conv.weight.shape == weight_shape[L.kind](L), f"layer {i} {L}"
             x = bn(conv(x))
             assert x.shape == (1, L.out_size, L.out_size, L.cout), f"layer {i} {L}: output {x.shape}"
     assert model.classifier.weight.shape == (shapes[-1].cout, 10)
