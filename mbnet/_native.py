@@ -33,11 +33,12 @@ def _check_build():
     have = _cpu_flags()
     missing = [f for f in _build_info.CPU_FLAGS if have is not None and f not in have]
     if missing:
+        march = getattr(_build_info, "MARCH", "native")
         raise ImportError(
-            "mbnet._C was compiled with -march=native on a CPU with "
+            f"mbnet._C was compiled with -march={march} for a CPU with "
             + ", ".join(missing)
             + ", which this CPU lacks. Rebuild here with `pip install -e .` "
-            "(or MBNET_PORTABLE=1 pip install . for a build that runs anywhere)."
+            "(or MBNET_MARCH=x86-64-v3 for AVX2 CPUs, MBNET_PORTABLE=1 for any x86-64: a build that runs anywhere)."
         )
 
 
