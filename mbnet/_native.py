@@ -25,15 +25,19 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-def _check_build():
-    try:
-        from . import _build_info
-    except ImportError:
-        return
-    have = _cpu_flags()
-    missing = [f for f in _build_info.CPU_FLAGS if have is not None and f not in have]
+def _check_build(build_info=None, have=None):
+    """Raises ImportError when the extension was compiled for instructions this CPU lacks (instead of
+    dying of SIGILL). build_info: what setup.py recorded (default: mbnet/_build_info.py; no check
+    without it); have: this CPU's flags (default: /proc/cpuinfo's; no check without them)."""
+    if build_info is None:
+        try:
+            from . import _build_info as build_info
+        except ImportError:
+            return
+    have = _cpu_flags() if have is None else have
+    missing = [f for f in build_info.CPU_FLAGS if have is not None and f not in have]
     if missing:
-        march = getattr(_build_info, "MARCH", "native")
+        march = getattr(build_info, "MARCH", "native")
         raise ImportError(
             f"mbnet._C was compiled with -march={march} for a CPU with "
             + ", ".join(missing)
