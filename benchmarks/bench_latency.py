@@ -6,10 +6,10 @@ running mbnet's ONNX export of the same network and against PyTorch, with the sa
 
 A configuration α@s is MobileNetV1 of width α on one s x s x 3 image: 1000 classes and stem stride 2
 at ImageNet sizes (s > 64: mbnet.models.default_stem_stride), 10 classes and stem stride 1 at CIFAR's
-32 px. One network runs in all three engines: PyTorch's (benchmarks.common.torch_model, its own random init; mbnet's own init when
-torch is not installed) with BN statistics measured on a random batch, read into mbnet with
-mbnet.torch_import, and mbnet's model exported with mbnet.export (BN folded into the convolutions)
-for ONNX Runtime. Each engine's logits are checked against mbnet's ("max rel. diff": max |other -
+32 px. One network runs in all three engines: PyTorch's (benchmarks.common.torch_model, its own
+random init; mbnet's own init when torch is not installed) with BN statistics measured on a random
+batch, read into mbnet with mbnet.torch_import, and mbnet's model exported with mbnet.export (BN
+folded into the convolutions) for ONNX Runtime. Each engine's logits are checked against mbnet's ("max rel. diff": max |other -
 mbnet| / max |mbnet|).
 - mbnet: the compiled inference plan (mbnet.plan.compile: BN folded, the whole network in one call),
   NHWC float32 (1, s, s, 3), mbnet._C's OpenMP threads = threads; "autograd" is the same model

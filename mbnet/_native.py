@@ -41,8 +41,8 @@ def _check_build(build_info=None, have=None):
         raise ImportError(
             f"mbnet._C was compiled with -march={march} for a CPU with "
             + ", ".join(missing)
-            + ", which this CPU lacks. Rebuild here with `pip install -e .` "
-            "(or MBNET_MARCH=x86-64-v3 for AVX2 CPUs, MBNET_PORTABLE=1 for any x86-64: a build that runs anywhere)."
+            + ", which this CPU lacks. Rebuild here with `pip install -e .` (or build with "
+            "MBNET_MARCH=x86-64-v3 for any AVX2 CPU, or MBNET_PORTABLE=1 for any x86-64 CPU)."
         )
 
 
