@@ -3,7 +3,7 @@ the stem convolution, forward and both gradients, at the training batch size.
 
     python -m benchmarks.bench_depthwise [--batch 128] [--repeat 10] [--threads T] [--json out.json]
 
-Layer shapes follow Table 1 of Howard et al. (2017) with the first stride removed, so every
+Layer shapes (mbnet.models.layer_shapes) follow Table 1 of Howard et al. (2017) with the first stride removed, so every
 spatial size is the ImageNet one divided by 7 (112 -> 32 ... 7 -> 2). Table 1 prints the last
 depthwise layer as "s2" on a 7x7 input although its output stays 7x7; it is stride 1, as here.
 GB/s counts the bytes of the op's input plus output activation (x + y, or dy + dx, or x + dy) once.
@@ -15,22 +15,14 @@ Run timings under `flock /tmp/mbnet-bench.lock` on a shared machine.
 import numpy as np
 
 from mbnet import _C
+from mbnet.models import layer_shapes
 
 from . import common
 
+SHAPES = layer_shapes(1.0, 32)
 # (channels, input size, stride) of each depthwise layer, in network order.
-DEPTHWISE_LAYERS = [
-    (32, 32, 1),
-    (64, 32, 2),
-    (128, 16, 1),
-    (128, 16, 2),
-    (256, 8, 1),
-    (256, 8, 2),
-    *[(512, 4, 1)] * 5,
-    (512, 4, 2),
-    (1024, 2, 1),
-]
-STEM = (3, 32, 32, 1)  # cin, cout, input size, stride
+DEPTHWISE_LAYERS = [(L.cin, L.size, L.stride) for L in SHAPES if L.kind == "dw"]
+STEM = tuple(SHAPES[0][2:])  # cin, cout, input size, stride
 
 
 def median_time(fn, repeat):

@@ -82,7 +82,7 @@ def torch_fns(alpha, batch, size, threads):
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = common.torch_model(alpha, stem_stride=2 if size > 64 else 1).to(memory_format=torch.channels_last)
+    model = common.torch_model(alpha, size).to(memory_format=torch.channels_last)
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((batch, size, size, 3), dtype=np.float32)).permute(0, 3, 1, 2)
     labels = torch.from_numpy(rng.integers(0, 10, batch))

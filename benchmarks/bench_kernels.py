@@ -28,17 +28,21 @@ import numpy as np
 
 from mbnet import _C
 from mbnet import reference as R
+from mbnet.models import layer_shapes
 
 from . import common
 
 numba = common.optional_import("numba")
 torch = common.optional_import("torch")
 
-# Layer subsets (alpha 1, 32x32 input, stride-1 stem): (channels, input size, stride) etc.
-STEM = (3, 32, 32, 1)  # cin, cout, size, stride
-DEPTHWISE = [(32, 32, 1), (64, 32, 2), (128, 16, 1), (256, 8, 1), (512, 4, 1), (1024, 2, 1)]
-POINTWISE = [(32, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4), (1024, 1024, 2)]
-BATCHNORM = [(32, 32), (64, 32), (128, 16), (256, 8), (512, 4), (1024, 2)]  # channels, size
+# Layer subsets of mbnet.models.layer_shapes (alpha 1, 32x32 input, stride-1 stem): the depthwise
+# layers of blocks 1-3, 5, 7 and 13 (the first of each width, and block 2's stride 2), the pointwise
+# layers of blocks 1, 3, 5, 7 and 13, and BN + ReLU on the stem's and on each distinct pointwise output.
+SHAPES = layer_shapes(1.0, 32)
+STEM = tuple(SHAPES[0][2:])  # cin, cout, size, stride
+DEPTHWISE = [(L.cin, L.size, L.stride) for L in SHAPES if L.kind == "dw" and L.block in (1, 2, 3, 5, 7, 13)]
+POINTWISE = [(L.cin, L.cout, L.size) for L in SHAPES if L.kind == "pw" and L.block in (1, 3, 5, 7, 13)]
+BATCHNORM = list(dict.fromkeys((L.cout, L.out_size) for L in SHAPES if L.kind in ("conv", "pw")))  # channels, size
 EPS, MOMENTUM = 1e-5, 0.1
 
 # --- numba twins of the forward loop nests ------------------------------------------------------

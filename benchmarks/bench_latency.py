@@ -5,11 +5,11 @@ running mbnet's ONNX export of the same network and against PyTorch, with the sa
         [--runs 100] [--warmup 10] [--threads T] [--no-torch] [--no-onnxruntime] [--tiny] [--json out.json]
 
 A configuration α@s is MobileNetV1 of width α on one s x s x 3 image: 1000 classes and stem stride 2
-at ImageNet sizes (s > 64), 10 classes and stem stride 1 at CIFAR's 32 px. One network runs in all
-three engines: PyTorch's (benchmarks.common.torch_model, its own random init; mbnet's own init when
-torch is not installed) with BN statistics measured on a random batch, read into mbnet with
-mbnet.torch_import, and mbnet's model exported with mbnet.export (BN folded into the convolutions)
-for ONNX Runtime. Each engine's logits are checked against mbnet's ("max rel. diff": max |other -
+at ImageNet sizes (s > 64: mbnet.models.default_stem_stride), 10 classes and stem stride 1 at CIFAR's
+32 px. One network runs in all three engines: PyTorch's (benchmarks.common.torch_model, its own
+random init; mbnet's own init when torch is not installed) with BN statistics measured on a random
+batch, read into mbnet with mbnet.torch_import, and mbnet's model exported with mbnet.export (BN
+folded into the convolutions) for ONNX Runtime. Each engine's logits are checked against mbnet's ("max rel. diff": max |other -
 mbnet| / max |mbnet|).
 - mbnet: the compiled inference plan (mbnet.plan.compile: BN folded, the whole network in one call),
   NHWC float32 (1, s, s, 3), mbnet._C's OpenMP threads = threads; "autograd" is the same model
@@ -30,11 +30,12 @@ CONFIGS = ("1@224", "0.5@224", "0.25@224", "0.25@128", "1@32")
 
 def parse_config(text):
     """'α@s' -> (alpha, size, num_classes, stem_stride)."""
-    from mbnet.models import _stem_stride  # the one stem-stride rule: 2 above 64 px
+    from mbnet.models import default_stem_stride
 
     alpha, _, size = text.partition("@")
     alpha, size = float(alpha), int(size)
-    return alpha, size, 1000 if size > 64 else 10, _stem_stride(size, None)
+    stem_stride = default_stem_stride(size)
+    return alpha, size, 1000 if stem_stride == 2 else 10, stem_stride
 
 
 def build(alpha, size, num_classes, stem_stride, use_torch):
@@ -60,7 +61,7 @@ def build(alpha, size, num_classes, stem_stride, use_torch):
     from mbnet.torch_import import load_torch_weights
 
     torch.manual_seed(0)
-    net = common.torch_model(alpha, num_classes, stem_stride)
+    net = common.torch_model(alpha, size, num_classes, stem_stride)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # running statistics = the average over the batches seen

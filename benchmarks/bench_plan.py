@@ -35,7 +35,7 @@ def _torch_fn(alpha, size, batch, threads):
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = common.torch_model(alpha, stem_stride=2 if size > 64 else 1).to(memory_format=torch.channels_last).eval()
+    model = common.torch_model(alpha, size).to(memory_format=torch.channels_last).eval()
     x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
 
     def infer():

@@ -3,9 +3,9 @@ forward and both gradients, against NumPy's matmul (its BLAS) on the same shapes
 
     python -m benchmarks.bench_pointwise [--batch 128] [--repeat 10] [--threads T] [--json out.json]
 
-Layer shapes come from mbnet.models.BLOCKS (Table 1 of Howard et al. 2017): pointwise layer i maps
-the previous block's channels to BLOCKS[i]'s at the size left after the depthwise strides so far,
-32x32 halved at blocks 2, 4, 6 and 12: 32->64@32, 64->128@16, 128->128@16, 128->256@8, 256->256@8,
+Layer shapes come from mbnet.models.layer_shapes (Table 1 of Howard et al. 2017): pointwise layer i
+maps the previous block's channels to BLOCKS[i]'s at the size left after the depthwise strides so
+far, 32x32 halved at blocks 2, 4, 6 and 12: 32->64@32, 64->128@16, 128->128@16, 128->256@8, 256->256@8,
 256->512@4, 5x 512->512@4, 512->1024@2, 1024->1024@2. Each op is an (n*h*w, cin) x (cin, cout)
 GEMM, so GFLOP/s counts 2*n*h*w*cin*cout for all three. The NumPy twins are `x @ w`, `dy @ w.T`
 and `x.T @ dy` on the (n*h*w, c) views.
@@ -18,7 +18,7 @@ prints what was set. Run timings under `flock /tmp/mbnet-bench.lock` on a shared
 import numpy as np
 
 from mbnet import _C
-from mbnet.models import BLOCKS, STEM_CHANNELS
+from mbnet.models import layer_shapes
 
 from . import common
 
@@ -26,13 +26,8 @@ OPS = ("fwd", "bwd_input", "bwd_weight")
 
 
 def pointwise_layers(input_size=32):
-    """[(cin, cout, size)] of the 13 pointwise layers, in network order."""
-    layers, c, size = [], STEM_CHANNELS, input_size
-    for cout, stride in BLOCKS:
-        size = (size - 1) // stride + 1  # the depthwise 3x3, padding 1, before the pointwise
-        layers.append((c, cout, size))
-        c = cout
-    return layers
+    """[(cin, cout, size)] of the 13 pointwise layers of MobileNetV1 (alpha 1), in network order."""
+    return [(L.cin, L.cout, L.size) for L in layer_shapes(1.0, input_size) if L.kind == "pw"]
 
 
 def median_time(fn, repeat):

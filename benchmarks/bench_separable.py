@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from mbnet import _C
-from mbnet.models import BLOCKS, STEM_CHANNELS, ConvMobileNet, MobileNetV1
+from mbnet.models import ConvMobileNet, MobileNetV1, layer_shapes
 
 from . import common
 
@@ -37,15 +37,26 @@ TABLE3 = [
 # Table 4: (model, printed mult-adds M, printed params M) at 224x224, 1000 classes.
 TABLE4 = {"ConvMobileNet": (4866, 29.3), "MobileNetV1": (569, 4.2)}
 
-# (name, cin, cout, input size, stride, kernel): shapes people quote when explaining the idea.
-TEXTBOOK = [
-    ("Table 3 layer 14x14x512", 512, 512, 14, 1, 3),
-    ("same, 5x5 kernel", 512, 512, 14, 1, 5),
-    ("ImageNet block 2: 112x112x32->64", 32, 64, 112, 1, 3),
-    ("56x56x128->128", 128, 128, 56, 1, 3),
-    ("28x28x256->256", 256, 256, 28, 1, 3),
-    ("7x7x1024->1024", 1024, 1024, 7, 1, 3),
-]
+
+def block_shapes(alpha, input_size):
+    """{i: (cin, cout, input size, stride)} of the 13 separable blocks of MobileNetV1 (depthwise
+    then pointwise), from mbnet.models.layer_shapes."""
+    shapes = layer_shapes(alpha, input_size)
+    return {dw.block: (dw.cin, pw.cout, dw.size, dw.stride) for dw, pw in zip(shapes[1::2], shapes[2::2])}
+
+
+# Shapes people quote when explaining the idea: the stride-1 blocks of MobileNetV1 at 224x224 (ImageNet).
+IMAGENET = block_shapes(1.0, 224)
+
+
+def textbook(i, k=3, name=None):
+    """(name, cin, cout, input size, stride, kernel) of ImageNet block i with a k x k kernel."""
+    cin, cout, s, stride = IMAGENET[i]
+    return (name or f"ImageNet block {i}: {s}x{s}x{cin}->{cout}", cin, cout, s, stride, k)
+
+
+TEXTBOOK = [textbook(7, name="Table 3 layer 14x14x512"), textbook(7, 5, "same, 5x5 kernel"),
+            *map(textbook, (1, 3, 5, 13))]
 
 
 def out_size(size, k, stride):
@@ -78,16 +89,10 @@ def table3_rows():
     return rows
 
 
-def mobilenet_layers(alpha, input_size, stem_stride=None):
+def mobilenet_layers(alpha, input_size):
     """[(name, cin, cout, input size, stride, 3)] of the 13 separable blocks of MobileNetV1."""
-    stride0 = stem_stride if stem_stride is not None else (2 if input_size > 64 else 1)
-    size, c = out_size(input_size, 3, stride0), int(STEM_CHANNELS * alpha)
-    layers = []
-    for i, (cout, stride) in enumerate(BLOCKS, 1):
-        cout = int(cout * alpha)
-        layers.append((f"block {i}: {c}->{cout} @{size} s{stride}", c, cout, size, stride, 3))
-        c, size = cout, out_size(size, 3, stride)
-    return layers
+    return [(f"block {i}: {cin}->{cout} @{size} s{stride}", cin, cout, size, stride, 3)
+            for i, (cin, cout, size, stride) in block_shapes(alpha, input_size).items()]
 
 
 def time_layer(cin, cout, size, stride, k, batch, repeat, warmup, rng):
@@ -176,9 +181,10 @@ def run(alpha=1.0, input_size=32, batch=32, textbook_batch=8, net_batch=16, repe
     textbook = [layer_row(*L, textbook_batch, repeat, warmup, rng) for L in (TEXTBOOK[:2] if tiny else TEXTBOOK)]
     net = network_rows(alpha, input_size, net_batch, repeat, warmup)
     # The per-layer counts and the model's own summary must agree (stem + blocks + FC).
-    c0, c_last = int(STEM_CHANNELS * alpha), int(BLOCKS[-1][0] * alpha)
-    s0 = out_size(input_size, 3, 2 if input_size > 64 else 1)
-    total = (27 * c0 * s0 * s0 + sum(r["separable_mult_adds"] for r in layers) + c_last * 10)
+    shapes = layer_shapes(alpha, input_size)
+    stem = shapes[0]
+    total = (9 * stem.cin * stem.cout * stem.out_size ** 2 + sum(r["separable_mult_adds"] for r in layers)
+             + shapes[-1].cout * 10)
     assert total == net[0]["mult_adds"], (total, net[0]["mult_adds"])
     return {"benchmark": "separable", **common.machine_info(), "alpha": alpha, "input_size": input_size,
             "repeat": repeat, "table3": [dict(zip(("row", "mult_adds", "params", "paper_mult_adds_M",

@@ -48,7 +48,7 @@ def torch_step_fn(alpha, batch, size, threads):
     from torch import nn
 
     torch.set_num_threads(threads)
-    model = common.torch_model(alpha, stem_stride=2 if size > 64 else 1)
+    model = common.torch_model(alpha, size)
     model = model.to(memory_format=torch.channels_last).train()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen).to(memory_format=torch.channels_last)

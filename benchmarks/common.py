@@ -194,21 +194,16 @@ def mbnet_steps(model, batch, size, num_classes=10, seed=0):
     return train_step, infer
 
 
-def torch_model(alpha, num_classes=10, stem_stride=1):
-    """MobileNetV1 in PyTorch (NCHW modules; call .to(memory_format=torch.channels_last)): conv 3x3 +
-    BN + ReLU stem, the 13 depthwise-separable blocks of mbnet.models.BLOCKS, average pool, linear."""
+def torch_model(alpha, size, num_classes=10, stem_stride=None):
+    """MobileNetV1 in PyTorch for size x size inputs (NCHW modules; call
+    .to(memory_format=torch.channels_last)): each convolution of mbnet.models.layer_shapes (the
+    stem, then depthwise and pointwise of each block) + BN + ReLU, average pool, linear."""
     from torch import nn
 
-    from mbnet.models import BLOCKS, STEM_CHANNELS
+    from mbnet.models import layer_shapes
 
-    def conv_bn_relu(cin, cout, k, stride, groups=1):
-        return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True)]
-
-    c = int(STEM_CHANNELS * alpha)
-    layers = conv_bn_relu(3, c, 3, stem_stride)
-    for cout, stride in BLOCKS:
-        cout = int(cout * alpha)
-        layers += conv_bn_relu(c, c, 3, stride, groups=c) + conv_bn_relu(c, cout, 1, 1)
-        c = cout
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    layers = []
+    for L in layer_shapes(alpha, size, stem_stride):
+        layers += [nn.Conv2d(L.cin, L.cout, L.kernel, L.stride, L.kernel // 2, groups=L.cin if L.kind == "dw" else 1,
+                             bias=False), nn.BatchNorm2d(L.cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(L.cout, num_classes))

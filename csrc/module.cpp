@@ -28,9 +28,11 @@ static py::dict build_info() {
 #else
     d["simd"] = "sse2";
 #endif
-#ifdef MBNET_NATIVE
-    d["native"] = true;
+#ifdef MBNET_MARCH
+    d["march"] = MBNET_MARCH;  // the -march it was compiled with
+    d["native"] = std::string(MBNET_MARCH) == "native";
 #else
+    d["march"] = py::none();
     d["native"] = false;
 #endif
     d["compiler"] = __VERSION__;

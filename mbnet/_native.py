@@ -25,19 +25,24 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-def _check_build():
-    try:
-        from . import _build_info
-    except ImportError:
-        return
-    have = _cpu_flags()
-    missing = [f for f in _build_info.CPU_FLAGS if have is not None and f not in have]
+def _check_build(build_info=None, have=None):
+    """Raises ImportError when the extension was compiled for instructions this CPU lacks (instead of
+    dying of SIGILL). build_info: what setup.py recorded (default: mbnet/_build_info.py; no check
+    without it); have: this CPU's flags (default: /proc/cpuinfo's; no check without them)."""
+    if build_info is None:
+        try:
+            from . import _build_info as build_info
+        except ImportError:
+            return
+    have = _cpu_flags() if have is None else have
+    missing = [f for f in build_info.CPU_FLAGS if have is not None and f not in have]
     if missing:
+        march = getattr(build_info, "MARCH", "native")
         raise ImportError(
-            "mbnet._C was compiled with -march=native on a CPU with "
+            f"mbnet._C was compiled with -march={march} for a CPU with "
             + ", ".join(missing)
-            + ", which this CPU lacks. Rebuild here with `pip install -e .` "
-            "(or MBNET_PORTABLE=1 pip install . for a build that runs anywhere)."
+            + ", which this CPU lacks. Rebuild here with `pip install -e .` (or build with "
+            "MBNET_MARCH=x86-64-v3 for any AVX2 CPU, or MBNET_PORTABLE=1 for any x86-64 CPU)."
         )
 
 

@@ -17,6 +17,8 @@ shares (74.59%, 1.06%, 0.02%, 24.33%) and three of the four mult-add shares (94.
 The printed 1.19% for the full 3x3 convolution (the stem) is 1.91% with its digits swapped: the
 stem's 10.84M of 568.7M, and the printed four sum to 99.29% where 1.91% makes them 100%.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from . import nn
@@ -38,10 +40,45 @@ TABLE2_TYPES = (("Conv 1x1", nn.PointwiseConv2d), ("Conv DW 3x3", nn.DepthwiseCo
                 ("Fully connected", nn.Linear))
 
 
-def _stem_stride(input_size, stem_stride):
-    if stem_stride is not None:
-        return stem_stride
+def default_stem_stride(input_size):
+    """The stem convolution's stride when none is given: 2 for ImageNet-sized inputs (> 64 px, as
+    the paper's 224), 1 for CIFAR-sized ones, whose 32 px would otherwise shrink to 1x1 by block 12."""
     return 2 if input_size > 64 else 1
+
+
+class LayerShape(NamedTuple):
+    """One convolution of MobileNetV1: (n, size, size, cin) -> (n, out_size, out_size, cout).
+    kind: "conv" (the stem's full 3x3), "dw" (depthwise 3x3, cin == cout) or "pw" (pointwise 1x1);
+    block: 0 for the stem, i for the i-th row of BLOCKS (1-13); padding k // 2."""
+    block: int
+    kind: str
+    cin: int
+    cout: int
+    size: int
+    stride: int
+
+    @property
+    def out_size(self):
+        return (self.size - 1) // self.stride + 1
+
+    @property
+    def kernel(self):
+        return 1 if self.kind == "pw" else 3
+
+
+def layer_shapes(alpha=1.0, size=32, stem_stride=None):
+    """The 27 convolutions of ``MobileNetV1(alpha, input_size=size, stem_stride=stem_stride)`` in
+    network order (stem, then dw and pw of each row of BLOCKS), as LayerShape rows: the one table of
+    MobileNet's layer shapes that benchmarks and tests read. The BN + activation after each has
+    (cout, out_size); the classifier is (layer_shapes(...)[-1].cout, num_classes)."""
+    stride = default_stem_stride(size) if stem_stride is None else stem_stride
+    c = int(STEM_CHANNELS * alpha)
+    rows = [LayerShape(0, "conv", 3, c, size, stride)]
+    for i, (cout, stride) in enumerate(BLOCKS, 1):
+        dw = LayerShape(i, "dw", c, c, rows[-1].out_size, stride)
+        rows += [dw, LayerShape(i, "pw", c, int(cout * alpha), dw.out_size, 1)]
+        c = rows[-1].cout
+    return rows
 
 
 class _ImageClassifier(nn.Module):
@@ -55,7 +92,8 @@ class _ImageClassifier(nn.Module):
                  dtype=np.float32, seed=0, classes=None, mean=CIFAR10_MEAN, std=CIFAR10_STD):
         rng = np.random.default_rng(seed)
         self.alpha, self.num_classes, self.input_size = alpha, num_classes, input_size
-        self.stem_stride, self.act = _stem_stride(input_size, stem_stride), act
+        self.stem_stride = default_stem_stride(input_size) if stem_stride is None else stem_stride
+        self.act = act
         self.classes = tuple(str(k) for k in range(num_classes)) if classes is None else tuple(classes)
         if len(self.classes) != num_classes:
             raise ValueError(f"classes: {len(self.classes)} names for num_classes={num_classes}")

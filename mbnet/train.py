@@ -173,9 +173,9 @@ def make_config(args):
     if cfg["warmup"] is None:
         cfg["warmup"] = (0.2 if cfg["schedule"] == "onecycle" else 0.05) * cfg["epochs"]
     if cfg["stem_stride"] is None:
-        from .models import _stem_stride
+        from .models import default_stem_stride
 
-        cfg["stem_stride"] = _stem_stride(cfg["resolution"], None)
+        cfg["stem_stride"] = default_stem_stride(cfg["resolution"])
     if cfg["schedule"] == "step":
         cfg["milestones"] = list(STEP_DEFAULTS["milestones"] if cfg["milestones"] is None else cfg["milestones"])
         cfg["gamma"] = STEP_DEFAULTS["gamma"] if cfg["gamma"] is None else cfg["gamma"]

@@ -5,7 +5,7 @@ import pytest
 
 from mbnet import Tensor, no_grad
 from mbnet import functional as F
-from mbnet.models import ConvMobileNet, MobileNetV1
+from mbnet.models import ConvMobileNet, MobileNetV1, default_stem_stride, layer_shapes
 from test_nn import check_module_backward
 
 
@@ -77,6 +77,33 @@ def test_architecture_of_table_1():
     assert MobileNetV1(act="relu6").features[5].bn2.act == "relu6"
     assert "features.3.bn1.gamma" in dict(m.named_parameters())
     assert len(m.state_dict()) == 27 + 4 * 27 + 2  # conv weights, BN params and buffers, FC
+
+
+@pytest.mark.parametrize("alpha, size, stem_stride", [(1.0, 32, None), (0.25, 224, None), (0.5, 65, None),
+                                                     (0.75, 20, None), (0.25, 33, 2), (0.5, 128, 1)])
+def test_layer_shapes_match_a_forward_pass(alpha, size, stem_stride):
+    model = MobileNetV1(alpha, input_size=size, stem_stride=stem_stride, seed=0).eval()
+    blocks = list(model.features)[2:]
+    layers = [(model.features[0], model.features[1])]
+    layers += [pair for b in blocks for pair in ((b.dw, b.bn1), (b.pw, b.bn2))]
+    shapes = layer_shapes(alpha, size, stem_stride)
+    assert len(shapes) == len(layers) == 27
+    weight_shape = {"conv": lambda L: (3, 3, L.cin, L.cout), "dw": lambda L: (3, 3, L.cin),
+                    "pw": lambda L: (L.cin, L.cout)}
+    x = Tensor(np.random.default_rng(0).standard_normal((1, size, size, 3), dtype=np.float32))
+    with no_grad():
+        for i, (L, (conv, bn)) in enumerate(zip(shapes, layers)):
+            assert x.shape == (1, L.size, L.size, L.cin), f"layer {i} {L}: input {x.shape}"
+            assert getattr(conv, "stride", 1) == L.stride, f"layer {i} {L}"
+            assert conv.weight.shape == weight_shape[L.kind](L), f"layer {i} {L}"
+            x = bn(conv(x))
+            assert x.shape == (1, L.out_size, L.out_size, L.cout), f"layer {i} {L}: output {x.shape}"
+    assert model.classifier.weight.shape == (shapes[-1].cout, 10)
+
+
+def test_default_stem_stride():
+    assert [default_stem_stride(s) for s in (16, 32, 64, 65, 128, 224)] == [1, 1, 1, 2, 2, 2]
+    assert MobileNetV1(input_size=65).stem_stride == 2 and MobileNetV1(input_size=64).stem_stride == 1
 
 
 def test_init_is_seeded_and_dtype_independent():

@@ -1,0 +1,73 @@
+"""The build switches of setup.py (MBNET_MARCH, MBNET_PORTABLE): the CPU flags a -march value implies,
+the build directory key, and the import check that refuses a build made for instructions this CPU
+lacks (an AVX-512 build on an AVX2-only CPU) but lets an x86-64-v3 (AVX2) build import anywhere."""
+import importlib.util
+import os
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+from mbnet import _C, _native
+
+ROOT = Path(__file__).resolve().parent.parent
+# /proc/cpuinfo's float-relevant flags of an AVX2-only Zen 3 and of an AVX-512 CPU (with others around).
+ZEN3 = {"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"}
+AVX512 = ZEN3 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "amx_tile"}
+
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "c++") is None,
+                                    reason="no C++ compiler ($CXX or c++) to ask what a -march implies")
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    spec = importlib.util.spec_from_file_location("mbnet_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() itself only runs as __main__
+    return module
+
+
+def test_march_from_the_environment(setup_py):
+    assert setup_py.march({}) == "native"
+    assert setup_py.march({"MBNET_MARCH": "x86-64-v3"}) == "x86-64-v3"
+    assert setup_py.march({"MBNET_PORTABLE": "1", "MBNET_MARCH": "x86-64-v3"}) is None
+    assert setup_py.march({"MBNET_PORTABLE": "0", "MBNET_MARCH": ""}) == "native"
+    tags = [setup_py.build_tag(a) for a in (None, "native", "x86-64-v3", "x86-64-v4", "znver3")]
+    assert len(set(tags)) == 5 and tags[0] == "portable" and tags[2] == "march-x86_64_v3"
+
+
+@needs_compiler
+def test_required_flags_of_a_march(setup_py):
+    assert setup_py.required_flags(None) == []
+    assert setup_py.required_flags("x86-64") == []
+    assert setup_py.required_flags("x86-64-v3") == ["avx", "avx2", "fma"]
+    assert setup_py.required_flags("haswell") == ["avx", "avx2", "fma"]
+    assert setup_py.required_flags("x86-64-v4") == ["avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"]
+    with pytest.raises(SystemExit, match="MBNET_MARCH=no-such-cpu: .* does not accept -march=no-such-cpu"):
+        setup_py.required_flags("no-such-cpu")
+
+
+@needs_compiler
+def test_import_check_refuses_avx512_on_an_avx2_cpu_and_takes_x86_64_v3_on_both(setup_py):
+    def info(march):
+        return types.SimpleNamespace(MARCH=march, CPU_FLAGS=setup_py.required_flags(march))
+
+    with pytest.raises(ImportError, match=r"-march=x86-64-v4 for a CPU with avx512f, avx512bw, avx512dq, avx512vl"):
+        _native._check_build(info("x86-64-v4"), have=ZEN3)
+    _native._check_build(info("x86-64-v4"), have=AVX512)
+    for cpu in (ZEN3, AVX512):
+        _native._check_build(info("x86-64-v3"), have=cpu)
+    with pytest.raises(ImportError, match="-march=x86-64-v3 for a CPU with avx2, fma"):
+        _native._check_build(info("x86-64-v3"), have={"sse4_2", "avx"})  # Sandy Bridge
+
+
+def test_loaded_extension_matches_its_build_record():
+    """The SIMD level the compiled code reports is the one setup.py recorded for the import check."""
+    record = pytest.importorskip("mbnet._build_info", reason="the extension was not built by setup.py")
+    info = _C.build_info()
+    flags = set(record.CPU_FLAGS)
+    assert info["simd"] == ("avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else
+                            "avx" if "avx" in flags else "sse2"), (info, record.CPU_FLAGS)
+    if hasattr(record, "MARCH"):
+        assert info["march"] == record.MARCH and info["native"] == (record.MARCH == "native")
