@@ -66,13 +66,6 @@ struct Partials {
     }
 };
 
-template <Act A>
-inline float act(float z) {
-    if constexpr (A == Act::ReLU) return std::max(z, 0.0f);
-    if constexpr (A == Act::ReLU6) return std::min(std::max(z, 0.0f), 6.0f);
-    return z;
-}
-
 // dy times act's derivative, read from act's output y (branch-free, for the vectorizer).
 template <Act A>
 inline float masked(float dy, float y) {

@@ -8,6 +8,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <new>
 #include <string>
@@ -227,6 +228,14 @@ inline Act parse_act(const std::string& s) {
     if (s == "relu") return Act::ReLU;
     if (s == "relu6") return Act::ReLU6;
     throw py::value_error("act must be 'none', 'relu' or 'relu6', got '" + s + "'");
+}
+
+// The activation itself, for the kernels that apply it.
+template <Act A>
+inline float act(float z) {
+    if constexpr (A == Act::ReLU) return std::max(z, 0.0f);
+    if constexpr (A == Act::ReLU6) return std::min(std::max(z, 0.0f), 6.0f);
+    return z;
 }
 
 // Registration functions, one per op family (each defined in its own .cpp).

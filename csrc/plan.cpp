@@ -46,13 +46,6 @@ constexpr double kParallelWork = double(1 << 18);   // multiply-adds below which
 constexpr index_t kColGrain = 32;                   // column blocks of a shared tile's GEMM
 constexpr index_t kRowGrain = 32;                   // row blocks of a shared tile's GEMM
 
-template <Act A>
-inline float act(float z) {
-    if constexpr (A == Act::ReLU) return std::max(z, 0.0f);
-    if constexpr (A == Act::ReLU6) return std::min(std::max(z, 0.0f), 6.0f);
-    return z;
-}
-
 // dst[p][c] = act(src[p][c] + b[c]) for px pixels of C channels; dst may be src.
 template <Act A>
 void bias_act_f32(const float* src, float* dst, index_t px, index_t C,
