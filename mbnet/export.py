@@ -24,7 +24,8 @@ import sys
 
 import numpy as np
 
-from . import __version__, nn
+from . import __version__
+from .plan import conv_bn_pairs, fold_conv_bn
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 11  # Clip takes min/max as inputs from opset 11 on
@@ -38,40 +39,13 @@ def _onnx():
     return onnx
 
 
-def _conv_oihw(conv):
-    """(weight (cout, cin/group, kh, kw), stride, padding, group) of an mbnet convolution."""
-    w = conv.weight.data
-    if isinstance(conv, nn.Conv2d):  # (kh, kw, cin, cout)
-        return w.transpose(3, 2, 0, 1), conv.stride, conv.padding, 1
-    if isinstance(conv, nn.DepthwiseConv2d):  # (kh, kw, c)
-        return w.transpose(2, 0, 1)[:, None], conv.stride, conv.padding, w.shape[2]
-    if isinstance(conv, nn.PointwiseConv2d):  # (cin, cout)
-        return w.T[:, :, None, None], 1, 0, 1
-    raise TypeError(f"export: no ONNX form for {type(conv).__name__}")
-
-
-def conv_bn_layers(model):
-    """[(conv name, conv, bn name, bn)] for each convolution of ``model.features`` and the
-    BatchNorm that follows it."""
-    leaves = [(name.rstrip("."), m) for name, m in model.features.named_modules("features.")
-              if not m.named_children()]
-    layers = []
-    for i in range(0, len(leaves), 2):
-        name, conv = leaves[i]
-        bn_name, bn = leaves[i + 1] if i + 1 < len(leaves) else (None, None)
-        if isinstance(conv, nn.BatchNorm2d) or not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"export: expected a convolution followed by a BatchNorm at {name}")
-        layers.append((name, conv, bn_name, bn))
-    return layers
-
-
-def fold_batchnorm(weight_oihw, bn):
-    """Inference-mode BN folded into the convolution before it: (weight, bias) float32 with
-    conv(x, weight) + bias == BN(conv(x, weight_oihw)), computed in float64."""
-    scale = bn.gamma.data.astype(np.float64) / np.sqrt(bn.running_var.astype(np.float64) + bn.eps)
-    weight = weight_oihw.astype(np.float64) * scale[:, None, None, None]
-    bias = bn.beta.data.astype(np.float64) - bn.running_mean.astype(np.float64) * scale
-    return weight.astype(np.float32), bias.astype(np.float32)
+def _oihw(kind, w):
+    """A weight in mbnet's layout -> ONNX's (cout, cin / group, kh, kw), and the group count."""
+    if kind == "conv":  # (kh, kw, cin, cout)
+        return w.transpose(3, 2, 0, 1), 1
+    if kind == "dw":  # (kh, kw, c)
+        return w.transpose(2, 0, 1)[:, None], w.shape[2]
+    return w.T[:, :, None, None], 1  # pw: (cin, cout)
 
 
 def to_onnx(model, *, opset=DEFAULT_OPSET, dynamic_batch=True, batch_size=1, fold_bn=True):
@@ -97,12 +71,13 @@ def to_onnx(model, *, opset=DEFAULT_OPSET, dynamic_batch=True, batch_size=1, fol
         return name
 
     x = "input"
-    for name, conv, bn_name, bn in conv_bn_layers(model):
-        w, stride, pad, group = _conv_oihw(conv)
-        attrs = dict(kernel_shape=list(w.shape[2:]), strides=[stride, stride], pads=[pad] * 4, group=group)
+    for name, conv, bn_name, bn in conv_bn_pairs(model):
+        folded = fold_conv_bn(conv, bn)  # float64, BN in the weights and bias
+        w, group = _oihw(folded.kind, folded.weight if fold_bn else conv.weight.data)
+        attrs = dict(kernel_shape=list(w.shape[2:]), strides=[folded.stride] * 2, pads=[folded.padding] * 4,
+                     group=group)
         if fold_bn:
-            w, b = fold_batchnorm(w, bn)
-            x = node("Conv", [x, const(name + ".weight", w), const(name + ".bias", b)], name, **attrs)
+            x = node("Conv", [x, const(name + ".weight", w), const(name + ".bias", folded.bias)], name, **attrs)
         else:
             x = node("Conv", [x, const(name + ".weight", w)], name, **attrs)
             stats = [const(f"{bn_name}.{k}", v) for k, v in (("gamma", bn.gamma.data), ("beta", bn.beta.data),

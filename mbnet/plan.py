@@ -38,8 +38,27 @@ Folded = namedtuple("Folded", "kind weight bias stride padding act", defaults=(N
 _KIND = {nn.Conv2d: "conv", nn.DepthwiseConv2d: "dw", nn.PointwiseConv2d: "pw"}
 
 
-def _fold_bn(conv, bn, kind):
-    """(weight * scale, beta - mean * scale) in float64 for conv followed by BatchNorm2d bn."""
+def conv_bn_pairs(model):
+    """[(conv name, conv, bn name, bn)]: every convolution of ``model.features`` and the
+    BatchNorm2d that follows it (ValueError naming a layer that is not such a pair)."""
+    if not hasattr(model, "features") or not hasattr(model, "classifier"):
+        raise ValueError(f"fold: model must be a MobileNetV1 or ConvMobileNet, got {type(model).__name__}")
+    leaves = [(name.rstrip("."), m) for name, m in model.features.named_modules("features.")
+              if not m.named_children()]
+    pairs = []
+    for i in range(0, len(leaves), 2):
+        name, conv = leaves[i]
+        bn_name, bn = leaves[i + 1] if i + 1 < len(leaves) else (None, None)
+        if type(conv) not in _KIND or not isinstance(bn, nn.BatchNorm2d):
+            raise ValueError(f"fold: {name} ({type(conv).__name__}) is not a convolution followed by BatchNorm2d")
+        pairs.append((name, conv, bn_name, bn))
+    return pairs
+
+
+def fold_conv_bn(conv, bn):
+    """conv followed by BatchNorm2d bn, as one Folded layer: (weight * scale, beta - mean * scale),
+    scale = gamma / sqrt(var + eps), in float64, weights in mbnet's layouts."""
+    kind = _KIND[type(conv)]
     scale = bn.gamma.data.astype(np.float64) / np.sqrt(bn.running_var.astype(np.float64) + bn.eps)
     weight = conv.weight.data.astype(np.float64) * scale  # the output channel is the last axis
     bias = bn.beta.data.astype(np.float64) - bn.running_mean.astype(np.float64) * scale
@@ -51,21 +70,7 @@ def fold(model):
     """The eval-mode computation of a MobileNetV1 / ConvMobileNet as a list of Folded layers
     (float64 weights): conv/dw/pw + bias + act for every convolution and its BatchNorm, then
     "pool" and "linear". Raises ValueError for a layer it cannot fold."""
-    if not hasattr(model, "features") or not hasattr(model, "classifier"):
-        raise ValueError(f"fold: model must be a MobileNetV1 or ConvMobileNet, got {type(model).__name__}")
-    leaves = []
-    for name, m in model.features.named_modules("features."):
-        if not m.named_children():
-            leaves.append((name.rstrip("."), m))
-    layers, i = [], 0
-    while i < len(leaves):
-        name, conv = leaves[i]
-        kind = _KIND.get(type(conv))
-        bn = leaves[i + 1][1] if i + 1 < len(leaves) else None
-        if kind is None or not isinstance(bn, nn.BatchNorm2d):
-            raise ValueError(f"fold: {name} ({type(conv).__name__}) is not a convolution followed by BatchNorm2d")
-        layers.append(_fold_bn(conv, bn, kind))
-        i += 2
+    layers = [fold_conv_bn(conv, bn) for _, conv, _, bn in conv_bn_pairs(model)]
     fc = model.classifier
     layers += [Folded("pool"), Folded("linear", fc.weight.data.astype(np.float64), fc.bias.data.astype(np.float64))]
     return layers
