@@ -23,8 +23,6 @@ class Optimizer:
     def __init__(self, params, lr, weight_decay=0.0, decay_1d=True):
         self.params = list(params)
         self.lr = lr
-        self.weight_decay = weight_decay
-        self.decay_1d = decay_1d
         factors = [weight_decay] * len(self.params) if np.isscalar(weight_decay) else list(weight_decay)
         if len(factors) != len(self.params):
             raise ValueError(f"weight_decay: {len(factors)} factors for {len(self.params)} parameters")
