@@ -7,7 +7,16 @@ the same network in PyTorch, at alpha 1, 0.75, 0.5, 0.25, batch 128, 32x32x3 inp
 Each (engine, alpha, mode) runs in its own fresh subprocess (`--worker`), so one engine's memory and
 thread pool never touch the other's. A training step is zero_grad + forward + cross-entropy +
 backward + SGD update (lr 0.01, momentum 0.9, weight decay 5e-4); inference is an eval-mode forward
-under no_grad. images/s = batch / median step time over --steps after --warmup steps.
+under no_grad; "plan" (mbnet only) is the same inference through the compiled plan (mbnet.plan: BN
+folded, one call into the extension), compared with PyTorch's eval forward. images/s = batch /
+median step time over --steps after --warmup steps.
+
+GFLOP/s counts 2 x the model's mult-adds per image (summary()) for inference and 3x that for a
+training step (forward, input gradient, weight gradient; the SGD update and BatchNorm are not
+counted). "of GEMM" divides it by the rate mbnet's own GEMM sustains, measured in the same process
+just before, on the largest pointwise layer of that width at this batch (the most mult-adds, then
+the most weights: 1024 -> 1024 at 2x2 for alpha 1 at 32 px, forward): how close the whole step
+comes to the engine's FP32 bound.
 
 Memory (tracemalloc cannot see C++ or PyTorch allocations): the worker imports its engine (NumPy +
 mbnet, or PyTorch), reads its resident size ("libs": interpreter and libraries), resets the
@@ -67,14 +76,47 @@ def peak_kb():
 
 # --- the two engines ----------------------------------------------------------------------------
 
-def mbnet_fns(alpha, batch, size, threads):
+def mbnet_fns(alpha, batch, size, threads, plan=False):
     from mbnet import _C
     from mbnet.models import MobileNetV1
 
     _C.set_num_threads(threads)
     model = MobileNetV1(alpha, num_classes=10, input_size=size, seed=0)
     train_step, infer = common.mbnet_steps(model, batch, size)
+    if plan:
+        from mbnet import plan as mbplan
+        x = np.random.default_rng(0).standard_normal((batch, size, size, 3), dtype=np.float32)
+        compiled = mbplan.compile(model.eval(), batch=batch)
+        infer = lambda: compiled(x)  # noqa: E731
     return train_step, infer, model.summary(show=False)["params"], "mbnet"
+
+
+def largest_pointwise(alpha, size):
+    """The pointwise layer of MobileNetV1(alpha) at this input size with the most mult-adds (then
+    the most weights): its LayerShape."""
+    from mbnet.models import layer_shapes
+
+    return max((r for r in layer_shapes(alpha, size) if r.kind == "pw"),
+               key=lambda r: (r.cin * r.cout * r.size ** 2, r.cin * r.cout))
+
+
+def gemm_rate(alpha, batch, size, threads, repeat=20):
+    """GFLOP/s of mbnet's pointwise GEMM (forward) on largest_pointwise(alpha, size) at this batch."""
+    from mbnet import _C
+
+    _C.set_num_threads(threads)
+    r = largest_pointwise(alpha, size)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, r.size, r.size, r.cin), dtype=np.float32)
+    w = rng.standard_normal((r.cin, r.cout), dtype=np.float32)
+    t = common.measure(lambda: _C.pwconv2d_fwd(x, w), repeat, 3, pause=0)["median"]
+    return {"layer": f"{r.cin}->{r.cout}@{r.size}", "gflops": 2 * batch * r.size ** 2 * r.cin * r.cout / t / 1e9}
+
+
+def mult_adds(alpha, size):
+    from mbnet.models import MobileNetV1
+
+    return MobileNetV1(alpha, num_classes=10, input_size=size, seed=0).summary(show=False)["mult_adds"]
 
 
 def torch_fns(alpha, batch, size, threads):
@@ -117,7 +159,7 @@ def worker(engine, alpha, mode, batch, size, steps, warmup, threads):
         fns = torch_fns
     libs = _status_kb("VmRSS")
     method = reset_peak()
-    train_step, infer, params, name = fns(alpha, batch, size, threads)
+    train_step, infer, params, name = fns(alpha, batch, size, threads, **({"plan": True} if mode == "plan" else {}))
     fn = train_step if mode == "train" else infer
     t = common.measure(fn, steps, warmup, pause=0)
     peak = peak_kb()
@@ -147,12 +189,17 @@ def run(alphas=ALPHAS, batch=128, size=32, steps=10, warmup=2, threads=None, tin
     have_torch = use_torch and common.optional_import("torch") is not None
     engines = ["mbnet"] + (["torch"] if have_torch else [])
     t0 = time.perf_counter()
-    rows = []
+    rows, gemm = [], {}
     for alpha in alphas:
-        for mode in ("train", "infer"):
-            for engine in engines:
-                rows.append(run_worker(engine, alpha, mode, batch, size, steps, warmup, threads))
-    return {"benchmark": "e2e", **common.machine_info(), "threads": threads, "batch": batch, "size": size,
+        gemm[alpha] = gemm_rate(alpha, batch, size, threads, repeat=3 if tiny else 20)
+        flops = 2 * mult_adds(alpha, size) * batch
+        for mode in ("train", "infer", "plan"):
+            for engine in engines if mode != "plan" else ["mbnet"]:
+                row = run_worker(engine, alpha, mode, batch, size, steps, warmup, threads)
+                row["gflops"] = flops * (3 if mode == "train" else 1) / row["median_s"] / 1e9
+                row["of_gemm"] = row["gflops"] / gemm[alpha]["gflops"] if engine == "mbnet" else None
+                rows.append(row)
+    return {"gemm": gemm, "benchmark": "e2e", **common.machine_info(), "threads": threads, "batch": batch, "size": size,
             "steps": steps, "warmup": warmup, "torch": have_torch or None, "rows": rows,
             "seconds": time.perf_counter() - t0}
 
@@ -160,27 +207,33 @@ def run(alphas=ALPHAS, batch=128, size=32, steps=10, warmup=2, threads=None, tin
 def markdown(res):
     rows, by = [], {(r["engine"], r["alpha"], r["mode"]): r for r in res["rows"]}
     for r in res["rows"]:
-        other = by.get(("torch" if r["engine"] == "mbnet" else "mbnet", r["alpha"], r["mode"]))
+        other = by.get(("torch", r["alpha"], "infer" if r["mode"] == "plan" else r["mode"])) if r["engine"] == "mbnet" \
+            else None
         vs = None
         if r["engine"] == "mbnet" and other is not None:
             vs = f"{r['images_per_s'] / other['images_per_s']:.2f}"
             if other["params"] != r["params"]:
                 vs += f" (params differ: {other['params']:,})"
+        of_gemm = None if r.get("of_gemm") is None else f"{100 * r['of_gemm']:.0f}%"
         rows.append((r["name"], r["alpha"], r["mode"], f"{r['params'] / 1e6:.2f}M", r["median_s"] * 1e3,
-                     r["images_per_s"], vs, r["need_mb"], r["peak_rss_mb"], r["libs_rss_mb"]))
+                     r["images_per_s"], vs, r.get("gflops"), of_gemm, r["need_mb"], r["peak_rss_mb"], r["libs_rss_mb"]))
     method = sorted({r["memory_method"] for r in res["rows"]})
     lines = ["## End to end: MobileNetV1 training step and inference", ""] + common.header(res) + [
         "",
         f"Batch {res['batch']}, {res['size']}x{res['size']}x3, {res['threads']} threads for both engines, "
         f"median of {res['steps']} steps after {res['warmup']} warm-up, one fresh process per row. "
-        "train = forward + cross-entropy + backward + SGD(momentum) update; infer = eval forward, no grad. "
+        "train = forward + cross-entropy + backward + SGD(momentum) update; infer = eval forward, no grad; "
+        "plan = the same inference through the compiled plan (mbnet.plan), against PyTorch's infer. "
+        "GFLOP/s = 2 x mult-adds x batch (x3 for train) / step time; of GEMM = that over the rate of mbnet's own "
+        "GEMM on the width's largest pointwise layer, measured just before in the same process ("
+        + ", ".join(f"α={a:g}: {g['layer']} {g['gflops']:.0f} GFLOP/s" for a, g in res.get("gemm", {}).items()) + "). "
         "vs torch = our images/s / PyTorch's (> 1: ours is faster). "
         f"Memory from /proc/self/status ({', '.join(method)}): libs = VmRSS after importing the engine, "
         "peak = VmHWM over model building, warm-up and timed steps, need = peak - libs (weights, gradients, "
         "optimizer state, input, activations, workspaces, allocator cache)." + ("" if res["torch"] else " No PyTorch rows (not installed, or --no-torch)."),
         "",
-        common.table(["engine", "α", "mode", "params", "ms / step", "images/s", "vs torch", "need MB",
-                      "peak RSS MB", "libs MB"], rows, "lrlrrrrrrr"),
+        common.table(["engine", "α", "mode", "params", "ms / step", "images/s", "vs torch", "GFLOP/s", "of GEMM",
+                      "need MB", "peak RSS MB", "libs MB"], rows, "lrlrrrrrrrrr"),
     ]
     return "\n".join(lines)
 
