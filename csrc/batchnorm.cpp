@@ -1,9 +1,11 @@
 // BatchNorm fused with ReLU / ReLU6, and the activations alone.
 //
 // x has any rank >= 2 and is viewed as (M, C): C is the last (contiguous) axis, M all the others.
-// Passes over memory: train forward = statistics + normalize; train backward = reduction + dx;
-// inference forward and backward = one pass each. Every loop runs over contiguous channels with
-// per-channel (per-thread) accumulators, so GCC vectorizes it without reordering any sum.
+// Passes over memory: train forward = statistics + normalize (normalize alone when the statistics
+// come from the convolution's kernel: batchnorm_act_train_fwd_from_stats); train backward =
+// reduction + dx; inference forward and backward = one pass each. Every loop runs over contiguous
+// channels with per-channel (per-thread) accumulators, so GCC vectorizes it without reordering
+// any sum.
 // Kernels (batchnorm_act_f32_*) take a BnShape and raw pointers; the bindings check the arguments,
 // allocate the outputs and call them without the GIL.
 #include <omp.h>
@@ -163,13 +165,14 @@ void grad_sums(const BnShape& R, const float* dy, const float* x, const float* y
 // ---- kernels -----------------------------------------------------------------------------------
 // x, y, dy, dx (M, C); per-channel arrays (C,). The activation's mask is read from y.
 
-// y = act(BN(x)) with batch statistics; writes mean and invstd, updates rmean and rvar in place.
-void batchnorm_act_f32_train_fwd(const BnShape& R, Act act_kind, const float* x, const float* gamma,
-                                 const float* beta, float* rmean, float* rvar, double momentum,
-                                 double eps, float* y, float* mean_out, float* invstd_out) {
+// y = act(BN(x)) with the batch statistics mean and var (biased: batch_stats, or the convolution's
+// ChannelStats); writes mean_out and invstd, updates rmean and rvar in place.
+void batchnorm_act_f32_train_apply(const BnShape& R, Act act_kind, const float* x,
+                                   const std::vector<double>& mean, const std::vector<double>& var,
+                                   const float* gamma, const float* beta, float* rmean, float* rvar,
+                                   double momentum, double eps, float* y, float* mean_out,
+                                   float* invstd_out) {
     const index_t C = R.C;
-    std::vector<double> mean, var;
-    batch_stats(R, x, mean, var);
     std::vector<float> scale(C), shift(C);
     for (index_t c = 0; c < C; ++c) {
         double invstd = 1.0 / std::sqrt(var[c] + eps);
@@ -320,27 +323,65 @@ void check_eps(double eps) {
 
 BnShape shape_of(const F32& x) { return make_shape(x.size() / x[-1], x[-1]); }
 
+// The arguments both training forwards share: x (..., C); gamma, beta, running_* (C,).
+struct TrainFwdArgs {
+    F32 x, gamma, beta, rmean, rvar;
+    double momentum, eps;
+    Act act;
+    TrainFwdArgs(const py::object& x_, const py::object& gamma_, const py::object& beta_,
+                 const py::object& rmean_, const py::object& rvar_, double momentum_, double eps_,
+                 const std::string& act_name)
+        : x(check_f32(x_, "x", -2)), momentum(momentum_), eps(eps_) {
+        gamma = check_channel_vec(gamma_, "gamma", x);
+        beta = check_channel_vec(beta_, "beta", x);
+        rmean = check_writeable_channel_vec(rmean_, "running_mean", x);
+        rvar = check_writeable_channel_vec(rvar_, "running_var", x);
+        require(momentum >= 0.0 && momentum <= 1.0,
+                "momentum must be in [0, 1], got " + std::to_string(momentum));
+        check_eps(eps);
+        act = parse_act(act_name);
+    }
+
+    // (y, mean, invstd) from stats(mean, var), then apply, without the GIL.
+    template <class Stats>
+    py::tuple run(Stats&& stats) const {
+        const BnShape R = shape_of(x);
+        auto y = new_f32(x.shape, "y"), mean = new_f32({R.C}), invstd = new_f32({R.C});
+        float *yp = ptr(y), *mp = ptr(mean), *ip = ptr(invstd);
+        {
+            py::gil_scoped_release nogil;
+            std::vector<double> m, v;
+            stats(R, m, v);
+            batchnorm_act_f32_train_apply(R, act, x.ptr, m, v, gamma.ptr, beta.ptr, rmean.ptr,
+                                          rvar.ptr, momentum, eps, yp, mp, ip);
+        }
+        return py::make_tuple(y, mean, invstd);
+    }
+};
+
 py::tuple bn_train_fwd(const py::object& x_, const py::object& gamma_, const py::object& beta_,
                        const py::object& rmean_, const py::object& rvar_, double momentum,
                        double eps, const std::string& act_name) {
-    F32 x = check_f32(x_, "x", -2);
-    F32 gamma = check_channel_vec(gamma_, "gamma", x);
-    F32 beta = check_channel_vec(beta_, "beta", x);
-    F32 rmean = check_writeable_channel_vec(rmean_, "running_mean", x);
-    F32 rvar = check_writeable_channel_vec(rvar_, "running_var", x);
-    require(momentum >= 0.0 && momentum <= 1.0,
-            "momentum must be in [0, 1], got " + std::to_string(momentum));
-    check_eps(eps);
-    Act a = parse_act(act_name);
-    const BnShape R = shape_of(x);
-    auto y = new_f32(x.shape, "y"), mean = new_f32({R.C}), invstd = new_f32({R.C});
-    float *yp = ptr(y), *mp = ptr(mean), *ip = ptr(invstd);
-    {
-        py::gil_scoped_release nogil;
-        batchnorm_act_f32_train_fwd(R, a, x.ptr, gamma.ptr, beta.ptr, rmean.ptr, rvar.ptr, momentum,
-                                    eps, yp, mp, ip);
-    }
-    return py::make_tuple(y, mean, invstd);
+    const TrainFwdArgs args(x_, gamma_, beta_, rmean_, rvar_, momentum, eps, act_name);
+    return args.run([&](const BnShape& R, std::vector<double>& m, std::vector<double>& v) {
+        batch_stats(R, args.x.ptr, m, v);
+    });
+}
+
+py::tuple bn_train_fwd_from_stats(const py::object& x_, const py::object& mean_,
+                                  const py::object& var_, const py::object& gamma_,
+                                  const py::object& beta_, const py::object& rmean_,
+                                  const py::object& rvar_, double momentum, double eps,
+                                  const std::string& act_name) {
+    const TrainFwdArgs args(x_, gamma_, beta_, rmean_, rvar_, momentum, eps, act_name);
+    F32 mean = check_channel_vec(mean_, "mean", args.x), var = check_channel_vec(var_, "var", args.x);
+    for (index_t c = 0; c < var.size(); ++c)
+        require(var.ptr[c] >= 0.0f && std::isfinite(var.ptr[c]),
+                "var must be finite and >= 0 (a biased variance), got " + std::to_string(var.ptr[c]));
+    return args.run([&](const BnShape& R, std::vector<double>& m, std::vector<double>& v) {
+        m.assign(mean.ptr, mean.ptr + R.C);
+        v.assign(var.ptr, var.ptr + R.C);
+    });
 }
 
 py::tuple bn_train_bwd(const py::object& dy_, const py::object& x_, const py::object& y_,
@@ -432,6 +473,13 @@ void bind_batchnorm(py::module_& m) {
           "act(BatchNorm(x)) with batch statistics over all axes but the last; updates\n"
           "running_mean/running_var in place: new = (1-momentum)*old + momentum*batch, with the\n"
           "unbiased batch variance.");
+    m.def("batchnorm_act_train_fwd_from_stats", &bn_train_fwd_from_stats, py::arg("x"),
+          py::arg("mean"), py::arg("var"), py::arg("gamma"), py::arg("beta"),
+          py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"),
+          py::arg("act"),
+          "x (..., C), mean/var/gamma/beta/running_* (C,) -> (y (..., C), mean (C,), invstd (C,)).\n"
+          "batchnorm_act_train_fwd with x's batch mean and biased variance given (as the *_fwd_stats\n"
+          "convolutions return them): one pass over x instead of two.");
     m.def("batchnorm_act_train_bwd", &bn_train_bwd, py::arg("dy"), py::arg("x"), py::arg("y"),
           py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
           "dy, x, y (..., C), gamma, beta, mean, invstd (C,) -> (dx (..., C), dgamma (C,), dbeta (C,)).\n"

@@ -154,6 +154,15 @@ def b_bn_train_bwd(draw, rng):
             ("f32", mean.astype(np.float32)), ("f32", invstd.astype(np.float32)), ("act", act)]
 
 
+def b_bn_train_fwd_from_stats(draw, rng):
+    shape = bn_shape(draw)
+    gamma, beta, rm, rv = bn_params(rng, shape[-1])
+    x = rng.standard_normal(shape).astype(np.float32)
+    _, mean, var = R._with_stats(x)
+    return [("f32", x), ("f32", mean), ("f32", var), gamma, beta, rm, rv, ("real", 0.1), ("real", 1e-5),
+            ("act", draw_act(draw))]
+
+
 def b_bn_infer_fwd(draw, rng):
     shape = bn_shape(draw)
     gamma, beta, mean, var = bn_params(rng, shape[-1])
@@ -212,17 +221,21 @@ def b_no_args(draw, rng):
 BINDINGS = {
     "matmul": b_matmul,
     "pwconv2d_fwd": b_pw_fwd,
+    "pwconv2d_fwd_stats": b_pw_fwd,
     "pwconv2d_bwd_input": b_pw_bwd_input,
     "pwconv2d_bwd_weight": b_pw_bwd_weight,
     "linear_fwd": b_linear_fwd,
     "linear_bwd": b_linear_bwd,
     "dwconv2d_fwd": b_dw_fwd,
+    "dwconv2d_fwd_stats": b_dw_fwd,
     "dwconv2d_bwd_input": b_dw_bwd_input,
     "dwconv2d_bwd_weight": b_dw_bwd_weight,
     "conv2d_fwd": b_conv_fwd,
+    "conv2d_fwd_stats": b_conv_fwd,
     "conv2d_bwd_input": b_conv_bwd_input,
     "conv2d_bwd_weight": b_conv_bwd_weight,
     "batchnorm_act_train_fwd": b_bn_train_fwd,
+    "batchnorm_act_train_fwd_from_stats": b_bn_train_fwd_from_stats,
     "batchnorm_act_train_bwd": b_bn_train_bwd,
     "batchnorm_act_infer_fwd": b_bn_infer_fwd,
     "batchnorm_act_infer_bwd": b_bn_infer_bwd,
