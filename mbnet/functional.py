@@ -10,6 +10,11 @@ the same name and arguments from ``mbnet.reference`` when they are float64 (the 
 finite-difference gradient checks use). All tensors of one call must share a dtype.
 
 ``profile()`` times every kernel call by name (used by benchmarks/bench_step.py).
+
+Convolutions called with ``stats=True`` also return their output's per-channel (mean, var), summed
+by the kernel while it writes the output; ``batch_norm(..., stats=...)`` in training then
+normalizes in one pass over its input instead of two. mbnet.nn does this for every convolution
+followed by a BatchNorm2d while ``FUSE`` is true (``fuse_statistics()``).
 """
 import contextlib
 import time
@@ -22,6 +27,14 @@ from .tensor import Function, Tensor, mul
 
 _timings = None  # name -> [calls, seconds] while profile() is active
 _bn_allreduce = None  # set_batch_norm_allreduce: training BatchNorm uses the statistics of all ranks
+FUSE = True  # training convolutions hand their output's statistics to the BatchNorm after them (mbnet.nn)
+
+
+def fuse_statistics():
+    """Whether mbnet.nn's training convolutions compute their output's statistics for the
+    BatchNorm2d after them: ``FUSE``, and no set_batch_norm_allreduce (SyncBatchNormTrain sums its
+    input itself)."""
+    return FUSE and _bn_allreduce is None
 
 
 @contextlib.contextmanager
@@ -71,10 +84,30 @@ def _common_dtype(op, **tensors):
 
 # --- full and depthwise convolution -------------------------------------------------------------
 
+def _conv_forward(function, kernel, x, w, *args):
+    """y = kernel_fwd(x, w, *args); when function.stats is a list, kernel_fwd_stats appends y's
+    (mean, var) to it."""
+    if function.stats is None:
+        return _run(kernel + "_fwd", x.dtype, x, w, *args)
+    y, mean, var = _run(kernel + "_fwd_stats", x.dtype, x, w, *args)
+    function.stats += [mean, var]
+    return y
+
+
+def _call_conv(function, x, w, stats):
+    """function(x, w), or with stats (y, (mean, var))."""
+    if not stats:
+        return function(x, w)
+    function.stats = out = []  # a list of ours: Function.release() clears the function's attributes
+    y = function(x, w)
+    return y, tuple(out)
+
+
 class _StridedConv(Function):
     """x, w -> y by the kernels ``{kernel}_fwd``, ``{kernel}_bwd_input`` and ``{kernel}_bwd_weight``,
     which take (stride, padding) and, in backward, the (h, w) of the input or of the kernel."""
     kernel = None
+    stats = None
 
     def __init__(self, stride, padding):
         self.stride, self.padding = stride, padding
@@ -83,7 +116,7 @@ class _StridedConv(Function):
         self.x = x if self.needs_input_grad[1] else None
         self.w = w if self.needs_input_grad[0] else None
         self.input_hw, self.kernel_hw = x.shape[1:3], w.shape[:2]
-        return _run(self.kernel + "_fwd", x.dtype, x, w, self.stride, self.padding)
+        return _conv_forward(self, self.kernel, x, w, self.stride, self.padding)
 
     def backward(self, gy):
         gx = gw = None
@@ -98,30 +131,34 @@ class Conv2d(_StridedConv):
     kernel = "conv2d"
 
 
-def conv2d(x, w, stride=1, padding=0):
+def conv2d(x, w, stride=1, padding=0, stats=False):
     """x (n, h, w, ci), w (kh, kw, ci, co) -> (n, ho, wo, co), ho = (h + 2p - kh) // s + 1.
-    Full convolution (cross-correlation), no bias."""
+    Full convolution (cross-correlation), no bias. stats: return (y, (mean, var)), y's
+    per-channel mean and biased variance over n, ho, wo (ndarrays, for batch_norm's stats)."""
     _common_dtype("conv2d", x=x, w=w)
-    return Conv2d(stride, padding)(x, w)
+    return _call_conv(Conv2d(stride, padding), x, w, stats)
 
 
 class DepthwiseConv2d(_StridedConv):
     kernel = "dwconv2d"
 
 
-def depthwise_conv2d(x, w, stride=1, padding=1):
-    """x (n, h, w, c), w (kh, kw, c) -> (n, ho, wo, c): one kh x kw filter per channel."""
+def depthwise_conv2d(x, w, stride=1, padding=1, stats=False):
+    """x (n, h, w, c), w (kh, kw, c) -> (n, ho, wo, c): one kh x kw filter per channel.
+    stats: return (y, (mean, var)) as conv2d does."""
     _common_dtype("depthwise_conv2d", x=x, w=w)
-    return DepthwiseConv2d(stride, padding)(x, w)
+    return _call_conv(DepthwiseConv2d(stride, padding), x, w, stats)
 
 
 # --- pointwise (1x1) convolution -----------------------------------------------------------------
 
 class PointwiseConv2d(Function):
+    stats = None
+
     def forward(self, x, w):
         self.x = x if self.needs_input_grad[1] else None
         self.w = w if self.needs_input_grad[0] else None
-        return _run("pwconv2d_fwd", x.dtype, x, w)
+        return _conv_forward(self, "pwconv2d", x, w)
 
     def backward(self, gy):
         gx = gw = None
@@ -132,23 +169,30 @@ class PointwiseConv2d(Function):
         return gx, gw
 
 
-def pointwise_conv2d(x, w):
-    """x (n, h, w, ci), w (ci, co) -> (n, h, w, co): a matrix product over the n·h·w pixels."""
+def pointwise_conv2d(x, w, stats=False):
+    """x (n, h, w, ci), w (ci, co) -> (n, h, w, co): a matrix product over the n·h·w pixels.
+    stats: return (y, (mean, var)) as conv2d does."""
     _common_dtype("pointwise_conv2d", x=x, w=w)
-    return PointwiseConv2d()(x, w)
+    return _call_conv(PointwiseConv2d(), x, w, stats)
 
 
 # --- BatchNorm fused with an activation ----------------------------------------------------------
 
 class BatchNormTrain(Function):
-    def __init__(self, running_mean, running_var, momentum, eps, act):
+    """stats: x's batch (mean, var), or None to compute them (a second pass over x)."""
+
+    def __init__(self, running_mean, running_var, momentum, eps, act, stats=None):
         self.running_mean, self.running_var = running_mean, running_var
-        self.momentum, self.eps, self.act = momentum, eps, act
+        self.momentum, self.eps, self.act, self.stats = momentum, eps, act, stats
 
     def forward(self, x, gamma, beta):
-        y, mean, invstd = _run("batchnorm_act_train_fwd", x.dtype, x, gamma, beta, self.running_mean,
-                               self.running_var, self.momentum, self.eps, self.act)
-        del self.running_mean, self.running_var
+        running = (self.running_mean, self.running_var, self.momentum, self.eps, self.act)
+        if self.stats is None:
+            y, mean, invstd = _run("batchnorm_act_train_fwd", x.dtype, x, gamma, beta, *running)
+        else:
+            y, mean, invstd = _run("batchnorm_act_train_fwd_from_stats", x.dtype, x, *self.stats, gamma, beta,
+                                   *running)
+        del self.running_mean, self.running_var, self.stats
         self.saved = (x, y, gamma, beta, mean, invstd)
         return y
 
@@ -230,7 +274,8 @@ def set_batch_norm_allreduce(allreduce):
     _bn_allreduce = allreduce
 
 
-def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, act="none"):
+def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, act="none",
+               stats=None):
     """x (..., c) (NHWC: statistics over n, h, w), gamma/beta (c,) Tensors, running_mean/var (c,)
     ndarrays of x's dtype -> act(BN(x)), same shape as x.
 
@@ -238,6 +283,8 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
     running_var in place: new = (1 - momentum) * old + momentum * batch (unbiased variance), also
     under no_grad. Otherwise normalizes with the running statistics. act: "none", "relu", "relu6".
     After set_batch_norm_allreduce(fn), training uses the statistics of all processes.
+    stats: x's per-channel (mean, var) (biased) from a convolution called with stats=True; training
+    (without set_batch_norm_allreduce) then uses them instead of a pass over x.
     """
     dtype = _common_dtype("batch_norm", x=x, gamma=gamma, beta=beta)
     for name, a in (("running_mean", running_mean), ("running_var", running_var)):
@@ -246,7 +293,7 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
     if training and _bn_allreduce is not None:
         return SyncBatchNormTrain(running_mean, running_var, momentum, eps, act, _bn_allreduce)(x, gamma, beta)
     if training:
-        return BatchNormTrain(running_mean, running_var, momentum, eps, act)(x, gamma, beta)
+        return BatchNormTrain(running_mean, running_var, momentum, eps, act, stats)(x, gamma, beta)
     return BatchNormInfer(running_mean, running_var, eps, act)(x, gamma, beta)
 
 
