@@ -257,19 +257,19 @@ class ChannelStats {
     // Adds rows [r0, r0 + n), columns [c0, c0 + nc) of y; row r0 at `y`, rows `ld` floats apart.
     // Each block's rows must come in order, from one thread at a time.
     void add(index_t r0, index_t n, index_t c0, index_t nc, const float* y, index_t ld) {
-        for (index_t r = r0; r < r0 + n; ++r) {
-            const index_t at = r / block_ * C_ + c0;
-            const float* __restrict__ yr = y + (r - r0) * ld;
-            double* __restrict__ k = &shift_[at];
-            double* __restrict__ s = &s_[at];
-            double* __restrict__ q = &q_[at];
-            if (r % block_ == 0)
-                for (index_t c = 0; c < nc; ++c) k[c] = yr[c];
-            for (index_t c = 0; c < nc; ++c) {
-                const double d = double(yr[c]) - k[c];
-                s[c] += d;
-                q[c] += d * d;
-            }
+        for (index_t r = r0; r < r0 + n;) {  // the rows [r, end) of one block
+            const index_t b = r / block_, end = std::min(r0 + n, (b + 1) * block_);
+            const float* yr = y + (r - r0) * ld;
+            double* k = &shift_[b * C_ + c0];
+            if (r == b * block_) std::copy(yr, yr + nc, k);
+            // Columns outer, rows inner: each column's sums stay in registers over the rows and
+            // take the rows in the same order as row by row.
+            double *s = &s_[b * C_ + c0], *q = &q_[b * C_ + c0];
+            index_t c = 0;
+            for (; c + kStatsCols <= nc; c += kStatsCols)
+                add_cols<kStatsCols>(end - r, yr + c, ld, k + c, s + c, q + c);
+            for (; c < nc; ++c) add_cols<1>(end - r, yr + c, ld, k + c, s + c, q + c);
+            r = end;
         }
     }
 
@@ -296,6 +296,33 @@ class ChannelStats {
     }
 
    private:
+    static constexpr index_t kStatsCols = 16;
+
+    // s[j] += sum over rows i of (y[i * ld + j] - k[j]), q[j] of its square, j < W, in row order
+    // (the difference in float, as batchnorm.cpp's batch_stats; k holds floats).
+    template <index_t W>
+    static void add_cols(index_t rows, const float* __restrict__ y, index_t ld,
+                         const double* __restrict__ k, double* __restrict__ s,
+                         double* __restrict__ q) {
+        double as[W], aq[W];
+        float ak[W];
+        for (index_t j = 0; j < W; ++j) {
+            as[j] = s[j];
+            aq[j] = q[j];
+            ak[j] = float(k[j]);
+        }
+        for (index_t i = 0; i < rows; ++i)
+            for (index_t j = 0; j < W; ++j) {
+                const double d = double(y[i * ld + j] - ak[j]);
+                as[j] += d;
+                aq[j] += d * d;
+            }
+        for (index_t j = 0; j < W; ++j) {
+            s[j] = as[j];
+            q[j] = aq[j];
+        }
+    }
+
     index_t M_, C_, block_;
     std::vector<double> shift_, s_, q_;  // (blocks, C): each block's first row, sums, squares
 };
