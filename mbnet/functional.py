@@ -193,12 +193,12 @@ class BatchNormTrain(Function):
             y, mean, invstd = _run("batchnorm_act_train_fwd_from_stats", x.dtype, x, *self.stats, gamma, beta,
                                    *running)
         del self.running_mean, self.running_var, self.stats
-        self.saved = (x, y, gamma, beta, mean, invstd)
+        self.saved = (x, gamma, beta, mean, invstd)
         return y
 
     def backward(self, gy):
-        x, y, gamma, beta, mean, invstd = self.saved
-        gx, ggamma, gbeta = _run("batchnorm_act_train_bwd", gy.dtype, gy, x, y, gamma, beta, mean, invstd, self.act)
+        x, gamma, beta, mean, invstd = self.saved
+        gx, ggamma, gbeta = _run("batchnorm_act_train_bwd", gy.dtype, gy, x, gamma, beta, mean, invstd, self.act)
         need = self.needs_input_grad
         return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None
 

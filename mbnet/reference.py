@@ -172,9 +172,9 @@ def batchnorm_act_train_fwd_from_stats(x, mean, var, gamma, beta, running_mean, 
     return act_fwd(z, act), mean.copy(), invstd
 
 
-def batchnorm_act_train_bwd(dy, x, y, gamma, beta, mean, invstd, act):
-    """Returns (dx, dgamma, dbeta) of batchnorm_act_train_fwd (y is unused: the activation's
-    mask is recomputed from the pre-activation)."""
+def batchnorm_act_train_bwd(dy, x, gamma, beta, mean, invstd, act):
+    """Returns (dx, dgamma, dbeta) of batchnorm_act_train_fwd (the activation's mask is
+    recomputed from the pre-activation)."""
     axes = tuple(range(x.ndim - 1))
     m = x.size // x.shape[-1]
     xhat = (x - mean) * invstd
