@@ -32,9 +32,8 @@ FUSE = True  # training convolutions hand their output's statistics to the Batch
 
 def fuse_statistics():
     """Whether mbnet.nn's training convolutions compute their output's statistics for the
-    BatchNorm2d after them: ``FUSE``, and no set_batch_norm_allreduce (SyncBatchNormTrain sums its
-    input itself)."""
-    return FUSE and _bn_allreduce is None
+    BatchNorm2d after them (``FUSE``)."""
+    return FUSE
 
 
 @contextlib.contextmanager
@@ -224,29 +223,38 @@ class BatchNormInfer(Function):
 
 class SyncBatchNormTrain(Function):
     """BatchNormTrain with the statistics of the global batch spread over several processes:
-    ``allreduce`` (float64 ndarray -> its sum over the processes) reduces the per-channel sum,
-    sum of squares and count in forward and the two per-channel gradient sums in backward. Runs
-    on the fixed-statistics kernels; dgamma and dbeta stay this process's share (the gradient
-    allreduce adds them up)."""
+    ``allreduce`` (float64 ndarray -> its sum over the processes) reduces, per channel, the count
+    m times this process's batch mean, variance and squared mean (from ``stats``, x's (mean, var),
+    or summed here) and the count in forward, and the two per-channel gradient sums in backward.
+    Runs on the fixed-statistics kernels; dgamma and dbeta stay this process's share (the
+    gradient allreduce adds them up)."""
 
-    def __init__(self, running_mean, running_var, momentum, eps, act, allreduce):
+    def __init__(self, running_mean, running_var, momentum, eps, act, allreduce, stats=None):
         self.running_mean, self.running_var = running_mean, running_var
-        self.momentum, self.eps, self.act, self.allreduce = momentum, eps, act, allreduce
+        self.momentum, self.eps, self.act, self.allreduce, self.stats = momentum, eps, act, allreduce, stats
 
     def forward(self, x, gamma, beta):
         c = x.shape[-1]
-        x2 = x.reshape(-1, c)
-        s = self.allreduce(np.concatenate([x2.sum(0, dtype=np.float64), np.einsum("ij,ij->j", x2, x2, dtype=np.float64),
-                                           [len(x2)]]))
+        m = x.size // c
+        if self.stats is None:
+            x2 = x.reshape(-1, c)
+            total = x2.sum(0, dtype=np.float64)
+            mean_sq = total * total / m
+            local = [total, np.einsum("ij,ij->j", x2, x2, dtype=np.float64) - mean_sq, mean_sq]
+        else:
+            mean, var = (np.asarray(a, np.float64) for a in self.stats)
+            local = [m * mean, m * var, m * mean * mean]
+        s = self.allreduce(np.concatenate(local + [[m]]))
         n = s[-1]
         mean = s[:c] / n
-        var = np.maximum(s[c:2 * c] / n - mean * mean, 0.0)
+        # The variance within the processes' batches plus that of their means about the mean.
+        var = np.maximum(s[c:2 * c] / n + (s[2 * c:3 * c] / n - mean * mean), 0.0)
         m = self.momentum
         self.running_mean *= 1 - m
         self.running_mean += (m * mean).astype(x.dtype)
         self.running_var *= 1 - m
         self.running_var += (m * var * n / max(n - 1, 1)).astype(x.dtype)
-        del self.running_mean, self.running_var
+        del self.running_mean, self.running_var, self.stats
         mean, var = mean.astype(x.dtype), var.astype(x.dtype)
         y = _run("batchnorm_act_infer_fwd", x.dtype, x, gamma, beta, mean, var, self.eps, self.act)
         self.saved = (x, y, gamma, beta, mean, var, n)
@@ -284,14 +292,14 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
     under no_grad. Otherwise normalizes with the running statistics. act: "none", "relu", "relu6".
     After set_batch_norm_allreduce(fn), training uses the statistics of all processes.
     stats: x's per-channel (mean, var) (biased) from a convolution called with stats=True; training
-    (without set_batch_norm_allreduce) then uses them instead of a pass over x.
+    then uses them instead of a pass over x.
     """
     dtype = _common_dtype("batch_norm", x=x, gamma=gamma, beta=beta)
     for name, a in (("running_mean", running_mean), ("running_var", running_var)):
         if not isinstance(a, np.ndarray) or a.dtype != dtype:
             raise TypeError(f"batch_norm: {name} must be an ndarray of {dtype}")
     if training and _bn_allreduce is not None:
-        return SyncBatchNormTrain(running_mean, running_var, momentum, eps, act, _bn_allreduce)(x, gamma, beta)
+        return SyncBatchNormTrain(running_mean, running_var, momentum, eps, act, _bn_allreduce, stats)(x, gamma, beta)
     if training:
         return BatchNormTrain(running_mean, running_var, momentum, eps, act, stats)(x, gamma, beta)
     return BatchNormInfer(running_mean, running_var, eps, act)(x, gamma, beta)
