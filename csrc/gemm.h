@@ -26,11 +26,11 @@ void sgemm_single_thread(std::int64_t M, std::int64_t N, std::int64_t K,
 // Called as epilogue(row, rows, column, columns) on each block of C once it is final.
 using GemmEpilogue = std::function<void(std::int64_t, std::int64_t, std::int64_t, std::int64_t)>;
 
-// sgemm (C = A * B, no accumulate) that hands every block of C to `epilogue` once it is final,
-// while it is still in cache; C's rows count from row0 (the global row of C's first row). Threads
-// split C's columns, or its rows on the blocks of kStatsRows rows counted from row0: each element
-// of C is summed in the same order as sgemm without a K split, and per column the rows of a block
-// reach the epilogue in order, from one thread (what ChannelStats needs).
+// sgemm (C = A * B, no accumulate) that hands every block of C to `epilogue` (rows and columns
+// of C) once it is final, while it is still in cache. Threads split C's columns, or its rows on
+// the blocks of kStatsRows rows of a larger matrix whose row row0 is C's first: each element of C
+// is summed in the same order as sgemm without a K split, and per column the rows of such a
+// block reach the epilogue in order, from one thread (what ChannelStats needs).
 void sgemm_epilogue(std::int64_t M, std::int64_t N, std::int64_t K,
                     const float* A, std::int64_t rsa, std::int64_t csa,
                     const float* B, std::int64_t rsb, std::int64_t csb,

@@ -14,7 +14,7 @@ finite-difference gradient checks use). All tensors of one call must share a dty
 Convolutions called with ``stats=True`` also return their output's per-channel (mean, var), summed
 by the kernel while it writes the output; ``batch_norm(..., stats=...)`` in training then
 normalizes in one pass over its input instead of two. mbnet.nn does this for every convolution
-followed by a BatchNorm2d while ``FUSE`` is true (``fuse_statistics()``).
+followed by a BatchNorm2d while ``FUSE`` is true.
 """
 import contextlib
 import time
@@ -28,12 +28,6 @@ from .tensor import Function, Tensor, mul
 _timings = None  # name -> [calls, seconds] while profile() is active
 _bn_allreduce = None  # set_batch_norm_allreduce: training BatchNorm uses the statistics of all ranks
 FUSE = True  # training convolutions hand their output's statistics to the BatchNorm after them (mbnet.nn)
-
-
-def fuse_statistics():
-    """Whether mbnet.nn's training convolutions compute their output's statistics for the
-    BatchNorm2d after them (``FUSE``)."""
-    return FUSE
 
 
 @contextlib.contextmanager
@@ -235,16 +229,16 @@ class SyncBatchNormTrain(Function):
 
     def forward(self, x, gamma, beta):
         c = x.shape[-1]
-        m = x.size // c
+        rows = x.size // c
         if self.stats is None:
             x2 = x.reshape(-1, c)
             total = x2.sum(0, dtype=np.float64)
-            mean_sq = total * total / m
+            mean_sq = total * total / rows
             local = [total, np.einsum("ij,ij->j", x2, x2, dtype=np.float64) - mean_sq, mean_sq]
         else:
             mean, var = (np.asarray(a, np.float64) for a in self.stats)
-            local = [m * mean, m * var, m * mean * mean]
-        s = self.allreduce(np.concatenate(local + [[m]]))
+            local = [rows * mean, rows * var, rows * mean * mean]
+        s = self.allreduce(np.concatenate(local + [[rows]]))
         n = s[-1]
         mean = s[:c] / n
         # The variance within the processes' batches plus that of their means about the mean.

@@ -191,10 +191,10 @@ def _conv_out(size, k, stride, padding):
 
 
 def _conv(module, fn, x, *args):
-    """fn(x, module.weight, *args). In training with F.fuse_statistics(), fn's kernel also sums
-    the output's per-channel statistics, kept as y.batch_stats for the BatchNorm2d after it (which
-    then makes one pass over y instead of two)."""
-    if not (module.training and F.fuse_statistics()):
+    """fn(x, module.weight, *args). In training with F.FUSE, fn's kernel also sums the output's
+    per-channel statistics, kept as y.batch_stats for the BatchNorm2d after it (which then makes
+    one pass over y instead of two)."""
+    if not (module.training and F.FUSE):
         return fn(x, module.weight, *args)
     y, stats = fn(x, module.weight, *args, stats=True)
     y.batch_stats = stats
