@@ -1,9 +1,11 @@
 // BatchNorm fused with ReLU / ReLU6, and the activations alone.
 //
 // x has any rank >= 2 and is viewed as (M, C): C is the last (contiguous) axis, M all the others.
-// Passes over memory: train forward = statistics + normalize; train backward = reduction + dx;
-// inference forward and backward = one pass each. Every loop runs over contiguous channels with
-// per-channel (per-thread) accumulators, so GCC vectorizes it without reordering any sum.
+// Passes over memory: train forward = statistics + normalize (normalize alone when the statistics
+// come from the convolution's kernel: batchnorm_act_train_fwd_from_stats); train backward =
+// reduction + dx; inference forward and backward = one pass each. Every loop runs over contiguous
+// channels with per-channel (per-thread) accumulators, so GCC vectorizes it without reordering
+// any sum.
 // Kernels (batchnorm_act_f32_*) take a BnShape and raw pointers; the bindings check the arguments,
 // allocate the outputs and call them without the GIL.
 #include <omp.h>
@@ -74,6 +76,22 @@ inline float masked(float dy, float y) {
     return dy;
 }
 
+// dy times act's derivative at the pre-activation z (z > 0 exactly where act(z) > 0).
+template <Act A>
+inline float masked_pre(float dy, float z) {
+    if constexpr (A == Act::ReLU) return dy * float(z > 0.0f);
+    if constexpr (A == Act::ReLU6) return dy * float((z > 0.0f) & (z < 6.0f));
+    return dy;
+}
+
+// The pre-activation of training BatchNorm: forward applies act to it, backward recomputes it
+// (the same float operations on the same float per-channel values, so the same bits) for the
+// activation's mask instead of reading the forward's output.
+inline float preact(float x, float mean, float scale, float shift) { return (x - mean) * scale + shift; }
+
+// The scale of training BatchNorm, from the invstd it returns.
+inline float train_scale(float invstd, float gamma) { return float(double(invstd) * gamma); }
+
 template <class F>
 void with_act(Act a, F&& f) {
     switch (a) {
@@ -106,7 +124,7 @@ void normalize_act(const BnShape& R, const float* x, float* y, const std::vector
         const float* __restrict__ b = shift_r.data();
         const float* __restrict__ xr = x + o;
         float* __restrict__ yr = y + o;
-        for (index_t j = 0; j < len; ++j) yr[j] = act<A>((xr[j] - mu[j]) * a[j] + b[j]);
+        for (index_t j = 0; j < len; ++j) yr[j] = act<A>(preact(xr[j], mu[j], a[j], b[j]));
     });
 }
 
@@ -137,21 +155,23 @@ void batch_stats(const BnShape& R, const float* x, std::vector<double>& mean,
     }
 }
 
-// Per-channel sums of dz = mask(dy) and of dz * (x - mean), the two reductions of backward.
+// Per-channel sums of dz = mask(dy) and of dz * (x - mean), the two reductions of training
+// backward; the mask at the pre-activation (x - mean) * scale + shift.
 template <Act A>
-void grad_sums(const BnShape& R, const float* dy, const float* x, const float* y,
-               const std::vector<float>& mean_r, std::vector<double>& sum_dz,
-               std::vector<double>& sum_dz_xc) {
+void grad_sums(const BnShape& R, const float* dy, const float* x, const std::vector<float>& mean_r,
+               const std::vector<float>& scale_r, const std::vector<float>& shift_r,
+               std::vector<double>& sum_dz, std::vector<double>& sum_dz_xc) {
     Partials P(R.W, 2);
     for_each_row(R, [&](index_t o, index_t len) {
         double* __restrict__ sb = P.mine(0);
         double* __restrict__ sg = P.mine(1);
         const float* __restrict__ mu = mean_r.data();
+        const float* __restrict__ a = scale_r.data();
+        const float* __restrict__ b = shift_r.data();
         const float* __restrict__ dyr = dy + o;
         const float* __restrict__ xr = x + o;
-        const float* __restrict__ yr = y + o;
         for (index_t j = 0; j < len; ++j) {
-            float g = masked<A>(dyr[j], yr[j]);
+            float g = masked_pre<A>(dyr[j], preact(xr[j], mu[j], a[j], b[j]));
             sb[j] += double(g);
             sg[j] += double(g * (xr[j] - mu[j]));
         }
@@ -161,21 +181,23 @@ void grad_sums(const BnShape& R, const float* dy, const float* x, const float* y
 }
 
 // ---- kernels -----------------------------------------------------------------------------------
-// x, y, dy, dx (M, C); per-channel arrays (C,). The activation's mask is read from y.
+// x, y, dy, dx (M, C); per-channel arrays (C,). Training backward recomputes the activation's mask
+// from x (one stream fewer in each of its two passes); inference backward reads it from y.
 
-// y = act(BN(x)) with batch statistics; writes mean and invstd, updates rmean and rvar in place.
-void batchnorm_act_f32_train_fwd(const BnShape& R, Act act_kind, const float* x, const float* gamma,
-                                 const float* beta, float* rmean, float* rvar, double momentum,
-                                 double eps, float* y, float* mean_out, float* invstd_out) {
+// y = act(BN(x)) with the batch statistics mean and var (biased: batch_stats, or the convolution's
+// ChannelStats); writes mean_out and invstd, updates rmean and rvar in place.
+void batchnorm_act_f32_train_apply(const BnShape& R, Act act_kind, const float* x,
+                                   const std::vector<double>& mean, const std::vector<double>& var,
+                                   const float* gamma, const float* beta, float* rmean, float* rvar,
+                                   double momentum, double eps, float* y, float* mean_out,
+                                   float* invstd_out) {
     const index_t C = R.C;
-    std::vector<double> mean, var;
-    batch_stats(R, x, mean, var);
     std::vector<float> scale(C), shift(C);
     for (index_t c = 0; c < C; ++c) {
         double invstd = 1.0 / std::sqrt(var[c] + eps);
         mean_out[c] = float(mean[c]);
         invstd_out[c] = float(invstd);
-        scale[c] = float(invstd * gamma[c]);
+        scale[c] = train_scale(invstd_out[c], gamma[c]);
         shift[c] = beta[c];
     }
     auto mean_r = rep<float>(R, mean_out), scale_r = rep<float>(R, scale.data()),
@@ -190,12 +212,16 @@ void batchnorm_act_f32_train_fwd(const BnShape& R, Act act_kind, const float* x,
 
 // Backward through the batch statistics.
 void batchnorm_act_f32_train_bwd(const BnShape& R, Act act_kind, const float* dy, const float* x,
-                                 const float* y, const float* gamma, const float* mean,
+                                 const float* gamma, const float* beta, const float* mean,
                                  const float* invstd, float* dx, float* dgamma, float* dbeta) {
     const index_t C = R.C, M = R.M;
-    auto mean_r = rep<float>(R, mean);
+    std::vector<float> scale(C);
+    for (index_t c = 0; c < C; ++c) scale[c] = train_scale(invstd[c], gamma[c]);
+    auto mean_r = rep<float>(R, mean), scale_r = rep<float>(R, scale.data()), shift_r = rep<float>(R, beta);
     std::vector<double> sum_dz, sum_dz_xc;
-    with_act(act_kind, [&](auto A) { grad_sums<decltype(A)::value>(R, dy, x, y, mean_r, sum_dz, sum_dz_xc); });
+    with_act(act_kind, [&](auto A) {
+        grad_sums<decltype(A)::value>(R, dy, x, mean_r, scale_r, shift_r, sum_dz, sum_dz_xc);
+    });
     // dx = k1*dz - k2 - k3*(x - mean), the usual gamma*invstd/M * (M*dz - dbeta - xhat*dgamma).
     std::vector<float> k1(C), k2(C), k3(C);
     for (index_t c = 0; c < C; ++c) {
@@ -215,12 +241,13 @@ void batchnorm_act_f32_train_bwd(const BnShape& R, Act act_kind, const float* dy
             const float* __restrict__ p1 = k1_r.data();
             const float* __restrict__ p2 = k2_r.data();
             const float* __restrict__ p3 = k3_r.data();
+            const float* __restrict__ a = scale_r.data();
+            const float* __restrict__ b = shift_r.data();
             const float* __restrict__ dyr = dy + o;
             const float* __restrict__ xr = x + o;
-            const float* __restrict__ yr = y + o;
             float* __restrict__ dxr = dx + o;
             for (index_t j = 0; j < len; ++j) {
-                float g = masked<decltype(A)::value>(dyr[j], yr[j]);
+                float g = masked_pre<decltype(A)::value>(dyr[j], preact(xr[j], mu[j], a[j], b[j]));
                 dxr[j] = p1[j] * g - p2[j] - p3[j] * (xr[j] - mu[j]);
             }
         });
@@ -298,16 +325,15 @@ F32 check_writeable_channel_vec(const py::object& obj, const char* name, const F
     return check_channel_vec(obj, name, x);
 }
 
-// The arguments both backwards open with: dy, x, y (..., C) of one shape; gamma, beta, mean (C,).
+// The arguments both backwards share: dy, x (..., C) of one shape; gamma, beta, mean (C,).
 struct BwdArgs {
-    F32 dy, x, y, gamma, mean;
-    BwdArgs(const py::object& dy_, const py::object& x_, const py::object& y_,
-            const py::object& gamma_, const py::object& beta_, const py::object& mean_)
-        : dy(check_f32(dy_, "dy", -2)), x(check_f32(x_, "x", -2)), y(check_f32(y_, "y", -2)) {
+    F32 dy, x, gamma, beta, mean;
+    BwdArgs(const py::object& dy_, const py::object& x_, const py::object& gamma_,
+            const py::object& beta_, const py::object& mean_)
+        : dy(check_f32(dy_, "dy", -2)), x(check_f32(x_, "x", -2)) {
         check_same_shape(dy, "dy", x, "x");
-        check_same_shape(y, "y", x, "x");
         gamma = check_channel_vec(gamma_, "gamma", x);
-        check_channel_vec(beta_, "beta", x);
+        beta = check_channel_vec(beta_, "beta", x);
         mean = check_channel_vec(mean_, "mean", x);
     }
 };
@@ -320,33 +346,71 @@ void check_eps(double eps) {
 
 BnShape shape_of(const F32& x) { return make_shape(x.size() / x[-1], x[-1]); }
 
+// The arguments both training forwards share: x (..., C); gamma, beta, running_* (C,).
+struct TrainFwdArgs {
+    F32 x, gamma, beta, rmean, rvar;
+    double momentum, eps;
+    Act act;
+    TrainFwdArgs(const py::object& x_, const py::object& gamma_, const py::object& beta_,
+                 const py::object& rmean_, const py::object& rvar_, double momentum_, double eps_,
+                 const std::string& act_name)
+        : x(check_f32(x_, "x", -2)), momentum(momentum_), eps(eps_) {
+        gamma = check_channel_vec(gamma_, "gamma", x);
+        beta = check_channel_vec(beta_, "beta", x);
+        rmean = check_writeable_channel_vec(rmean_, "running_mean", x);
+        rvar = check_writeable_channel_vec(rvar_, "running_var", x);
+        require(momentum >= 0.0 && momentum <= 1.0,
+                "momentum must be in [0, 1], got " + std::to_string(momentum));
+        check_eps(eps);
+        act = parse_act(act_name);
+    }
+
+    // (y, mean, invstd) from stats(mean, var), then apply, without the GIL.
+    template <class Stats>
+    py::tuple run(Stats&& stats) const {
+        const BnShape R = shape_of(x);
+        auto y = new_f32(x.shape, "y"), mean = new_f32({R.C}), invstd = new_f32({R.C});
+        float *yp = ptr(y), *mp = ptr(mean), *ip = ptr(invstd);
+        {
+            py::gil_scoped_release nogil;
+            std::vector<double> m, v;
+            stats(R, m, v);
+            batchnorm_act_f32_train_apply(R, act, x.ptr, m, v, gamma.ptr, beta.ptr, rmean.ptr,
+                                          rvar.ptr, momentum, eps, yp, mp, ip);
+        }
+        return py::make_tuple(y, mean, invstd);
+    }
+};
+
 py::tuple bn_train_fwd(const py::object& x_, const py::object& gamma_, const py::object& beta_,
                        const py::object& rmean_, const py::object& rvar_, double momentum,
                        double eps, const std::string& act_name) {
-    F32 x = check_f32(x_, "x", -2);
-    F32 gamma = check_channel_vec(gamma_, "gamma", x);
-    F32 beta = check_channel_vec(beta_, "beta", x);
-    F32 rmean = check_writeable_channel_vec(rmean_, "running_mean", x);
-    F32 rvar = check_writeable_channel_vec(rvar_, "running_var", x);
-    require(momentum >= 0.0 && momentum <= 1.0,
-            "momentum must be in [0, 1], got " + std::to_string(momentum));
-    check_eps(eps);
-    Act a = parse_act(act_name);
-    const BnShape R = shape_of(x);
-    auto y = new_f32(x.shape, "y"), mean = new_f32({R.C}), invstd = new_f32({R.C});
-    float *yp = ptr(y), *mp = ptr(mean), *ip = ptr(invstd);
-    {
-        py::gil_scoped_release nogil;
-        batchnorm_act_f32_train_fwd(R, a, x.ptr, gamma.ptr, beta.ptr, rmean.ptr, rvar.ptr, momentum,
-                                    eps, yp, mp, ip);
-    }
-    return py::make_tuple(y, mean, invstd);
+    const TrainFwdArgs args(x_, gamma_, beta_, rmean_, rvar_, momentum, eps, act_name);
+    return args.run([&](const BnShape& R, std::vector<double>& m, std::vector<double>& v) {
+        batch_stats(R, args.x.ptr, m, v);
+    });
 }
 
-py::tuple bn_train_bwd(const py::object& dy_, const py::object& x_, const py::object& y_,
-                       const py::object& gamma_, const py::object& beta_, const py::object& mean_,
-                       const py::object& invstd_, const std::string& act_name) {
-    const BwdArgs args(dy_, x_, y_, gamma_, beta_, mean_);
+py::tuple bn_train_fwd_from_stats(const py::object& x_, const py::object& mean_,
+                                  const py::object& var_, const py::object& gamma_,
+                                  const py::object& beta_, const py::object& rmean_,
+                                  const py::object& rvar_, double momentum, double eps,
+                                  const std::string& act_name) {
+    const TrainFwdArgs args(x_, gamma_, beta_, rmean_, rvar_, momentum, eps, act_name);
+    F32 mean = check_channel_vec(mean_, "mean", args.x), var = check_channel_vec(var_, "var", args.x);
+    // NaN passes: the statistics of a diverged network are NaN, as batchnorm_act_train_fwd's are.
+    for (index_t c = 0; c < var.size(); ++c)
+        require(!(var.ptr[c] < 0.0f), "var must be >= 0 (a biased variance), got " + std::to_string(var.ptr[c]));
+    return args.run([&](const BnShape& R, std::vector<double>& m, std::vector<double>& v) {
+        m.assign(mean.ptr, mean.ptr + R.C);
+        v.assign(var.ptr, var.ptr + R.C);
+    });
+}
+
+py::tuple bn_train_bwd(const py::object& dy_, const py::object& x_, const py::object& gamma_,
+                       const py::object& beta_, const py::object& mean_, const py::object& invstd_,
+                       const std::string& act_name) {
+    const BwdArgs args(dy_, x_, gamma_, beta_, mean_);
     F32 invstd = check_channel_vec(invstd_, "invstd", args.x);
     Act a = parse_act(act_name);
     const BnShape R = shape_of(args.x);
@@ -354,7 +418,7 @@ py::tuple bn_train_bwd(const py::object& dy_, const py::object& x_, const py::ob
     float *dxp = ptr(dx), *dgp = ptr(dgamma), *dbp = ptr(dbeta);
     {
         py::gil_scoped_release nogil;
-        batchnorm_act_f32_train_bwd(R, a, args.dy.ptr, args.x.ptr, args.y.ptr, args.gamma.ptr,
+        batchnorm_act_f32_train_bwd(R, a, args.dy.ptr, args.x.ptr, args.gamma.ptr, args.beta.ptr,
                                     args.mean.ptr, invstd.ptr, dxp, dgp, dbp);
     }
     return py::make_tuple(dx, dgamma, dbeta);
@@ -378,7 +442,9 @@ py::array_t<float> bn_infer_fwd(const py::object& x_, const py::object& gamma_,
 py::tuple bn_infer_bwd(const py::object& dy_, const py::object& x_, const py::object& y_,
                        const py::object& gamma_, const py::object& beta_, const py::object& mean_,
                        const py::object& var_, double eps, const std::string& act_name) {
-    const BwdArgs args(dy_, x_, y_, gamma_, beta_, mean_);
+    const BwdArgs args(dy_, x_, gamma_, beta_, mean_);
+    F32 y = check_f32(y_, "y", -2);
+    check_same_shape(y, "y", args.x, "x");
     F32 var = check_channel_vec(var_, "var", args.x);
     check_eps(eps);
     Act a = parse_act(act_name);
@@ -387,7 +453,7 @@ py::tuple bn_infer_bwd(const py::object& dy_, const py::object& x_, const py::ob
     float *dxp = ptr(dx), *dgp = ptr(dgamma), *dbp = ptr(dbeta);
     {
         py::gil_scoped_release nogil;
-        batchnorm_act_f32_infer_bwd(R, a, args.dy.ptr, args.x.ptr, args.y.ptr, args.gamma.ptr,
+        batchnorm_act_f32_infer_bwd(R, a, args.dy.ptr, args.x.ptr, y.ptr, args.gamma.ptr,
                                     args.mean.ptr, var.ptr, eps, dxp, dgp, dbp);
     }
     return py::make_tuple(dx, dgamma, dbeta);
@@ -432,10 +498,18 @@ void bind_batchnorm(py::module_& m) {
           "act(BatchNorm(x)) with batch statistics over all axes but the last; updates\n"
           "running_mean/running_var in place: new = (1-momentum)*old + momentum*batch, with the\n"
           "unbiased batch variance.");
-    m.def("batchnorm_act_train_bwd", &bn_train_bwd, py::arg("dy"), py::arg("x"), py::arg("y"),
-          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
-          "dy, x, y (..., C), gamma, beta, mean, invstd (C,) -> (dx (..., C), dgamma (C,), dbeta (C,)).\n"
-          "Backward of batchnorm_act_train_fwd; the activation's mask is read from y.");
+    m.def("batchnorm_act_train_fwd_from_stats", &bn_train_fwd_from_stats, py::arg("x"),
+          py::arg("mean"), py::arg("var"), py::arg("gamma"), py::arg("beta"),
+          py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"),
+          py::arg("act"),
+          "x (..., C), mean/var/gamma/beta/running_* (C,) -> (y (..., C), mean (C,), invstd (C,)).\n"
+          "batchnorm_act_train_fwd with x's batch mean and biased variance given (as the *_fwd_stats\n"
+          "convolutions return them): one pass over x instead of two.");
+    m.def("batchnorm_act_train_bwd", &bn_train_bwd, py::arg("dy"), py::arg("x"), py::arg("gamma"),
+          py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
+          "dy, x (..., C), gamma, beta, mean, invstd (C,) -> (dx (..., C), dgamma (C,), dbeta (C,)).\n"
+          "Backward of batchnorm_act_train_fwd; the activation's mask is recomputed from x (the same\n"
+          "pre-activation, bit for bit, as the forward's).");
     m.def("batchnorm_act_infer_fwd", &bn_infer_fwd, py::arg("x"), py::arg("gamma"), py::arg("beta"),
           py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("act"),
           "x (..., C), gamma, beta, mean, var (C,) -> y (..., C): act(BatchNorm(x)) with fixed statistics.");

@@ -238,6 +238,112 @@ inline float act(float z) {
     return z;
 }
 
+// Per-channel batch statistics of a convolution's output y, viewed as (M, C), for the BatchNorm
+// after it: the convolution's kernel adds each tile of y while it is still in cache, saving
+// BatchNorm a pass over y. Rows come in blocks (kStatsRows rows, or whole output rows for the
+// depthwise kernel: fixed by the shape, never by the threads); one thread adds a block's rows in
+// row order, in double, less the block's first row (so a large mean does not cancel the variance
+// away), and finish() combines the blocks in order. The statistics do not depend on the thread
+// count.
+constexpr index_t kStatsRows = 256;
+
+class ChannelStats {
+   public:
+    ChannelStats(index_t M, index_t C, index_t block = kStatsRows)
+        : M_(M), C_(C), block_(block), shift_(blocks() * C), s_(blocks() * C), q_(blocks() * C) {}
+    index_t block() const { return block_; }
+    index_t blocks() const { return (M_ + block_ - 1) / block_; }
+
+    // Adds rows [r0, r0 + n), columns [c0, c0 + nc) of y; row r0 at `y`, rows `ld` floats apart.
+    // Each block's rows must come in order, from one thread at a time.
+    void add(index_t r0, index_t n, index_t c0, index_t nc, const float* y, index_t ld) {
+        for (index_t r = r0; r < r0 + n;) {  // the rows [r, end) of one block
+            const index_t b = r / block_, end = std::min(r0 + n, (b + 1) * block_);
+            const float* yr = y + (r - r0) * ld;
+            double* k = &shift_[b * C_ + c0];
+            if (r == b * block_) std::copy(yr, yr + nc, k);
+            // Columns outer, rows inner: each column's sums stay in registers over the rows and
+            // take the rows in the same order as row by row.
+            double *s = &s_[b * C_ + c0], *q = &q_[b * C_ + c0];
+            index_t c = 0;
+            for (; c + kStatsCols <= nc; c += kStatsCols)
+                add_cols<kStatsCols>(end - r, yr + c, ld, k + c, s + c, q + c);
+            for (; c < nc; ++c) add_cols<1>(end - r, yr + c, ld, k + c, s + c, q + c);
+            r = end;
+        }
+    }
+
+    // mean and biased variance (C,) of all M rows: block b's rows sum to s_b + n_b * k_b, and
+    // their squared deviations from the mean m to q_b + 2 (k_b - m) s_b + n_b (k_b - m)^2.
+    void finish(float* mean, float* var) const {
+        std::vector<double> m(C_, 0.0), ss(C_, 0.0);
+        for (index_t b = 0; b < blocks(); ++b) {
+            const double nb = double(std::min(M_, (b + 1) * block_) - b * block_);
+            for (index_t c = 0; c < C_; ++c) m[c] += s_[b * C_ + c] + nb * shift_[b * C_ + c];
+        }
+        for (index_t c = 0; c < C_; ++c) m[c] /= double(M_);
+        for (index_t b = 0; b < blocks(); ++b) {
+            const double nb = double(std::min(M_, (b + 1) * block_) - b * block_);
+            for (index_t c = 0; c < C_; ++c) {
+                const double dev = shift_[b * C_ + c] - m[c];
+                ss[c] += q_[b * C_ + c] + 2.0 * dev * s_[b * C_ + c] + nb * dev * dev;
+            }
+        }
+        for (index_t c = 0; c < C_; ++c) {
+            mean[c] = float(m[c]);
+            var[c] = float(std::max(ss[c] / double(M_), 0.0));
+        }
+    }
+
+   private:
+    static constexpr index_t kStatsCols = 16;
+
+    // s[j] += sum over rows i of (y[i * ld + j] - k[j]), q[j] of its square, j < W, in row order
+    // (the difference in float, as batchnorm.cpp's batch_stats; k holds floats).
+    template <index_t W>
+    static void add_cols(index_t rows, const float* __restrict__ y, index_t ld,
+                         const double* __restrict__ k, double* __restrict__ s,
+                         double* __restrict__ q) {
+        double as[W], aq[W];
+        float ak[W];
+        for (index_t j = 0; j < W; ++j) {
+            as[j] = s[j];
+            aq[j] = q[j];
+            ak[j] = float(k[j]);
+        }
+        for (index_t i = 0; i < rows; ++i)
+            for (index_t j = 0; j < W; ++j) {
+                const double d = double(y[i * ld + j] - ak[j]);
+                as[j] += d;
+                aq[j] += d * d;
+            }
+        for (index_t j = 0; j < W; ++j) {
+            s[j] = as[j];
+            q[j] = aq[j];
+        }
+    }
+
+    index_t M_, C_, block_;
+    std::vector<double> shift_, s_, q_;  // (blocks, C): each block's first row, sums, squares
+};
+
+// (y, mean, var) of a convolution with statistics: y (shape) filled by kernel(y, stats) without
+// the GIL.
+// `block`: ChannelStats' block of rows.
+template <class Kernel>
+py::tuple compute_f32_stats(const std::vector<index_t>& shape, index_t block, Kernel&& kernel,
+                            const std::string& what = "y") {
+    const index_t C = shape.back();
+    index_t M = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) M *= shape[i];
+    check_alloc(shape, what);
+    ChannelStats stats(M, C, block);
+    auto y = compute_f32(shape, [&](float* yp) { kernel(yp, stats); }, what);
+    auto mean = new_f32({C}, "mean"), var = new_f32({C}, "var");
+    stats.finish(ptr(mean), ptr(var));
+    return py::make_tuple(y, mean, var);
+}
+
 // Registration functions, one per op family (each defined in its own .cpp).
 void bind_gemm(py::module_& m);
 void bind_dwconv(py::module_& m);

@@ -117,15 +117,29 @@ void for_each_chunk(const ConvShape& a, F&& f) {
     for (index_t n0 = 0; n0 < a.n; n0 += nb_max) f(n0, std::min(nb_max, a.n - n0), cols.get());
 }
 
-void conv2d_f32_fwd(const ConvShape& a, const float* x, const float* w, float* y) {
-    const index_t K = a.kdim(), P = a.pixels();
+// With stats, y's per-channel statistics are added as sgemm_epilogue finishes each block of y.
+void conv2d_f32_fwd(const ConvShape& a, const float* x, const float* w, float* y,
+                    ChannelStats* stats = nullptr) {
+    const index_t K = a.kdim(), P = a.pixels(), co = a.co;
+    // y's rows [row0, row0 + m) = A (m, K) @ w.
+    auto gemm = [&](index_t row0, index_t m, const float* A) {
+        float* out = y + row0 * co;
+        if (!stats) {
+            sgemm(m, co, K, A, K, 1, w, co, 1, out, co, false);
+            return;
+        }
+        sgemm_epilogue(m, co, K, A, K, 1, w, co, 1, out, co, row0,
+                       [&](index_t i0, index_t mc, index_t j0, index_t nc) {
+                           stats->add(row0 + i0, mc, j0, nc, out + i0 * co + j0, co);
+                       });
+    };
     if (a.is_pointwise()) {
-        sgemm(a.n * P, a.co, K, x, K, 1, w, a.co, 1, y, a.co, false);
+        gemm(0, a.n * P, x);
         return;
     }
     for_each_chunk(a, [&](index_t n0, index_t nb, float* cols) {
         im2col_f32(a, x, n0, nb, cols);
-        sgemm(nb * P, a.co, K, cols, K, 1, w, a.co, 1, y + n0 * P * a.co, a.co, false);
+        gemm(n0 * P, nb * P, cols);
     });
 }
 
@@ -176,6 +190,18 @@ py::array_t<float> conv2d_fwd(const py::object& x_, const py::object& w_,
                [&](float* y) { conv2d_f32_fwd(a, x.ptr, w.ptr, y); });
 }
 
+py::tuple conv2d_fwd_stats(const py::object& x_, const py::object& w_, const py::object& stride,
+                           const py::object& padding) {
+    F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 4);
+    check_same_dim(x, 3, "x", w, 2, "w");
+    ConvShape a{x[0], x[1], x[2], x[3], w[0], w[1], w[3], 0, 0, parse_stride(stride), parse_padding(padding)};
+    set_out_size(a);
+    check_alloc({a.pixels(), a.kdim()}, "the im2col matrix of one image");
+    return compute_f32_stats({a.n, a.ho, a.wo, a.co}, kStatsRows, [&](float* y, ChannelStats& stats) {
+        conv2d_f32_fwd(a, x.ptr, w.ptr, y, &stats);
+    });
+}
+
 py::array_t<float> conv2d_bwd_input(const py::object& dy_, const py::object& w_,
                                     const py::object& input_hw, const py::object& stride,
                                     const py::object& padding) {
@@ -208,6 +234,11 @@ void bind_conv2d(py::module_& m) {
     m.def("conv2d_fwd", &conv2d_fwd, py::arg("x"), py::arg("w"), py::arg("stride"),
           py::arg("padding"),
           "x (n, h, w, ci), w (kh, kw, ci, co) -> y (n, ho, wo, co): full convolution.");
+    m.def("conv2d_fwd_stats", &conv2d_fwd_stats, py::arg("x"), py::arg("w"), py::arg("stride"),
+          py::arg("padding"),
+          "x (n, h, w, ci), w (kh, kw, ci, co) -> (y (n, ho, wo, co), mean (co,), var (co,)):\n"
+          "conv2d_fwd and y's per-channel mean and biased variance over n, ho, wo, summed as each\n"
+          "tile of y is computed (for batchnorm_act_train_fwd_from_stats).");
     m.def("conv2d_bwd_input", &conv2d_bwd_input, py::arg("dy"), py::arg("w"), py::arg("input_hw"),
           py::arg("stride"), py::arg("padding"),
           "dy (n, ho, wo, co), w (kh, kw, ci, co), input_hw (h, w) -> dx (n, h, w, ci).");

@@ -8,7 +8,7 @@
 // Everything else (borders, strided input gradients, other K) goes through a list of the in-bounds
 // taps summed channel row by channel row (sum_taps_f32).
 // Threads: forward and input gradient over (n, output or input row), each element written by one
-// thread; the weight gradient over a fixed number of chunks of output rows (float partial sums,
+// thread (forward with statistics: over whole blocks of output rows, ChannelStats' blocks); the weight gradient over a fixed number of chunks of output rows (float partial sums,
 // added up in double). Every sum runs in a fixed order: results do not depend on the thread count.
 // Scratch is allocated before the parallel regions (PerThread) and bounded by a few rows of the
 // input or output: zero-padded rows are only used for strides up to the kernel width, where they
@@ -203,8 +203,10 @@ void dwconv3x3_f32_row(index_t C, index_t count, index_t step, index_t rs,
         }
 }
 
+// With stats, threads take whole blocks of stats->block() / wo output rows, and each output row
+// is added to the statistics once computed.
 void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* __restrict__ w,
-                    float* __restrict__ y) {
+                    float* __restrict__ y, ChannelStats* stats = nullptr) {
     index_t oh_lo, oh_hi, ow_lo, ow_hi;
     interior_range(a.h, a.kh, a.s, a.p, a.ho, oh_lo, oh_hi);
     interior_range(a.w, a.kw, a.s, a.p, a.wo, ow_lo, ow_hi);
@@ -217,37 +219,43 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
     {
         Taps& taps = all_taps.mine();
         std::vector<float>& xb = all_xb.mine();
-#pragma omp for collapse(2) schedule(static)
-        for (index_t n = 0; n < a.n; ++n)
-            for (index_t oh = 0; oh < a.ho; ++oh) {
-                const float* ximg = x + n * a.h * a.w * C;
-                float* yrow = y + (n * a.ho + oh) * a.wo * C;
-                const index_t ih0 = oh * a.s - a.p;
-                const bool row_inside = oh >= oh_lo && oh < oh_hi;
-                if (padded && (!row_inside || pad_whole_row(ow_hi - ow_lo, a.wo))) {
-                    padded_rows_f32(ximg, a.h, a.w, C, ih0, 3, -a.p, wp, xb.data());
-                    dwconv3x3_f32_row(C, a.wo, a.s * C, wp * C, xb.data(), w, yrow);
-                    continue;
-                }
-                index_t lo = 0, hi = 0;  // columns done by the fast path
-                if (fast && row_inside) {
-                    lo = ow_lo;
-                    hi = ow_hi;
-                    if (hi > lo)
-                        dwconv3x3_f32_row(C, hi - lo, a.s * C, a.w * C,
-                                          ximg + (ih0 * a.w + lo * a.s - a.p) * C, w, yrow + lo * C);
-                }
-                const index_t i0 = std::max<index_t>(0, -ih0), i1 = std::min(a.kh, a.h - ih0);
-                for (index_t ow = 0; ow < a.wo; ++ow) {
-                    if (ow >= lo && ow < hi) continue;
-                    const index_t iw0 = ow * a.s - a.p;
-                    const index_t j0 = std::max<index_t>(0, -iw0), j1 = std::min(a.kw, a.w - iw0);
-                    taps.n = 0;
-                    for (index_t i = i0; i < i1; ++i)
-                        for (index_t j = j0; j < j1; ++j)
-                            taps.add(((ih0 + i) * a.w + iw0 + j) * C, (i * a.kw + j) * C);
-                    sum_taps_f32(C, taps, ximg, w, yrow + ow * C);
-                }
+        // Output row oh of image n.
+        auto row = [&](index_t n, index_t oh) {
+            const float* ximg = x + n * a.h * a.w * C;
+            float* yrow = y + (n * a.ho + oh) * a.wo * C;
+            const index_t ih0 = oh * a.s - a.p;
+            const bool row_inside = oh >= oh_lo && oh < oh_hi;
+            if (padded && (!row_inside || pad_whole_row(ow_hi - ow_lo, a.wo))) {
+                padded_rows_f32(ximg, a.h, a.w, C, ih0, 3, -a.p, wp, xb.data());
+                dwconv3x3_f32_row(C, a.wo, a.s * C, wp * C, xb.data(), w, yrow);
+                return;
+            }
+            index_t lo = 0, hi = 0;  // columns done by the fast path
+            if (fast && row_inside) {
+                lo = ow_lo;
+                hi = ow_hi;
+                if (hi > lo)
+                    dwconv3x3_f32_row(C, hi - lo, a.s * C, a.w * C,
+                                      ximg + (ih0 * a.w + lo * a.s - a.p) * C, w, yrow + lo * C);
+            }
+            const index_t i0 = std::max<index_t>(0, -ih0), i1 = std::min(a.kh, a.h - ih0);
+            for (index_t ow = 0; ow < a.wo; ++ow) {
+                if (ow >= lo && ow < hi) continue;
+                const index_t iw0 = ow * a.s - a.p;
+                const index_t j0 = std::max<index_t>(0, -iw0), j1 = std::min(a.kw, a.w - iw0);
+                taps.n = 0;
+                for (index_t i = i0; i < i1; ++i)
+                    for (index_t j = j0; j < j1; ++j)
+                        taps.add(((ih0 + i) * a.w + iw0 + j) * C, (i * a.kw + j) * C);
+                sum_taps_f32(C, taps, ximg, w, yrow + ow * C);
+            }
+        };
+        const index_t rows = a.n * a.ho, per = stats ? stats->block() / a.wo : 1;
+#pragma omp for schedule(static)
+        for (index_t r0 = 0; r0 < rows; r0 += per)
+            for (index_t r = r0; r < std::min(rows, r0 + per); ++r) {
+                row(r / a.ho, r % a.ho);
+                if (stats) stats->add(r * a.wo, a.wo, 0, C, y + r * a.wo * C, C);
             }
     }
 }
@@ -513,6 +521,19 @@ py::array_t<float> dwconv2d_fwd(const py::object& x_, const py::object& w_,
         {a.n, a.ho, a.wo, a.c}, [&](float* y) { dwconv_f32_fwd(a, x.ptr, w.ptr, y); }, "y");
 }
 
+py::tuple dwconv2d_fwd_stats(const py::object& x_, const py::object& w_, const py::object& stride,
+                             const py::object& padding) {
+    F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 3);
+    check_same_dim(x, 3, "x", w, 2, "w");
+    DwShape a{x[0], x[1], x[2], x[3], w[0], w[1], 0, 0, parse_stride(stride), parse_padding(padding)};
+    set_out_size(a);
+    // Blocks of whole output rows, about kStatsRows pixels each.
+    const index_t block = std::max<index_t>(1, kStatsRows / a.wo) * a.wo;
+    return compute_f32_stats({a.n, a.ho, a.wo, a.c}, block, [&](float* y, ChannelStats& stats) {
+        dwconv_f32_fwd(a, x.ptr, w.ptr, y, &stats);
+    });
+}
+
 py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w_,
                                       const py::object& input_hw, const py::object& stride,
                                       const py::object& padding) {
@@ -552,6 +573,11 @@ void bind_dwconv(py::module_& m) {
     m.def("dwconv2d_fwd", &dwconv2d_fwd, py::arg("x"), py::arg("w"), py::arg("stride"),
           py::arg("padding"),
           "x (n, h, w, c), w (kh, kw, c) -> y (n, ho, wo, c): depthwise convolution.");
+    m.def("dwconv2d_fwd_stats", &dwconv2d_fwd_stats, py::arg("x"), py::arg("w"), py::arg("stride"),
+          py::arg("padding"),
+          "x (n, h, w, c), w (kh, kw, c) -> (y (n, ho, wo, c), mean (c,), var (c,)): dwconv2d_fwd\n"
+          "and y's per-channel mean and biased variance over n, ho, wo, summed as each output row is\n"
+          "computed (for batchnorm_act_train_fwd_from_stats).");
     m.def("dwconv2d_bwd_input", &dwconv2d_bwd_input, py::arg("dy"), py::arg("w"),
           py::arg("input_hw"), py::arg("stride"), py::arg("padding"),
           "dy (n, ho, wo, c), w (kh, kw, c), input_hw (h, w) -> dx (n, h, w, c).");

@@ -8,6 +8,8 @@
 // tile of C per (A panel, B panel) pair, keeping the tile in registers for the whole KC loop.
 // Packing reads through arbitrary strides, so transposed operands cost nothing extra. Threads
 // split C's rows or columns, or, when C is small and K long, K (partial sums added at the end).
+// sgemm_epilogue hands each block of C to a callback once final (the BatchNorm statistics of
+// pwconv2d_fwd_stats and conv2d_fwd_stats).
 #include "gemm.h"
 
 #include <omp.h>
@@ -143,10 +145,13 @@ struct PackBuffers {
           b(std::min<index_t>(KC, K) * std::min<index_t>(NC, (N + NR - 1) / NR * NR)) {}
 };
 
-// One thread's GEMM over its part of C, with its own packing buffers.
+// One thread's GEMM over its part of C, with its own packing buffers. With an epilogue, each
+// MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows, j_off + column, columns),
+// once final and still in cache.
 void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                   const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
-                  bool accumulate, PackBuffers& buf) {
+                  bool accumulate, PackBuffers& buf, const GemmEpilogue* epilogue = nullptr,
+                  index_t i_off = 0, index_t j_off = 0) {
     const AlignedBuffer &abuf = buf.a, &bbuf = buf.b;
     // Row-major A is read in place by the microkernel (MR rows, unit stride along k): packing it
     // would cost as much as the multiply when N is small, and gains nothing measurable when large.
@@ -178,6 +183,7 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                                                bbuf.p + jr * kc, c, ldc, mr, nr, add);
                     }
                 }
+                if (epilogue && pc + kc == K) (*epilogue)(i_off + ic, mc, j_off + jc, nc);
             }
         }
     }
@@ -276,6 +282,46 @@ void sgemm_single_thread(index_t M, index_t N, index_t K, const float* A, index_
     }
 }
 
+void sgemm_epilogue(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
+                    const float* B, index_t rsb, index_t csb, float* C, index_t ldc, index_t row0,
+                    const GemmEpilogue& epilogue) {
+    static_assert(kStatsRows % MC == 0, "a block of statistics rows holds whole MC blocks");
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+    if (static_cast<double>(M) * N * K < kParallelMinGemm) threads = 1;
+    // Threads split C's rows on the blocks of kStatsRows rows (counted from row0), or its columns:
+    // rows make every thread pack all of B, columns read all of A.
+    const index_t off = row0 % kStatsRows, blocks = (off + M + kStatsRows - 1) / kStatsRows;
+    const index_t panels = (N + NR - 1) / NR;
+    const bool by_rows = blocks >= threads && (panels < threads || N <= M);
+    if (!by_rows && panels < threads) threads = 1;
+    if (threads == 1) {
+        PackBuffers buf(M, N, K);
+        sgemm_serial(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, false, buf, &epilogue);
+        return;
+    }
+    std::vector<std::unique_ptr<PackBuffers>> bufs;
+    for (int t = 0; t < threads; ++t) bufs.emplace_back(new PackBuffers(M, N, K));
+#pragma omp parallel num_threads(threads)
+    {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        PackBuffers& buf = *bufs[t];
+        if (by_rows) {
+            const index_t b0 = std::max<index_t>(0, blocks * t / nt * kStatsRows - off);
+            const index_t b1 = std::min<index_t>(M, blocks * (t + 1) / nt * kStatsRows - off);
+            if (b1 > b0)
+                sgemm_serial(b1 - b0, N, K, A + b0 * rsa, rsa, csa, B, rsb, csb, C + b0 * ldc, ldc,
+                             false, buf, &epilogue, b0, 0);
+        } else {
+            index_t b0, b1;
+            split_range(N, NR, nt, t, b0, b1);
+            if (b1 > b0)
+                sgemm_serial(M, b1 - b0, K, A, rsa, csa, B + b0 * csb, rsb, csb, C + b0, ldc, false,
+                             buf, &epilogue, 0, b0);
+        }
+    }
+}
+
 // --- bindings -------------------------------------------------------------------------------
 
 namespace {
@@ -301,6 +347,19 @@ py::array_t<float> pwconv2d_fwd(const py::object& x_obj, const py::object& w_obj
     const index_t rows = x[0] * x[1] * x[2], ci = w[0], co = w[1];
     return compute_f32({x[0], x[1], x[2], co}, [&](float* y) {
         sgemm(rows, co, ci, x.ptr, ci, 1, w.ptr, co, 1, y, co, false);
+    });
+}
+
+// pwconv2d_fwd, and the per-channel mean and biased variance of y (ChannelStats).
+py::tuple pwconv2d_fwd_stats(const py::object& x_obj, const py::object& w_obj) {
+    F32 x = check_f32(x_obj, "x", 4), w = check_f32(w_obj, "w", 2);
+    check_same_dim(x, 3, "x", w, 0, "w");
+    const index_t rows = x[0] * x[1] * x[2], ci = w[0], co = w[1];
+    return compute_f32_stats({x[0], x[1], x[2], co}, kStatsRows, [&](float* y, ChannelStats& stats) {
+        sgemm_epilogue(rows, co, ci, x.ptr, ci, 1, w.ptr, co, 1, y, co, 0,
+                       [&](index_t i0, index_t mc, index_t j0, index_t nc) {
+                           stats.add(i0, mc, j0, nc, y + i0 * co + j0, co);
+                       });
     });
 }
 
@@ -368,6 +427,10 @@ void bind_gemm(py::module_& m) {
           "op(a) @ op(b) for 2-D float32 a, b; op transposes when trans_a / trans_b is set.");
     m.def("pwconv2d_fwd", &pwconv2d_fwd, py::arg("x"), py::arg("w"),
           "Pointwise convolution: x (N, H, W, Cin), w (Cin, Cout) -> (N, H, W, Cout).");
+    m.def("pwconv2d_fwd_stats", &pwconv2d_fwd_stats, py::arg("x"), py::arg("w"),
+          "x (N, H, W, Cin), w (Cin, Cout) -> (y (N, H, W, Cout), mean (Cout,), var (Cout,)):\n"
+          "pwconv2d_fwd and y's per-channel mean and biased variance over N, H, W, summed as each\n"
+          "tile of y is computed (for batchnorm_act_train_fwd_from_stats).");
     m.def("pwconv2d_bwd_input", &pwconv2d_bwd_input, py::arg("dy"), py::arg("w"),
           "dy (N, H, W, Cout), w (Cin, Cout) -> dx (N, H, W, Cin) = dy @ w.T.");
     m.def("pwconv2d_bwd_weight", &pwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),

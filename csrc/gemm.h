@@ -2,6 +2,7 @@
 // convolution. No BLAS: a cache-blocked, packed GEMM with a register-tiled inner kernel.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 namespace mbnet {
 
@@ -21,5 +22,18 @@ void sgemm_single_thread(std::int64_t M, std::int64_t N, std::int64_t K,
                          const float* A, std::int64_t rsa, std::int64_t csa,
                          const float* B, std::int64_t rsb, std::int64_t csb,
                          float* C, std::int64_t ldc, bool accumulate);
+
+// Called as epilogue(row, rows, column, columns) on each block of C once it is final.
+using GemmEpilogue = std::function<void(std::int64_t, std::int64_t, std::int64_t, std::int64_t)>;
+
+// sgemm (C = A * B, no accumulate) that hands every block of C to `epilogue` (rows and columns
+// of C) once it is final, while it is still in cache. Threads split C's columns, or its rows on
+// the blocks of kStatsRows rows of a larger matrix whose row row0 is C's first: each element of C
+// is summed in the same order as sgemm without a K split, and per column the rows of such a
+// block reach the epilogue in order, from one thread (what ChannelStats needs).
+void sgemm_epilogue(std::int64_t M, std::int64_t N, std::int64_t K,
+                    const float* A, std::int64_t rsa, std::int64_t csa,
+                    const float* B, std::int64_t rsb, std::int64_t csb,
+                    float* C, std::int64_t ldc, std::int64_t row0, const GemmEpilogue& epilogue);
 
 }  // namespace mbnet

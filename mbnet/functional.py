@@ -10,6 +10,11 @@ the same name and arguments from ``mbnet.reference`` when they are float64 (the 
 finite-difference gradient checks use). All tensors of one call must share a dtype.
 
 ``profile()`` times every kernel call by name (used by benchmarks/bench_step.py).
+
+Convolutions called with ``stats=True`` also return their output's per-channel (mean, var), summed
+by the kernel while it writes the output; ``batch_norm(..., stats=...)`` in training then
+normalizes in one pass over its input instead of two. mbnet.nn does this for every convolution
+followed by a BatchNorm2d while ``FUSE`` is true.
 """
 import contextlib
 import time
@@ -22,6 +27,7 @@ from .tensor import Function, Tensor, mul
 
 _timings = None  # name -> [calls, seconds] while profile() is active
 _bn_allreduce = None  # set_batch_norm_allreduce: training BatchNorm uses the statistics of all ranks
+FUSE = True  # training convolutions hand their output's statistics to the BatchNorm after them (mbnet.nn)
 
 
 @contextlib.contextmanager
@@ -71,10 +77,30 @@ def _common_dtype(op, **tensors):
 
 # --- full and depthwise convolution -------------------------------------------------------------
 
+def _conv_forward(function, kernel, x, w, *args):
+    """y = kernel_fwd(x, w, *args); when function.stats is a list, kernel_fwd_stats appends y's
+    (mean, var) to it."""
+    if function.stats is None:
+        return _run(kernel + "_fwd", x.dtype, x, w, *args)
+    y, mean, var = _run(kernel + "_fwd_stats", x.dtype, x, w, *args)
+    function.stats += [mean, var]
+    return y
+
+
+def _call_conv(function, x, w, stats):
+    """function(x, w), or with stats (y, (mean, var))."""
+    if not stats:
+        return function(x, w)
+    function.stats = out = []  # a list of ours: Function.release() clears the function's attributes
+    y = function(x, w)
+    return y, tuple(out)
+
+
 class _StridedConv(Function):
     """x, w -> y by the kernels ``{kernel}_fwd``, ``{kernel}_bwd_input`` and ``{kernel}_bwd_weight``,
     which take (stride, padding) and, in backward, the (h, w) of the input or of the kernel."""
     kernel = None
+    stats = None
 
     def __init__(self, stride, padding):
         self.stride, self.padding = stride, padding
@@ -83,7 +109,7 @@ class _StridedConv(Function):
         self.x = x if self.needs_input_grad[1] else None
         self.w = w if self.needs_input_grad[0] else None
         self.input_hw, self.kernel_hw = x.shape[1:3], w.shape[:2]
-        return _run(self.kernel + "_fwd", x.dtype, x, w, self.stride, self.padding)
+        return _conv_forward(self, self.kernel, x, w, self.stride, self.padding)
 
     def backward(self, gy):
         gx = gw = None
@@ -98,30 +124,34 @@ class Conv2d(_StridedConv):
     kernel = "conv2d"
 
 
-def conv2d(x, w, stride=1, padding=0):
+def conv2d(x, w, stride=1, padding=0, stats=False):
     """x (n, h, w, ci), w (kh, kw, ci, co) -> (n, ho, wo, co), ho = (h + 2p - kh) // s + 1.
-    Full convolution (cross-correlation), no bias."""
+    Full convolution (cross-correlation), no bias. stats: return (y, (mean, var)), y's
+    per-channel mean and biased variance over n, ho, wo (ndarrays, for batch_norm's stats)."""
     _common_dtype("conv2d", x=x, w=w)
-    return Conv2d(stride, padding)(x, w)
+    return _call_conv(Conv2d(stride, padding), x, w, stats)
 
 
 class DepthwiseConv2d(_StridedConv):
     kernel = "dwconv2d"
 
 
-def depthwise_conv2d(x, w, stride=1, padding=1):
-    """x (n, h, w, c), w (kh, kw, c) -> (n, ho, wo, c): one kh x kw filter per channel."""
+def depthwise_conv2d(x, w, stride=1, padding=1, stats=False):
+    """x (n, h, w, c), w (kh, kw, c) -> (n, ho, wo, c): one kh x kw filter per channel.
+    stats: return (y, (mean, var)) as conv2d does."""
     _common_dtype("depthwise_conv2d", x=x, w=w)
-    return DepthwiseConv2d(stride, padding)(x, w)
+    return _call_conv(DepthwiseConv2d(stride, padding), x, w, stats)
 
 
 # --- pointwise (1x1) convolution -----------------------------------------------------------------
 
 class PointwiseConv2d(Function):
+    stats = None
+
     def forward(self, x, w):
         self.x = x if self.needs_input_grad[1] else None
         self.w = w if self.needs_input_grad[0] else None
-        return _run("pwconv2d_fwd", x.dtype, x, w)
+        return _conv_forward(self, "pwconv2d", x, w)
 
     def backward(self, gy):
         gx = gw = None
@@ -132,29 +162,36 @@ class PointwiseConv2d(Function):
         return gx, gw
 
 
-def pointwise_conv2d(x, w):
-    """x (n, h, w, ci), w (ci, co) -> (n, h, w, co): a matrix product over the n·h·w pixels."""
+def pointwise_conv2d(x, w, stats=False):
+    """x (n, h, w, ci), w (ci, co) -> (n, h, w, co): a matrix product over the n·h·w pixels.
+    stats: return (y, (mean, var)) as conv2d does."""
     _common_dtype("pointwise_conv2d", x=x, w=w)
-    return PointwiseConv2d()(x, w)
+    return _call_conv(PointwiseConv2d(), x, w, stats)
 
 
 # --- BatchNorm fused with an activation ----------------------------------------------------------
 
 class BatchNormTrain(Function):
-    def __init__(self, running_mean, running_var, momentum, eps, act):
+    """stats: x's batch (mean, var), or None to compute them (a second pass over x)."""
+
+    def __init__(self, running_mean, running_var, momentum, eps, act, stats=None):
         self.running_mean, self.running_var = running_mean, running_var
-        self.momentum, self.eps, self.act = momentum, eps, act
+        self.momentum, self.eps, self.act, self.stats = momentum, eps, act, stats
 
     def forward(self, x, gamma, beta):
-        y, mean, invstd = _run("batchnorm_act_train_fwd", x.dtype, x, gamma, beta, self.running_mean,
-                               self.running_var, self.momentum, self.eps, self.act)
-        del self.running_mean, self.running_var
-        self.saved = (x, y, gamma, beta, mean, invstd)
+        running = (self.running_mean, self.running_var, self.momentum, self.eps, self.act)
+        if self.stats is None:
+            y, mean, invstd = _run("batchnorm_act_train_fwd", x.dtype, x, gamma, beta, *running)
+        else:
+            y, mean, invstd = _run("batchnorm_act_train_fwd_from_stats", x.dtype, x, *self.stats, gamma, beta,
+                                   *running)
+        del self.running_mean, self.running_var, self.stats
+        self.saved = (x, gamma, beta, mean, invstd)
         return y
 
     def backward(self, gy):
-        x, y, gamma, beta, mean, invstd = self.saved
-        gx, ggamma, gbeta = _run("batchnorm_act_train_bwd", gy.dtype, gy, x, y, gamma, beta, mean, invstd, self.act)
+        x, gamma, beta, mean, invstd = self.saved
+        gx, ggamma, gbeta = _run("batchnorm_act_train_bwd", gy.dtype, gy, x, gamma, beta, mean, invstd, self.act)
         need = self.needs_input_grad
         return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None
 
@@ -180,29 +217,38 @@ class BatchNormInfer(Function):
 
 class SyncBatchNormTrain(Function):
     """BatchNormTrain with the statistics of the global batch spread over several processes:
-    ``allreduce`` (float64 ndarray -> its sum over the processes) reduces the per-channel sum,
-    sum of squares and count in forward and the two per-channel gradient sums in backward. Runs
-    on the fixed-statistics kernels; dgamma and dbeta stay this process's share (the gradient
-    allreduce adds them up)."""
+    ``allreduce`` (float64 ndarray -> its sum over the processes) reduces, per channel, the count
+    m times this process's batch mean, variance and squared mean (from ``stats``, x's (mean, var),
+    or summed here) and the count in forward, and the two per-channel gradient sums in backward.
+    Runs on the fixed-statistics kernels; dgamma and dbeta stay this process's share (the
+    gradient allreduce adds them up)."""
 
-    def __init__(self, running_mean, running_var, momentum, eps, act, allreduce):
+    def __init__(self, running_mean, running_var, momentum, eps, act, allreduce, stats=None):
         self.running_mean, self.running_var = running_mean, running_var
-        self.momentum, self.eps, self.act, self.allreduce = momentum, eps, act, allreduce
+        self.momentum, self.eps, self.act, self.allreduce, self.stats = momentum, eps, act, allreduce, stats
 
     def forward(self, x, gamma, beta):
         c = x.shape[-1]
-        x2 = x.reshape(-1, c)
-        s = self.allreduce(np.concatenate([x2.sum(0, dtype=np.float64), np.einsum("ij,ij->j", x2, x2, dtype=np.float64),
-                                           [len(x2)]]))
+        rows = x.size // c
+        if self.stats is None:
+            x2 = x.reshape(-1, c)
+            total = x2.sum(0, dtype=np.float64)
+            mean_sq = total * total / rows
+            local = [total, np.einsum("ij,ij->j", x2, x2, dtype=np.float64) - mean_sq, mean_sq]
+        else:
+            mean, var = (np.asarray(a, np.float64) for a in self.stats)
+            local = [rows * mean, rows * var, rows * mean * mean]
+        s = self.allreduce(np.concatenate(local + [[rows]]))
         n = s[-1]
         mean = s[:c] / n
-        var = np.maximum(s[c:2 * c] / n - mean * mean, 0.0)
+        # The variance within the processes' batches plus that of their means about the mean.
+        var = np.maximum(s[c:2 * c] / n + (s[2 * c:3 * c] / n - mean * mean), 0.0)
         m = self.momentum
         self.running_mean *= 1 - m
         self.running_mean += (m * mean).astype(x.dtype)
         self.running_var *= 1 - m
         self.running_var += (m * var * n / max(n - 1, 1)).astype(x.dtype)
-        del self.running_mean, self.running_var
+        del self.running_mean, self.running_var, self.stats
         mean, var = mean.astype(x.dtype), var.astype(x.dtype)
         y = _run("batchnorm_act_infer_fwd", x.dtype, x, gamma, beta, mean, var, self.eps, self.act)
         self.saved = (x, y, gamma, beta, mean, var, n)
@@ -230,7 +276,8 @@ def set_batch_norm_allreduce(allreduce):
     _bn_allreduce = allreduce
 
 
-def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, act="none"):
+def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, act="none",
+               stats=None):
     """x (..., c) (NHWC: statistics over n, h, w), gamma/beta (c,) Tensors, running_mean/var (c,)
     ndarrays of x's dtype -> act(BN(x)), same shape as x.
 
@@ -238,15 +285,17 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
     running_var in place: new = (1 - momentum) * old + momentum * batch (unbiased variance), also
     under no_grad. Otherwise normalizes with the running statistics. act: "none", "relu", "relu6".
     After set_batch_norm_allreduce(fn), training uses the statistics of all processes.
+    stats: x's per-channel (mean, var) (biased) from a convolution called with stats=True; training
+    then uses them instead of a pass over x.
     """
     dtype = _common_dtype("batch_norm", x=x, gamma=gamma, beta=beta)
     for name, a in (("running_mean", running_mean), ("running_var", running_var)):
         if not isinstance(a, np.ndarray) or a.dtype != dtype:
             raise TypeError(f"batch_norm: {name} must be an ndarray of {dtype}")
     if training and _bn_allreduce is not None:
-        return SyncBatchNormTrain(running_mean, running_var, momentum, eps, act, _bn_allreduce)(x, gamma, beta)
+        return SyncBatchNormTrain(running_mean, running_var, momentum, eps, act, _bn_allreduce, stats)(x, gamma, beta)
     if training:
-        return BatchNormTrain(running_mean, running_var, momentum, eps, act)(x, gamma, beta)
+        return BatchNormTrain(running_mean, running_var, momentum, eps, act, stats)(x, gamma, beta)
     return BatchNormInfer(running_mean, running_var, eps, act)(x, gamma, beta)
 
 

@@ -6,7 +6,9 @@ out, ``state_dict()``, ``save`` and ``load_state_dict`` keep it.
 A module's parameters, buffers and sub-modules are its attributes, found in the order they were
 assigned; dotted names follow attribute names (``features.3.bn1.gamma``). Activations are NHWC;
 weights use TensorFlow layouts: conv (kh, kw, ci, co), depthwise (kh, kw, c), pointwise (ci, co),
-linear (din, dout). Convolutions have no bias (a BatchNorm follows each one).
+linear (din, dout). Convolutions have no bias (a BatchNorm follows each one). In training, a
+convolution's output carries its batch statistics (``Tensor.batch_stats``) for the BatchNorm2d
+after it (mbnet.functional.FUSE).
 """
 import numpy as np
 
@@ -188,6 +190,17 @@ def _conv_out(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
+def _conv(module, fn, x, *args):
+    """fn(x, module.weight, *args). In training with F.FUSE, fn's kernel also sums the output's
+    per-channel statistics, kept as y.batch_stats for the BatchNorm2d after it (which then makes
+    one pass over y instead of two)."""
+    if not (module.training and F.FUSE):
+        return fn(x, module.weight, *args)
+    y, stats = fn(x, module.weight, *args, stats=True)
+    y.batch_stats = stats
+    return y
+
+
 class _StridedConv(Module):
     """Output shape and mult-adds of a k x k convolution with weight (k, k, ..., cout), stride and
     padding."""
@@ -211,7 +224,7 @@ class Conv2d(_StridedConv):
         self.weight = _kaiming_fan_out(rng, (k, k, cin, cout), k * k * cout, dtype)
 
     def forward(self, x):
-        return F.conv2d(x, self.weight, self.stride, self.padding)
+        return _conv(self, F.conv2d, x, self.stride, self.padding)
 
 
 class DepthwiseConv2d(_StridedConv):
@@ -223,7 +236,7 @@ class DepthwiseConv2d(_StridedConv):
         self.weight = _kaiming_fan_out(rng, (k, k, c), k * k, dtype)
 
     def forward(self, x):
-        return F.depthwise_conv2d(x, self.weight, self.stride, self.padding)
+        return _conv(self, F.depthwise_conv2d, x, self.stride, self.padding)
 
 
 class PointwiseConv2d(Module):
@@ -234,7 +247,7 @@ class PointwiseConv2d(Module):
         self.weight = _kaiming_fan_out(rng, (cin, cout), cout, dtype)
 
     def forward(self, x):
-        return F.pointwise_conv2d(x, self.weight)
+        return _conv(self, F.pointwise_conv2d, x)
 
     def output_shape(self, in_shape):
         return (*in_shape[:2], self.weight.shape[1])
@@ -258,7 +271,7 @@ class BatchNorm2d(Module):
 
     def forward(self, x):
         return F.batch_norm(x, self.gamma, self.beta, self.running_mean, self.running_var, self.training,
-                            self.momentum, self.eps, self.act)
+                            self.momentum, self.eps, self.act, stats=getattr(x, "batch_stats", None))
 
 
 class ReLU(Module):

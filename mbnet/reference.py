@@ -46,6 +46,16 @@ def conv2d_fwd(x, w, stride, padding):
     return np.einsum("nhwcij,ijco->nhwo", _windows(x, kh, kw, stride, padding), w)
 
 
+def _with_stats(y):
+    """(y, mean, var): y and its per-channel mean and biased variance over all axes but the last."""
+    axes = tuple(range(y.ndim - 1))
+    return y, y.mean(axis=axes), y.var(axis=axes)
+
+
+def conv2d_fwd_stats(x, w, stride, padding):
+    return _with_stats(conv2d_fwd(x, w, stride, padding))
+
+
 def conv2d_bwd_input(dy, w, input_hw, stride, padding):
     cols = np.einsum("nhwo,ijco->nhwcij", dy, w)
     return _scatter_windows(cols, input_hw, stride, padding)
@@ -63,6 +73,10 @@ def dwconv2d_fwd(x, w, stride, padding):
     return np.einsum("nhwcij,ijc->nhwc", _windows(x, kh, kw, stride, padding), w)
 
 
+def dwconv2d_fwd_stats(x, w, stride, padding):
+    return _with_stats(dwconv2d_fwd(x, w, stride, padding))
+
+
 def dwconv2d_bwd_input(dy, w, input_hw, stride, padding):
     cols = np.einsum("nhwc,ijc->nhwcij", dy, w)
     return _scatter_windows(cols, input_hw, stride, padding)
@@ -77,6 +91,10 @@ def dwconv2d_bwd_weight(x, dy, kernel_hw, stride, padding):
 
 def pwconv2d_fwd(x, w):
     return np.einsum("nhwc,co->nhwo", x, w)
+
+
+def pwconv2d_fwd_stats(x, w):
+    return _with_stats(pwconv2d_fwd(x, w))
 
 
 def pwconv2d_bwd_input(dy, w):
@@ -136,22 +154,27 @@ def batchnorm_act_train_fwd(x, gamma, beta, running_mean, running_var, momentum,
     """Returns (y, mean, invstd) with batch statistics (biased variance), and updates the running
     statistics in place by PyTorch's convention: new = (1 - momentum) * old + momentum * batch,
     with the unbiased batch variance."""
-    axes = tuple(range(x.ndim - 1))
+    _, mean, var = _with_stats(x)
+    return batchnorm_act_train_fwd_from_stats(x, mean, var, gamma, beta, running_mean, running_var, momentum,
+                                              eps, act)
+
+
+def batchnorm_act_train_fwd_from_stats(x, mean, var, gamma, beta, running_mean, running_var, momentum, eps, act):
+    """batchnorm_act_train_fwd with x's batch mean and biased variance given (from a *_fwd_stats
+    convolution)."""
     m = x.size // x.shape[-1]
-    mean = x.mean(axis=axes)
-    var = x.var(axis=axes)
     invstd = 1.0 / np.sqrt(var + eps)
     z = (x - mean) * invstd * gamma + beta
     running_mean *= 1 - momentum
     running_mean += momentum * mean
     running_var *= 1 - momentum
     running_var += momentum * var * m / max(m - 1, 1)
-    return act_fwd(z, act), mean, invstd
+    return act_fwd(z, act), mean.copy(), invstd
 
 
-def batchnorm_act_train_bwd(dy, x, y, gamma, beta, mean, invstd, act):
-    """Returns (dx, dgamma, dbeta) of batchnorm_act_train_fwd (y is unused: the activation's
-    mask is recomputed from the pre-activation)."""
+def batchnorm_act_train_bwd(dy, x, gamma, beta, mean, invstd, act):
+    """Returns (dx, dgamma, dbeta) of batchnorm_act_train_fwd (the activation's mask is
+    recomputed from the pre-activation)."""
     axes = tuple(range(x.ndim - 1))
     m = x.size // x.shape[-1]
     xhat = (x - mean) * invstd

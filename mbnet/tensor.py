@@ -46,6 +46,7 @@ class Tensor:
 
     __array_priority__ = 1000  # ndarray (op) Tensor defers to Tensor's reflected operators
     grad_hook = None  # on a leaf: called as grad_hook(leaf) by backward once leaf.grad is final
+    batch_stats = None  # per-channel (mean, var) of data, from a training convolution (mbnet.nn)
 
     def __init__(self, data, requires_grad=False):
         self.data = _as_array(data.data if isinstance(data, Tensor) else data)

@@ -149,9 +149,18 @@ def b_bn_train_fwd(draw, rng):
 
 def b_bn_train_bwd(draw, rng):
     shape, act, x, (gamma, beta, rm, rv) = bn_bwd_inputs(draw, rng)
-    y, mean, invstd = R.batchnorm_act_train_fwd(x, gamma[1], beta[1], rm[1].copy(), rv[1].copy(), 0.1, 1e-5, act)
-    return [f32(rng, *shape), ("f32", x), ("f32", y.astype(np.float32)), gamma, beta,
-            ("f32", mean.astype(np.float32)), ("f32", invstd.astype(np.float32)), ("act", act)]
+    _, mean, invstd = R.batchnorm_act_train_fwd(x, gamma[1], beta[1], rm[1].copy(), rv[1].copy(), 0.1, 1e-5, act)
+    return [f32(rng, *shape), ("f32", x), gamma, beta, ("f32", mean.astype(np.float32)),
+            ("f32", invstd.astype(np.float32)), ("act", act)]
+
+
+def b_bn_train_fwd_from_stats(draw, rng):
+    shape = bn_shape(draw)
+    gamma, beta, rm, rv = bn_params(rng, shape[-1])
+    x = rng.standard_normal(shape).astype(np.float32)
+    _, mean, var = R._with_stats(x)
+    return [("f32", x), ("f32", mean), ("f32", var), gamma, beta, rm, rv, ("real", 0.1), ("real", 1e-5),
+            ("act", draw_act(draw))]
 
 
 def b_bn_infer_fwd(draw, rng):
@@ -212,17 +221,21 @@ def b_no_args(draw, rng):
 BINDINGS = {
     "matmul": b_matmul,
     "pwconv2d_fwd": b_pw_fwd,
+    "pwconv2d_fwd_stats": b_pw_fwd,
     "pwconv2d_bwd_input": b_pw_bwd_input,
     "pwconv2d_bwd_weight": b_pw_bwd_weight,
     "linear_fwd": b_linear_fwd,
     "linear_bwd": b_linear_bwd,
     "dwconv2d_fwd": b_dw_fwd,
+    "dwconv2d_fwd_stats": b_dw_fwd,
     "dwconv2d_bwd_input": b_dw_bwd_input,
     "dwconv2d_bwd_weight": b_dw_bwd_weight,
     "conv2d_fwd": b_conv_fwd,
+    "conv2d_fwd_stats": b_conv_fwd,
     "conv2d_bwd_input": b_conv_bwd_input,
     "conv2d_bwd_weight": b_conv_bwd_weight,
     "batchnorm_act_train_fwd": b_bn_train_fwd,
+    "batchnorm_act_train_fwd_from_stats": b_bn_train_fwd_from_stats,
     "batchnorm_act_train_bwd": b_bn_train_bwd,
     "batchnorm_act_infer_fwd": b_bn_infer_fwd,
     "batchnorm_act_infer_bwd": b_bn_infer_bwd,
@@ -412,8 +425,8 @@ def check_result(name, args_before, result, where):
         assert not isinstance(padding, (int, np.integer)) or abs(int(padding)) <= HUGE_PADDING, (
             f"{where}: returned for a padding whose output cannot exist")
     ref_args = [as_reference_arg(a) for a in args_before]
-    if name in ("batchnorm_act_train_bwd", "batchnorm_act_infer_bwd"):
-        # The kernels read the activation's mask from y, the reference from the statistics: mask
+    if name == "batchnorm_act_infer_bwd":
+        # The kernel reads the activation's mask from y, the reference from the statistics: mask
         # dy here so that a y made with other statistics (a changed eps) means the same to both.
         ref_args[0], ref_args[-1] = R.act_bwd(ref_args[0], ref_args[2], ref_args[-1]), "none"
     try:

@@ -65,9 +65,10 @@ def test_train_fwd_matches_reference(shape, act, loc, scale, momentum, seed):
 
 
 def masked_dy(dy, y, act):
-    """The kernels read the activation's mask from y; the reference recomputes it from the
-    pre-activation. Masking dy by y here and running the reference with act='none' compares the
-    same thing without ties at the kinks (z within float rounding of 0 or 6)."""
+    """The inference kernel reads the activation's mask from y, the training kernel recomputes its
+    float32 pre-activation (the forward's, bit for bit), the reference its float64 one. Masking dy
+    by y here and running the reference with act='none' compares the same thing without ties at
+    the kinks (z within float rounding of 0 or 6)."""
     return R.act_bwd(dy.astype(np.float64), y.astype(np.float64), act)
 
 
@@ -77,9 +78,9 @@ def test_train_bwd_matches_reference(shape, act, loc, scale, seed):
     x, gamma, beta, rm, rv, dy = make(shape, loc, scale, seed)
     where = f"shape={shape} act={act} loc={loc} scale={scale}"
     y, mean, invstd = _C.batchnorm_act_train_fwd(x, gamma, beta, rm, rv, 0.1, 1e-5, act)
-    dx, dgamma, dbeta = _C.batchnorm_act_train_bwd(dy, x, y, gamma, beta, mean, invstd, act)
+    dx, dgamma, dbeta = _C.batchnorm_act_train_bwd(dy, x, gamma, beta, mean, invstd, act)
     dx64, dgamma64, dbeta64 = R.batchnorm_act_train_bwd(
-        masked_dy(dy, y, act), *f64(x, y, gamma, beta, mean, invstd), "none")
+        masked_dy(dy, y, act), *f64(x, gamma, beta, mean, invstd), "none")
     assert dx.shape == x.shape and dgamma.shape == dbeta.shape == gamma.shape, where
     assert dx.dtype == dgamma.dtype == dbeta.dtype == np.float32, where
     m = x.size // shape[-1]
@@ -160,7 +161,7 @@ def test_single_row():
     np.testing.assert_allclose(y, y64, rtol=1e-6)
     np.testing.assert_allclose(invstd, invstd64, rtol=1e-6)
     np.testing.assert_allclose(rv, rv64, rtol=1e-6)
-    dx, dg, db = _C.batchnorm_act_train_bwd(np.ones_like(x), x, y, g, b, mean, invstd, "relu6")
+    dx, dg, db = _C.batchnorm_act_train_bwd(np.ones_like(x), x, g, b, mean, invstd, "relu6")
     np.testing.assert_allclose(dx, 0.0, atol=1e-6)
     np.testing.assert_allclose(db, 1.0)
 
@@ -177,7 +178,7 @@ def test_thread_counts_agree(shape, act):
             rm_t, rv_t = rm.copy(), rv.copy()
             y, mean, invstd = _C.batchnorm_act_train_fwd(x, gamma, beta, rm_t, rv_t, 0.1, 1e-5, act)
             results.append([y, mean, invstd, rm_t, rv_t,
-                            *_C.batchnorm_act_train_bwd(dy, x, y, gamma, beta, mean, invstd, act),
+                            *_C.batchnorm_act_train_bwd(dy, x, gamma, beta, mean, invstd, act),
                             _C.batchnorm_act_infer_fwd(x, gamma, beta, rm, rv, 1e-5, act),
                             *_C.batchnorm_act_infer_bwd(dy, x, y, gamma, beta, rm, rv, 1e-5, act),
                             _C.act_fwd(x, act), _C.act_bwd(dy, y, act)])
@@ -186,6 +187,39 @@ def test_thread_counts_agree(shape, act):
     for i, (one, two) in enumerate(zip(*results)):
         np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-5 * np.abs(one).max(),
                                    err_msg=f"output {i}, shape={shape} act={act}")
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_train_bwd_mask_is_the_forward_output_mask(act, threads):
+    """Training backward recomputes the pre-activation from x instead of reading y: bit for bit
+    the forward's, so its mask is exactly y's. 2^20 elements, a tenth of them (16 values repeated)
+    placed by beta within rounding of the kink: the same dx, dgamma, dbeta bits as masking dy by
+    y first."""
+    rng = np.random.default_rng(7)
+    c, kink = 64, (6.0 if act == "relu6" else 0.0)
+    x = rng.standard_normal((256, 64, c)).astype(np.float32)
+    x[::10] = rng.choice(rng.standard_normal(16).astype(np.float32), x[::10].shape)
+    gamma = rng.uniform(0.5, 6.0, c).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    before = _C.get_num_threads()
+    try:
+        _C.set_num_threads(threads)
+        # The statistics do not depend on beta: put (v - mean) * scale + beta within rounding of
+        # the kink for v = the first repeated value of each channel.
+        _, mean, invstd = _C.batchnorm_act_train_fwd(x, gamma, np.zeros(c, np.float32), rm, rv, 0.1, 1e-5, act)
+        scale = (invstd.astype(np.float64) * gamma).astype(np.float32)
+        beta = (np.float32(kink) - (x[0, 0] - mean) * scale).astype(np.float32)
+        y, mean, invstd = _C.batchnorm_act_train_fwd(x, gamma, beta, rm, rv, 0.1, 1e-5, act)
+        z = (x.astype(np.float64) - mean) * scale + beta
+        assert np.mean(np.abs(z - kink) < 1e-5) > 0.005
+        got = _C.batchnorm_act_train_bwd(dy, x, gamma, beta, mean, invstd, act)
+        want = _C.batchnorm_act_train_bwd(_C.act_bwd(dy, y, act), x, gamma, beta, mean, invstd, "none")
+    finally:
+        _C.set_num_threads(before)
+    for g, w, what in zip(got, want, ("dx", "dgamma", "dbeta")):
+        np.testing.assert_array_equal(g, w, err_msg=f"{what}, act={act}")
 
 
 def test_reference_backward_matches_finite_differences():
@@ -201,7 +235,7 @@ def test_reference_backward_matches_finite_differences():
         h = 1e-6
         numeric = (loss(h) - loss(-h)) / (2 * h)
         _, mean, invstd = R.batchnorm_act_train_fwd(x, g, b, np.zeros(4), np.ones(4), 0.1, 1e-5, act)
-        dx, dg, db = R.batchnorm_act_train_bwd(dy, x, None, g, b, mean, invstd, act)
+        dx, dg, db = R.batchnorm_act_train_bwd(dy, x, g, b, mean, invstd, act)
         analytic = (dx * dx_dir).sum() + (dg * dg_dir).sum() + (db * db_dir).sum()
         assert abs(numeric - analytic) < 1e-5 * (1 + abs(analytic)), act
 
@@ -251,11 +285,11 @@ def test_backward_rejects_mismatched_shapes():
     x, p = valid_args()
     g = p["gamma"]
     with pytest.raises(ValueError, match="dy"):
-        _C.batchnorm_act_train_bwd(x[:1], x, x, g, g, g, g, "relu")
+        _C.batchnorm_act_train_bwd(x[:1], x, g, g, g, g, "relu")
     with pytest.raises(ValueError, match="y"):
         _C.batchnorm_act_infer_bwd(x, x, x.reshape(4, 2, 3), g, g, g, g, 1e-5, "relu")
     with pytest.raises(ValueError, match="invstd"):
-        _C.batchnorm_act_train_bwd(x, x, x, g, g, g, np.ones(2, np.float32), "relu")
+        _C.batchnorm_act_train_bwd(x, x, g, g, g, np.ones(2, np.float32), "relu")
     with pytest.raises(ValueError, match="var"):
         _C.batchnorm_act_infer_fwd(x, g, g, g, np.ones(5, np.float32), 1e-5, "relu")
     with pytest.raises(ValueError, match="dy"):

@@ -88,11 +88,14 @@ def _bn_case(dtype, act, n=6, seed=0):
     return x, gamma, beta, gy
 
 
-def _bn_run(x, gamma, beta, gy, act):
-    """-> y, dx, dgamma, dbeta, running_mean, running_var of one training-mode batch_norm."""
+def _bn_run(x, gamma, beta, gy, act, stats=False):
+    """-> y, dx, dgamma, dbeta, running_mean, running_var of one training-mode batch_norm; with
+    stats, given x's (mean, var) as a convolution's kernel would give them."""
     rm, rv = np.zeros(x.shape[-1], x.dtype), np.ones(x.shape[-1], x.dtype)
     xt, gt, bt = Tensor(x, True), Tensor(gamma, True), Tensor(beta, True)
-    y = F.batch_norm(xt, gt, bt, rm, rv, True, 0.1, 1e-5, act)
+    axes = tuple(range(x.ndim - 1))
+    given = (x.mean(axes, dtype=np.float64).astype(x.dtype), x.var(axes, dtype=np.float64).astype(x.dtype))
+    y = F.batch_norm(xt, gt, bt, rm, rv, True, 0.1, 1e-5, act, stats=given if stats else None)
     y.backward(gy)
     return y.data, xt.grad, gt.grad, bt.grad, rm, rv
 
@@ -103,19 +106,21 @@ def bn_allreduce():
     F.set_batch_norm_allreduce(None)
 
 
+@pytest.mark.parametrize("stats", [False, True], ids=["summed", "given"])
 @pytest.mark.parametrize("act", ["none", "relu", "relu6"])
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)], ids=["f64", "f32"])
-def test_sync_batch_norm_on_one_process_is_batch_norm(act, dtype, tol, bn_allreduce):
+def test_sync_batch_norm_on_one_process_is_batch_norm(act, dtype, tol, stats, bn_allreduce):
     case = _bn_case(dtype, act)
     plain = _bn_run(*case, act)
     bn_allreduce(lambda a: a)
-    synced = _bn_run(*case, act)
+    synced = _bn_run(*case, act, stats)
     for name, a, b in zip(["y", "dx", "dgamma", "dbeta", "running_mean", "running_var"], plain, synced):
         np.testing.assert_allclose(b, a, rtol=tol, atol=tol, err_msg=f"act={act}: {name}")
 
 
+@pytest.mark.parametrize("stats", [False, True], ids=["summed", "given"])
 @pytest.mark.parametrize("split", [3, 4], ids=["halves", "unequal"])
-def test_sync_batch_norm_split_over_two_workers_is_the_whole_batch(split, bn_allreduce):
+def test_sync_batch_norm_split_over_two_workers_is_the_whole_batch(split, stats, bn_allreduce):
     """Two threads stand in for two ranks (their allreduce adds both buffers): the shards'
     outputs and input gradients are the whole batch's rows, dgamma/dbeta add up to its own."""
     act = "relu"
@@ -136,7 +141,7 @@ def test_sync_batch_norm_split_over_two_workers_is_the_whole_batch(split, bn_all
 
     def work(rank, rows):
         local.rank = rank
-        parts[rank] = _bn_run(x[rows], gamma, beta, gy[rows], act)
+        parts[rank] = _bn_run(x[rows], gamma, beta, gy[rows], act, stats)
 
     threads = [threading.Thread(target=work, args=(r, rows)) for r, rows in enumerate([slice(0, split), slice(split, None)])]
     for t in threads:

@@ -50,6 +50,30 @@ def test_batch_norm_gradients(act, training, rng):
                    f"batch_norm(training={training}, act={act})", rng, ["x", "gamma", "beta"])
 
 
+def _conv_bn(conv, act, mean, var):
+    """(x, w, gamma, beta) -> batch_norm(conv(x, w)) in training, with the statistics from conv's
+    kernel (stats=True), as mbnet.nn runs a convolution and its BatchNorm2d under F.FUSE."""
+    def fn(x, w, gamma, beta):
+        y, stats = conv(x, w, stats=True)
+        assert stats[0].shape == stats[1].shape == y.shape[-1:] and stats[0].dtype == y.dtype
+        return F.batch_norm(y, gamma, beta, mean.astype(x.dtype), var.astype(x.dtype), True, act=act, stats=stats)
+    return fn
+
+
+CONV_BN = [("conv2d", lambda x, w, stats: F.conv2d(x, w, 2, 1, stats=stats), (3, 3, 3, 5)),
+           ("depthwise_conv2d", lambda x, w, stats: F.depthwise_conv2d(x, w, 1, 1, stats=stats), (3, 3, 3)),
+           ("pointwise_conv2d", F.pointwise_conv2d, (3, 5))]
+
+
+@pytest.mark.parametrize("name, conv, wshape", CONV_BN, ids=[c[0] for c in CONV_BN])
+def test_conv_batch_norm_with_kernel_statistics_gradients(name, conv, wshape, rng):
+    c = wshape[-1]
+    fn = _conv_bn(conv, "relu", rng.standard_normal(c), rng.uniform(0.5, 2.0, c))
+    check_backward(fn, [rng.standard_normal((3, 5, 4, 3)) + 1, rng.standard_normal(wshape), rng.uniform(0.5, 1.5, c),
+                        rng.standard_normal(c) * 0.5], f"batch_norm({name}(stats=True))", rng,
+                   ["x", "w", "gamma", "beta"])
+
+
 @pytest.mark.parametrize("fn", [F.relu, F.relu6], ids=["relu", "relu6"])
 def test_activation_gradients(fn, rng):
     x = rng.uniform(-3, 9, (3, 7))
@@ -177,6 +201,10 @@ def _kernel_cases(rng):
            lambda x, g, b, act=act: F.batch_norm(x, g, b, mean.astype(x.dtype), var.astype(x.dtype), False, act=act),
            [rng.standard_normal((3, 4, 5, c)) * 2, rng.uniform(0.5, 1.5, c), rng.standard_normal(c)])
           for act in ACTS],
+        *[(f"batch_norm({name}(stats=True))", _conv_bn(conv, "relu6", mean[:w[-1]], var[:w[-1]]),
+           [rng.standard_normal((3, 6, 5, 3)) + 1, rng.standard_normal(w), rng.uniform(0.5, 1.5, w[-1]),
+            rng.standard_normal(w[-1])])
+          for name, conv, w in CONV_BN],
         ("relu6", F.relu6, [rng.uniform(-2, 8, (3, c))]),
         ("global_avg_pool", F.global_avg_pool, [rng.standard_normal((2, 3, 5, c))]),
         ("linear", F.linear, [rng.standard_normal((5, c)), rng.standard_normal((c, 6)), rng.standard_normal(6)]),

@@ -92,11 +92,12 @@ def expected_shapes(name, args):
     mbnet.reference otherwise."""
     if name.startswith(("conv2d", "dwconv2d")):
         a, b, *_, stride, padding = args
-        if name.endswith("_fwd"):
+        if name.endswith(("_fwd", "_fwd_stats")):
             n, h, w, _ = a.shape
             kh, kw = b.shape[:2]
-            return [(n, R.conv_out_size(h, kh, int(stride), int(padding)),
-                     R.conv_out_size(w, kw, int(stride), int(padding)), b.shape[-1])]
+            y = (n, R.conv_out_size(h, kh, int(stride), int(padding)),
+                 R.conv_out_size(w, kw, int(stride), int(padding)), b.shape[-1])
+            return [y] if name.endswith("_fwd") else [y, y[-1:], y[-1:]]
         h, w = (int(v) for v in args[2])
         if name.endswith("_bwd_input"):
             return [(a.shape[0], h, w, b.shape[2])]

@@ -169,3 +169,41 @@ def test_float32_kernels_agree_with_float64_reference_on_the_whole_model(trainin
         # float32 rounding of the large terms is large next to their small sum.
         tol = 1e-4 if not training else 2e-2 if name.endswith("gamma") else 1e-3
         assert err <= tol, f"{name}: float32 differs from float64 by {err:.3g} (relative norm), tolerance {tol}"
+
+
+def training_step(model_cls, dtype, fuse, x, labels, monkeypatch):
+    """Kernel names called, and {loss, every parameter gradient, every buffer} of one training step
+    with mbnet.functional.FUSE = fuse."""
+    monkeypatch.setattr(F, "FUSE", fuse)
+    model = model_cls(0.25, num_classes=5, input_size=16, dtype=dtype, seed=1)
+    with F.profile() as calls:
+        loss = F.cross_entropy(model(Tensor(x.astype(dtype))), labels, label_smoothing=0.1)
+        loss.backward()
+    return set(calls), {"loss": loss.data, **{n: p.grad for n, p in model.named_parameters()},
+                        **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("model_cls", [MobileNetV1, ConvMobileNet])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fused_batch_statistics_match_the_unfused_step(model_cls, dtype, monkeypatch, rng):
+    """Convolutions that hand BatchNorm their output's statistics (F.FUSE) give the step of
+    separate statistics passes: to float64 rounding on the reference path; in float32, the loss and
+    running statistics to 1e-5 and the gradients within twice the float32 rounding noise that
+    test_float32_kernels_agree_with_float64_reference_on_the_whole_model allows each path."""
+    x = rng.standard_normal((8, 16, 16, 3))
+    labels = np.array([3, 0, 1, 4, 2, 2, 0, 1])
+    fused_calls, fused = training_step(model_cls, dtype, True, x, labels, monkeypatch)
+    calls, unfused = training_step(model_cls, dtype, False, x, labels, monkeypatch)
+    assert {"conv2d_fwd_stats", "batchnorm_act_train_fwd_from_stats"} <= fused_calls, fused_calls
+    assert "batchnorm_act_train_fwd" not in fused_calls and not any(k.endswith("_stats") for k in calls)
+    for name, want in unfused.items():
+        got = fused[name]
+        assert got.dtype == dtype, name
+        err = np.linalg.norm(got - want) / (np.linalg.norm(want) + 1e-30)
+        if dtype == np.float64:
+            tol = 1e-10
+        elif name == "loss" or "running" in name:
+            tol = 1e-5
+        else:
+            tol = 4e-2 if name.endswith("gamma") else 2e-3
+        assert err <= tol, f"{name}: fused differs from unfused by {err:.3g} (relative norm), tolerance {tol}"
