@@ -44,47 +44,37 @@ constexpr index_t KC = 256;
 constexpr index_t MC = 16 * MR;
 constexpr index_t NC = 64 * NR;
 
-struct AlignedBuffer {
-    float* p = nullptr;
-    explicit AlignedBuffer(index_t n) {
-        p = static_cast<float*>(::operator new(sizeof(float) * std::max<index_t>(n, 1),
-                                               std::align_val_t(64)));
-    }
-    ~AlignedBuffer() { ::operator delete(p, std::align_val_t(64)); }
-    AlignedBuffer(const AlignedBuffer&) = delete;
-    AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-};
-
-// C[0:mr, 0:nr] (+)= sum_k A(i, k) * b[k*NR + j] over a kc x NR panel b of B.
+// C[0:mr, 0:nr] (+)= sum_k A(i, k) * b[k*kNR + j] over a kc x kNR panel b of B.
 // Written for GCC's vectorizer: i is unrolled, the j loop is left to the loop vectorizer, which
 // turns acc into MR x NR/lanes registers fed by NR/lanes loads of b and one broadcast of a[i].
 // Unrolling j by pragma instead makes GCC 12 vectorize across k with permutes: 30% slower.
 // kPackedA: a is a packed panel, a[k*MR + i]; otherwise a points into row-major A, a[i*lda + k].
-template <bool kPackedA>
+// kNR: the panel width, NR.
+template <bool kPackedA, int kNR>
 MBNET_KERNEL_TARGET void micro_kernel(index_t kc, const float* __restrict__ a, index_t lda,
                                       const float* __restrict__ b, float* __restrict__ c,
                                       index_t ldc, int mr, int nr, bool add) {
-    float acc[MR][NR];
+    float acc[MR][kNR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 64
-        for (int j = 0; j < NR; ++j) acc[i][j] = 0.f;
-    for (index_t k = 0; k < kc; ++k, b += NR) {
+        for (int j = 0; j < kNR; ++j) acc[i][j] = 0.f;
+    for (index_t k = 0; k < kc; ++k, b += kNR) {
 #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) {
             const float ai = kPackedA ? a[k * MR + i] : a[i * lda + k];
-            for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[j];
+            for (int j = 0; j < kNR; ++j) acc[i][j] += ai * b[j];
         }
     }
-    if (mr == MR && nr == NR) {
+    if (mr == MR && nr == kNR) {
         if (add) {
 #pragma GCC unroll 16
             for (int i = 0; i < MR; ++i)
-                for (int j = 0; j < NR; ++j) c[i * ldc + j] += acc[i][j];
+                for (int j = 0; j < kNR; ++j) c[i * ldc + j] += acc[i][j];
         } else {
 #pragma GCC unroll 16
             for (int i = 0; i < MR; ++i)
-                for (int j = 0; j < NR; ++j) c[i * ldc + j] = acc[i][j];
+                for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
         }
         return;
     }
@@ -115,39 +105,46 @@ void pack_a(index_t mc, index_t kc, const float* A, index_t rsa, index_t csa,
     }
 }
 
-// dst[p*kc*NR + k*NR + j] = B(k, p*NR + j) for the kc x nc block at B, columns past nc zero.
+// dst[p*kc*kNR + k*kNR + j] = B(k, p*kNR + j) for the kc x nc block at B, columns past nc zero.
+template <int kNR>
 void pack_b(index_t kc, index_t nc, const float* B, index_t rsb, index_t csb,
             float* __restrict__ dst) {
-    for (index_t jr = 0; jr < nc; jr += NR, dst += kc * NR) {
+    for (index_t jr = 0; jr < nc; jr += kNR, dst += kc * kNR) {
         const float* b = B + jr * csb;
-        const index_t nr = std::min<index_t>(NR, nc - jr);
-        if (nr == NR && csb == 1) {
+        const index_t nr = std::min<index_t>(kNR, nc - jr);
+        if (nr == kNR && csb == 1) {
             for (index_t k = 0; k < kc; ++k)
 #pragma GCC unroll 64
-                for (int j = 0; j < NR; ++j) dst[k * NR + j] = b[k * rsb + j];
+                for (int j = 0; j < kNR; ++j) dst[k * kNR + j] = b[k * rsb + j];
         } else {
             for (index_t j = 0; j < nr; ++j)
-                for (index_t k = 0; k < kc; ++k) dst[k * NR + j] = b[k * rsb + j * csb];
-            for (index_t j = nr; j < NR; ++j)
-                for (index_t k = 0; k < kc; ++k) dst[k * NR + j] = 0.f;
+                for (index_t k = 0; k < kc; ++k) dst[k * kNR + j] = b[k * rsb + j * csb];
+            for (index_t j = nr; j < kNR; ++j)
+                for (index_t k = 0; k < kc; ++k) dst[k * kNR + j] = 0.f;
         }
     }
+}
+
+// Floats of A's packing buffer for a GEMM of at most M x K (at most MC x KC).
+inline index_t a_buffer_floats(index_t M, index_t K) {
+    return std::min<index_t>(MC, (M + MR - 1) / MR * MR) * std::min<index_t>(KC, K);
 }
 
 // One thread's packing buffers for a GEMM of at most M x N x K (at most MC x KC and KC x NC),
 // allocated before the parallel region.
 struct PackBuffers {
-    AlignedBuffer a, b;
+    AlignedFloats a, b;
     PackBuffers(index_t M, index_t N, index_t K)
-        : a(std::min<index_t>(MC, (M + MR - 1) / MR * MR) * std::min<index_t>(KC, K)),
-          b(std::min<index_t>(KC, K) * std::min<index_t>(NC, (N + NR - 1) / NR * NR)) {}
+        : a(aligned_floats(a_buffer_floats(M, K))),
+          b(aligned_floats(std::min<index_t>(KC, K) * std::min<index_t>(NC, (N + NR - 1) / NR * NR))) {}
 };
 
-// One thread's GEMM over its part of C, with its own packing buffers.
-void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
-                  const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
-                  bool accumulate, PackBuffers& buf) {
-    const AlignedBuffer &abuf = buf.a, &bbuf = buf.b;
+// One thread's GEMM over its part of C, B's blocks in kNR-wide panels: for each NC x KC block,
+// b_block(jc, nc, pc, kc) gives the packed block of columns [jc, jc + nc) and depth [pc, pc + kc)
+// (packed there and then, or packed once beforehand); abuf holds a_buffer_floats(M, K).
+template <int kNR, class BlockOfB>
+void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
+                  BlockOfB&& b_block, float* C, index_t ldc, bool accumulate, float* abuf) {
     // Row-major A is read in place by the microkernel (MR rows, unit stride along k): packing it
     // would cost as much as the multiply when N is small, and gains nothing measurable when large.
     const bool direct_a = csa == 1;
@@ -156,7 +153,7 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
         for (index_t pc = 0; pc < K; pc += KC) {
             const index_t kc = std::min(KC, K - pc);
             const bool add = accumulate || pc > 0;
-            pack_b(kc, nc, B + pc * rsb + jc * csb, rsb, csb, bbuf.p);
+            const float* bp = b_block(jc, nc, pc, kc);
             for (index_t ic = 0; ic < M; ic += MC) {
                 const index_t mc = std::min(MC, M - ic);
                 // Unpacked A: only a last, partial panel is packed (reading past row M is out
@@ -164,23 +161,35 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                 const index_t packed_from = direct_a ? mc / MR * MR : 0;
                 if (packed_from < mc)
                     pack_a(mc - packed_from, kc, A + (ic + packed_from) * rsa + pc * csa, rsa, csa,
-                           abuf.p);
-                for (index_t jr = 0; jr < nc; jr += NR) {
-                    const int nr = static_cast<int>(std::min<index_t>(NR, nc - jr));
+                           abuf);
+                for (index_t jr = 0; jr < nc; jr += kNR) {
+                    const int nr = static_cast<int>(std::min<index_t>(kNR, nc - jr));
                     for (index_t ir = 0; ir < mc; ir += MR) {
                         const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
                         float* c = C + (ic + ir) * ldc + jc + jr;
                         if (ir < packed_from)
-                            micro_kernel<false>(kc, A + (ic + ir) * rsa + pc, rsa,
-                                                bbuf.p + jr * kc, c, ldc, mr, nr, add);
+                            micro_kernel<false, kNR>(kc, A + (ic + ir) * rsa + pc, rsa,
+                                                     bp + jr * kc, c, ldc, mr, nr, add);
                         else
-                            micro_kernel<true>(kc, abuf.p + (ir - packed_from) * kc, 0,
-                                               bbuf.p + jr * kc, c, ldc, mr, nr, add);
+                            micro_kernel<true, kNR>(kc, abuf + (ir - packed_from) * kc, 0,
+                                                    bp + jr * kc, c, ldc, mr, nr, add);
                     }
                 }
             }
         }
     }
+}
+
+// One thread's GEMM over its part of C, with its own packing buffers.
+void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
+                  const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
+                  bool accumulate, PackBuffers& buf) {
+    float* bbuf = buf.b.get();
+    auto pack = [&](index_t jc, index_t nc, index_t pc, index_t kc) {
+        pack_b<NR>(kc, nc, B + pc * rsb + jc * csb, rsb, csb, bbuf);
+        return bbuf;
+    };
+    sgemm_blocks<NR>(M, N, K, A, rsa, csa, pack, C, ldc, accumulate, buf.a.get());
 }
 
 enum class Split { Rows, Cols, Depth };
@@ -265,15 +274,33 @@ void sgemm(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t
     }
 }
 
-void sgemm_single_thread(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
-                         const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
-                         bool accumulate) {
-    if (M > 0 && N > 0 && K > 0) {
-        // Called inside the plan's parallel region: the packing buffers are at most MC x KC and
-        // KC x NC floats (a few hundred KB), allocated per call.
-        PackBuffers buf(M, N, K);
-        sgemm_serial(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, buf);
+AlignedFloats aligned_floats(index_t n) {
+    return AlignedFloats(static_cast<float*>(
+        ::operator new(sizeof(float) * std::max<index_t>(n, 1), std::align_val_t(64))));
+}
+
+PackedB::PackedB(index_t K_, index_t N_, const float* B, index_t rsb, index_t csb)
+    : K(K_), N(N_) {
+    panel = NR;
+    const index_t padded = (N + NR - 1) / NR * NR;
+    data = aligned_floats(K * padded);
+    // Slice pc holds rows [pc, pc + KC) of every panel: it starts at pc * padded.
+    for (index_t pc = 0; pc < K; pc += KC) {
+        const index_t kc = std::min(KC, K - pc);
+        pack_b<NR>(kc, N, B + pc * rsb, rsb, csb, data.get() + pc * padded);
     }
+}
+
+index_t sgemm_packed_b_scratch(index_t M, index_t K) { return a_buffer_floats(M, K); }
+
+void sgemm_packed_b(index_t M, index_t n0, index_t n1, const float* A, index_t rsa, index_t csa,
+                    const PackedB& B, float* C, index_t ldc, bool accumulate, float* a_scratch) {
+    if (M <= 0 || n1 <= n0 || B.K <= 0) return;
+    const index_t padded = (B.N + B.panel - 1) / B.panel * B.panel;
+    auto packed = [&](index_t jc, index_t nc, index_t pc, index_t kc) {
+        return B.data.get() + pc * padded + (n0 + jc) * kc;
+    };
+    sgemm_blocks<NR>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate, a_scratch);
 }
 
 // --- bindings -------------------------------------------------------------------------------
@@ -360,6 +387,25 @@ py::tuple linear_bwd(const py::object& x_obj, const py::object& w_obj, const py:
     return py::make_tuple(dx, dw, db);
 }
 
+// a (M, K) @ b[:, n0:n1] through PackedB(b) and sgemm_packed_b, and the panel width PackedB chose
+// (tests hold it to matmul: the plan's GEMM).
+py::tuple matmul_packed_b(const py::object& a_obj, const py::object& b_obj, index_t n0, index_t n1) {
+    F32 a = check_f32(a_obj, "a", 2), b = check_f32(b_obj, "b", 2);
+    check_same_dim(a, 1, "a", b, 0, "b");
+    const index_t M = a[0], K = a[1], N = b[1];
+    require(0 <= n0 && n0 < n1 && n1 <= N, "columns [n0, n1) must lie in [0, " +
+                                               std::to_string(N) + "), got [" +
+                                               std::to_string(n0) + ", " + std::to_string(n1) + ")");
+    PackedB packed(K, N, b.ptr, N, 1);
+    require(n0 % packed.panel == 0, "n0 must be a multiple of the panel width " +
+                                        std::to_string(packed.panel) + ", got " + std::to_string(n0));
+    auto y = compute_f32({M, n1 - n0}, [&](float* c) {
+        AlignedFloats scratch = aligned_floats(sgemm_packed_b_scratch(M, K));
+        sgemm_packed_b(M, n0, n1, a.ptr, K, 1, packed, c, n1 - n0, false, scratch.get());
+    });
+    return py::make_tuple(y, packed.panel);
+}
+
 }  // namespace
 
 void bind_gemm(py::module_& m) {
@@ -376,6 +422,9 @@ void bind_gemm(py::module_& m) {
           "x (N, Din), w (Din, Dout), b (Dout,) -> x @ w + b (N, Dout).");
     m.def("linear_bwd", &linear_bwd, py::arg("x"), py::arg("w"), py::arg("dy"),
           "x (N, Din), w (Din, Dout), dy (N, Dout) -> (dx (N, Din), dw (Din, Dout), db (Dout,)).");
+    m.def("_matmul_packed_b", &matmul_packed_b, py::arg("a"), py::arg("b"), py::arg("n0"),
+          py::arg("n1"),
+          "(a @ b[:, n0:n1], panel width) through the inference plan's prepacked-B GEMM (tests).");
 }
 
 }  // namespace mbnet

@@ -1,5 +1,5 @@
 // C++ entry points of kernels that live in other files' anonymous namespaces, for callers that
-// schedule them themselves (plan.cpp). sgemm and sgemm_single_thread are in gemm.h.
+// schedule them themselves (plan.cpp). sgemm and sgemm_packed_b are in gemm.h.
 #pragma once
 #include "common.h"
 
