@@ -35,6 +35,14 @@ constexpr int MR = 4, NR = 24;
 #else
 constexpr int MR = 4, NR = 8;
 #endif
+// The narrow tile of a PackedB whose N would be mostly padding at NR: one vector wide.
+#if defined(__AVX512F__)
+constexpr int NR_NARROW = 16;
+#elif defined(__AVX2__)
+constexpr int NR_NARROW = 8;
+#else
+constexpr int NR_NARROW = 4;
+#endif
 #ifndef MBNET_KERNEL_TARGET
 #define MBNET_KERNEL_TARGET
 #endif
@@ -49,9 +57,11 @@ constexpr index_t NC = 64 * NR;
 // turns acc into MR x NR/lanes registers fed by NR/lanes loads of b and one broadcast of a[i].
 // Unrolling j by pragma instead makes GCC 12 vectorize across k with permutes: 30% slower.
 // kPackedA: a is a packed panel, a[k*MR + i]; otherwise a points into row-major A, a[i*lda + k].
-// kNR: the panel width, NR.
+// kNR: NR, or NR_NARROW for a narrow PackedB (the same sums, on a smaller tile). For kNR = 16
+// GCC 12 unrolls j whole and then vectorizes without FMA (other sums, 3x slower) unless told not
+// to unroll it; noinline keeps MBNET_KERNEL_TARGET's vector width wherever it is called.
 template <bool kPackedA, int kNR>
-MBNET_KERNEL_TARGET void micro_kernel(index_t kc, const float* __restrict__ a, index_t lda,
+MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(index_t kc, const float* __restrict__ a, index_t lda,
                                       const float* __restrict__ b, float* __restrict__ c,
                                       index_t ldc, int mr, int nr, bool add) {
     float acc[MR][kNR];
@@ -63,6 +73,7 @@ MBNET_KERNEL_TARGET void micro_kernel(index_t kc, const float* __restrict__ a, i
 #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) {
             const float ai = kPackedA ? a[k * MR + i] : a[i * lda + k];
+#pragma GCC unroll 1
             for (int j = 0; j < kNR; ++j) acc[i][j] += ai * b[j];
         }
     }
@@ -281,13 +292,15 @@ AlignedFloats aligned_floats(index_t n) {
 
 PackedB::PackedB(index_t K_, index_t N_, const float* B, index_t rsb, index_t csb)
     : K(K_), N(N_) {
-    panel = NR;
-    const index_t padded = (N + NR - 1) / NR * NR;
+    const index_t wide = (N + NR - 1) / NR * NR, narrow = (N + NR_NARROW - 1) / NR_NARROW * NR_NARROW;
+    panel = 2 * narrow <= wide ? NR_NARROW : NR;
+    const index_t padded = panel == NR ? wide : narrow;
     data = aligned_floats(K * padded);
     // Slice pc holds rows [pc, pc + KC) of every panel: it starts at pc * padded.
     for (index_t pc = 0; pc < K; pc += KC) {
         const index_t kc = std::min(KC, K - pc);
-        pack_b<NR>(kc, N, B + pc * rsb, rsb, csb, data.get() + pc * padded);
+        if (panel == NR) pack_b<NR>(kc, N, B + pc * rsb, rsb, csb, data.get() + pc * padded);
+        else pack_b<NR_NARROW>(kc, N, B + pc * rsb, rsb, csb, data.get() + pc * padded);
     }
 }
 
@@ -300,7 +313,11 @@ void sgemm_packed_b(index_t M, index_t n0, index_t n1, const float* A, index_t r
     auto packed = [&](index_t jc, index_t nc, index_t pc, index_t kc) {
         return B.data.get() + pc * padded + (n0 + jc) * kc;
     };
-    sgemm_blocks<NR>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate, a_scratch);
+    if (B.panel == NR)
+        sgemm_blocks<NR>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate, a_scratch);
+    else
+        sgemm_blocks<NR_NARROW>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate,
+                                a_scratch);
 }
 
 // --- bindings -------------------------------------------------------------------------------

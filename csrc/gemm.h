@@ -25,7 +25,9 @@ AlignedFloats aligned_floats(std::int64_t n);
 
 // B (K x N) packed once, for a B that many products share (the inference plan's weights): the
 // layout sgemm packs each block of B into per call, KC-deep slices of `panel`-wide column panels
-// (k-major within a panel, the last one zero-padded). panel is the register tile's width.
+// (k-major within a panel, the last one zero-padded). panel is the register tile's width, or a
+// narrower tile's when N is so small that the full width would be mostly padding (N = 8 or 16 on
+// AVX-512): the product then does a fraction of the work, each element summed the same way.
 struct PackedB {
     std::int64_t K = 0, N = 0;
     int panel = 0;

@@ -14,7 +14,7 @@
 // A layer runs in tiles of output rows (rows of the n*ho output rows; a tile may span images).
 // Per tile: (1) the GEMM's left operand, M = rows*wo pixels by K (depthwise rows + bias + act, or
 // im2col rows of a full conv), (2) sgemm_packed_b with the (K, cout) weights, packed into the
-// GEMM's panels once when the plan is built, into a scratch
+// GEMM's panels once when the plan is built (narrow panels for a narrow layer), into a scratch
 // tile or, when that is cheaper, row by row straight into the output, (3) bias + act written to
 // the padded output while the tile is hot. The intermediate of a separable block never leaves the
 // thread's scratch; every scratch buffer is allocated when the plan is built, so a run allocates

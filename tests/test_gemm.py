@@ -101,6 +101,13 @@ def test_matmul_packed_b_is_matmul_bitwise(m, k, n, data):
     assert_close(got, ref.matmul(*f64(a, b), False, False)[:, n0:n1], k)
 
 
+def test_packed_b_narrow_panel():
+    """A B far narrower than the register tile is packed in narrower panels (less zero padding)."""
+    assert packed_panel(1) < packed_panel(1000) == NR
+    if SIMD == "avx512":
+        assert [packed_panel(n) for n in (4, 8, 16, 17, 24, 48, 100)] == [16, 16, 16, 32, 32, 32, 32]
+
+
 def test_packed_b_bad_columns():
     with pytest.raises(ValueError, match=f"n0 must be a multiple of the panel width {NR}, got 1"):
         _C._matmul_packed_b(np.ones((2, 3), np.float32), np.ones((3, 100), np.float32), 1, 5)
