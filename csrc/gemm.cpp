@@ -5,9 +5,11 @@
 // of K, B's block is packed into NR-column panels (k-major within a panel, zero-padded to NR);
 // for each MC-high row block, A's block is packed into MR-row panels (zero-padded to MR) unless A
 // is row-major, which the microkernel reads in place; then the microkernel computes one MR x NR
-// tile of C per (A panel, B panel) pair, keeping the tile in registers for the whole KC loop.
-// Packing reads through arbitrary strides, so transposed operands cost nothing extra. Threads
-// split C's rows or columns, or, when C is small and K long, K (partial sums added at the end).
+// tile of C per (A panel, B panel) pair, keeping the tile in registers for the whole KC loop (a
+// short last A panel on a tile of fewer rows). Packing reads through arbitrary strides, so
+// transposed operands cost nothing extra. Threads split C's rows or columns, or, when C is small
+// and K long, K (partial sums added at the end). A B shared by many products (the inference
+// plan's weights) can be packed once (PackedB) and multiplied by sgemm_packed_b.
 #include "gemm.h"
 
 #include <omp.h>
@@ -52,39 +54,40 @@ constexpr index_t KC = 256;
 constexpr index_t MC = 16 * MR;
 constexpr index_t NC = 64 * NR;
 
-// C[0:mr, 0:nr] (+)= sum_k A(i, k) * b[k*kNR + j] over a kc x kNR panel b of B.
+// C[0:mr, 0:nr] (+)= sum_k A(i, k) * b[k*kNR + j] over a kc x kNR panel b of B, mr <= kMR.
 // Written for GCC's vectorizer: i is unrolled, the j loop is left to the loop vectorizer, which
-// turns acc into MR x NR/lanes registers fed by NR/lanes loads of b and one broadcast of a[i].
+// turns acc into kMR x kNR/lanes registers fed by kNR/lanes loads of b and one broadcast of a[i].
 // Unrolling j by pragma instead makes GCC 12 vectorize across k with permutes: 30% slower.
 // kPackedA: a is a packed panel, a[k*MR + i]; otherwise a points into row-major A, a[i*lda + k].
-// kNR: NR, or NR_NARROW for a narrow PackedB (the same sums, on a smaller tile). For kNR = 16
-// GCC 12 unrolls j whole and then vectorizes without FMA (other sums, 3x slower) unless told not
-// to unroll it; noinline keeps MBNET_KERNEL_TARGET's vector width wherever it is called.
-template <bool kPackedA, int kNR>
-MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(index_t kc, const float* __restrict__ a, index_t lda,
-                                      const float* __restrict__ b, float* __restrict__ c,
-                                      index_t ldc, int mr, int nr, bool add) {
-    float acc[MR][kNR];
+// kNR: NR, or NR_NARROW for a narrow PackedB; kMR: MR, or fewer rows for a short last panel (the
+// same sums, on a smaller tile). For kNR = 16 GCC 12 unrolls j whole and then vectorizes without
+// FMA (other sums, 3x slower) unless told not to unroll it; noinline keeps MBNET_KERNEL_TARGET's
+// vector width wherever it is called.
+template <bool kPackedA, int kNR, int kMR = MR>
+MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
+    index_t kc, const float* __restrict__ a, index_t lda, const float* __restrict__ b,
+    float* __restrict__ c, index_t ldc, int mr, int nr, bool add) {
+    float acc[kMR][kNR];
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < kMR; ++i)
 #pragma GCC unroll 64
         for (int j = 0; j < kNR; ++j) acc[i][j] = 0.f;
     for (index_t k = 0; k < kc; ++k, b += kNR) {
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) {
+        for (int i = 0; i < kMR; ++i) {
             const float ai = kPackedA ? a[k * MR + i] : a[i * lda + k];
 #pragma GCC unroll 1
             for (int j = 0; j < kNR; ++j) acc[i][j] += ai * b[j];
         }
     }
-    if (mr == MR && nr == kNR) {
+    if (mr == kMR && nr == kNR) {
         if (add) {
 #pragma GCC unroll 16
-            for (int i = 0; i < MR; ++i)
+            for (int i = 0; i < kMR; ++i)
                 for (int j = 0; j < kNR; ++j) c[i * ldc + j] += acc[i][j];
         } else {
 #pragma GCC unroll 16
-            for (int i = 0; i < MR; ++i)
+            for (int i = 0; i < kMR; ++i)
                 for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
         }
         return;
@@ -92,6 +95,16 @@ MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(index_t kc, cons
     // Edge tile: only the mr x nr corner exists in C.
     for (int i = 0; i < mr; ++i)
         for (int j = 0; j < nr; ++j) c[i * ldc + j] = (add ? c[i * ldc + j] : 0.f) + acc[i][j];
+}
+
+// micro_kernel on a packed panel of mr rows, with the fewest rows (MR, MR/2, ..., 1) that cover
+// them: a short last panel (a 2x2 late layer, a batch-1 classifier) costs its rows' work, not MR's.
+template <int kNR, int kMR = MR>
+void packed_micro_kernel(index_t kc, const float* a, const float* b, float* c, index_t ldc, int mr,
+                         int nr, bool add) {
+    if constexpr (kMR > 1)
+        if (mr <= kMR / 2) return packed_micro_kernel<kNR, kMR / 2>(kc, a, b, c, ldc, mr, nr, add);
+    micro_kernel<true, kNR, kMR>(kc, a, 0, b, c, ldc, mr, nr, add);
 }
 
 // dst[p*kc*MR + k*MR + i] = A(p*MR + i, k) for the mc x kc block at A, rows past mc zero.
@@ -182,8 +195,8 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                             micro_kernel<false, kNR>(kc, A + (ic + ir) * rsa + pc, rsa,
                                                      bp + jr * kc, c, ldc, mr, nr, add);
                         else
-                            micro_kernel<true, kNR>(kc, abuf + (ir - packed_from) * kc, 0,
-                                                    bp + jr * kc, c, ldc, mr, nr, add);
+                            packed_micro_kernel<kNR>(kc, abuf + (ir - packed_from) * kc,
+                                                     bp + jr * kc, c, ldc, mr, nr, add);
                     }
                 }
             }

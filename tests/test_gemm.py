@@ -101,6 +101,19 @@ def test_matmul_packed_b_is_matmul_bitwise(m, k, n, data):
     assert_close(got, ref.matmul(*f64(a, b), False, False)[:, n0:n1], k)
 
 
+@pytest.mark.parametrize("n", [8, 100])
+def test_packed_b_rows_do_not_depend_on_the_panel(n):
+    """A row of C has the same bits whether it is multiplied in a full register tile, read in
+    place, or in a short last panel of 1..7 rows (the plan's tiles, hence its thread count,
+    decide which)."""
+    rng = np.random.default_rng(n)
+    a, b = rand(rng, (37, 300)), rand(rng, (300, n))
+    whole = _C._matmul_packed_b(a, b, 0, n)[0]
+    for r0, r1 in [(0, 1), (3, 5), (8, 11), (30, 37), (36, 37), (5, 13)]:
+        np.testing.assert_array_equal(_C._matmul_packed_b(a[r0:r1], b, 0, n)[0], whole[r0:r1],
+                                      err_msg=f"rows [{r0}, {r1}) of 37, n={n}")
+
+
 def test_packed_b_narrow_panel():
     """A B far narrower than the register tile is packed in narrower panels (less zero padding)."""
     assert packed_panel(1) < packed_panel(1000) == NR
