@@ -100,8 +100,8 @@ void left_row(const Layer& L, const float* in, index_t r, float* dst) {
     const index_t hp = L.h + 2 * L.p, wp = L.w + 2 * L.p, C = L.cin;
     const float* img = in + n * hp * wp * C;
     if (L.dwpw) {
-        dwconv3x3_f32_fwd_row(C, L.wo, L.s * C, wp * C, img + oh * L.s * wp * C, L.dw.data(), dst);
-        bias_act_f32(dst, dst, L.wo, C, L.db.data(), L.act1);
+        dwconv3x3_bias_act_f32_fwd_row(C, L.wo, L.s * C, wp * C, img + oh * L.s * wp * C,
+                                       L.dw.data(), L.db.data(), L.act1, dst);
         return;
     }
     const index_t run = L.k * C;  // one kernel row of taps: contiguous in the padded input
