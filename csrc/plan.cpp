@@ -104,11 +104,15 @@ void left_row(const Layer& L, const float* in, index_t r, float* dst) {
                                        L.dw.data(), L.db.data(), L.act1, dst);
         return;
     }
-    const index_t run = L.k * C;  // one kernel row of taps: contiguous in the padded input
+    // im2col: one kernel row of taps is contiguous in the padded input. The runs are short (9
+    // floats for the stem): a loop, not a libc memcpy call per run.
+    const index_t run = L.k * C;
     for (index_t ow = 0; ow < L.wo; ++ow)
-        for (index_t i = 0; i < L.k; ++i)
-            std::memcpy(dst + (ow * L.k + i) * run, img + ((oh * L.s + i) * wp + ow * L.s) * C,
-                        sizeof(float) * run);
+        for (index_t i = 0; i < L.k; ++i) {
+            const float* __restrict__ s = img + ((oh * L.s + i) * wp + ow * L.s) * C;
+            float* __restrict__ d = dst + (ow * L.k + i) * run;
+            for (index_t q = 0; q < run; ++q) d[q] = s[q];
+        }
 }
 
 // The first pixel of output row r = (n, oh) inside the padded output.
