@@ -97,12 +97,14 @@ MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
         for (int j = 0; j < nr; ++j) c[i * ldc + j] = (add ? c[i * ldc + j] : 0.f) + acc[i][j];
 }
 
-// micro_kernel on a packed panel of mr rows, with the fewest rows (MR, MR/2, ..., 1) that cover
+// micro_kernel on a packed panel of mr rows, with the fewest rows (MR, MR/2, ..., 2) that cover
 // them: a short last panel (a 2x2 late layer, a batch-1 classifier) costs its rows' work, not MR's.
+// Not 1: GCC 12 keeps a one-row tile's accumulators on the stack across the k loop (two rows
+// stay in registers).
 template <int kNR, int kMR = MR>
 void packed_micro_kernel(index_t kc, const float* a, const float* b, float* c, index_t ldc, int mr,
                          int nr, bool add) {
-    if constexpr (kMR > 1)
+    if constexpr (kMR > 2)
         if (mr <= kMR / 2) return packed_micro_kernel<kNR, kMR / 2>(kc, a, b, c, ldc, mr, nr, add);
     micro_kernel<true, kNR, kMR>(kc, a, 0, b, c, ldc, mr, nr, add);
 }
