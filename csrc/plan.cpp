@@ -190,7 +190,10 @@ void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vect
             run_tile(L, in, out, r0, std::min(R, r0 + tile), sc[0]);
         return;
     }
-    if (ntiles >= T) {  // each thread takes whole tiles, the same number each
+    // Each thread takes whole tiles, the same number each: when there are enough tiles, or enough
+    // rows to cut the layer into one tile per thread of kMinGemmPixels or more (a batch-1 layer
+    // of one tile: each thread then keeps its rows to itself, with one barrier, not three).
+    if (ntiles >= T || R / T * L.wo >= kMinGemmPixels) {
         const index_t parts = (ntiles + T - 1) / T * T, rows = (R + parts - 1) / parts;
         Scratch& s = sc[omp_get_thread_num()];
 #pragma omp for schedule(static)
@@ -198,8 +201,8 @@ void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vect
             run_tile(L, in, out, r0, std::min(R, r0 + rows), s);
         return;
     }
-    // Fewer tiles than threads: the team shares each tile (rows, then GEMM blocks, then rows), so
-    // each thread packs only its own columns of the weights.
+    // Fewer tiles than threads, and small: the team shares each tile (rows, then GEMM blocks of
+    // whole weight panels, then rows).
     float *a = sc[0].a.data(), *g = sc[omp_get_thread_num()].g.get();
     const index_t grain = col_grain(L.gw), cb = std::min<index_t>((N + grain - 1) / grain, 2 * T);
     for (index_t r0 = 0; r0 < R; r0 += tile) {
