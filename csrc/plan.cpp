@@ -19,12 +19,13 @@
 // the padded output while the tile is hot. The intermediate of a separable block never leaves the
 // thread's scratch; every scratch buffer is allocated when the plan is built, so a run allocates
 // nothing but its output. Threads: each thread takes whole tiles when there are at least as many
-// tiles as threads; a layer with fewer (late layers, batch 1) has the team share each tile
-// (phases 1 and 3 over rows, phase 2 over blocks of whole weight panels); below kParallelWork
-// multiply-adds one thread runs it. The classifier's columns are shared the same way. The whole
-// network runs in one parallel region, its phases separated by barriers. Every output element is
-// computed by the same operations in the same order under any tiling, so results do not depend on
-// the thread count, the batch size or the chunk.
+// tiles as threads, or when the layer cuts into one tile per thread of kMinGemmPixels or more; a
+// smaller layer (late layers, batch 1) has the team share each tile (phases 1 and 3 over rows,
+// phase 2 over blocks of whole weight panels); below kParallelWork multiply-adds one thread runs
+// it. The classifier's columns are shared the same way. The whole network runs in one parallel
+// region, its phases separated by barriers. Every output element is computed by the same
+// operations in the same order under any tiling, so results do not depend on the thread count,
+// the batch size or the chunk.
 #include <omp.h>
 
 #include <algorithm>
