@@ -42,7 +42,8 @@ std::int64_t sgemm_packed_b_scratch(std::int64_t M, std::int64_t K);
 // Columns [n0, n1) of C = A * B (or C += A * B) on the calling thread alone, B packed: sgemm's
 // blocking and microkernel without packing B. n0 must be a multiple of B.panel; C points at
 // column n0; a_scratch holds sgemm_packed_b_scratch(M, B.K) floats. Each element of C is summed in
-// the same order as sgemm without a K split, whatever columns or rows a call covers.
+// the same order as sgemm without a K split, whatever columns or rows a call covers. C is left as
+// it is unless M, n1 - n0 and K are all >= 1.
 void sgemm_packed_b(std::int64_t M, std::int64_t n0, std::int64_t n1,
                     const float* A, std::int64_t rsa, std::int64_t csa, const PackedB& B,
                     float* C, std::int64_t ldc, bool accumulate, float* a_scratch);
