@@ -155,51 +155,66 @@ inline bool pad_whole_row(index_t inside, index_t total) { return (total - insid
 
 // ---- forward --------------------------------------------------------------------------------
 
+// Channels [c0, c0 + kCB) of dwconv3x3_f32_row. The nine weights of the block stay in registers
+// (nine named arrays: GCC keeps those in registers, not a [9][kCB] array) while the pixels stream
+// past; taps are summed in the same order as sum_taps_f32. kBias: out = act<A>(sum + bias[c]).
+template <index_t kCB, Act A, bool kBias>
+void dwconv3x3_f32_block(index_t C, index_t c0, index_t count, index_t step, index_t rs,
+                         const float* __restrict__ src, const float* __restrict__ w,
+                         const float* __restrict__ bias, float* __restrict__ out) {
+    const index_t r1 = rs, r2 = 2 * rs;
+    float w0[kCB], w1[kCB], w2[kCB], w3[kCB], w4[kCB], w5[kCB], w6[kCB], w7[kCB], w8[kCB], b[kCB];
+    for (index_t cc = 0; cc < kCB; ++cc) {
+        b[cc] = kBias ? bias[c0 + cc] : 0.f;
+        w0[cc] = w[c0 + cc];
+        w1[cc] = w[C + c0 + cc];
+        w2[cc] = w[2 * C + c0 + cc];
+        w3[cc] = w[3 * C + c0 + cc];
+        w4[cc] = w[4 * C + c0 + cc];
+        w5[cc] = w[5 * C + c0 + cc];
+        w6[cc] = w[6 * C + c0 + cc];
+        w7[cc] = w[7 * C + c0 + cc];
+        w8[cc] = w[8 * C + c0 + cc];
+    }
+    for (index_t k = 0; k < count; ++k) {
+        const float* __restrict__ xq = src + k * step + c0;
+        float* __restrict__ yq = out + k * C + c0;
+        for (index_t cc = 0; cc < kCB; ++cc) {
+            float acc = xq[cc] * w0[cc];
+            acc += xq[C + cc] * w1[cc];
+            acc += xq[2 * C + cc] * w2[cc];
+            acc += xq[r1 + cc] * w3[cc];
+            acc += xq[r1 + C + cc] * w4[cc];
+            acc += xq[r1 + 2 * C + cc] * w5[cc];
+            acc += xq[r2 + cc] * w6[cc];
+            acc += xq[r2 + C + cc] * w7[cc];
+            acc += xq[r2 + 2 * C + cc] * w8[cc];
+            yq[cc] = kBias ? act<A>(acc + b[cc]) : acc;
+        }
+    }
+}
+
 // 3x3 taps for `count` output pixels of one row: out[k][c] = sum over i, j of
-// src[i * rs + k * step + j * C + c] * w[i][j][c]. The nine weights of a channel block stay in
-// registers (nine named arrays: GCC keeps those in registers, not a [9][CB] array) while the
-// pixels stream past; taps are summed in the same order as sum_taps_f32.
+// src[i * rs + k * step + j * C + c] * w[i][j][c] (kBias: act<A> of that + bias[c]), in blocks of
+// CB channels, then one of CB / 2 (8: the 8 and 24 channels of α = 0.25 and 0.75), then one
+// channel at a time.
+template <Act A = Act::None, bool kBias = false>
 void dwconv3x3_f32_row(index_t C, index_t count, index_t step, index_t rs,
                        const float* __restrict__ src, const float* __restrict__ w,
-                       float* __restrict__ out) {
-    const index_t r1 = rs, r2 = 2 * rs;
+                       float* __restrict__ out, const float* __restrict__ bias = nullptr) {
     index_t c0 = 0;
-    for (; c0 + CB <= C; c0 += CB) {
-        float w0[CB], w1[CB], w2[CB], w3[CB], w4[CB], w5[CB], w6[CB], w7[CB], w8[CB];
-        for (index_t cc = 0; cc < CB; ++cc) {
-            w0[cc] = w[c0 + cc];
-            w1[cc] = w[C + c0 + cc];
-            w2[cc] = w[2 * C + c0 + cc];
-            w3[cc] = w[3 * C + c0 + cc];
-            w4[cc] = w[4 * C + c0 + cc];
-            w5[cc] = w[5 * C + c0 + cc];
-            w6[cc] = w[6 * C + c0 + cc];
-            w7[cc] = w[7 * C + c0 + cc];
-            w8[cc] = w[8 * C + c0 + cc];
-        }
-        for (index_t k = 0; k < count; ++k) {
-            const float* __restrict__ xq = src + k * step + c0;
-            float* __restrict__ yq = out + k * C + c0;
-            for (index_t cc = 0; cc < CB; ++cc) {
-                float acc = xq[cc] * w0[cc];
-                acc += xq[C + cc] * w1[cc];
-                acc += xq[2 * C + cc] * w2[cc];
-                acc += xq[r1 + cc] * w3[cc];
-                acc += xq[r1 + C + cc] * w4[cc];
-                acc += xq[r1 + 2 * C + cc] * w5[cc];
-                acc += xq[r2 + cc] * w6[cc];
-                acc += xq[r2 + C + cc] * w7[cc];
-                acc += xq[r2 + 2 * C + cc] * w8[cc];
-                yq[cc] = acc;
-            }
-        }
+    for (; c0 + CB <= C; c0 += CB)
+        dwconv3x3_f32_block<CB, A, kBias>(C, c0, count, step, rs, src, w, bias, out);
+    if (c0 + CB / 2 <= C) {
+        dwconv3x3_f32_block<CB / 2, A, kBias>(C, c0, count, step, rs, src, w, bias, out);
+        c0 += CB / 2;
     }
     for (index_t c = c0; c < C; ++c)
         for (index_t k = 0; k < count; ++k) {
             const float* __restrict__ xq = src + k * step + c;
             float acc = xq[0] * w[c];
             for (int t = 1; t < 9; ++t) acc += xq[(t / 3) * rs + (t % 3) * C] * w[t * C + c];
-            out[k * C + c] = acc;
+            out[k * C + c] = kBias ? act<A>(acc + bias[c]) : acc;
         }
 }
 
@@ -564,9 +579,17 @@ py::array_t<float> dwconv2d_bwd_weight(const py::object& x_, const py::object& d
 
 }  // namespace
 
-void dwconv3x3_f32_fwd_row(index_t C, index_t count, index_t step, index_t rs,
-                           const float* src, const float* w, float* out) {
-    dwconv3x3_f32_row(C, count, step, rs, src, w, out);
+void dwconv3x3_bias_act_f32_fwd_row(index_t C, index_t count, index_t step, index_t rs,
+                                    const float* src, const float* w, const float* bias, Act a,
+                                    float* out) {
+    switch (a) {
+        case Act::None:
+            return dwconv3x3_f32_row<Act::None, true>(C, count, step, rs, src, w, out, bias);
+        case Act::ReLU:
+            return dwconv3x3_f32_row<Act::ReLU, true>(C, count, step, rs, src, w, out, bias);
+        case Act::ReLU6:
+            return dwconv3x3_f32_row<Act::ReLU6, true>(C, count, step, rs, src, w, out, bias);
+    }
 }
 
 void bind_dwconv(py::module_& m) {

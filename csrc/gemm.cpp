@@ -5,11 +5,13 @@
 // of K, B's block is packed into NR-column panels (k-major within a panel, zero-padded to NR);
 // for each MC-high row block, A's block is packed into MR-row panels (zero-padded to MR) unless A
 // is row-major, which the microkernel reads in place; then the microkernel computes one MR x NR
-// tile of C per (A panel, B panel) pair, keeping the tile in registers for the whole KC loop.
-// Packing reads through arbitrary strides, so transposed operands cost nothing extra. Threads
-// split C's rows or columns, or, when C is small and K long, K (partial sums added at the end).
-// sgemm_epilogue hands each block of C to a callback once final (the BatchNorm statistics of
-// pwconv2d_fwd_stats and conv2d_fwd_stats).
+// tile of C per (A panel, B panel) pair, keeping the tile in registers for the whole KC loop (a
+// short last A panel on a tile of fewer rows). Packing reads through arbitrary strides, so
+// transposed operands cost nothing extra. Threads split C's rows or columns, or, when C is small
+// and K long, K (partial sums added at the end). A B shared by many products (the inference
+// plan's weights) can be packed once (PackedB) and multiplied by sgemm_packed_b. sgemm_epilogue
+// hands each block of C to a callback once final (the BatchNorm statistics of pwconv2d_fwd_stats
+// and conv2d_fwd_stats).
 #include "gemm.h"
 
 #include <omp.h>
@@ -37,6 +39,14 @@ constexpr int MR = 4, NR = 24;
 #else
 constexpr int MR = 4, NR = 8;
 #endif
+// The narrow tile of a PackedB whose N would be mostly padding at NR: one vector wide.
+#if defined(__AVX512F__)
+constexpr int NR_NARROW = 16;
+#elif defined(__AVX2__)
+constexpr int NR_NARROW = 8;
+#else
+constexpr int NR_NARROW = 4;
+#endif
 #ifndef MBNET_KERNEL_TARGET
 #define MBNET_KERNEL_TARGET
 #endif
@@ -46,53 +56,59 @@ constexpr index_t KC = 256;
 constexpr index_t MC = 16 * MR;
 constexpr index_t NC = 64 * NR;
 
-struct AlignedBuffer {
-    float* p = nullptr;
-    explicit AlignedBuffer(index_t n) {
-        p = static_cast<float*>(::operator new(sizeof(float) * std::max<index_t>(n, 1),
-                                               std::align_val_t(64)));
-    }
-    ~AlignedBuffer() { ::operator delete(p, std::align_val_t(64)); }
-    AlignedBuffer(const AlignedBuffer&) = delete;
-    AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-};
-
-// C[0:mr, 0:nr] (+)= sum_k A(i, k) * b[k*NR + j] over a kc x NR panel b of B.
+// C[0:mr, 0:nr] (+)= sum_k A(i, k) * b[k*kNR + j] over a kc x kNR panel b of B, mr <= kMR.
 // Written for GCC's vectorizer: i is unrolled, the j loop is left to the loop vectorizer, which
-// turns acc into MR x NR/lanes registers fed by NR/lanes loads of b and one broadcast of a[i].
+// turns acc into kMR x kNR/lanes registers fed by kNR/lanes loads of b and one broadcast of a[i].
 // Unrolling j by pragma instead makes GCC 12 vectorize across k with permutes: 30% slower.
 // kPackedA: a is a packed panel, a[k*MR + i]; otherwise a points into row-major A, a[i*lda + k].
-template <bool kPackedA>
-MBNET_KERNEL_TARGET void micro_kernel(index_t kc, const float* __restrict__ a, index_t lda,
-                                      const float* __restrict__ b, float* __restrict__ c,
-                                      index_t ldc, int mr, int nr, bool add) {
-    float acc[MR][NR];
+// kNR: NR, or NR_NARROW for a narrow PackedB; kMR: MR, or fewer rows for a short last panel (the
+// same sums, on a smaller tile). For kNR = 16 GCC 12 unrolls j whole and then vectorizes without
+// FMA (other sums, 3x slower) unless told not to unroll it; noinline keeps MBNET_KERNEL_TARGET's
+// vector width wherever it is called.
+template <bool kPackedA, int kNR, int kMR = MR>
+MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
+    index_t kc, const float* __restrict__ a, index_t lda, const float* __restrict__ b,
+    float* __restrict__ c, index_t ldc, int mr, int nr, bool add) {
+    float acc[kMR][kNR];
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < kMR; ++i)
 #pragma GCC unroll 64
-        for (int j = 0; j < NR; ++j) acc[i][j] = 0.f;
-    for (index_t k = 0; k < kc; ++k, b += NR) {
+        for (int j = 0; j < kNR; ++j) acc[i][j] = 0.f;
+    for (index_t k = 0; k < kc; ++k, b += kNR) {
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) {
+        for (int i = 0; i < kMR; ++i) {
             const float ai = kPackedA ? a[k * MR + i] : a[i * lda + k];
-            for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[j];
+#pragma GCC unroll 1
+            for (int j = 0; j < kNR; ++j) acc[i][j] += ai * b[j];
         }
     }
-    if (mr == MR && nr == NR) {
+    if (mr == kMR && nr == kNR) {
         if (add) {
 #pragma GCC unroll 16
-            for (int i = 0; i < MR; ++i)
-                for (int j = 0; j < NR; ++j) c[i * ldc + j] += acc[i][j];
+            for (int i = 0; i < kMR; ++i)
+                for (int j = 0; j < kNR; ++j) c[i * ldc + j] += acc[i][j];
         } else {
 #pragma GCC unroll 16
-            for (int i = 0; i < MR; ++i)
-                for (int j = 0; j < NR; ++j) c[i * ldc + j] = acc[i][j];
+            for (int i = 0; i < kMR; ++i)
+                for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
         }
         return;
     }
     // Edge tile: only the mr x nr corner exists in C.
     for (int i = 0; i < mr; ++i)
         for (int j = 0; j < nr; ++j) c[i * ldc + j] = (add ? c[i * ldc + j] : 0.f) + acc[i][j];
+}
+
+// micro_kernel on a packed panel of mr rows, with the fewest rows (MR, MR/2, ..., 2) that cover
+// them: a short last panel (a 2x2 late layer, a batch-1 classifier) costs its rows' work, not MR's.
+// Not 1: GCC 12 keeps a one-row tile's accumulators on the stack across the k loop (two rows
+// stay in registers).
+template <int kNR, int kMR = MR>
+void packed_micro_kernel(index_t kc, const float* a, const float* b, float* c, index_t ldc, int mr,
+                         int nr, bool add) {
+    if constexpr (kMR > 2)
+        if (mr <= kMR / 2) return packed_micro_kernel<kNR, kMR / 2>(kc, a, b, c, ldc, mr, nr, add);
+    micro_kernel<true, kNR, kMR>(kc, a, 0, b, c, ldc, mr, nr, add);
 }
 
 // dst[p*kc*MR + k*MR + i] = A(p*MR + i, k) for the mc x kc block at A, rows past mc zero.
@@ -117,42 +133,49 @@ void pack_a(index_t mc, index_t kc, const float* A, index_t rsa, index_t csa,
     }
 }
 
-// dst[p*kc*NR + k*NR + j] = B(k, p*NR + j) for the kc x nc block at B, columns past nc zero.
+// dst[p*kc*kNR + k*kNR + j] = B(k, p*kNR + j) for the kc x nc block at B, columns past nc zero.
+template <int kNR>
 void pack_b(index_t kc, index_t nc, const float* B, index_t rsb, index_t csb,
             float* __restrict__ dst) {
-    for (index_t jr = 0; jr < nc; jr += NR, dst += kc * NR) {
+    for (index_t jr = 0; jr < nc; jr += kNR, dst += kc * kNR) {
         const float* b = B + jr * csb;
-        const index_t nr = std::min<index_t>(NR, nc - jr);
-        if (nr == NR && csb == 1) {
+        const index_t nr = std::min<index_t>(kNR, nc - jr);
+        if (nr == kNR && csb == 1) {
             for (index_t k = 0; k < kc; ++k)
 #pragma GCC unroll 64
-                for (int j = 0; j < NR; ++j) dst[k * NR + j] = b[k * rsb + j];
+                for (int j = 0; j < kNR; ++j) dst[k * kNR + j] = b[k * rsb + j];
         } else {
             for (index_t j = 0; j < nr; ++j)
-                for (index_t k = 0; k < kc; ++k) dst[k * NR + j] = b[k * rsb + j * csb];
-            for (index_t j = nr; j < NR; ++j)
-                for (index_t k = 0; k < kc; ++k) dst[k * NR + j] = 0.f;
+                for (index_t k = 0; k < kc; ++k) dst[k * kNR + j] = b[k * rsb + j * csb];
+            for (index_t j = nr; j < kNR; ++j)
+                for (index_t k = 0; k < kc; ++k) dst[k * kNR + j] = 0.f;
         }
     }
+}
+
+// Floats of A's packing buffer for a GEMM of at most M x K (at most MC x KC).
+inline index_t a_buffer_floats(index_t M, index_t K) {
+    return std::min<index_t>(MC, (M + MR - 1) / MR * MR) * std::min<index_t>(KC, K);
 }
 
 // One thread's packing buffers for a GEMM of at most M x N x K (at most MC x KC and KC x NC),
 // allocated before the parallel region.
 struct PackBuffers {
-    AlignedBuffer a, b;
+    AlignedFloats a, b;
     PackBuffers(index_t M, index_t N, index_t K)
-        : a(std::min<index_t>(MC, (M + MR - 1) / MR * MR) * std::min<index_t>(KC, K)),
-          b(std::min<index_t>(KC, K) * std::min<index_t>(NC, (N + NR - 1) / NR * NR)) {}
+        : a(aligned_floats(a_buffer_floats(M, K))),
+          b(aligned_floats(std::min<index_t>(KC, K) * std::min<index_t>(NC, (N + NR - 1) / NR * NR))) {}
 };
 
-// One thread's GEMM over its part of C, with its own packing buffers. With an epilogue, each
-// MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows, j_off + column, columns),
-// once final and still in cache.
-void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
-                  const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
-                  bool accumulate, PackBuffers& buf, const GemmEpilogue* epilogue = nullptr,
-                  index_t i_off = 0, index_t j_off = 0) {
-    const AlignedBuffer &abuf = buf.a, &bbuf = buf.b;
+// One thread's GEMM over its part of C, B's blocks in kNR-wide panels: for each NC x KC block,
+// b_block(jc, nc, pc, kc) gives the packed block of columns [jc, jc + nc) and depth [pc, pc + kc)
+// (packed there and then, or packed once beforehand); abuf holds a_buffer_floats(M, K). With an
+// epilogue, each MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows, j_off +
+// column, columns), once final and still in cache.
+template <int kNR, class BlockOfB>
+void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
+                  BlockOfB&& b_block, float* C, index_t ldc, bool accumulate, float* abuf,
+                  const GemmEpilogue* epilogue = nullptr, index_t i_off = 0, index_t j_off = 0) {
     // Row-major A is read in place by the microkernel (MR rows, unit stride along k): packing it
     // would cost as much as the multiply when N is small, and gains nothing measurable when large.
     const bool direct_a = csa == 1;
@@ -161,7 +184,7 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
         for (index_t pc = 0; pc < K; pc += KC) {
             const index_t kc = std::min(KC, K - pc);
             const bool add = accumulate || pc > 0;
-            pack_b(kc, nc, B + pc * rsb + jc * csb, rsb, csb, bbuf.p);
+            const float* bp = b_block(jc, nc, pc, kc);
             for (index_t ic = 0; ic < M; ic += MC) {
                 const index_t mc = std::min(MC, M - ic);
                 // Unpacked A: only a last, partial panel is packed (reading past row M is out
@@ -169,24 +192,37 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                 const index_t packed_from = direct_a ? mc / MR * MR : 0;
                 if (packed_from < mc)
                     pack_a(mc - packed_from, kc, A + (ic + packed_from) * rsa + pc * csa, rsa, csa,
-                           abuf.p);
-                for (index_t jr = 0; jr < nc; jr += NR) {
-                    const int nr = static_cast<int>(std::min<index_t>(NR, nc - jr));
+                           abuf);
+                for (index_t jr = 0; jr < nc; jr += kNR) {
+                    const int nr = static_cast<int>(std::min<index_t>(kNR, nc - jr));
                     for (index_t ir = 0; ir < mc; ir += MR) {
                         const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
                         float* c = C + (ic + ir) * ldc + jc + jr;
                         if (ir < packed_from)
-                            micro_kernel<false>(kc, A + (ic + ir) * rsa + pc, rsa,
-                                                bbuf.p + jr * kc, c, ldc, mr, nr, add);
+                            micro_kernel<false, kNR>(kc, A + (ic + ir) * rsa + pc, rsa,
+                                                     bp + jr * kc, c, ldc, mr, nr, add);
                         else
-                            micro_kernel<true>(kc, abuf.p + (ir - packed_from) * kc, 0,
-                                               bbuf.p + jr * kc, c, ldc, mr, nr, add);
+                            packed_micro_kernel<kNR>(kc, abuf + (ir - packed_from) * kc,
+                                                     bp + jr * kc, c, ldc, mr, nr, add);
                     }
                 }
                 if (epilogue && pc + kc == K) (*epilogue)(i_off + ic, mc, j_off + jc, nc);
             }
         }
     }
+}
+
+// One thread's GEMM over its part of C, with its own packing buffers (epilogue: as sgemm_blocks).
+void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
+                  const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
+                  bool accumulate, PackBuffers& buf, const GemmEpilogue* epilogue = nullptr,
+                  index_t i_off = 0, index_t j_off = 0) {
+    float* bbuf = buf.b.get();
+    auto pack = [&](index_t jc, index_t nc, index_t pc, index_t kc) {
+        pack_b<NR>(kc, nc, B + pc * rsb + jc * csb, rsb, csb, bbuf);
+        return bbuf;
+    };
+    sgemm_blocks<NR>(M, N, K, A, rsa, csa, pack, C, ldc, accumulate, buf.a.get(), epilogue, i_off, j_off);
 }
 
 enum class Split { Rows, Cols, Depth };
@@ -271,14 +307,22 @@ void sgemm(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t
     }
 }
 
-void sgemm_single_thread(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
-                         const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
-                         bool accumulate) {
-    if (M > 0 && N > 0 && K > 0) {
-        // Called inside the plan's parallel region: the packing buffers are at most MC x KC and
-        // KC x NC floats (a few hundred KB), allocated per call.
-        PackBuffers buf(M, N, K);
-        sgemm_serial(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, buf);
+AlignedFloats aligned_floats(index_t n) {
+    return AlignedFloats(static_cast<float*>(
+        ::operator new(sizeof(float) * std::max<index_t>(n, 1), std::align_val_t(64))));
+}
+
+PackedB::PackedB(index_t K_, index_t N_, const float* B, index_t rsb, index_t csb)
+    : K(K_), N(N_) {
+    const index_t wide = (N + NR - 1) / NR * NR, narrow = (N + NR_NARROW - 1) / NR_NARROW * NR_NARROW;
+    panel = 2 * narrow <= wide ? NR_NARROW : NR;
+    const index_t padded = panel == NR ? wide : narrow;
+    data = aligned_floats(K * padded);
+    // Slice pc holds rows [pc, pc + KC) of every panel: it starts at pc * padded.
+    for (index_t pc = 0; pc < K; pc += KC) {
+        const index_t kc = std::min(KC, K - pc);
+        if (panel == NR) pack_b<NR>(kc, N, B + pc * rsb, rsb, csb, data.get() + pc * padded);
+        else pack_b<NR_NARROW>(kc, N, B + pc * rsb, rsb, csb, data.get() + pc * padded);
     }
 }
 
@@ -320,6 +364,22 @@ void sgemm_epilogue(index_t M, index_t N, index_t K, const float* A, index_t rsa
                              buf, &epilogue, 0, b0);
         }
     }
+}
+
+index_t sgemm_packed_b_scratch(index_t M, index_t K) { return a_buffer_floats(M, K); }
+
+void sgemm_packed_b(index_t M, index_t n0, index_t n1, const float* A, index_t rsa, index_t csa,
+                    const PackedB& B, float* C, index_t ldc, bool accumulate, float* a_scratch) {
+    if (M <= 0 || n1 <= n0 || B.K <= 0) return;
+    const index_t padded = (B.N + B.panel - 1) / B.panel * B.panel;
+    auto packed = [&](index_t jc, index_t nc, index_t pc, index_t kc) {
+        return B.data.get() + pc * padded + (n0 + jc) * kc;
+    };
+    if (B.panel == NR)
+        sgemm_blocks<NR>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate, a_scratch);
+    else
+        sgemm_blocks<NR_NARROW>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate,
+                                a_scratch);
 }
 
 // --- bindings -------------------------------------------------------------------------------
@@ -419,6 +479,25 @@ py::tuple linear_bwd(const py::object& x_obj, const py::object& w_obj, const py:
     return py::make_tuple(dx, dw, db);
 }
 
+// a (M, K) @ b[:, n0:n1] through PackedB(b) and sgemm_packed_b, and the panel width PackedB chose
+// (tests hold it to matmul: the plan's GEMM).
+py::tuple matmul_packed_b(const py::object& a_obj, const py::object& b_obj, index_t n0, index_t n1) {
+    F32 a = check_f32(a_obj, "a", 2), b = check_f32(b_obj, "b", 2);
+    check_same_dim(a, 1, "a", b, 0, "b");
+    const index_t M = a[0], K = a[1], N = b[1];
+    require(0 <= n0 && n0 < n1 && n1 <= N, "columns [n0, n1) must lie in [0, " +
+                                               std::to_string(N) + "), got [" +
+                                               std::to_string(n0) + ", " + std::to_string(n1) + ")");
+    PackedB packed(K, N, b.ptr, N, 1);
+    require(n0 % packed.panel == 0, "n0 must be a multiple of the panel width " +
+                                        std::to_string(packed.panel) + ", got " + std::to_string(n0));
+    auto y = compute_f32({M, n1 - n0}, [&](float* c) {
+        AlignedFloats scratch = aligned_floats(sgemm_packed_b_scratch(M, K));
+        sgemm_packed_b(M, n0, n1, a.ptr, K, 1, packed, c, n1 - n0, false, scratch.get());
+    });
+    return py::make_tuple(y, packed.panel);
+}
+
 }  // namespace
 
 void bind_gemm(py::module_& m) {
@@ -439,6 +518,9 @@ void bind_gemm(py::module_& m) {
           "x (N, Din), w (Din, Dout), b (Dout,) -> x @ w + b (N, Dout).");
     m.def("linear_bwd", &linear_bwd, py::arg("x"), py::arg("w"), py::arg("dy"),
           "x (N, Din), w (Din, Dout), dy (N, Dout) -> (dx (N, Din), dw (Din, Dout), db (Dout,)).");
+    m.def("_matmul_packed_b", &matmul_packed_b, py::arg("a"), py::arg("b"), py::arg("n0"),
+          py::arg("n1"),
+          "(a @ b[:, n0:n1], panel width) through the inference plan's prepacked-B GEMM (tests).");
 }
 
 }  // namespace mbnet

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <new>
 
 namespace mbnet {
 
@@ -15,13 +17,37 @@ void sgemm(std::int64_t M, std::int64_t N, std::int64_t K,
            const float* B, std::int64_t rsb, std::int64_t csb,
            float* C, std::int64_t ldc, bool accumulate);
 
-// sgemm on the calling thread alone, whatever the OpenMP state (C is left as it is unless M, N
-// and K are all >= 1): for callers that split the work themselves (the inference plan). Each element of C is summed in the same order as sgemm
-// without a K split, whatever part of C a call covers.
-void sgemm_single_thread(std::int64_t M, std::int64_t N, std::int64_t K,
-                         const float* A, std::int64_t rsa, std::int64_t csa,
-                         const float* B, std::int64_t rsb, std::int64_t csb,
-                         float* C, std::int64_t ldc, bool accumulate);
+// 64-byte aligned floats (the GEMM's packed operands).
+struct AlignedDelete {
+    void operator()(float* p) const { ::operator delete(p, std::align_val_t(64)); }
+};
+using AlignedFloats = std::unique_ptr<float[], AlignedDelete>;
+AlignedFloats aligned_floats(std::int64_t n);
+
+// B (K x N) packed once, for a B that many products share (the inference plan's weights): the
+// layout sgemm packs each block of B into per call, KC-deep slices of `panel`-wide column panels
+// (k-major within a panel, the last one zero-padded). panel is the register tile's width, or a
+// narrower tile's when N is so small that the full width would be mostly padding (N = 8 or 16 on
+// AVX-512): the product then does a fraction of the work, each element summed the same way.
+struct PackedB {
+    std::int64_t K = 0, N = 0;
+    int panel = 0;
+    AlignedFloats data;
+    PackedB() = default;
+    PackedB(std::int64_t K, std::int64_t N, const float* B, std::int64_t rsb, std::int64_t csb);
+};
+
+// Floats of scratch sgemm_packed_b needs for an A of M x K: callers allocate it once.
+std::int64_t sgemm_packed_b_scratch(std::int64_t M, std::int64_t K);
+
+// Columns [n0, n1) of C = A * B (or C += A * B) on the calling thread alone, B packed: sgemm's
+// blocking and microkernel without packing B. n0 must be a multiple of B.panel; C points at
+// column n0; a_scratch holds sgemm_packed_b_scratch(M, B.K) floats. Each element of C is summed in
+// the same order as sgemm without a K split, whatever columns or rows a call covers. C is left as
+// it is unless M, n1 - n0 and K are all >= 1.
+void sgemm_packed_b(std::int64_t M, std::int64_t n0, std::int64_t n1,
+                    const float* A, std::int64_t rsa, std::int64_t csa, const PackedB& B,
+                    float* C, std::int64_t ldc, bool accumulate, float* a_scratch);
 
 // Called as epilogue(row, rows, column, columns) on each block of C once it is final.
 using GemmEpilogue = std::function<void(std::int64_t, std::int64_t, std::int64_t, std::int64_t)>;

@@ -13,14 +13,17 @@
 //
 // A layer runs in tiles of output rows (rows of the n*ho output rows; a tile may span images).
 // Per tile: (1) the GEMM's left operand, M = rows*wo pixels by K (depthwise rows + bias + act, or
-// im2col rows of a full conv), (2) sgemm_single_thread with the (K, cout) weights, into a scratch
+// im2col rows of a full conv), (2) sgemm_packed_b with the (K, cout) weights, packed into the
+// GEMM's panels once when the plan is built (narrow panels for a narrow layer), into a scratch
 // tile or, when that is cheaper, row by row straight into the output, (3) bias + act written to
 // the padded output while the tile is hot. The intermediate of a separable block never leaves the
-// thread's scratch. Threads: each thread takes whole tiles when there are at least as many tiles
-// as threads; a layer with fewer (late layers, batch 1) has the team share each tile (phases 1
-// and 3 over rows, phase 2 over blocks of columns, so each thread packs only its part of the
-// weights); below kParallelWork multiply-adds one thread runs it. The whole network runs in one
-// parallel region, its phases separated by barriers. Every output element is computed by the same
+// thread's scratch; every scratch buffer is allocated when the plan is built, so a run allocates
+// nothing but its output. Threads: each thread takes whole tiles when there are at least as many
+// tiles as threads, or when the layer cuts into one tile per thread of kMinGemmPixels or more; a
+// smaller layer (late layers, batch 1) has the team share each tile (phases 1 and 3 over rows,
+// phase 2 over blocks of whole weight panels); below kParallelWork multiply-adds one thread runs
+// it. The classifier's columns are shared the same way. The whole network runs in one parallel
+// region, its phases separated by barriers. Every output element is computed by the same
 // operations in the same order under any tiling, so results do not depend on the thread count,
 // the batch size or the chunk.
 #include <omp.h>
@@ -43,7 +46,7 @@ constexpr index_t kChunkFloats = index_t(1) << 22;  // one activation buffer (16
 constexpr index_t kTileFloats = index_t(1) << 18;   // left operand + scratch of one tile (1 MB)
 constexpr index_t kMinGemmPixels = 256;             // GEMM rows per tile, at least
 constexpr double kParallelWork = double(1 << 18);   // multiply-adds below which one thread runs
-constexpr index_t kColGrain = 32;                   // column blocks of a shared tile's GEMM
+constexpr index_t kColGrain = 32;                   // column blocks of a shared GEMM, at least
 constexpr index_t kRowGrain = 32;                   // row blocks of a shared tile's GEMM
 
 // dst[p][c] = act(src[p][c] + b[c]) for px pixels of C channels; dst may be src.
@@ -77,12 +80,14 @@ struct Layer {
     Act act1 = Act::None;   // after the depthwise (dwpw)
     Act act2 = Act::None;   // after the GEMM
     std::vector<float> dw, db;  // depthwise (3, 3, cin) and its bias (dwpw)
-    std::vector<float> gw, gb;  // the GEMM's (K, cout) weight and its bias
+    PackedB gw;                 // the GEMM's (K, cout) weight, packed once
+    std::vector<float> gb;      // and its bias
     index_t K() const { return dwpw ? cin : k * k * cin; }
     index_t in_floats(index_t n) const { return n * (h + 2 * p) * (w + 2 * p) * cin; }
     index_t out_floats(index_t n) const { return n * (ho + 2 * p_out) * (wo + 2 * p_out) * cout; }
     // Output rows per tile: within kTileFloats, but at least kMinGemmPixels pixels, so that
-    // packing the weights (once per tile) stays small against the tile's multiply-adds.
+    // streaming the weights through the cache (once per tile) stays small against the tile's
+    // multiply-adds.
     index_t tile_rows() const {
         return std::max({index_t(1), kTileFloats / (wo * (K() + cout)),
                          (kMinGemmPixels + wo - 1) / wo});
@@ -96,15 +101,19 @@ void left_row(const Layer& L, const float* in, index_t r, float* dst) {
     const index_t hp = L.h + 2 * L.p, wp = L.w + 2 * L.p, C = L.cin;
     const float* img = in + n * hp * wp * C;
     if (L.dwpw) {
-        dwconv3x3_f32_fwd_row(C, L.wo, L.s * C, wp * C, img + oh * L.s * wp * C, L.dw.data(), dst);
-        bias_act_f32(dst, dst, L.wo, C, L.db.data(), L.act1);
+        dwconv3x3_bias_act_f32_fwd_row(C, L.wo, L.s * C, wp * C, img + oh * L.s * wp * C,
+                                       L.dw.data(), L.db.data(), L.act1, dst);
         return;
     }
-    const index_t run = L.k * C;  // one kernel row of taps: contiguous in the padded input
+    // im2col: one kernel row of taps is contiguous in the padded input. The runs are short (9
+    // floats for the stem): a loop, not a libc memcpy call per run.
+    const index_t run = L.k * C;
     for (index_t ow = 0; ow < L.wo; ++ow)
-        for (index_t i = 0; i < L.k; ++i)
-            std::memcpy(dst + (ow * L.k + i) * run, img + ((oh * L.s + i) * wp + ow * L.s) * C,
-                        sizeof(float) * run);
+        for (index_t i = 0; i < L.k; ++i) {
+            const float* __restrict__ s = img + ((oh * L.s + i) * wp + ow * L.s) * C;
+            float* __restrict__ d = dst + (ow * L.k + i) * run;
+            for (index_t q = 0; q < run; ++q) d[q] = s[q];
+        }
 }
 
 // The first pixel of output row r = (n, oh) inside the padded output.
@@ -132,24 +141,29 @@ inline float* gemm_dst(const Layer& L, float* out, float* c, index_t r0) {
     return L.p_out == 0 ? out + r0 * L.wo * L.cout : c;
 }
 
-// Output rows [r0, r1) on the calling thread; a and c are its scratch tiles. Rows of wo >= K
-// pixels are multiplied one by one straight into the padded output: packing the weights per row
-// (~K*N) then costs less than copying the tile out of c (~wo*N per row).
-void run_tile(const Layer& L, const float* in, float* out, index_t r0, index_t r1, float* a,
-              float* c) {
+// One thread's scratch: the GEMM's left operand, its result, sgemm_packed_b's A buffer.
+struct Scratch {
+    std::vector<float> a, c;
+    AlignedFloats g;
+};
+
+// Output rows [r0, r1) on the calling thread, with its scratch s. Rows of wo >= K pixels are
+// multiplied one by one straight into the padded output: streaming the weights per row (~K*N)
+// then costs less than copying the tile out of c (~wo*N per row).
+void run_tile(const Layer& L, const float* in, float* out, index_t r0, index_t r1, Scratch& s) {
+    float *a = s.a.data(), *c = s.c.data(), *g = s.g.get();
     const index_t K = L.K(), N = L.cout, row_a = L.wo * K, row_c = L.wo * N, M = (r1 - r0) * L.wo;
     for (index_t r = r0; r < r1; ++r) left_row(L, in, r, a + (r - r0) * row_a);
     if (L.p_out > 0 && L.wo >= K) {
         for (index_t r = r0; r < r1; ++r) {
             float* row = out_row(L, out, r);
-            sgemm_single_thread(L.wo, N, K, a + (r - r0) * row_a, K, 1, L.gw.data(), N, 1, row, N,
-                                false);
+            sgemm_packed_b(L.wo, 0, N, a + (r - r0) * row_a, K, 1, L.gw, row, N, false, g);
             store_row(L, row, r, out);
         }
         return;
     }
     c = gemm_dst(L, out, c, r0);
-    sgemm_single_thread(M, N, K, a, K, 1, L.gw.data(), N, 1, c, N, false);
+    sgemm_packed_b(M, 0, N, a, K, 1, L.gw, c, N, false, g);
     for (index_t r = r0; r < r1; ++r) store_row(L, c + (r - r0) * row_c, r, out);
 }
 
@@ -161,9 +175,11 @@ inline void split_range(index_t n, index_t grain, index_t parts, index_t t, inde
     e = std::min(n, units * (t + 1) / parts * grain);
 }
 
-struct Scratch {
-    std::vector<float> a, c;
-};
+// Column blocks that threads share a GEMM by: whole panels of the packed weight.
+inline index_t col_grain(const PackedB& w) {
+    return (kColGrain + w.panel - 1) / w.panel * w.panel;
+}
+
 
 // Called by every thread of the team (the plan runs in one parallel region); ends with a barrier.
 void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vector<Scratch>& sc) {
@@ -172,21 +188,24 @@ void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vect
     if (T == 1 || double(R) * L.wo * K * N < kParallelWork) {
 #pragma omp single
         for (index_t r0 = 0; r0 < R; r0 += tile)
-            run_tile(L, in, out, r0, std::min(R, r0 + tile), sc[0].a.data(), sc[0].c.data());
+            run_tile(L, in, out, r0, std::min(R, r0 + tile), sc[0]);
         return;
     }
-    if (ntiles >= T) {  // each thread takes whole tiles, the same number each
+    // Each thread takes whole tiles, the same number each: when there are enough tiles, or enough
+    // rows to cut the layer into one tile per thread of kMinGemmPixels or more (a batch-1 layer
+    // of one tile: each thread then keeps its rows to itself, with one barrier, not three).
+    if (ntiles >= T || R / T * L.wo >= kMinGemmPixels) {
         const index_t parts = (ntiles + T - 1) / T * T, rows = (R + parts - 1) / parts;
         Scratch& s = sc[omp_get_thread_num()];
 #pragma omp for schedule(static)
         for (index_t r0 = 0; r0 < R; r0 += rows)
-            run_tile(L, in, out, r0, std::min(R, r0 + rows), s.a.data(), s.c.data());
+            run_tile(L, in, out, r0, std::min(R, r0 + rows), s);
         return;
     }
-    // Fewer tiles than threads: the team shares each tile (rows, then GEMM blocks, then rows), so
-    // each thread packs only its own columns of the weights.
-    float* a = sc[0].a.data();
-    const index_t cb = std::min<index_t>((N + kColGrain - 1) / kColGrain, 2 * T);
+    // Fewer tiles than threads, and small: the team shares each tile (rows, then GEMM blocks of
+    // whole weight panels, then rows).
+    float *a = sc[0].a.data(), *g = sc[omp_get_thread_num()].g.get();
+    const index_t grain = col_grain(L.gw), cb = std::min<index_t>((N + grain - 1) / grain, 2 * T);
     for (index_t r0 = 0; r0 < R; r0 += tile) {
         const index_t r1 = std::min(R, r0 + tile), M = (r1 - r0) * L.wo;
         const index_t rb = std::max<index_t>(
@@ -199,24 +218,38 @@ void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vect
             for (index_t j = 0; j < cb; ++j) {
                 index_t m0, m1, n0, n1;
                 split_range(M, kRowGrain, rb, i, m0, m1);
-                split_range(N, kColGrain, cb, j, n0, n1);
+                split_range(N, grain, cb, j, n0, n1);
                 if (m1 > m0 && n1 > n0)
-                    sgemm_single_thread(m1 - m0, n1 - n0, K, a + m0 * K, K, 1, L.gw.data() + n0, N,
-                                        1, c + m0 * N + n0, N, false);
+                    sgemm_packed_b(m1 - m0, n0, n1, a + m0 * K, K, 1, L.gw, c + m0 * N + n0, N,
+                                   false, g);
             }
 #pragma omp for schedule(static)
         for (index_t r = r0; r < r1; ++r) store_row(L, c + (r - r0) * L.wo * N, r, out);
     }
 }
 
-// Copies a checked float32 array of exactly `shape` into a vector.
-std::vector<float> take(const py::object& obj, const std::string& name,
-                        const std::vector<index_t>& shape) {
+// A checked float32 array of exactly `shape`.
+F32 take_f32(const py::object& obj, const std::string& name, const std::vector<index_t>& shape) {
     F32 a = check_f32(obj, name.c_str(), static_cast<int>(shape.size()));
     if (a.shape != shape)
         throw py::value_error(name + " must have shape " + shape_str(shape) + ", got " +
                               shape_str(a.shape));
+    return a;
+}
+
+// Copies a checked float32 array of exactly `shape` into a vector.
+std::vector<float> take(const py::object& obj, const std::string& name,
+                        const std::vector<index_t>& shape) {
+    F32 a = take_f32(obj, name, shape);
     return std::vector<float>(a.ptr, a.ptr + a.size());
+}
+
+// A GEMM weight of exactly `shape` (..., N), packed as the (K, N) right operand of sgemm_packed_b.
+PackedB take_packed(const py::object& obj, const std::string& name,
+                    const std::vector<index_t>& shape) {
+    F32 a = take_f32(obj, name, shape);
+    const index_t N = shape.back();
+    return PackedB(a.size() / N, N, a.ptr, N, 1);
 }
 
 index_t take_int(const py::handle& obj, const std::string& name, index_t lo, index_t hi) {
@@ -285,12 +318,12 @@ class InferencePlan {
                 L.db = take(t[2], name + " bias", {L.cin});
                 F32 wp = check_f32(t[6], (name + " pointwise weight").c_str(), 2);
                 L.cout = wp[1];
-                L.gw = take(t[6], name + " pointwise weight", {L.cin, L.cout});
+                L.gw = take_packed(t[6], name + " pointwise weight", {L.cin, L.cout});
                 L.gb = take(t[7], name + " pointwise bias", {L.cout});
                 L.act2 = take_act(t[8], name + " pointwise act");
             } else {
                 L.cout = w0[3];
-                L.gw = take(t[1], name + " weight", {L.k, L.k, L.cin, L.cout});
+                L.gw = take_packed(t[1], name + " weight", {L.k, L.k, L.cin, L.cout});
                 L.gb = take(t[2], name + " bias", {L.cout});
             }
             check_alloc({L.ho + 2 * L.p, L.wo + 2 * L.p, std::max(L.cin, L.cout)},
@@ -306,19 +339,22 @@ class InferencePlan {
         require(fw[0] == c, "classifier weight takes " + std::to_string(fw[0]) +
                                 " features but the last layer gives " + std::to_string(c));
         classes_ = fw[1];
-        fc_w_ = take(fc_w, "classifier weight", {c, classes_});
+        fc_w_ = take_packed(fc_w, "classifier weight", {c, classes_});
         fc_b_ = take(fc_b, "classifier bias", {classes_});
-        index_t act = 0, tile = 0;  // per image
-        for (const auto& L : layers_) {
-            act = std::max(act, L.out_floats(1));
-            tile = std::max(tile, L.tile_floats());
-        }
+        index_t act = 0;  // per image
+        for (const auto& L : layers_) act = std::max(act, L.out_floats(1));
         chunk_ = std::min(batch, chunk > 0 ? chunk : std::max<index_t>(1, kChunkFloats / act));
         input_.assign(layers_[0].in_floats(chunk_), 0.f);
         buf_[0].assign(act * chunk_, 0.f);
         buf_[1].assign(act * chunk_, 0.f);
         pooled_.assign(chunk_ * c, 0.f);
-        tile_floats_ = tile;
+        pool_sum_.assign(chunk_ * c, 0.0);
+        gemm_floats_ = sgemm_packed_b_scratch(chunk_, c);
+        for (const auto& L : layers_) {
+            tile_floats_ = std::max(tile_floats_, L.tile_floats());
+            gemm_floats_ = std::max(gemm_floats_, sgemm_packed_b_scratch(L.tile_rows() * L.wo, L.K()));
+        }
+        add_scratch(std::max(1, omp_get_max_threads()));
     }
 
     py::array_t<float> run(const py::object& x_) {
@@ -350,23 +386,32 @@ class InferencePlan {
             layers.append(py::dict(py::arg("kind") = L.dwpw ? "dwpw" : "conv",
                                    py::arg("input") = py::make_tuple(L.h, L.w, L.cin),
                                    py::arg("output") = py::make_tuple(L.ho, L.wo, L.cout),
-                                   py::arg("stride") = L.s, py::arg("tile_rows") = L.tile_rows()));
+                                   py::arg("stride") = L.s, py::arg("tile_rows") = L.tile_rows(),
+                                   py::arg("gemm_panel") = L.gw.panel));
         const index_t floats = index_t(input_.size() + 2 * buf_[0].size() + pooled_.size());
         return py::dict(py::arg("batch") = batch_, py::arg("chunk") = chunk_,
                         py::arg("input_hw") = py::make_tuple(h_, w_),
-                        py::arg("classes") = classes_, py::arg("layers") = layers,
+                        py::arg("classes") = classes_, py::arg("classifier_panel") = fc_w_.panel,
+                        py::arg("layers") = layers,
                         py::arg("buffer_bytes") = 4 * floats);
     }
 
    private:
+    // Scratch for up to T threads: allocated at construction, grown (never shrunk) when a call
+    // finds more threads, so a run allocates nothing once the thread count is steady.
+    void add_scratch(int T) {
+        while (static_cast<int>(scratch_.size()) < T) {
+            Scratch s;
+            s.a.resize(tile_floats_);
+            s.c.resize(tile_floats_);
+            s.g = aligned_floats(gemm_floats_);
+            scratch_.push_back(std::move(s));
+        }
+    }
+
     void forward(index_t n, const float* x, float* y) {
         const int T = std::max(1, omp_get_max_threads());
-        if (static_cast<int>(scratch_.size()) != T) scratch_.resize(T);
-        for (auto& s : scratch_)
-            if (static_cast<index_t>(s.a.size()) < tile_floats_) {
-                s.a.resize(tile_floats_);
-                s.c.resize(tile_floats_);
-            }
+        add_scratch(T);
         // One parallel region for the whole network: a layer's phases end in barriers, not in
         // joins and forks.
 #pragma omp parallel num_threads(T)
@@ -390,31 +435,41 @@ class InferencePlan {
             run_layer(layers_[i], n, in, out, scratch_);
             in = out;
         }
-        // Global average pool (in double, like global_avg_pool_fwd), then the classifier.
+        // Global average pool (in double, like global_avg_pool_fwd), then the classifier, its
+        // columns shared by the team.
         const Layer& last = layers_.back();
         const index_t hw = last.ho * last.wo, c = last.cout;
 #pragma omp for schedule(static)
         for (index_t b = 0; b < n; ++b) {
-            std::vector<double> acc(c, 0.0);
+            double* __restrict__ acc = pool_sum_.data() + b * c;
+            std::fill(acc, acc + c, 0.0);
             for (index_t q = 0; q < hw; ++q) {
                 const float* __restrict__ xr = in + (b * hw + q) * c;
                 for (index_t j = 0; j < c; ++j) acc[j] += double(xr[j]);
             }
             for (index_t j = 0; j < c; ++j) pooled_[b * c + j] = float(acc[j] / double(hw));
         }
-#pragma omp single
-        {
+        const index_t T = omp_get_num_threads(), grain = col_grain(fc_w_);
+        const index_t parts = double(n) * c * classes_ < kParallelWork ? 1 : T;
+        float* g = scratch_[omp_get_thread_num()].g.get();
+#pragma omp for schedule(static)
+        for (index_t t = 0; t < parts; ++t) {
+            index_t n0, n1;
+            split_range(classes_, grain, parts, t, n0, n1);
+            if (n1 <= n0) continue;
             for (index_t b = 0; b < n; ++b)
-                std::memcpy(y + b * classes_, fc_b_.data(), sizeof(float) * classes_);
-            sgemm_single_thread(n, classes_, c, pooled_.data(), c, 1, fc_w_.data(), classes_, 1,
-                                y, classes_, true);
+                std::memcpy(y + b * classes_ + n0, fc_b_.data() + n0, sizeof(float) * (n1 - n0));
+            sgemm_packed_b(n, n0, n1, pooled_.data(), c, 1, fc_w_, y + n0, classes_, true, g);
         }
     }
 
     std::vector<Layer> layers_;
-    std::vector<float> fc_w_, fc_b_;
-    index_t batch_ = 0, chunk_ = 0, h_ = 0, w_ = 0, classes_ = 0, tile_floats_ = 0;
+    PackedB fc_w_;
+    std::vector<float> fc_b_;
+    index_t batch_ = 0, chunk_ = 0, h_ = 0, w_ = 0, classes_ = 0;
+    index_t tile_floats_ = 0, gemm_floats_ = 0;  // per thread: tiles a and c, sgemm_packed_b's A
     std::vector<float> input_, buf_[2], pooled_;
+    std::vector<double> pool_sum_;
     std::vector<Scratch> scratch_;
     std::mutex mutex_;
 };
@@ -431,7 +486,7 @@ void bind_plan(py::module_& m) {
              py::arg("input_hw"), py::arg("chunk") = 0)
         .def("run", &InferencePlan::run, py::arg("x"),
              "x (n, h, w, c) float32, n <= batch -> logits (n, classes); one call, no GIL.")
-        .def("info", &InferencePlan::info, "The compiled layers, tile sizes and buffer bytes.");
+        .def("info", &InferencePlan::info, "The compiled layers, tile sizes, GEMM panel widths and buffer bytes.");
 }
 
 }  // namespace mbnet

@@ -128,7 +128,7 @@ def _plan_layers(layers):
 
 class Plan:
     """A compiled eval-mode network: ``plan(x)`` maps x (n, s, s, c) float32 (ndarray or Tensor)
-    with n <= ``batch`` to logits (n, k), a new ndarray. ``info()`` lists the compiled layers, their tiles and the buffer bytes."""
+    with n <= ``batch`` to logits (n, k), a new ndarray. ``info()`` lists the compiled layers, their tiles and GEMM panel widths, and the buffer bytes."""
 
     def __init__(self, layers, batch, input_hw, chunk=0):
         self.batch, self.input_hw = batch, tuple(input_hw)

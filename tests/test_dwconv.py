@@ -54,6 +54,8 @@ def test_matches_reference(n, h, w, c, k, s, p, seed):
         ("c_lt_block", (2, 7, 7, 15, 3, 1, 1)),
         ("c_eq_block", (2, 7, 7, 16, 3, 1, 1)),
         ("c_gt_block", (2, 7, 7, 17, 3, 1, 1)),
+        ("c_half_block", (2, 7, 7, 8, 3, 1, 1)),  # 3x3 rows: one block of 8
+        ("c_block_half_block_1", (2, 7, 6, 25, 3, 2, 1)),  # 16, then 8, then 1 channel
         ("c_div_block", (2, 6, 5, 48, 3, 1, 1)),
         ("c_1", (3, 5, 6, 1, 3, 1, 1)),
         ("batch_1", (1, 9, 9, 24, 3, 1, 1)),

@@ -68,6 +68,66 @@ def test_matmul_blocks(m, k, n, trans_a, trans_b, threads):
         assert_close(_C.matmul(a, b, trans_a, trans_b), want, k)
 
 
+# --- the inference plan's GEMM: B packed once, columns [n0, n1) of a @ b ----------------------
+
+SIMD = _C.build_info()["simd"]
+NR = {"avx512": 32, "avx2": 24}.get(SIMD, 8)  # the register tile's width
+
+
+def packed_panel(n):
+    """The panel width PackedB chooses for a B of n columns."""
+    return _C._matmul_packed_b(np.ones((1, 2), np.float32), np.ones((2, n), np.float32), 0, n)[1]
+
+
+@given(m=DIM, k=st.one_of(DIM, st.sampled_from([256, 257, 600])),
+       n=st.one_of(st.integers(1, 40), st.sampled_from([64, 100, 2100])), data=st.data())
+def test_matmul_packed_b_is_matmul_bitwise(m, k, n, data):
+    """Any panel-aligned column range, K over one KC slice (256), N over one NC block (2048 on
+    AVX-512): the same bits as matmul on one thread (which does not split K), whichever panel."""
+    rng = np.random.default_rng(m * 7919 + k * 31 + n)
+    a, b = rand(rng, (m, k)), rand(rng, (k, n))
+    panel = packed_panel(n)
+    n0 = data.draw(st.sampled_from(range(0, n, panel)), label="n0")
+    n1 = data.draw(st.integers(n0 + 1, n), label="n1")
+    got, got_panel = _C._matmul_packed_b(a, b, n0, n1)
+    assert got_panel == panel and got.shape == (m, n1 - n0)
+    before = _C.get_num_threads()
+    _C.set_num_threads(1)
+    try:
+        want = _C.matmul(a, b)[:, n0:n1]
+    finally:
+        _C.set_num_threads(before)
+    np.testing.assert_array_equal(got, want, err_msg=f"m={m} k={k} n={n} [{n0}, {n1}) panel {panel}")
+    assert_close(got, ref.matmul(*f64(a, b), False, False)[:, n0:n1], k)
+
+
+@pytest.mark.parametrize("n", [8, 100])
+def test_packed_b_rows_do_not_depend_on_the_panel(n):
+    """A row of C has the same bits whether it is multiplied in a full register tile, read in
+    place, or in a short last panel of 1..7 rows (the plan's tiles, hence its thread count,
+    decide which)."""
+    rng = np.random.default_rng(n)
+    a, b = rand(rng, (37, 300)), rand(rng, (300, n))
+    whole = _C._matmul_packed_b(a, b, 0, n)[0]
+    for r0, r1 in [(0, 1), (3, 5), (8, 11), (30, 37), (36, 37), (5, 13)]:
+        np.testing.assert_array_equal(_C._matmul_packed_b(a[r0:r1], b, 0, n)[0], whole[r0:r1],
+                                      err_msg=f"rows [{r0}, {r1}) of 37, n={n}")
+
+
+def test_packed_b_narrow_panel():
+    """A B far narrower than the register tile is packed in narrower panels (less zero padding)."""
+    assert packed_panel(1) < packed_panel(1000) == NR
+    if SIMD == "avx512":
+        assert [packed_panel(n) for n in (4, 8, 16, 17, 24, 48, 100)] == [16, 16, 16, 32, 32, 32, 32]
+
+
+def test_packed_b_bad_columns():
+    with pytest.raises(ValueError, match=f"n0 must be a multiple of the panel width {NR}, got 1"):
+        _C._matmul_packed_b(np.ones((2, 3), np.float32), np.ones((3, 100), np.float32), 1, 5)
+    with pytest.raises(ValueError, match=r"columns \[n0, n1\) must lie in \[0, 100\), got \[0, 101\)"):
+        _C._matmul_packed_b(np.ones((2, 3), np.float32), np.ones((3, 100), np.float32), 0, 101)
+
+
 @given(n=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), ci=CHANNELS, co=CHANNELS,
        seed=st.integers(0, 2**16))
 def test_pwconv2d(n, h, w, ci, co, seed):

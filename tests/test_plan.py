@@ -144,6 +144,32 @@ def test_plan_independent_of_threads_and_batch(alpha, size, batch, restore_threa
     np.testing.assert_array_equal(plan(x[:1]), results[0][:1], err_msg="batch 1 vs batch of the plan")
 
 
+@pytest.mark.parametrize("alpha, size, stem_stride", [(0.125, 40, None), (0.25, 96, 2)])
+def test_plan_narrow_layers(alpha, size, stem_stride, restore_threads):
+    """Layers of 4-16 output channels (and 10 classes) run on the GEMM's narrow panels: the eval
+    model's logits, bitwise the same at 1, 2 and 3 threads."""
+    model = randomize(models.MobileNetV1(alpha=alpha, input_size=size, stem_stride=stem_stride, seed=5))
+    plan = P.compile(model, batch=3)
+    info = plan.info()
+    panels = {layer["output"][2]: layer["gemm_panel"] for layer in info["layers"]}
+    wide = panels[max(panels)]
+    assert all(p == wide for c, p in panels.items() if c >= 32), panels
+    if alpha == 0.125:  # 4 channels: narrow on every build (a portable build's tile is 8 wide)
+        assert panels[4] < wide, panels
+    if _C.build_info()["simd"] == "avx512":
+        assert {c: p for c, p in panels.items() if p < wide} == {c: 16 for c in panels if c <= 16}
+        assert info["classifier_panel"] == 16
+    x = images(3, size)
+    want = eval_logits(model, x)
+    results = []
+    for threads in (1, 2, 3):
+        _C.set_num_threads(threads)
+        results.append(plan(x))
+        np.testing.assert_array_equal(results[-1], results[0], err_msg=f"{threads} threads vs 1")
+    assert_close(results[0], want, f"alpha={alpha} {size}px")
+    np.testing.assert_array_equal(plan(x[1:2]), results[0][1:2], err_msg="batch 1 vs batch 3")
+
+
 def test_plan_chunks_give_the_same_logits():
     """A batch runs a chunk of images at a time; the chunk changes nothing, bitwise."""
     model = randomize(models.MobileNetV1(alpha=0.25, input_size=40))
