@@ -84,14 +84,6 @@ inline float masked_pre(float dy, float z) {
     return dy;
 }
 
-// The pre-activation of training BatchNorm: forward applies act to it, backward recomputes it
-// (the same float operations on the same float per-channel values, so the same bits) for the
-// activation's mask instead of reading the forward's output.
-inline float preact(float x, float mean, float scale, float shift) { return (x - mean) * scale + shift; }
-
-// The scale of training BatchNorm, from the invstd it returns.
-inline float train_scale(float invstd, float gamma) { return float(double(invstd) * gamma); }
-
 template <class F>
 void with_act(Act a, F&& f) {
     switch (a) {

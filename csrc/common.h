@@ -238,6 +238,15 @@ inline float act(float z) {
     return z;
 }
 
+// The pre-activation of training BatchNorm: forward applies act to it, backward recomputes it
+// (the same float operations on the same float per-channel values, so the same bits) for the
+// activation's mask instead of reading the forward's output, and the pwconv2d_bn_act kernels
+// apply it to their input as they pack it.
+inline float preact(float x, float mean, float scale, float shift) { return (x - mean) * scale + shift; }
+
+// The scale of training BatchNorm, from the invstd it returns.
+inline float train_scale(float invstd, float gamma) { return float(double(invstd) * gamma); }
+
 // Per-channel batch statistics of a convolution's output y, viewed as (M, C), for the BatchNorm
 // after it: the convolution's kernel adds each tile of y while it is still in cache, saving
 // BatchNorm a pass over y. Rows come in blocks (kStatsRows rows, or whole output rows for the

@@ -133,6 +133,43 @@ void pack_a(index_t mc, index_t kc, const float* A, index_t rsa, index_t csa,
     }
 }
 
+// The packed mc x kc block at dst (pack_a's layout) through BatchNorm's apply + activation
+// (ATransform); row 0 is A's row i0, column 0 its column k0. Padding rows stay zero.
+template <Act kAct>
+void transform_packed_a(index_t mc, index_t kc, float* __restrict__ dst, const ATransform& t,
+                        index_t i0, index_t k0) {
+    for (index_t ir = 0; ir < mc; ir += MR, dst += kc * MR) {
+        const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
+        if (t.per_row) {
+            float mu[MR], sc[MR], sh[MR];
+            for (int i = 0; i < MR; ++i) {
+                const index_t c = i0 + ir + std::min(i, mr - 1);
+                mu[i] = t.mean[c], sc[i] = t.scale[c], sh[i] = t.shift[c];
+            }
+            for (index_t k = 0; k < kc; ++k)
+                for (int i = 0; i < mr; ++i)
+                    dst[k * MR + i] = act<kAct>(preact(dst[k * MR + i], mu[i], sc[i], sh[i]));
+        } else {
+            for (index_t k = 0; k < kc; ++k) {
+                const float mu = t.mean[k0 + k], sc = t.scale[k0 + k], sh = t.shift[k0 + k];
+                for (int i = 0; i < mr; ++i) dst[k * MR + i] = act<kAct>(preact(dst[k * MR + i], mu, sc, sh));
+            }
+        }
+    }
+}
+
+// pack_a, then transform_packed_a when there is a transform.
+void pack_a(index_t mc, index_t kc, const float* A, index_t rsa, index_t csa, float* dst,
+            const ATransform* t, index_t i0, index_t k0) {
+    pack_a(mc, kc, A, rsa, csa, dst);
+    if (!t) return;
+    switch (t->act) {
+        case Act::None: transform_packed_a<Act::None>(mc, kc, dst, *t, i0, k0); break;
+        case Act::ReLU: transform_packed_a<Act::ReLU>(mc, kc, dst, *t, i0, k0); break;
+        case Act::ReLU6: transform_packed_a<Act::ReLU6>(mc, kc, dst, *t, i0, k0); break;
+    }
+}
+
 // dst[p*kc*kNR + k*kNR + j] = B(k, p*kNR + j) for the kc x nc block at B, columns past nc zero.
 template <int kNR>
 void pack_b(index_t kc, index_t nc, const float* B, index_t rsb, index_t csb,
@@ -171,14 +208,16 @@ struct PackBuffers {
 // b_block(jc, nc, pc, kc) gives the packed block of columns [jc, jc + nc) and depth [pc, pc + kc)
 // (packed there and then, or packed once beforehand); abuf holds a_buffer_floats(M, K). With an
 // epilogue, each MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows, j_off +
-// column, columns), once final and still in cache.
+// column, columns), once final and still in cache. With a transform, A is transform(A) (its
+// rows counted from i_off), always packed.
 template <int kNR, class BlockOfB>
 void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                   BlockOfB&& b_block, float* C, index_t ldc, bool accumulate, float* abuf,
-                  const GemmEpilogue* epilogue = nullptr, index_t i_off = 0, index_t j_off = 0) {
+                  const GemmEpilogue* epilogue = nullptr, index_t i_off = 0, index_t j_off = 0,
+                  const ATransform* transform = nullptr) {
     // Row-major A is read in place by the microkernel (MR rows, unit stride along k): packing it
     // would cost as much as the multiply when N is small, and gains nothing measurable when large.
-    const bool direct_a = csa == 1;
+    const bool direct_a = csa == 1 && !transform;
     for (index_t jc = 0; jc < N; jc += NC) {
         const index_t nc = std::min(NC, N - jc);
         for (index_t pc = 0; pc < K; pc += KC) {
@@ -192,7 +231,7 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                 const index_t packed_from = direct_a ? mc / MR * MR : 0;
                 if (packed_from < mc)
                     pack_a(mc - packed_from, kc, A + (ic + packed_from) * rsa + pc * csa, rsa, csa,
-                           abuf);
+                           abuf, transform, i_off + ic + packed_from, pc);
                 for (index_t jr = 0; jr < nc; jr += kNR) {
                     const int nr = static_cast<int>(std::min<index_t>(kNR, nc - jr));
                     for (index_t ir = 0; ir < mc; ir += MR) {
@@ -216,13 +255,14 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
 void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                   const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
                   bool accumulate, PackBuffers& buf, const GemmEpilogue* epilogue = nullptr,
-                  index_t i_off = 0, index_t j_off = 0) {
+                  index_t i_off = 0, index_t j_off = 0, const ATransform* transform = nullptr) {
     float* bbuf = buf.b.get();
     auto pack = [&](index_t jc, index_t nc, index_t pc, index_t kc) {
         pack_b<NR>(kc, nc, B + pc * rsb + jc * csb, rsb, csb, bbuf);
         return bbuf;
     };
-    sgemm_blocks<NR>(M, N, K, A, rsa, csa, pack, C, ldc, accumulate, buf.a.get(), epilogue, i_off, j_off);
+    sgemm_blocks<NR>(M, N, K, A, rsa, csa, pack, C, ldc, accumulate, buf.a.get(), epilogue, i_off, j_off,
+                     transform);
 }
 
 enum class Split { Rows, Cols, Depth };
@@ -328,9 +368,10 @@ PackedB::PackedB(index_t K_, index_t N_, const float* B, index_t rsb, index_t cs
 
 void sgemm_epilogue(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                     const float* B, index_t rsb, index_t csb, float* C, index_t ldc, index_t row0,
-                    const GemmEpilogue& epilogue) {
+                    const GemmEpilogue& epilogue, const ATransform* transform) {
     static_assert(kStatsRows % MC == 0, "a block of statistics rows holds whole MC blocks");
     if (M <= 0 || N <= 0 || K <= 0) return;
+    const GemmEpilogue* ep = epilogue ? &epilogue : nullptr;
     int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
     if (static_cast<double>(M) * N * K < kParallelMinGemm) threads = 1;
     // Threads split C's rows on the blocks of kStatsRows rows (counted from row0), or its columns:
@@ -341,7 +382,7 @@ void sgemm_epilogue(index_t M, index_t N, index_t K, const float* A, index_t rsa
     if (!by_rows && panels < threads) threads = 1;
     if (threads == 1) {
         PackBuffers buf(M, N, K);
-        sgemm_serial(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, false, buf, &epilogue);
+        sgemm_serial(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, false, buf, ep, 0, 0, transform);
         return;
     }
     std::vector<std::unique_ptr<PackBuffers>> bufs;
@@ -355,13 +396,13 @@ void sgemm_epilogue(index_t M, index_t N, index_t K, const float* A, index_t rsa
             const index_t b1 = std::min<index_t>(M, blocks * (t + 1) / nt * kStatsRows - off);
             if (b1 > b0)
                 sgemm_serial(b1 - b0, N, K, A + b0 * rsa, rsa, csa, B, rsb, csb, C + b0 * ldc, ldc,
-                             false, buf, &epilogue, b0, 0);
+                             false, buf, ep, b0, 0, transform);
         } else {
             index_t b0, b1;
             split_range(N, NR, nt, t, b0, b1);
             if (b1 > b0)
                 sgemm_serial(M, b1 - b0, K, A, rsa, csa, B + b0 * csb, rsb, csb, C + b0, ldc, false,
-                             buf, &epilogue, 0, b0);
+                             buf, ep, 0, b0, transform);
         }
     }
 }
@@ -443,6 +484,78 @@ py::array_t<float> pwconv2d_bwd_weight(const py::object& x_obj, const py::object
     });
 }
 
+// The BatchNorm arguments of the pwconv2d_bn_act kernels: gamma, beta, mean, invstd (C,) for x's
+// C channels and act, as the ATransform that applies training BatchNorm + act to x as it is packed
+// (the same float operations as batchnorm_act_train_fwd's apply, so the same bits).
+struct BnActArgs {
+    F32 gamma, beta, mean, invstd;
+    Act act;
+    std::vector<float> scale;
+    BnActArgs(const py::object& gamma_, const py::object& beta_, const py::object& mean_,
+              const py::object& invstd_, const std::string& act_name, const F32& x) {
+        const char* names[] = {"gamma", "beta", "mean", "invstd"};
+        const py::object* objs[] = {&gamma_, &beta_, &mean_, &invstd_};
+        F32* fields[] = {&gamma, &beta, &mean, &invstd};
+        for (int i = 0; i < 4; ++i) {
+            *fields[i] = check_f32(*objs[i], names[i], 1);
+            check_same_dim(*fields[i], 0, names[i], x, 3, "x");
+        }
+        act = parse_act(act_name);
+        scale.resize(x[3]);
+        for (index_t c = 0; c < x[3]; ++c) scale[c] = train_scale(invstd.ptr[c], gamma.ptr[c]);
+    }
+    ATransform transform(bool per_row) const { return {mean.ptr, scale.data(), beta.ptr, act, per_row}; }
+};
+
+// x (n, h, w, ci), w (ci, co) -> y (n, h, w, co) = z @ w, z = act(BN(x)) formed as x is packed.
+py::array_t<float> pwconv2d_bn_act_fwd(const py::object& x_obj, const py::object& w_obj,
+                                       const py::object& gamma, const py::object& beta,
+                                       const py::object& mean, const py::object& invstd,
+                                       const std::string& act) {
+    F32 x = check_f32(x_obj, "x", 4), w = check_f32(w_obj, "w", 2);
+    check_same_dim(x, 3, "x", w, 0, "w");
+    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
+    const ATransform t = bn.transform(false);
+    const index_t rows = x[0] * x[1] * x[2], ci = w[0], co = w[1];
+    return compute_f32({x[0], x[1], x[2], co}, [&](float* y) {
+        sgemm_epilogue(rows, co, ci, x.ptr, ci, 1, w.ptr, co, 1, y, co, 0, {}, &t);
+    });
+}
+
+// pwconv2d_bn_act_fwd, and the per-channel mean and biased variance of y (ChannelStats).
+py::tuple pwconv2d_bn_act_fwd_stats(const py::object& x_obj, const py::object& w_obj,
+                                    const py::object& gamma, const py::object& beta,
+                                    const py::object& mean, const py::object& invstd,
+                                    const std::string& act) {
+    F32 x = check_f32(x_obj, "x", 4), w = check_f32(w_obj, "w", 2);
+    check_same_dim(x, 3, "x", w, 0, "w");
+    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
+    const ATransform t = bn.transform(false);
+    const index_t rows = x[0] * x[1] * x[2], ci = w[0], co = w[1];
+    return compute_f32_stats({x[0], x[1], x[2], co}, kStatsRows, [&](float* y, ChannelStats& stats) {
+        sgemm_epilogue(rows, co, ci, x.ptr, ci, 1, w.ptr, co, 1, y, co, 0,
+                       [&](index_t i0, index_t mc, index_t j0, index_t nc) {
+                           stats.add(i0, mc, j0, nc, y + i0 * co + j0, co);
+                       }, &t);
+    });
+}
+
+// x (n, h, w, ci), dy (n, h, w, co) -> dw (ci, co) = z.T @ dy over the n*h*w rows, z = act(BN(x))
+// formed as x is packed. Threads split dw's rows or columns, never the rows of x.
+py::array_t<float> pwconv2d_bn_act_bwd_weight(const py::object& x_obj, const py::object& dy_obj,
+                                              const py::object& gamma, const py::object& beta,
+                                              const py::object& mean, const py::object& invstd,
+                                              const std::string& act) {
+    F32 x = check_f32(x_obj, "x", 4), dy = check_f32(dy_obj, "dy", 4);
+    for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dy, d, "dy");
+    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
+    const ATransform t = bn.transform(true);
+    const index_t rows = x[0] * x[1] * x[2], ci = x[3], co = dy[3];
+    return compute_f32({ci, co}, [&](float* dw) {
+        sgemm_epilogue(ci, co, rows, x.ptr, 1, ci, dy.ptr, co, 1, dw, co, 0, {}, &t);
+    });
+}
+
 // x (n, din), w (din, dout), b (dout,) -> y (n, dout) = x @ w + b
 py::array_t<float> linear_fwd(const py::object& x_obj, const py::object& w_obj,
                               const py::object& b_obj) {
@@ -514,6 +627,19 @@ void bind_gemm(py::module_& m) {
           "dy (N, H, W, Cout), w (Cin, Cout) -> dx (N, H, W, Cin) = dy @ w.T.");
     m.def("pwconv2d_bwd_weight", &pwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),
           "x (N, H, W, Cin), dy (N, H, W, Cout) -> dw (Cin, Cout) = x.T @ dy over N*H*W rows.");
+    m.def("pwconv2d_bn_act_fwd", &pwconv2d_bn_act_fwd, py::arg("x"), py::arg("w"), py::arg("gamma"),
+          py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
+          "x (N, H, W, Cin), w (Cin, Cout), gamma/beta/mean/invstd (Cin,) -> pwconv2d_fwd(z, w),\n"
+          "z = act((x - mean) * invstd * gamma + beta) (training BatchNorm's apply, as\n"
+          "batchnorm_act_train_fwd computes it) formed as x is packed: z is never stored.");
+    m.def("pwconv2d_bn_act_fwd_stats", &pwconv2d_bn_act_fwd_stats, py::arg("x"), py::arg("w"),
+          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
+          "pwconv2d_bn_act_fwd -> (y, mean (Cout,), var (Cout,)): with y's per-channel mean and\n"
+          "biased variance, as pwconv2d_fwd_stats.");
+    m.def("pwconv2d_bn_act_bwd_weight", &pwconv2d_bn_act_bwd_weight, py::arg("x"), py::arg("dy"),
+          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
+          "x (N, H, W, Cin), dy (N, H, W, Cout), gamma/beta/mean/invstd (Cin,) ->\n"
+          "pwconv2d_bwd_weight(z, dy), z as pwconv2d_bn_act_fwd forms it.");
     m.def("linear_fwd", &linear_fwd, py::arg("x"), py::arg("w"), py::arg("b"),
           "x (N, Din), w (Din, Dout), b (Dout,) -> x @ w + b (N, Dout).");
     m.def("linear_bwd", &linear_bwd, py::arg("x"), py::arg("w"), py::arg("dy"),

@@ -49,6 +49,17 @@ void sgemm_packed_b(std::int64_t M, std::int64_t n0, std::int64_t n1,
                     const float* A, std::int64_t rsa, std::int64_t csa, const PackedB& B,
                     float* C, std::int64_t ldc, bool accumulate, float* a_scratch);
 
+enum class Act;  // common.h
+
+// BatchNorm's apply + activation on A's elements as sgemm_epilogue packs them: A(i, k) is read as
+// act((A(i, k) - mean[c]) * scale[c] + shift[c]) (preact, common.h), c = k, or c = i when per_row
+// (a transposed A). A is then always packed, never read in place.
+struct ATransform {
+    const float *mean, *scale, *shift;
+    Act act;
+    bool per_row;
+};
+
 // Called as epilogue(row, rows, column, columns) on each block of C once it is final.
 using GemmEpilogue = std::function<void(std::int64_t, std::int64_t, std::int64_t, std::int64_t)>;
 
@@ -56,10 +67,12 @@ using GemmEpilogue = std::function<void(std::int64_t, std::int64_t, std::int64_t
 // of C) once it is final, while it is still in cache. Threads split C's columns, or its rows on
 // the blocks of kStatsRows rows of a larger matrix whose row row0 is C's first: each element of C
 // is summed in the same order as sgemm without a K split, and per column the rows of such a
-// block reach the epilogue in order, from one thread (what ChannelStats needs).
+// block reach the epilogue in order, from one thread (what ChannelStats needs). An empty epilogue
+// is not called. With a transform, C = transform(A) * B. C does not depend on the thread count.
 void sgemm_epilogue(std::int64_t M, std::int64_t N, std::int64_t K,
                     const float* A, std::int64_t rsa, std::int64_t csa,
                     const float* B, std::int64_t rsb, std::int64_t csb,
-                    float* C, std::int64_t ldc, std::int64_t row0, const GemmEpilogue& epilogue);
+                    float* C, std::int64_t ldc, std::int64_t row0, const GemmEpilogue& epilogue,
+                    const ATransform* transform = nullptr);
 
 }  // namespace mbnet

@@ -14,7 +14,9 @@ finite-difference gradient checks use). All tensors of one call must share a dty
 Convolutions called with ``stats=True`` also return their output's per-channel (mean, var), summed
 by the kernel while it writes the output; ``batch_norm(..., stats=...)`` in training then
 normalizes in one pass over its input instead of two. mbnet.nn does this for every convolution
-followed by a BatchNorm2d while ``FUSE`` is true.
+followed by a BatchNorm2d while ``FUSE`` is true, and there folds the BatchNorm + activation
+between a depthwise and a pointwise convolution into the pointwise GEMM's load
+(``batch_norm_pointwise_conv2d``): that activation is never stored.
 """
 import contextlib
 import time
@@ -87,12 +89,13 @@ def _conv_forward(function, kernel, x, w, *args):
     return y
 
 
-def _call_conv(function, x, w, stats):
-    """function(x, w), or with stats (y, (mean, var))."""
+def _call_conv(function, x, w, stats, *bn):
+    """function(x, w) (function(x, *bn, w) for a convolution of BatchNorm's output), or with stats
+    (y, (mean, var))."""
     if not stats:
-        return function(x, w)
+        return function(x, *bn, w)
     function.stats = out = []  # a list of ours: Function.release() clears the function's attributes
-    y = function(x, w)
+    y = function(x, *bn, w)
     return y, tuple(out)
 
 
@@ -267,6 +270,65 @@ class SyncBatchNormTrain(Function):
             xhat = (x - mean) * invstd
             gx -= gamma * invstd / x.dtype.type(n) * (s[:c] + xhat * s[c:])
         return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None
+
+
+def _batch_norm_statistics(x, mean, var, running_mean, running_var, momentum, eps):
+    """(mean, invstd) of x's batch from its (mean, var) (biased), and the running statistics
+    updated in place: batchnorm_act_train_fwd_from_stats less the apply, the same float
+    operations (so the same bits in float32)."""
+    rows = x.size // x.shape[-1]
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+    running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * var * (rows / max(rows - 1, 1))
+    return mean.astype(x.dtype), (1.0 / np.sqrt(var + eps)).astype(x.dtype)
+
+
+class BatchNormPointwiseConv2d(Function):
+    """x, gamma, beta, w -> pointwise_conv2d(act(BN(x)), w), BN in training with x's batch
+    (mean, var) given (x_stats). The normalized activation z is formed as the GEMM packs x (kernels
+    ``pwconv2d_bn_act_*``) and never stored; backward forms it again for w's gradient:
+    gz = gy @ w.T, gw = z.T @ gy, then BatchNorm's backward from x."""
+    stats = None
+
+    def __init__(self, running_mean, running_var, momentum, eps, act, x_stats):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.momentum, self.eps, self.act, self.x_stats = momentum, eps, act, x_stats
+
+    def forward(self, x, gamma, beta, w):
+        mean, invstd = _batch_norm_statistics(x, *self.x_stats, self.running_mean, self.running_var,
+                                              self.momentum, self.eps)
+        del self.running_mean, self.running_var, self.x_stats
+        self.saved = (x, gamma, beta, mean, invstd, w)
+        return _conv_forward(self, "pwconv2d_bn_act", x, w, gamma, beta, mean, invstd, self.act)
+
+    def backward(self, gy):
+        x, gamma, beta, mean, invstd, w = self.saved
+        bn = (gamma, beta, mean, invstd, self.act)
+        need = self.needs_input_grad
+        gw = _run("pwconv2d_bn_act_bwd_weight", gy.dtype, x, gy, *bn) if need[3] else None
+        gx = ggamma = gbeta = None
+        if any(need[:3]):
+            gz = _run("pwconv2d_bwd_input", gy.dtype, gy, w)
+            gx, ggamma, gbeta = _run("batchnorm_act_train_bwd", gy.dtype, gz, x, *bn)
+        return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None, gw
+
+
+def batch_norm_pointwise_conv2d(x, gamma, beta, running_mean, running_var, w, x_stats, momentum=0.1, eps=1e-5,
+                                act="none", stats=False):
+    """pointwise_conv2d(batch_norm(x, gamma, beta, running_mean, running_var, True, momentum, eps,
+    act, stats=x_stats), w, stats) -- x (n, h, w, ci), w (ci, co) -- in one op whose GEMM applies
+    the BatchNorm and activation to x as it loads it: their output is never stored. Training mode
+    only; x_stats is x's per-channel (mean, var) from the convolution that made x. After
+    set_batch_norm_allreduce(fn), the two ops run one after the other (synchronized statistics)."""
+    dtype = _common_dtype("batch_norm_pointwise_conv2d", x=x, gamma=gamma, beta=beta, w=w)
+    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(a, np.ndarray) or a.dtype != dtype:
+            raise TypeError(f"batch_norm_pointwise_conv2d: {name} must be an ndarray of {dtype}")
+    if _bn_allreduce is not None:
+        z = batch_norm(x, gamma, beta, running_mean, running_var, True, momentum, eps, act, x_stats)
+        return pointwise_conv2d(z, w, stats)
+    return _call_conv(BatchNormPointwiseConv2d(running_mean, running_var, momentum, eps, act, x_stats),
+                      x, w, stats, gamma, beta)
 
 
 def set_batch_norm_allreduce(allreduce):

@@ -354,7 +354,8 @@ class Sequential(Module):
 
 class DepthwiseSeparable(Module):
     """MobileNet's block: 3x3 depthwise (stride) -> BN + act -> 1x1 pointwise -> BN + act,
-    (n, h, w, cin) -> (n, ho, wo, cout). Attributes dw, bn1, pw, bn2."""
+    (n, h, w, cin) -> (n, ho, wo, cout). Attributes dw, bn1, pw, bn2. In training with F.FUSE, bn1
+    is applied by pw's GEMM as it loads dw's output (F.batch_norm_pointwise_conv2d)."""
 
     def __init__(self, cin, cout, stride, act="relu", *, rng=None, dtype=np.float32):
         self.dw = DepthwiseConv2d(cin, 3, stride, rng=rng, dtype=dtype)
@@ -363,4 +364,12 @@ class DepthwiseSeparable(Module):
         self.bn2 = BatchNorm2d(cout, act, dtype=dtype)
 
     def forward(self, x):
-        return self.bn2(self.pw(self.bn1(self.dw(x))))
+        y = self.dw(x)
+        stats = getattr(y, "batch_stats", None)  # F.FUSE in training (_conv)
+        if stats is None or not (self.bn1.training and self.pw.training):
+            return self.bn2(self.pw(self.bn1(y)))
+        bn = self.bn1
+        z, stats = F.batch_norm_pointwise_conv2d(y, bn.gamma, bn.beta, bn.running_mean, bn.running_var, self.pw.weight,
+                                                 stats, bn.momentum, bn.eps, bn.act, stats=True)
+        z.batch_stats = stats
+        return self.bn2(z)

@@ -105,6 +105,24 @@ def pwconv2d_bwd_weight(x, dy):
     return np.einsum("nhwc,nhwo->co", x, dy)
 
 
+# --- pointwise convolution of act(BN(x)) (training BatchNorm's apply, then the activation) -------
+
+def _bn_act(x, gamma, beta, mean, invstd, act):
+    return act_fwd((x - mean) * invstd * gamma + beta, act)
+
+
+def pwconv2d_bn_act_fwd(x, w, gamma, beta, mean, invstd, act):
+    return pwconv2d_fwd(_bn_act(x, gamma, beta, mean, invstd, act), w)
+
+
+def pwconv2d_bn_act_fwd_stats(x, w, gamma, beta, mean, invstd, act):
+    return _with_stats(pwconv2d_bn_act_fwd(x, w, gamma, beta, mean, invstd, act))
+
+
+def pwconv2d_bn_act_bwd_weight(x, dy, gamma, beta, mean, invstd, act):
+    return pwconv2d_bwd_weight(_bn_act(x, gamma, beta, mean, invstd, act), dy)
+
+
 def matmul(a, b, trans_a=False, trans_b=False):
     a = a.T if trans_a else a
     b = b.T if trans_b else b

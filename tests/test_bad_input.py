@@ -82,6 +82,22 @@ def b_pw_bwd_weight(draw, rng):
     return [f32(rng, n, h, w, ci), f32(rng, n, h, w, draw(st.sampled_from([1, 4])))]
 
 
+def bn_act_args(draw, rng, c):
+    """gamma, beta, mean, invstd (c,) and act of the pwconv2d_bn_act kernels."""
+    gamma, beta, mean, var = bn_params(rng, c)
+    return [gamma, beta, mean, ("f32", 1 / np.sqrt(var[1])), ("act", draw_act(draw))]
+
+
+def b_pw_bn_act_fwd(draw, rng):
+    x, w = b_pw_fwd(draw, rng)
+    return [x, w, *bn_act_args(draw, rng, x[1].shape[-1])]
+
+
+def b_pw_bn_act_bwd_weight(draw, rng):
+    x, dy = b_pw_bwd_weight(draw, rng)
+    return [x, dy, *bn_act_args(draw, rng, x[1].shape[-1])]
+
+
 def b_linear_fwd(draw, rng):
     n, di, do = (draw(st.integers(1, 5)) for _ in range(3))
     return [f32(rng, n, di), f32(rng, di, do), f32(rng, do)]
@@ -224,6 +240,9 @@ BINDINGS = {
     "pwconv2d_fwd_stats": b_pw_fwd,
     "pwconv2d_bwd_input": b_pw_bwd_input,
     "pwconv2d_bwd_weight": b_pw_bwd_weight,
+    "pwconv2d_bn_act_fwd": b_pw_bn_act_fwd,
+    "pwconv2d_bn_act_fwd_stats": b_pw_bn_act_fwd,
+    "pwconv2d_bn_act_bwd_weight": b_pw_bn_act_bwd_weight,
     "linear_fwd": b_linear_fwd,
     "linear_bwd": b_linear_bwd,
     "dwconv2d_fwd": b_dw_fwd,

@@ -74,6 +74,47 @@ def test_conv_batch_norm_with_kernel_statistics_gradients(name, conv, wshape, rn
                    ["x", "w", "gamma", "beta"])
 
 
+def _dw_bn_pw(act, mean, var):
+    """(x, w_dw, gamma, beta, w_pw) -> batch_norm_pointwise_conv2d(depthwise_conv2d(x, w_dw)):
+    MobileNet's separable block under F.FUSE, up to its second BatchNorm."""
+    def fn(x, w_dw, gamma, beta, w_pw):
+        y, stats = F.depthwise_conv2d(x, w_dw, 1, 1, stats=True)
+        return F.batch_norm_pointwise_conv2d(y, gamma, beta, mean.astype(x.dtype), var.astype(x.dtype), w_pw,
+                                             stats, act=act)
+    return fn
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_batch_norm_pointwise_conv2d_gradients(act, rng):
+    fn = _dw_bn_pw(act, rng.standard_normal(3), rng.uniform(0.5, 2.0, 3))
+    check_backward(fn, [rng.standard_normal((3, 5, 4, 3)) + 1, rng.standard_normal((3, 3, 3)),
+                        rng.uniform(0.5, 1.5, 3), rng.standard_normal(3) * 0.5, rng.standard_normal((3, 4))],
+                   f"batch_norm_pointwise_conv2d(act={act})", rng, ["x", "w_dw", "gamma", "beta", "w_pw"])
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["local", "allreduce"])
+def test_batch_norm_pointwise_conv2d_is_the_two_ops(sync, rng):
+    """Output, its statistics and the running statistics are those of batch_norm then
+    pointwise_conv2d (float64: to rounding); with set_batch_norm_allreduce it runs exactly those."""
+    x = Tensor(rng.standard_normal((2, 4, 3, 5)) * 2 + 1)
+    gamma, beta, w = Tensor(rng.uniform(0.5, 1.5, 5)), Tensor(rng.standard_normal(5)), Tensor(rng.standard_normal((5, 6)))
+    x_stats = (x.data.mean((0, 1, 2)), x.data.var((0, 1, 2)))
+    buffers = [[np.zeros(5), np.ones(5)] for _ in range(2)]
+    F.set_batch_norm_allreduce((lambda a: a) if sync else None)
+    try:
+        with F.profile() as calls:
+            y, y_stats = F.batch_norm_pointwise_conv2d(x, gamma, beta, *buffers[0], w, x_stats, 0.2, 1e-3, "relu6",
+                                                       stats=True)
+        z = F.batch_norm(x, gamma, beta, *buffers[1], True, 0.2, 1e-3, "relu6", stats=x_stats)
+        want, want_stats = F.pointwise_conv2d(z, w, stats=True)
+    finally:
+        F.set_batch_norm_allreduce(None)
+    assert ("pwconv2d_bn_act_fwd_stats" in calls) != sync, dict(calls)
+    np.testing.assert_allclose(y.data, want.data, rtol=1e-12, atol=1e-12)
+    for got, exp in zip([*y_stats, *buffers[0]], [*want_stats, *buffers[1]]):
+        np.testing.assert_allclose(got, exp, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("fn", [F.relu, F.relu6], ids=["relu", "relu6"])
 def test_activation_gradients(fn, rng):
     x = rng.uniform(-3, 9, (3, 7))
@@ -205,6 +246,10 @@ def _kernel_cases(rng):
            [rng.standard_normal((3, 6, 5, 3)) + 1, rng.standard_normal(w), rng.uniform(0.5, 1.5, w[-1]),
             rng.standard_normal(w[-1])])
           for name, conv, w in CONV_BN],
+        *[(f"batch_norm_pointwise_conv2d {act}", _dw_bn_pw(act, mean, var),
+           [rng.standard_normal((3, 6, 5, c)) + 1, rng.standard_normal((3, 3, c)), rng.uniform(0.5, 1.5, c),
+            rng.standard_normal(c), rng.standard_normal((c, 9))])
+          for act in ACTS],
         ("relu6", F.relu6, [rng.uniform(-2, 8, (3, c))]),
         ("global_avg_pool", F.global_avg_pool, [rng.standard_normal((2, 3, 5, c))]),
         ("linear", F.linear, [rng.standard_normal((5, c)), rng.standard_normal((c, 6)), rng.standard_normal(6)]),

@@ -5,7 +5,7 @@ import pytest
 
 from mbnet import Tensor, no_grad
 from mbnet import functional as F
-from mbnet.models import ConvMobileNet, MobileNetV1, default_stem_stride, layer_shapes
+from mbnet.models import BLOCKS, ConvMobileNet, MobileNetV1, default_stem_stride, layer_shapes
 from test_nn import check_module_backward
 
 
@@ -172,14 +172,14 @@ def test_float32_kernels_agree_with_float64_reference_on_the_whole_model(trainin
 
 
 def training_step(model_cls, dtype, fuse, x, labels, monkeypatch):
-    """Kernel names called, and {loss, every parameter gradient, every buffer} of one training step
+    """{kernel name: calls}, and {loss, every parameter gradient, every buffer} of one training step
     with mbnet.functional.FUSE = fuse."""
     monkeypatch.setattr(F, "FUSE", fuse)
     model = model_cls(0.25, num_classes=5, input_size=16, dtype=dtype, seed=1)
     with F.profile() as calls:
         loss = F.cross_entropy(model(Tensor(x.astype(dtype))), labels, label_smoothing=0.1)
         loss.backward()
-    return set(calls), {"loss": loss.data, **{n: p.grad for n, p in model.named_parameters()},
+    return {k: v[0] for k, v in calls.items()}, {"loss": loss.data, **{n: p.grad for n, p in model.named_parameters()},
                         **dict(model.named_buffers())}
 
 
@@ -189,13 +189,21 @@ def test_fused_batch_statistics_match_the_unfused_step(model_cls, dtype, monkeyp
     """Convolutions that hand BatchNorm their output's statistics (F.FUSE) give the step of
     separate statistics passes: to float64 rounding on the reference path; in float32, the loss and
     running statistics to 1e-5 and the gradients within twice the float32 rounding noise that
-    test_float32_kernels_agree_with_float64_reference_on_the_whole_model allows each path."""
+    test_float32_kernels_agree_with_float64_reference_on_the_whole_model allows each path.
+    In MobileNetV1 each block's first BatchNorm is applied by the pointwise GEMM as it loads
+    (pwconv2d_bn_act_*): only the stem's and the blocks' second BatchNorms write their output."""
     x = rng.standard_normal((8, 16, 16, 3))
     labels = np.array([3, 0, 1, 4, 2, 2, 0, 1])
     fused_calls, fused = training_step(model_cls, dtype, True, x, labels, monkeypatch)
     calls, unfused = training_step(model_cls, dtype, False, x, labels, monkeypatch)
-    assert {"conv2d_fwd_stats", "batchnorm_act_train_fwd_from_stats"} <= fused_calls, fused_calls
+    assert {"conv2d_fwd_stats", "batchnorm_act_train_fwd_from_stats"} <= set(fused_calls), fused_calls
     assert "batchnorm_act_train_fwd" not in fused_calls and not any(k.endswith("_stats") for k in calls)
+    assert not any(k.startswith("pwconv2d_bn_act") for k in calls), calls
+    blocks = len(BLOCKS) if model_cls is MobileNetV1 else 0
+    assert fused_calls.get("pwconv2d_bn_act_fwd_stats", 0) == blocks, fused_calls
+    assert fused_calls.get("pwconv2d_bn_act_bwd_weight", 0) == blocks, fused_calls
+    assert fused_calls["batchnorm_act_train_fwd_from_stats"] == calls["batchnorm_act_train_fwd"] - blocks
+    assert fused_calls["batchnorm_act_train_bwd"] == calls["batchnorm_act_train_bwd"]
     for name, want in unfused.items():
         got = fused[name]
         assert got.dtype == dtype, name
@@ -207,3 +215,25 @@ def test_fused_batch_statistics_match_the_unfused_step(model_cls, dtype, monkeyp
         else:
             tol = 4e-2 if name.endswith("gamma") else 2e-3
         assert err <= tol, f"{name}: fused differs from unfused by {err:.3g} (relative norm), tolerance {tol}"
+
+
+def test_fused_step_does_not_hold_the_pointwise_inputs(rng, monkeypatch):
+    """Under F.FUSE a separable block's first BatchNorm output (the pointwise convolution's input)
+    is formed inside the GEMM: after the forward, the graph holds less memory by at least 90% of
+    those 13 activations' size (tracemalloc sees NumPy's and the kernels' arrays)."""
+    import tracemalloc
+
+    x = Tensor(rng.standard_normal((8, 16, 16, 3)).astype(np.float32))
+    z_bytes = sum(8 * s.out_size ** 2 * s.cout * 4 for s in layer_shapes(0.5, 16) if s.kind == "dw")
+    held = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(F, "FUSE", fuse)
+        model = MobileNetV1(0.5, input_size=16)
+        tracemalloc.start()
+        try:
+            logits = model(x)
+            held[fuse] = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        del logits
+    assert held[False] - held[True] >= 0.9 * z_bytes, (held, z_bytes)
