@@ -6,9 +6,10 @@
 // then global average pooling and the classifier (x @ w + b).
 //
 // Buffers: the input and each layer's output are stored zero-padded by the padding of the layer
-// that reads them, so a convolution reads its taps in place. Two ping-pong buffers hold the
-// activations; the producer of each row writes its zero border too. A batch runs through the whole
-// network a chunk of images at a time, the chunk as large as keeps each buffer within
+// that reads them, so a convolution reads its taps in place (but a first full conv, the stem, reads
+// the input as it is: its im2col writes the taps past the border as zeros). Two ping-pong buffers
+// hold the activations; the producer of each row writes its zero border too. A batch runs through
+// the whole network a chunk of images at a time, the chunk as large as keeps each buffer within
 // kChunkFloats: memory stays bounded at any batch, and a chunk's activations stay in the caches.
 //
 // A layer runs in tiles of output rows (rows of the n*ho output rows; a tile may span images).
@@ -81,6 +82,7 @@ struct Layer {
     index_t cin, cout;      // input and output channels
     index_t h, w, ho, wo;   // input and output size
     index_t p_out = 0;      // padding of the output buffer (the next layer's padding)
+    bool raw_in = false;    // reads the network's input as it is, unpadded (a first full conv)
     Act act1 = Act::None;   // after the depthwise (dwpw)
     Act act2 = Act::None;   // after the GEMM
     std::vector<float> dw, db;  // depthwise (3, 3, cin) and its bias (dwpw)
@@ -103,20 +105,34 @@ struct Layer {
 void left_row(const Layer& L, const float* in, index_t r, float* dst) {
     const index_t n = r / L.ho, oh = r % L.ho;
     const index_t hp = L.h + 2 * L.p, wp = L.w + 2 * L.p, C = L.cin;
-    const float* img = in + n * hp * wp * C;
     if (L.dwpw) {
-        dwconv3x3_bias_act_f32_fwd_row(C, L.wo, L.s * C, wp * C, img + oh * L.s * wp * C,
-                                       L.dw.data(), L.db.data(), L.act1, dst);
+        dwconv3x3_bias_act_f32_fwd_row(C, L.wo, L.s * C, wp * C,
+                                       in + (n * hp + oh * L.s) * wp * C, L.dw.data(),
+                                       L.db.data(), L.act1, dst);
         return;
     }
-    // im2col: one kernel row of taps is contiguous in the padded input. The runs are short (9
-    // floats for the stem): a loop, not a libc memcpy call per run.
+    // im2col of the padded input (H x W, pad 0) or, for raw_in, of the unpadded network input
+    // (pad p: taps outside it are zeros, so the input is not copied into a padded buffer first).
+    // One kernel row of taps inside the image is contiguous. The runs are short (9 floats for the
+    // stem): a loop, not a libc memcpy call per run.
+    const index_t pad = L.raw_in ? L.p : 0, H = L.raw_in ? L.h : hp, W = L.raw_in ? L.w : wp;
+    const float* img = in + n * H * W * C;
     const index_t run = L.k * C;
     for (index_t ow = 0; ow < L.wo; ++ow)
         for (index_t i = 0; i < L.k; ++i) {
-            const float* __restrict__ s = img + ((oh * L.s + i) * wp + ow * L.s) * C;
+            const index_t ih = oh * L.s + i - pad, iw = ow * L.s - pad;
             float* __restrict__ d = dst + (ow * L.k + i) * run;
-            for (index_t q = 0; q < run; ++q) d[q] = s[q];
+            if (ih >= 0 && ih < H && iw >= 0 && iw + L.k <= W) {
+                const float* __restrict__ s = img + (ih * W + iw) * C;
+                for (index_t q = 0; q < run; ++q) d[q] = s[q];
+                continue;
+            }
+            for (index_t j = 0; j < L.k; ++j) {
+                if (ih >= 0 && ih < H && iw + j >= 0 && iw + j < W)
+                    std::memcpy(d + j * C, img + (ih * W + iw + j) * C, sizeof(float) * C);
+                else
+                    zero(d + j * C, C);
+            }
         }
 }
 
@@ -374,7 +390,8 @@ class InferencePlan {
         index_t act = 0;  // per image
         for (const auto& L : layers_) act = std::max(act, L.out_floats(1));
         chunk_ = std::min(batch, chunk > 0 ? chunk : std::max<index_t>(1, kChunkFloats / act));
-        input_.assign(layers_[0].in_floats(chunk_), 0.f);
+        layers_[0].raw_in = !layers_[0].dwpw;
+        if (!layers_[0].raw_in) input_.assign(layers_[0].in_floats(chunk_), 0.f);
         buf_[0].assign(act * chunk_, 0.f);
         buf_[1].assign(act * chunk_, 0.f);
         pooled_.assign(chunk_ * c, 0.f);
@@ -452,14 +469,17 @@ class InferencePlan {
 
     // Images [0, n) of x (n <= chunk_) -> logits y; called by every thread of the team.
     void forward_chunk(index_t n, const float* x, float* y) {
-        // The input, zero-padded for the first layer (its border was zeroed at compile).
+        // The input as it is for a first full conv, else zero-padded for the first layer (its
+        // border was zeroed at compile).
         const Layer& first = layers_[0];
         const index_t p = first.p, C = first.cin, wp = w_ + 2 * p, hp = h_ + 2 * p;
+        if (!first.raw_in) {
 #pragma omp for schedule(static)
-        for (index_t r = 0; r < n * h_; ++r)
-            std::memcpy(input_.data() + ((r / h_ * hp + r % h_ + p) * wp + p) * C,
-                        x + r * w_ * C, sizeof(float) * w_ * C);
-        const float* in = input_.data();
+            for (index_t r = 0; r < n * h_; ++r)
+                std::memcpy(input_.data() + ((r / h_ * hp + r % h_ + p) * wp + p) * C,
+                            x + r * w_ * C, sizeof(float) * w_ * C);
+        }
+        const float* in = first.raw_in ? x : input_.data();
         for (size_t i = 0; i < layers_.size(); ++i) {
             float* out = buf_[i % 2].data();
             run_layer(layers_[i], n, in, out, scratch_);
