@@ -410,17 +410,19 @@ void sgemm_epilogue(index_t M, index_t N, index_t K, const float* A, index_t rsa
 index_t sgemm_packed_b_scratch(index_t M, index_t K) { return a_buffer_floats(M, K); }
 
 void sgemm_packed_b(index_t M, index_t n0, index_t n1, const float* A, index_t rsa, index_t csa,
-                    const PackedB& B, float* C, index_t ldc, bool accumulate, float* a_scratch) {
+                    const PackedB& B, float* C, index_t ldc, bool accumulate, float* a_scratch,
+                    const GemmEpilogue* epilogue) {
     if (M <= 0 || n1 <= n0 || B.K <= 0) return;
     const index_t padded = (B.N + B.panel - 1) / B.panel * B.panel;
     auto packed = [&](index_t jc, index_t nc, index_t pc, index_t kc) {
         return B.data.get() + pc * padded + (n0 + jc) * kc;
     };
     if (B.panel == NR)
-        sgemm_blocks<NR>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate, a_scratch);
+        sgemm_blocks<NR>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate, a_scratch,
+                         epilogue, 0, n0);
     else
         sgemm_blocks<NR_NARROW>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate,
-                                a_scratch);
+                                a_scratch, epilogue, 0, n0);
 }
 
 // --- bindings -------------------------------------------------------------------------------

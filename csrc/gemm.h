@@ -37,6 +37,9 @@ struct PackedB {
     PackedB(std::int64_t K, std::int64_t N, const float* B, std::int64_t rsb, std::int64_t csb);
 };
 
+// Called as epilogue(row, rows, column, columns) on each block of C once it is final.
+using GemmEpilogue = std::function<void(std::int64_t, std::int64_t, std::int64_t, std::int64_t)>;
+
 // Floats of scratch sgemm_packed_b needs for an A of M x K: callers allocate it once.
 std::int64_t sgemm_packed_b_scratch(std::int64_t M, std::int64_t K);
 
@@ -44,10 +47,13 @@ std::int64_t sgemm_packed_b_scratch(std::int64_t M, std::int64_t K);
 // blocking and microkernel without packing B. n0 must be a multiple of B.panel; C points at
 // column n0; a_scratch holds sgemm_packed_b_scratch(M, B.K) floats. Each element of C is summed in
 // the same order as sgemm without a K split, whatever columns or rows a call covers. C is left as
-// it is unless M, n1 - n0 and K are all >= 1.
+// it is unless M, n1 - n0 and K are all >= 1. With an epilogue, each block of C is handed to it
+// once final, while it is still in cache, as (*epilogue)(row of A, rows, column of B, columns):
+// every element of [0, M) x [n0, n1) exactly once (the inference plan's bias and act).
 void sgemm_packed_b(std::int64_t M, std::int64_t n0, std::int64_t n1,
                     const float* A, std::int64_t rsa, std::int64_t csa, const PackedB& B,
-                    float* C, std::int64_t ldc, bool accumulate, float* a_scratch);
+                    float* C, std::int64_t ldc, bool accumulate, float* a_scratch,
+                    const GemmEpilogue* epilogue = nullptr);
 
 enum class Act;  // common.h
 
@@ -59,9 +65,6 @@ struct ATransform {
     Act act;
     bool per_row;
 };
-
-// Called as epilogue(row, rows, column, columns) on each block of C once it is final.
-using GemmEpilogue = std::function<void(std::int64_t, std::int64_t, std::int64_t, std::int64_t)>;
 
 // sgemm (C = A * B, no accumulate) that hands every block of C to `epilogue` (rows and columns
 // of C) once it is final, while it is still in cache. Threads split C's columns, or its rows on

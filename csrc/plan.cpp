@@ -6,30 +6,34 @@
 // then global average pooling and the classifier (x @ w + b).
 //
 // Buffers: the input and each layer's output are stored zero-padded by the padding of the layer
-// that reads them, so a convolution reads its taps in place. Two ping-pong buffers hold the
-// activations; the producer of each row writes its zero border too. A batch runs through the whole
-// network a chunk of images at a time, the chunk as large as keeps each buffer within
+// that reads them, so a convolution reads its taps in place (but a first full conv, the stem, reads
+// the input as it is: its im2col writes the taps past the border as zeros). Two ping-pong buffers
+// hold the activations; the producer of each row writes its zero border too. A batch runs through
+// the whole network a chunk of images at a time, the chunk as large as keeps each buffer within
 // kChunkFloats: memory stays bounded at any batch, and a chunk's activations stay in the caches.
 //
 // A layer runs in tiles of output rows (rows of the n*ho output rows; a tile may span images).
 // Per tile: (1) the GEMM's left operand, M = rows*wo pixels by K (depthwise rows + bias + act, or
 // im2col rows of a full conv), (2) sgemm_packed_b with the (K, cout) weights, packed into the
 // GEMM's panels once when the plan is built (narrow panels for a narrow layer), into a scratch
-// tile or, when that is cheaper, row by row straight into the output, (3) bias + act written to
-// the padded output while the tile is hot. The intermediate of a separable block never leaves the
-// thread's scratch; every scratch buffer is allocated when the plan is built, so a run allocates
-// nothing but its output. Threads: each thread takes whole tiles when there are at least as many
-// tiles as threads, or when the layer cuts into one tile per thread of kMinGemmPixels or more; a
-// smaller layer (late layers, batch 1) has the team share each tile (phases 1 and 3 over rows,
-// phase 2 over blocks of whole weight panels); below kParallelWork multiply-adds one thread runs
-// it. The classifier's columns are shared the same way. The whole network runs in one parallel
-// region, its phases separated by barriers. Every output element is computed by the same
-// operations in the same order under any tiling, so results do not depend on the thread count,
-// the batch size or the chunk.
+// tile or, when that is cheaper, row by row straight into the output (into the output tile itself
+// when the output has no border), (3) bias + act applied by the GEMM's epilogue to each block of
+// the product as it is finished, still in cache, and written to the padded output (in place when
+// the GEMM wrote there); the zero border is written with the left operand. The intermediate of a
+// separable block never leaves the thread's scratch; every scratch buffer is allocated when the
+// plan is built, so a run allocates nothing but its output. Threads: each thread takes whole tiles
+// when there are at least as many tiles as threads, or when the layer cuts into one tile per thread
+// of kMinGemmPixels or more; a smaller layer (late layers, batch 1) has the team share each tile
+// (phase 1 over rows, phases 2 and 3 over blocks of whole weight panels: two barriers per tile);
+// below kParallelWork multiply-adds one thread runs it. The classifier's columns are shared the
+// same way. The whole network runs in one parallel region, its phases separated by barriers. Every
+// output element is computed by the same operations in the same order under any tiling, so results
+// do not depend on the thread count, the batch size or the chunk.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -49,23 +53,24 @@ constexpr double kParallelWork = double(1 << 18);   // multiply-adds below which
 constexpr index_t kColGrain = 32;                   // column blocks of a shared GEMM, at least
 constexpr index_t kRowGrain = 32;                   // row blocks of a shared tile's GEMM
 
-// dst[p][c] = act(src[p][c] + b[c]) for px pixels of C channels; dst may be src.
+// dst[q][c] = act(src[q][c] + b[c]) for px pixels (ld floats apart) of nc channels; dst may be src.
 template <Act A>
-void bias_act_f32(const float* src, float* dst, index_t px, index_t C,
+void bias_act_f32(const float* src, float* dst, index_t px, index_t ld, index_t nc,
                   const float* __restrict__ b) {
     for (index_t q = 0; q < px; ++q) {
-        const float* s = src + q * C;
-        float* d = dst + q * C;
+        const float* s = src + q * ld;
+        float* d = dst + q * ld;
 #pragma GCC ivdep
-        for (index_t c = 0; c < C; ++c) d[c] = act<A>(s[c] + b[c]);
+        for (index_t c = 0; c < nc; ++c) d[c] = act<A>(s[c] + b[c]);
     }
 }
 
-void bias_act_f32(const float* src, float* dst, index_t px, index_t C, const float* b, Act a) {
+void bias_act_f32(const float* src, float* dst, index_t px, index_t ld, index_t nc, const float* b,
+                  Act a) {
     switch (a) {
-        case Act::None: return bias_act_f32<Act::None>(src, dst, px, C, b);
-        case Act::ReLU: return bias_act_f32<Act::ReLU>(src, dst, px, C, b);
-        case Act::ReLU6: return bias_act_f32<Act::ReLU6>(src, dst, px, C, b);
+        case Act::None: return bias_act_f32<Act::None>(src, dst, px, ld, nc, b);
+        case Act::ReLU: return bias_act_f32<Act::ReLU>(src, dst, px, ld, nc, b);
+        case Act::ReLU6: return bias_act_f32<Act::ReLU6>(src, dst, px, ld, nc, b);
     }
 }
 
@@ -77,6 +82,7 @@ struct Layer {
     index_t cin, cout;      // input and output channels
     index_t h, w, ho, wo;   // input and output size
     index_t p_out = 0;      // padding of the output buffer (the next layer's padding)
+    bool raw_in = false;    // reads the network's input as it is, unpadded (a first full conv)
     Act act1 = Act::None;   // after the depthwise (dwpw)
     Act act2 = Act::None;   // after the GEMM
     std::vector<float> dw, db;  // depthwise (3, 3, cin) and its bias (dwpw)
@@ -99,20 +105,34 @@ struct Layer {
 void left_row(const Layer& L, const float* in, index_t r, float* dst) {
     const index_t n = r / L.ho, oh = r % L.ho;
     const index_t hp = L.h + 2 * L.p, wp = L.w + 2 * L.p, C = L.cin;
-    const float* img = in + n * hp * wp * C;
     if (L.dwpw) {
-        dwconv3x3_bias_act_f32_fwd_row(C, L.wo, L.s * C, wp * C, img + oh * L.s * wp * C,
-                                       L.dw.data(), L.db.data(), L.act1, dst);
+        dwconv3x3_bias_act_f32_fwd_row(C, L.wo, L.s * C, wp * C,
+                                       in + (n * hp + oh * L.s) * wp * C, L.dw.data(),
+                                       L.db.data(), L.act1, dst);
         return;
     }
-    // im2col: one kernel row of taps is contiguous in the padded input. The runs are short (9
-    // floats for the stem): a loop, not a libc memcpy call per run.
+    // im2col of the padded input (H x W, pad 0) or, for raw_in, of the unpadded network input
+    // (pad p: taps outside it are zeros, so the input is not copied into a padded buffer first).
+    // One kernel row of taps inside the image is contiguous. The runs are short (9 floats for the
+    // stem): a loop, not a libc memcpy call per run.
+    const index_t pad = L.raw_in ? L.p : 0, H = L.raw_in ? L.h : hp, W = L.raw_in ? L.w : wp;
+    const float* img = in + n * H * W * C;
     const index_t run = L.k * C;
     for (index_t ow = 0; ow < L.wo; ++ow)
         for (index_t i = 0; i < L.k; ++i) {
-            const float* __restrict__ s = img + ((oh * L.s + i) * wp + ow * L.s) * C;
+            const index_t ih = oh * L.s + i - pad, iw = ow * L.s - pad;
             float* __restrict__ d = dst + (ow * L.k + i) * run;
-            for (index_t q = 0; q < run; ++q) d[q] = s[q];
+            if (ih >= 0 && ih < H && iw >= 0 && iw + L.k <= W) {
+                const float* __restrict__ s = img + (ih * W + iw) * C;
+                for (index_t q = 0; q < run; ++q) d[q] = s[q];
+                continue;
+            }
+            for (index_t j = 0; j < L.k; ++j) {
+                if (ih >= 0 && ih < H && iw + j >= 0 && iw + j < W)
+                    std::memcpy(d + j * C, img + (ih * W + iw + j) * C, sizeof(float) * C);
+                else
+                    zero(d + j * C, C);
+            }
         }
 }
 
@@ -123,20 +143,49 @@ inline float* out_row(const Layer& L, float* out, index_t r) {
     return out + ((n * hp + oh + p) * wp + p) * L.cout;
 }
 
-// Output row r = (n, oh) from the GEMM result src (wo x cout; may be the row itself): bias, act,
-// zero border.
-void store_row(const Layer& L, const float* src, index_t r, float* out) {
+// The zero border of output row r = (n, oh): its left and right pixels, and the padding rows above
+// the first row and below the last.
+void zero_border(const Layer& L, index_t r, float* out) {
     const index_t oh = r % L.ho, p = L.p_out, C = L.cout, wp = L.wo + 2 * p;
+    if (p == 0) return;
     float* row = out_row(L, out, r);
     zero(row - p * C, p * C);
-    bias_act_f32(src, row, L.wo, C, L.gb.data(), L.act2);
     zero(row + L.wo * C, p * C);
-    if (p > 0 && oh == 0) zero(row - p * C - p * wp * C, p * wp * C);
-    if (p > 0 && oh == L.ho - 1) zero(row - p * C + wp * C, p * wp * C);
+    if (oh == 0) zero(row - p * C - p * wp * C, p * wp * C);
+    if (oh == L.ho - 1) zero(row - p * C + wp * C, p * wp * C);
+}
+
+// The epilogue of a tile's GEMM: its result c holds output row r0 + i / wo's pixel i % wo at
+// c + i * cout; bias + act on each block (rows from m0 + row, columns of the weight) as the GEMM
+// finishes it, written to the padded output (in place when c is the output itself).
+struct StoreBlocks {
+    const Layer* L;
+    const float* c;
+    index_t r0, m0;
+    float* out;
+    void operator()(index_t row, index_t rows, index_t j0, index_t nc) const {
+        const index_t N = L->cout, wo = L->wo;
+        for (index_t i = m0 + row, end = i + rows; i < end;) {
+            const index_t q = i % wo, run = std::min(wo - q, end - i);
+            bias_act_f32(c + i * N + j0, out_row(*L, out, r0 + i / wo) + q * N + j0, run, N, nc,
+                         L->gb.data() + j0, L->act2);
+            i += run;
+        }
+    }
+};
+
+// sgemm_packed_b of rows [m0, m0 + M) x columns [n0, n1) of a tile (left operand a, result c as
+// StoreBlocks reads it) with bias + act in its epilogue.
+void gemm_store(const Layer& L, index_t M, index_t n0, index_t n1, const float* a, float* c,
+                index_t r0, index_t m0, float* out, float* g) {
+    const StoreBlocks store{&L, c, r0, m0, out};
+    const GemmEpilogue epilogue = std::cref(store);  // held in place: nothing allocated
+    const index_t K = L.K(), N = L.cout;
+    sgemm_packed_b(M, n0, n1, a + m0 * K, K, 1, L.gw, c + m0 * N + n0, N, false, g, &epilogue);
 }
 
 // Where the GEMM of output rows from r0 writes: the output itself when it has no border (its rows
-// are then contiguous and store_row works in place), else the scratch tile c.
+// are then contiguous and the epilogue works in place), else the scratch tile c.
 inline float* gemm_dst(const Layer& L, float* out, float* c, index_t r0) {
     return L.p_out == 0 ? out + r0 * L.wo * L.cout : c;
 }
@@ -151,20 +200,18 @@ struct Scratch {
 // multiplied one by one straight into the padded output: streaming the weights per row (~K*N)
 // then costs less than copying the tile out of c (~wo*N per row).
 void run_tile(const Layer& L, const float* in, float* out, index_t r0, index_t r1, Scratch& s) {
-    float *a = s.a.data(), *c = s.c.data(), *g = s.g.get();
-    const index_t K = L.K(), N = L.cout, row_a = L.wo * K, row_c = L.wo * N, M = (r1 - r0) * L.wo;
-    for (index_t r = r0; r < r1; ++r) left_row(L, in, r, a + (r - r0) * row_a);
+    float *a = s.a.data(), *g = s.g.get();
+    const index_t K = L.K(), N = L.cout, row_a = L.wo * K, M = (r1 - r0) * L.wo;
+    for (index_t r = r0; r < r1; ++r) {
+        left_row(L, in, r, a + (r - r0) * row_a);
+        zero_border(L, r, out);
+    }
     if (L.p_out > 0 && L.wo >= K) {
-        for (index_t r = r0; r < r1; ++r) {
-            float* row = out_row(L, out, r);
-            sgemm_packed_b(L.wo, 0, N, a + (r - r0) * row_a, K, 1, L.gw, row, N, false, g);
-            store_row(L, row, r, out);
-        }
+        for (index_t r = r0; r < r1; ++r)
+            gemm_store(L, L.wo, 0, N, a + (r - r0) * row_a, out_row(L, out, r), r, 0, out, g);
         return;
     }
-    c = gemm_dst(L, out, c, r0);
-    sgemm_packed_b(M, 0, N, a, K, 1, L.gw, c, N, false, g);
-    for (index_t r = r0; r < r1; ++r) store_row(L, c + (r - r0) * row_c, r, out);
+    gemm_store(L, M, 0, N, a, gemm_dst(L, out, s.c.data(), r0), r0, 0, out, g);
 }
 
 // [begin, end) of part t of n items cut into `parts` pieces on multiples of `grain`.
@@ -203,7 +250,7 @@ void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vect
         return;
     }
     // Fewer tiles than threads, and small: the team shares each tile (rows, then GEMM blocks of
-    // whole weight panels, then rows).
+    // whole weight panels, bias and act in their epilogue).
     float *a = sc[0].a.data(), *g = sc[omp_get_thread_num()].g.get();
     const index_t grain = col_grain(L.gw), cb = std::min<index_t>((N + grain - 1) / grain, 2 * T);
     for (index_t r0 = 0; r0 < R; r0 += tile) {
@@ -212,19 +259,18 @@ void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vect
             1, std::min<index_t>((M + kRowGrain - 1) / kRowGrain, (2 * T + cb - 1) / cb));
         float* c = gemm_dst(L, out, sc[0].c.data(), r0);
 #pragma omp for schedule(static)
-        for (index_t r = r0; r < r1; ++r) left_row(L, in, r, a + (r - r0) * L.wo * K);
+        for (index_t r = r0; r < r1; ++r) {
+            left_row(L, in, r, a + (r - r0) * L.wo * K);
+            zero_border(L, r, out);
+        }
 #pragma omp for schedule(static) collapse(2)
         for (index_t i = 0; i < rb; ++i)
             for (index_t j = 0; j < cb; ++j) {
                 index_t m0, m1, n0, n1;
                 split_range(M, kRowGrain, rb, i, m0, m1);
                 split_range(N, grain, cb, j, n0, n1);
-                if (m1 > m0 && n1 > n0)
-                    sgemm_packed_b(m1 - m0, n0, n1, a + m0 * K, K, 1, L.gw, c + m0 * N + n0, N,
-                                   false, g);
+                if (m1 > m0 && n1 > n0) gemm_store(L, m1 - m0, n0, n1, a, c, r0, m0, out, g);
             }
-#pragma omp for schedule(static)
-        for (index_t r = r0; r < r1; ++r) store_row(L, c + (r - r0) * L.wo * N, r, out);
     }
 }
 
@@ -344,7 +390,8 @@ class InferencePlan {
         index_t act = 0;  // per image
         for (const auto& L : layers_) act = std::max(act, L.out_floats(1));
         chunk_ = std::min(batch, chunk > 0 ? chunk : std::max<index_t>(1, kChunkFloats / act));
-        input_.assign(layers_[0].in_floats(chunk_), 0.f);
+        layers_[0].raw_in = !layers_[0].dwpw;
+        if (!layers_[0].raw_in) input_.assign(layers_[0].in_floats(chunk_), 0.f);
         buf_[0].assign(act * chunk_, 0.f);
         buf_[1].assign(act * chunk_, 0.f);
         pooled_.assign(chunk_ * c, 0.f);
@@ -422,14 +469,17 @@ class InferencePlan {
 
     // Images [0, n) of x (n <= chunk_) -> logits y; called by every thread of the team.
     void forward_chunk(index_t n, const float* x, float* y) {
-        // The input, zero-padded for the first layer (its border was zeroed at compile).
+        // The input as it is for a first full conv, else zero-padded for the first layer (its
+        // border was zeroed at compile).
         const Layer& first = layers_[0];
         const index_t p = first.p, C = first.cin, wp = w_ + 2 * p, hp = h_ + 2 * p;
+        if (!first.raw_in) {
 #pragma omp for schedule(static)
-        for (index_t r = 0; r < n * h_; ++r)
-            std::memcpy(input_.data() + ((r / h_ * hp + r % h_ + p) * wp + p) * C,
-                        x + r * w_ * C, sizeof(float) * w_ * C);
-        const float* in = input_.data();
+            for (index_t r = 0; r < n * h_; ++r)
+                std::memcpy(input_.data() + ((r / h_ * hp + r % h_ + p) * wp + p) * C,
+                            x + r * w_ * C, sizeof(float) * w_ * C);
+        }
+        const float* in = first.raw_in ? x : input_.data();
         for (size_t i = 0; i < layers_.size(); ++i) {
             float* out = buf_[i % 2].data();
             run_layer(layers_[i], n, in, out, scratch_);

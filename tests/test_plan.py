@@ -277,6 +277,32 @@ def test_plan_matches_unfused_layers_on_edge_shapes(stack, threads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
 
 
+@pytest.mark.parametrize("acts, stem", [(("none", "relu6", "none"), (3, 1, 1)),
+                                        (("relu6", "none", "relu"), (5, 2, 2))])
+@pytest.mark.parametrize("n", [1, 3])
+def test_plan_epilogue_is_bias_then_act_bitwise(acts, stem, n, restore_threads):
+    """The GEMM's epilogue adds the bias and applies the act to each block of the product as it is
+    finished: bitwise run_folded at one thread (its convolutions sum in the same order, then bias,
+    then act), at 1-3 threads. Odd sizes; a stem whose rows are multiplied one by one into the
+    padded output, a conv through the scratch tile into an unpadded output (shared by the team at
+    batch 1), a 1x1 conv written in place; 'none' and 'relu6' on each. The first conv reads the
+    input unpadded (its taps past the border are zeros): 3x3 stride 1 and 5x5 stride 2, pad 1 and 2."""
+    rng = np.random.default_rng(7)
+    k, s, p = stem
+    layers = [P.Folded("conv", rng.standard_normal((k, k, 3, 33)), rng.standard_normal(33) * 3, s, p, acts[0]),
+              P.Folded("conv", rng.standard_normal((3, 3, 33, 64)), rng.standard_normal(64) * 3, 2, 1, acts[1]),
+              P.Folded("conv", rng.standard_normal((1, 1, 64, 200)), rng.standard_normal(200) * 3, 1, 0, acts[2]),
+              P.Folded("pool"), P.Folded("linear", rng.standard_normal((200, 5)), rng.standard_normal(5))]
+    size = (37, 35) if s == 1 else (73, 69)  # the same sizes after the stem
+    x = rng.standard_normal((n, *size, 3)).astype(np.float32)
+    plan = P.Plan(layers, batch=n, input_hw=size)
+    _C.set_num_threads(1)
+    want = P.run_folded(layers, x)
+    for threads in (1, 2, 3):
+        _C.set_num_threads(threads)
+        np.testing.assert_array_equal(plan(x), want, err_msg=f"{acts}, batch {n}, {threads} threads")
+
+
 def test_plan_binding_checks_its_layers():
     w = np.ones((3, 3, 3, 8), np.float32)
     b, fc_w, fc_b = np.zeros(8, np.float32), np.ones((8, 2), np.float32), np.zeros(2, np.float32)
