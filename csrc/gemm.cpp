@@ -509,18 +509,29 @@ struct BnActArgs {
     ATransform transform(bool per_row) const { return {mean.ptr, scale.data(), beta.ptr, act, per_row}; }
 };
 
+// The checked arguments of pwconv2d_bn_act_fwd(_stats): x (n, h, w, ci), w (ci, co) and the
+// BatchNorm + act applied to x as it is packed.
+struct PwBnActArgs {
+    F32 x, w;
+    BnActArgs bn;
+    ATransform t;
+    index_t rows, ci, co;
+    PwBnActArgs(const py::object& x_obj, const py::object& w_obj, const py::object& gamma,
+                const py::object& beta, const py::object& mean, const py::object& invstd,
+                const std::string& act)
+        : x(check_f32(x_obj, "x", 4)), w(check_f32(w_obj, "w", 2)),
+          bn((check_same_dim(x, 3, "x", w, 0, "w"), gamma), beta, mean, invstd, act, x),
+          t(bn.transform(false)), rows(x[0] * x[1] * x[2]), ci(w[0]), co(w[1]) {}
+};
+
 // x (n, h, w, ci), w (ci, co) -> y (n, h, w, co) = z @ w, z = act(BN(x)) formed as x is packed.
 py::array_t<float> pwconv2d_bn_act_fwd(const py::object& x_obj, const py::object& w_obj,
                                        const py::object& gamma, const py::object& beta,
                                        const py::object& mean, const py::object& invstd,
                                        const std::string& act) {
-    F32 x = check_f32(x_obj, "x", 4), w = check_f32(w_obj, "w", 2);
-    check_same_dim(x, 3, "x", w, 0, "w");
-    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
-    const ATransform t = bn.transform(false);
-    const index_t rows = x[0] * x[1] * x[2], ci = w[0], co = w[1];
-    return compute_f32({x[0], x[1], x[2], co}, [&](float* y) {
-        sgemm_epilogue(rows, co, ci, x.ptr, ci, 1, w.ptr, co, 1, y, co, 0, {}, &t);
+    const PwBnActArgs a(x_obj, w_obj, gamma, beta, mean, invstd, act);
+    return compute_f32({a.x[0], a.x[1], a.x[2], a.co}, [&](float* y) {
+        sgemm_epilogue(a.rows, a.co, a.ci, a.x.ptr, a.ci, 1, a.w.ptr, a.co, 1, y, a.co, 0, {}, &a.t);
     });
 }
 
@@ -529,16 +540,13 @@ py::tuple pwconv2d_bn_act_fwd_stats(const py::object& x_obj, const py::object& w
                                     const py::object& gamma, const py::object& beta,
                                     const py::object& mean, const py::object& invstd,
                                     const std::string& act) {
-    F32 x = check_f32(x_obj, "x", 4), w = check_f32(w_obj, "w", 2);
-    check_same_dim(x, 3, "x", w, 0, "w");
-    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
-    const ATransform t = bn.transform(false);
-    const index_t rows = x[0] * x[1] * x[2], ci = w[0], co = w[1];
-    return compute_f32_stats({x[0], x[1], x[2], co}, kStatsRows, [&](float* y, ChannelStats& stats) {
-        sgemm_epilogue(rows, co, ci, x.ptr, ci, 1, w.ptr, co, 1, y, co, 0,
+    const PwBnActArgs a(x_obj, w_obj, gamma, beta, mean, invstd, act);
+    const index_t co = a.co;
+    return compute_f32_stats({a.x[0], a.x[1], a.x[2], co}, kStatsRows, [&](float* y, ChannelStats& stats) {
+        sgemm_epilogue(a.rows, co, a.ci, a.x.ptr, a.ci, 1, a.w.ptr, co, 1, y, co, 0,
                        [&](index_t i0, index_t mc, index_t j0, index_t nc) {
                            stats.add(i0, mc, j0, nc, y + i0 * co + j0, co);
-                       }, &t);
+                       }, &a.t);
     });
 }
 
