@@ -63,8 +63,9 @@ constexpr index_t NC = 64 * NR;
 // kPackedA: a is a packed panel, a[k*MR + i]; otherwise a points into row-major A, a[i*lda + k].
 // kNR: NR, or NR_NARROW for a narrow PackedB; kMR: MR, or fewer rows for a short last panel (the
 // same sums, on a smaller tile). For kNR = 16 GCC 12 unrolls j whole and then vectorizes without
-// FMA (other sums, 3x slower) unless told not to unroll it; noinline keeps MBNET_KERNEL_TARGET's
-// vector width wherever it is called.
+// FMA (other sums, 3x slower) unless told not to unroll it; the full-width tile must not get that
+// pragma (with it, the AVX2 4 x 24 tile's j loop stays a loop, acc lives on the stack, and the
+// GEMM runs 3x slower). noinline keeps MBNET_KERNEL_TARGET's vector width wherever it is called.
 template <bool kPackedA, int kNR, int kMR = MR>
 MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
     index_t kc, const float* __restrict__ a, index_t lda, const float* __restrict__ b,
@@ -78,8 +79,12 @@ MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
 #pragma GCC unroll 16
         for (int i = 0; i < kMR; ++i) {
             const float ai = kPackedA ? a[k * MR + i] : a[i * lda + k];
+            if constexpr (kNR == NR) {
+                for (int j = 0; j < kNR; ++j) acc[i][j] += ai * b[j];
+            } else {
 #pragma GCC unroll 1
-            for (int j = 0; j < kNR; ++j) acc[i][j] += ai * b[j];
+                for (int j = 0; j < kNR; ++j) acc[i][j] += ai * b[j];
+            }
         }
     }
     if (mr == kMR && nr == kNR) {
