@@ -68,6 +68,7 @@ ABLATION = (("cutout, 0.25 of the side (8 px at 32)", ("--cutout", "0.25")),
             ("random-resized crop, area >= 0.35", ("--random-resized-crop", "0.35")),
             ("no weight decay on the depthwise filters", ("--dw-weight-decay", "0")))
 DEFAULT_EPOCHS, TINY_EPOCHS = 15, 1
+SHARED_BELOW = 0.8  # an epoch whose process got less of its threads' time than this shared the cores
 REPEATS, TINY_REPEATS = {1: 50, 128: 10}, {1: 3, 128: 2}  # latency: timed calls per batch size
 FIGURES = {"fig4": "fig4_accuracy_vs_mult_adds.png", "fig5": "fig5_accuracy_vs_params.png",
            "latency": "latency_vs_mult_adds.png"}
@@ -204,8 +205,9 @@ def latency_repeats(settings):
 
 def latency(run_dir, settings):
     """The run's latency.json (measured and written once, from last.npz): {"batch_1_ms",
-    "batch_128_ms", "engine", "threads", "repeats"}."""
+    "batch_128_ms", "engine", "threads", "repeats", "machine"}; delete it to measure again."""
     from . import _C
+    from ._native import cpu_name
     from .models import load
 
     path = Path(run_dir) / "latency.json"
@@ -213,7 +215,8 @@ def latency(run_dir, settings):
         return json.loads(path.read_text())
     model = load(Path(run_dir) / "last.npz")
     repeats = latency_repeats(settings)
-    out = {"threads": _C.get_num_threads(), "repeats": repeats}
+    out = {"threads": _C.get_num_threads(), "repeats": repeats,
+           "machine": f"{cpu_name()}, {_C.build_info().get('simd')}"}
     for batch, r in repeats.items():
         seconds, out["engine"] = measure_latency(model, batch, r)
         out[f"batch_{batch}_ms"] = 1e3 * seconds
@@ -344,9 +347,13 @@ def row_result(out, row, manifest):
         res["accuracy"], res["accuracy_is"] = final_accuracy(last)
         res.update({"test_acc": last["test_acc"], "ema_test_acc": last.get("ema_test_acc"),
                     "train_time_s": sum(m["train_time"] for m in metrics), "wall_time_s": last["wall_time"],
-                    "epochs": last["epoch"]})
+                    "epochs": last["epoch"],
+                    # where the training time was measured (epochs written before the trainer recorded it: unknown)
+                    "train_machines": sorted({m.get("machine", "unknown") for m in metrics}),
+                    "shared_epochs": sum(1 for m in metrics if m.get("cpu_share", 1.0) < SHARED_BELOW)})
         lat = manifest["runs"].get(spec.name, {}).get("latency") or {}
         res.update({k: lat.get(k) for k in ("batch_1_ms", "batch_128_ms", "engine", "threads")})
+        res["latency_machine"] = lat.get("machine", "unknown")
     return res
 
 
@@ -383,6 +390,13 @@ def _minutes(s):
     return "—" if s is None else f"{s / 60:.1f} min"
 
 
+def not_one_quiet_machine(r):
+    """True when a finished run's training time was not measured on one quiet machine: trained
+    on several CPUs or builds, with the cores shared in some epoch, or before the trainer said."""
+    machines = r.get("train_machines") or ["unknown"]
+    return len(machines) > 1 or "unknown" in machines or r.get("shared_epochs", 0) > 0
+
+
 def markdown_table(results):
     lines = ["| model | test accuracy | Δ vs first row | mult-adds | params | latency, batch 1 | latency, batch 128 "
              "| training time | paper (ImageNet): model, top-1, Δ, mult-adds, params |",
@@ -399,7 +413,7 @@ def markdown_table(results):
             pd = "" if r is results[0] else f", {p['accuracy'] - paper0['accuracy']:+.1f} pts"
             paper = f"{p['model']}: {p['accuracy']}%{pd}, {p['mult_adds_M']}M, {p['params_M']}M"
         lines.append(f"| {r['label']} | {acc} | {delta} | {_millions(r['mult_adds'])} | {_millions(r['params'])} | "
-                     f"{_ms(r.get('batch_1_ms'))} | {_ms(r.get('batch_128_ms'))} | {_minutes(r.get('train_time_s'))} "
+                     f"{_ms(r.get('batch_1_ms'))} | {_ms(r.get('batch_128_ms'))} | {_minutes(r.get('train_time_s'))}{' †' if r['state'] == 'done' and not_one_quiet_machine(r) else ''} "
                      f"| {paper} |")
     return lines
 
@@ -473,7 +487,13 @@ def write_report(out, settings, tables, manifest):
           f"after one untimed call, {', '.join(engines)}, {settings['threads']} thread(s), "
           f"{machine['cpu']} ({machine['simd']}); "
           "batch 128 is the time of the whole batch. Training time: the training steps of all epochs "
-          "(evaluation excluded). Paper: ImageNet, 224 px unless named.", ""]
+          "(evaluation excluded); † marks a run whose training time was not measured on one quiet machine "
+          "(several CPUs, the cores shared in some epoch, or epochs from before the trainer recorded it; "
+          "results.json has train_machines and shared_epochs). Paper: ImageNet, 224 px unless named.", ""]
+    lat_machines = sorted({r["latency_machine"] for r in done if r.get("latency_machine")})
+    if len(lat_machines) > 1:
+        md += [f"Latency was measured on more than one machine: {'; '.join(lat_machines)} "
+               "(runs/<run>/latency.json says which; delete those files and run again to measure all on one).", ""]
     if noise:
         md += [f"**Noise band** ({tables['noise'].title.split(': ', 1)[1]}): "
                f"{', '.join(_pct(a) for a in noise['accuracies'])}: spread {100 * noise['spread']:.2f} points "

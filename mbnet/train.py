@@ -278,7 +278,7 @@ def _explicit_args(parser, argv):
 
 
 def _fresh_sums():
-    return {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "skipped": 0}
+    return {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "cpu_time": 0.0, "skipped": 0}
 
 
 class Run:
@@ -348,9 +348,11 @@ class Run:
         cfg, pos, model, opt, spe = self.cfg, self.pos, self.model, self.opt, self.spe
         epoch, sums = pos["epoch"], pos["sums"]
         sums.setdefault("skipped", 0)
+        sums.setdefault("cpu_time", 0.0)
         params = model.parameters()
         model.train()
         t_epoch = t_last = time.perf_counter()
+        cpu_last = time.process_time()
         stop = False  # under MPI, the ranks stop together when the step's sum of their flags says so
         for i, x, y in self.train_loader.epoch(epoch, pos["batch"]):
             step = epoch * spe + i
@@ -382,9 +384,10 @@ class Run:
                 sums["loss"] += loss_sum
                 sums["correct"] += float(correct) if isinstance(y, D.Mixed) else int(correct)
                 sums["seen"] += int(seen)
-            now = time.perf_counter()
+            now, cpu_now = time.perf_counter(), time.process_time()
             sums["time"] += now - t_last
-            t_last = now
+            sums["cpu_time"] += cpu_now - cpu_last
+            t_last, cpu_last = now, cpu_now
             pos["batch"] = i + 1
             seen = max(1, sums["seen"])
             ips = sums["seen"] / max(sums["time"], 1e-9)
@@ -446,6 +449,12 @@ class Run:
             m["skipped_steps"] = sums["skipped"]
         pos["elapsed"] += time.perf_counter() - t_eval
         m["train_time"] = sums["time"]
+        from . import _C
+        from ._native import cpu_name
+        # where the time was measured: the CPU and build, and the share of the kernel threads' time
+        # this process got (about 1 on a quiet machine; well below when other work shared the cores)
+        m["machine"] = f"{cpu_name()}, {_C.build_info().get('simd')}"
+        m["cpu_share"] = sums["cpu_time"] / max(sums["time"] * _C.get_num_threads(), 1e-9)
         m["images_per_s"] = sums["seen"] / max(sums["time"], 1e-9)
         m["epoch_time"] = time.perf_counter() - t_eval + sums["time"]
         m["wall_time"] = pos["elapsed"]

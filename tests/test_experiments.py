@@ -322,3 +322,17 @@ def test_resume_with_the_new_options_is_bit_identical(tiny_data, env, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_training_time_is_flagged_unless_one_quiet_machine_measured_it(sweep):
+    """The sweep's runs record the CPU per epoch and per latency file; a run trained on several
+    machines, with the cores shared, or before the trainer recorded either, is marked †."""
+    doc = json.loads((sweep / "results.json").read_text())
+    row = doc["tables"]["table6"]["rows"][0]
+    assert len(row["train_machines"]) == 1 and row["latency_machine"] == row["train_machines"][0]
+    flag = experiments.not_one_quiet_machine
+    one = {"train_machines": ["Xeon, avx512"], "shared_epochs": 0}
+    assert not flag(one)
+    assert flag({**one, "shared_epochs": 2})
+    assert flag({**one, "train_machines": ["EPYC, avx512", "Xeon, avx512"]})
+    assert flag({**one, "train_machines": ["unknown", "Xeon, avx512"]}) and flag({})

@@ -59,7 +59,7 @@ def _meta(path):
     return run.load_checkpoint(path)["meta"]
 
 
-TIMING = ("train_time", "images_per_s", "epoch_time", "wall_time")
+TIMING = ("train_time", "images_per_s", "epoch_time", "wall_time", "cpu_share")
 
 
 def test_tiny_run_learns_and_writes_its_files(tiny, tmp_path, capsys):
@@ -70,6 +70,12 @@ def test_tiny_run_learns_and_writes_its_files(tiny, tmp_path, capsys):
     for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "ema_test_acc", "wall_time", "images_per_s"):
         assert key in rows[0]
     assert "tta_test_acc" in rows[-1] and "tta_test_acc" not in rows[0]
+    # where the time was measured: this CPU and build, and the process's share of its threads' time
+    # (its kernels and loader run on the threads it was given, so the share is positive)
+    from mbnet import _C
+    from mbnet._native import cpu_name
+    assert {r["machine"] for r in rows} == {f"{cpu_name()}, {_C.build_info()['simd']}"}
+    assert all(0 < r["cpu_share"] < 4 for r in rows), [r["cpu_share"] for r in rows]
     # 40 steps of a tiny model are chaotic: float rounding alone (the thread count, BatchNorm
     # statistics from the convolution's kernel or from their own pass) moves the last epoch's loss
     # between 0.56 and 0.87 of the first (seeds 0-11, 1 or 2 threads); seed 0 here learns to 0.81.
