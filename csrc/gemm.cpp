@@ -116,62 +116,63 @@ void packed_micro_kernel(index_t kc, const float* a, const float* b, float* c, i
     micro_kernel<true, kNR, kMR>(kc, a, 0, b, c, ldc, mr, nr, add);
 }
 
-// dst[p*kc*MR + k*MR + i] = A(p*MR + i, k) for the mc x kc block at A, rows past mc zero.
+// The element transforms pack_a applies as it copies A(i, k) (i, k counted from the block's
+// corner): none, or BatchNorm's apply + act (ATransform) with the channel on k or, per_row, on i.
+// Templates, so that each of pack_a's loops vectorizes with its transform inlined.
+struct NoTransform {
+    float operator()(float v, index_t, index_t) const { return v; }
+};
+template <Act kAct, bool kPerRow>
+struct BnTransform {
+    const float *mean, *scale, *shift;  // at the block's first channel
+    float operator()(float v, index_t i, index_t k) const {
+        const index_t c = kPerRow ? i : k;
+        return act<kAct>(preact(v, mean[c], scale[c], shift[c]));
+    }
+};
+
+// dst[p*kc*MR + k*MR + i] = f(A(p*MR + i, k), p*MR + i, k) for the mc x kc block at A, rows past
+// mc zero (not transformed).
+template <class F>
 void pack_a(index_t mc, index_t kc, const float* A, index_t rsa, index_t csa,
-            float* __restrict__ dst) {
+            float* __restrict__ dst, const F& f) {
     for (index_t ir = 0; ir < mc; ir += MR, dst += kc * MR) {
         const float* a = A + ir * rsa;
         const index_t mr = std::min<index_t>(MR, mc - ir);
         if (mr == MR && rsa == 1) {
             for (index_t k = 0; k < kc; ++k)
 #pragma GCC unroll 16
-                for (int i = 0; i < MR; ++i) dst[k * MR + i] = a[k * csa + i];
+                for (int i = 0; i < MR; ++i) dst[k * MR + i] = f(a[k * csa + i], ir + i, k);
         } else if (mr == MR) {
             for (int i = 0; i < MR; ++i)
-                for (index_t k = 0; k < kc; ++k) dst[k * MR + i] = a[i * rsa + k * csa];
+                for (index_t k = 0; k < kc; ++k) dst[k * MR + i] = f(a[i * rsa + k * csa], ir + i, k);
         } else {
             for (index_t i = 0; i < mr; ++i)
-                for (index_t k = 0; k < kc; ++k) dst[k * MR + i] = a[i * rsa + k * csa];
+                for (index_t k = 0; k < kc; ++k) dst[k * MR + i] = f(a[i * rsa + k * csa], ir + i, k);
             for (index_t i = mr; i < MR; ++i)
                 for (index_t k = 0; k < kc; ++k) dst[k * MR + i] = 0.f;
         }
     }
 }
 
-// The packed mc x kc block at dst (pack_a's layout) through BatchNorm's apply + activation
-// (ATransform); row 0 is A's row i0, column 0 its column k0. Padding rows stay zero.
-template <Act kAct>
-void transform_packed_a(index_t mc, index_t kc, float* __restrict__ dst, const ATransform& t,
-                        index_t i0, index_t k0) {
-    for (index_t ir = 0; ir < mc; ir += MR, dst += kc * MR) {
-        const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
-        if (t.per_row) {
-            float mu[MR], sc[MR], sh[MR];
-            for (int i = 0; i < MR; ++i) {
-                const index_t c = i0 + ir + std::min(i, mr - 1);
-                mu[i] = t.mean[c], sc[i] = t.scale[c], sh[i] = t.shift[c];
-            }
-            for (index_t k = 0; k < kc; ++k)
-                for (int i = 0; i < mr; ++i)
-                    dst[k * MR + i] = act<kAct>(preact(dst[k * MR + i], mu[i], sc[i], sh[i]));
-        } else {
-            for (index_t k = 0; k < kc; ++k) {
-                const float mu = t.mean[k0 + k], sc = t.scale[k0 + k], sh = t.shift[k0 + k];
-                for (int i = 0; i < mr; ++i) dst[k * MR + i] = act<kAct>(preact(dst[k * MR + i], mu, sc, sh));
-            }
-        }
-    }
-}
-
-// pack_a, then transform_packed_a when there is a transform.
+// pack_a through the transform t when there is one (A's row 0 is row i0 of t's rows, column 0
+// column k0 of its columns), in the same pass as the copy.
 void pack_a(index_t mc, index_t kc, const float* A, index_t rsa, index_t csa, float* dst,
             const ATransform* t, index_t i0, index_t k0) {
-    pack_a(mc, kc, A, rsa, csa, dst);
-    if (!t) return;
+    if (!t) return pack_a(mc, kc, A, rsa, csa, dst, NoTransform{});
+    const index_t c0 = t->per_row ? i0 : k0;
+    const float *mean = t->mean + c0, *scale = t->scale + c0, *shift = t->shift + c0;
+    auto with = [&](auto f) { pack_a(mc, kc, A, rsa, csa, dst, f); };
     switch (t->act) {
-        case Act::None: transform_packed_a<Act::None>(mc, kc, dst, *t, i0, k0); break;
-        case Act::ReLU: transform_packed_a<Act::ReLU>(mc, kc, dst, *t, i0, k0); break;
-        case Act::ReLU6: transform_packed_a<Act::ReLU6>(mc, kc, dst, *t, i0, k0); break;
+        case Act::None:
+            return t->per_row ? with(BnTransform<Act::None, true>{mean, scale, shift})
+                              : with(BnTransform<Act::None, false>{mean, scale, shift});
+        case Act::ReLU:
+            return t->per_row ? with(BnTransform<Act::ReLU, true>{mean, scale, shift})
+                              : with(BnTransform<Act::ReLU, false>{mean, scale, shift});
+        case Act::ReLU6:
+            return t->per_row ? with(BnTransform<Act::ReLU6, true>{mean, scale, shift})
+                              : with(BnTransform<Act::ReLU6, false>{mean, scale, shift});
     }
 }
 
