@@ -269,15 +269,9 @@ class ChannelStats {
         for (index_t r = r0; r < r0 + n;) {  // the rows [r, end) of one block
             const index_t b = r / block_, end = std::min(r0 + n, (b + 1) * block_);
             const float* yr = y + (r - r0) * ld;
-            double* k = &shift_[b * C_ + c0];
+            float* k = &shift_[b * C_ + c0];
             if (r == b * block_) std::copy(yr, yr + nc, k);
-            // Columns outer, rows inner: each column's sums stay in registers over the rows and
-            // take the rows in the same order as row by row.
-            double *s = &s_[b * C_ + c0], *q = &q_[b * C_ + c0];
-            index_t c = 0;
-            for (; c + kStatsCols <= nc; c += kStatsCols)
-                add_cols<kStatsCols>(end - r, yr + c, ld, k + c, s + c, q + c);
-            for (; c < nc; ++c) add_cols<1>(end - r, yr + c, ld, k + c, s + c, q + c);
+            add_rows(end - r, nc, yr, ld, k, &s_[b * C_ + c0], &q_[b * C_ + c0]);
             r = end;
         }
     }
@@ -305,35 +299,26 @@ class ChannelStats {
     }
 
    private:
-    static constexpr index_t kStatsCols = 16;
-
-    // s[j] += sum over rows i of (y[i * ld + j] - k[j]), q[j] of its square, j < W, in row order
-    // (the difference in float, as batchnorm.cpp's batch_stats; k holds floats).
-    template <index_t W>
-    static void add_cols(index_t rows, const float* __restrict__ y, index_t ld,
-                         const double* __restrict__ k, double* __restrict__ s,
-                         double* __restrict__ q) {
-        double as[W], aq[W];
-        float ak[W];
-        for (index_t j = 0; j < W; ++j) {
-            as[j] = s[j];
-            aq[j] = q[j];
-            ak[j] = float(k[j]);
-        }
-        for (index_t i = 0; i < rows; ++i)
-            for (index_t j = 0; j < W; ++j) {
-                const double d = double(y[i * ld + j] - ak[j]);
-                as[j] += d;
-                aq[j] += d * d;
+    // s[j] += sum over rows i of (y[i * ld + j] - k[j]), q[j] of its square, j < nc, in row order
+    // (the difference in float, as batchnorm.cpp's batch_stats). Rows outer, columns inner: the
+    // loop vectorizer takes the columns whole (each column's sums still take the rows in order),
+    // the sums staying in L1 (a block's nc <= the GEMM's NC columns).
+#if defined(__AVX512F__)
+    __attribute__((target("prefer-vector-width=512")))
+#endif
+    static void add_rows(index_t rows, index_t nc, const float* __restrict__ y, index_t ld,
+                         const float* __restrict__ k, double* __restrict__ s, double* __restrict__ q) {
+        for (index_t i = 0; i < rows; ++i, y += ld)
+            for (index_t j = 0; j < nc; ++j) {
+                const double d = double(y[j] - k[j]);
+                s[j] += d;
+                q[j] += d * d;
             }
-        for (index_t j = 0; j < W; ++j) {
-            s[j] = as[j];
-            q[j] = aq[j];
-        }
     }
 
     index_t M_, C_, block_;
-    std::vector<double> shift_, s_, q_;  // (blocks, C): each block's first row, sums, squares
+    std::vector<float> shift_;    // (blocks, C): each block's first row
+    std::vector<double> s_, q_;  // (blocks, C): sums, squares
 };
 
 // (y, mean, var) of a convolution with statistics: y (shape) filled by kernel(y, stats) without
