@@ -11,7 +11,7 @@ import pytest
 from mbnet import _C, experiments, models, train
 from mbnet.models import MobileNetV1, ShallowMobileNet
 from mbnet.nn import DepthwiseConv2d
-from test_train import _arrays, _tiny_cifar
+from test_train import _arrays, _assert_resume_is_bit_identical, _tiny_cifar
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -314,14 +314,8 @@ def test_bad_new_options_are_refused(argv, message, capsys):
 
 def test_resume_with_the_new_options_is_bit_identical(tiny_data, env, tmp_path):
     common = [*NEW_OPTIONS, "--epochs", "2"]
-    assert train.main(_train_args(tiny_data, tmp_path / "a", *common)) == 0
-    stop = lambda step: step == 2 and signal.raise_signal(signal.SIGINT)  # noqa: E731  mid-epoch 1
-    assert train.main(_train_args(tiny_data, tmp_path / "b", *common), on_step=stop) == 130
-    assert train.main(["--out", str(tmp_path / "b"), "--resume", "--data-dir", str(tiny_data), "--threads", "1"]) == 0
-    a, b = _arrays(tmp_path / "a" / "last.npz"), _arrays(tmp_path / "b" / "last.npz")
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _assert_resume_is_bit_identical(_train_args(tiny_data, tmp_path / "a", *common),
+                                    _train_args(tiny_data, tmp_path / "b", *common), tiny_data)
 
 
 def test_training_time_is_flagged_unless_one_quiet_machine_measured_it(sweep):

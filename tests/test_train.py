@@ -3,6 +3,7 @@ interrupted-and-resumed run equals an unbroken one bit for bit, checkpoints roun
 import json
 import pickle
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +58,20 @@ def _arrays(path):
 
 def _meta(path):
     return run.load_checkpoint(path)["meta"]
+
+
+def _assert_resume_is_bit_identical(argv_a, argv_b, data_dir):
+    """Trains argv_a straight through; trains argv_b (the same run in another directory), stopped by
+    SIGINT after step 2 (mid-epoch 1) and resumed; the two last.npz hold the same arrays, bit for bit."""
+    out_a, out_b = argv_a[argv_a.index("--out") + 1], argv_b[argv_b.index("--out") + 1]
+    assert train.main(argv_a) == 0
+    stop = lambda step: step == 2 and signal.raise_signal(signal.SIGINT)  # noqa: E731
+    assert train.main(argv_b, on_step=stop) == 130
+    assert train.main(["--out", out_b, "--resume", "--data-dir", str(data_dir), "--threads", "1"]) == 0
+    a, b = _arrays(Path(out_a) / "last.npz"), _arrays(Path(out_b) / "last.npz")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 TIMING = ("train_time", "images_per_s", "epoch_time", "wall_time", "cpu_share")
