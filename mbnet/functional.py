@@ -272,6 +272,13 @@ class SyncBatchNormTrain(Function):
         return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None
 
 
+def _check_running(op, dtype, running_mean, running_var):
+    """TypeError naming op and the argument unless both running statistics are ndarrays of dtype."""
+    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(a, np.ndarray) or a.dtype != dtype:
+            raise TypeError(f"{op}: {name} must be an ndarray of {dtype}")
+
+
 def _batch_norm_statistics(x, mean, var, running_mean, running_var, momentum, eps):
     """(mean, invstd) of x's batch from its (mean, var) (biased), and the running statistics
     updated in place: batchnorm_act_train_fwd_from_stats less the apply, the same float
@@ -320,10 +327,8 @@ def batch_norm_pointwise_conv2d(x, gamma, beta, running_mean, running_var, w, x_
     the BatchNorm and activation to x as it loads it: their output is never stored. Training mode
     only; x_stats is x's per-channel (mean, var) from the convolution that made x. After
     set_batch_norm_allreduce(fn), the two ops run one after the other (synchronized statistics)."""
-    dtype = _common_dtype("batch_norm_pointwise_conv2d", x=x, gamma=gamma, beta=beta, w=w)
-    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
-        if not isinstance(a, np.ndarray) or a.dtype != dtype:
-            raise TypeError(f"batch_norm_pointwise_conv2d: {name} must be an ndarray of {dtype}")
+    _check_running("batch_norm_pointwise_conv2d", _common_dtype("batch_norm_pointwise_conv2d", x=x, gamma=gamma,
+                                                                beta=beta, w=w), running_mean, running_var)
     if _bn_allreduce is not None:
         z = batch_norm(x, gamma, beta, running_mean, running_var, True, momentum, eps, act, x_stats)
         return pointwise_conv2d(z, w, stats)
@@ -350,10 +355,7 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
     stats: x's per-channel (mean, var) (biased) from a convolution called with stats=True; training
     then uses them instead of a pass over x.
     """
-    dtype = _common_dtype("batch_norm", x=x, gamma=gamma, beta=beta)
-    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
-        if not isinstance(a, np.ndarray) or a.dtype != dtype:
-            raise TypeError(f"batch_norm: {name} must be an ndarray of {dtype}")
+    _check_running("batch_norm", _common_dtype("batch_norm", x=x, gamma=gamma, beta=beta), running_mean, running_var)
     if training and _bn_allreduce is not None:
         return SyncBatchNormTrain(running_mean, running_var, momentum, eps, act, _bn_allreduce, stats)(x, gamma, beta)
     if training:
