@@ -247,6 +247,39 @@ inline float preact(float x, float mean, float scale, float shift) { return (x -
 // The scale of training BatchNorm, from the invstd it returns.
 inline float train_scale(float invstd, float gamma) { return float(double(invstd) * gamma); }
 
+// Training BatchNorm's apply + act as a consuming kernel applies it to its input while loading it
+// (sgemm_epilogue's packing of A, the depthwise kernels' padded rows): element v of channel c is
+// read as act<act>(preact(v, mean[c], scale[c], shift[c])). per_row: A's channel is its row i (a
+// transposed A) instead of its column k.
+struct ATransform {
+    const float *mean, *scale, *shift;
+    Act act;
+    bool per_row;
+};
+
+// The BatchNorm arguments of the *_bn_act kernels: gamma, beta, mean, invstd (C,) for x's C
+// channels and act, as the ATransform that applies training BatchNorm + act to x as it is loaded
+// (the same float operations as batchnorm_act_train_fwd's apply, so the same bits).
+struct BnActArgs {
+    F32 gamma, beta, mean, invstd;
+    Act act;
+    std::vector<float> scale;
+    BnActArgs(const py::object& gamma_, const py::object& beta_, const py::object& mean_,
+              const py::object& invstd_, const std::string& act_name, const F32& x) {
+        const char* names[] = {"gamma", "beta", "mean", "invstd"};
+        const py::object* objs[] = {&gamma_, &beta_, &mean_, &invstd_};
+        F32* fields[] = {&gamma, &beta, &mean, &invstd};
+        for (int i = 0; i < 4; ++i) {
+            *fields[i] = check_f32(*objs[i], names[i], 1);
+            check_same_dim(*fields[i], 0, names[i], x, 3, "x");
+        }
+        act = parse_act(act_name);
+        scale.resize(x[3]);
+        for (index_t c = 0; c < x[3]; ++c) scale[c] = train_scale(invstd.ptr[c], gamma.ptr[c]);
+    }
+    ATransform transform(bool per_row) const { return {mean.ptr, scale.data(), beta.ptr, act, per_row}; }
+};
+
 // Per-channel batch statistics of a convolution's output y, viewed as (M, C), for the BatchNorm
 // after it: the convolution's kernel adds each tile of y while it is still in cache, saving
 // BatchNorm a pass over y. Rows come in blocks (kStatsRows rows, or whole output rows for the

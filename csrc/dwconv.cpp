@@ -129,10 +129,35 @@ void sum_taps_f32(index_t C, const Taps& taps, const float* __restrict__ a,
     }
 }
 
+// dst[q][c] = src[q][c] for `pixels` pixels of C channels, or with t training BatchNorm's apply +
+// act of channel c (the same float operations as batchnorm_act_train_fwd's, so the same bits).
+template <Act A>
+void bn_act_pixels(index_t pixels, index_t C, const float* __restrict__ src, const ATransform& t,
+                   float* __restrict__ dst) {
+    for (index_t q = 0; q < pixels; ++q)
+        for (index_t c = 0; c < C; ++c)
+            dst[q * C + c] = act<A>(preact(src[q * C + c], t.mean[c], t.scale[c], t.shift[c]));
+}
+
+void copy_pixels(index_t pixels, index_t C, const float* __restrict__ src, const ATransform* t,
+                 float* __restrict__ dst) {
+    if (!t) {
+        for (index_t e = 0; e < pixels * C; ++e) dst[e] = src[e];
+        return;
+    }
+    switch (t->act) {
+        case Act::None: return bn_act_pixels<Act::None>(pixels, C, src, *t, dst);
+        case Act::ReLU: return bn_act_pixels<Act::ReLU>(pixels, C, src, *t, dst);
+        case Act::ReLU6: return bn_act_pixels<Act::ReLU6>(pixels, C, src, *t, dst);
+    }
+}
+
 // out (nrows, wp, c) = a window of img (h, w, c) from row row0 and column col0, zero where the
-// window leaves the image: out[i][q] = img[row0 + i][col0 + q].
+// window leaves the image: out[i][q] = img[row0 + i][col0 + q], through t (copy_pixels) if given.
+// The zeros are the padding of t's output: t is not applied to them.
 void padded_rows_f32(const float* __restrict__ img, index_t h, index_t w, index_t C, index_t row0,
-                     index_t nrows, index_t col0, index_t wp, float* __restrict__ out) {
+                     index_t nrows, index_t col0, index_t wp, float* __restrict__ out,
+                     const ATransform* t = nullptr) {
     const index_t left = std::min(std::max<index_t>(0, -col0), wp);               // zeros
     const index_t mid = std::max<index_t>(0, std::min(w - (col0 + left), wp - left));  // copied
     for (index_t i = 0; i < nrows; ++i) {
@@ -142,12 +167,38 @@ void padded_rows_f32(const float* __restrict__ img, index_t h, index_t w, index_
             for (index_t e = 0; e < wp * C; ++e) dst[e] = 0.f;
             continue;
         }
-        const float* __restrict__ src = img + (r * w + col0 + left) * C;
         for (index_t e = 0; e < left * C; ++e) dst[e] = 0.f;
-        for (index_t e = 0; e < mid * C; ++e) dst[left * C + e] = src[e];
+        copy_pixels(mid, C, img + (r * w + col0 + left) * C, t, dst + left * C);
         for (index_t e = (left + mid) * C; e < wp * C; ++e) dst[e] = 0.f;
     }
 }
+
+// The zero-padded input rows under 3x3 output rows, each copied (through t if given) once into
+// one of three slots (row ih in slot ih mod 3), so that the next output row of the same image
+// reuses the rows it shares with this one. One per thread.
+class RowRing {
+   public:
+    RowRing(index_t wp, index_t C) : wp_(wp), C_(C), buf_(3 * wp * C) {}
+    // rows[i] = input row oh * s - p + i of image n (ximg), padded to wp pixels from column -p.
+    void rows(const DwShape& a, const float* ximg, index_t n, index_t oh, const ATransform* t,
+              const float* rows[3]) {
+        for (index_t i = 0; i < 3; ++i) {
+            const index_t ih = oh * a.s - a.p + i, slot = ((ih % 3) + 3) % 3;
+            float* dst = buf_.data() + slot * wp_ * C_;
+            if (n_[slot] != n || ih_[slot] != ih) {
+                padded_rows_f32(ximg, a.h, a.w, C_, ih, 1, -a.p, wp_, dst, t);
+                n_[slot] = n;
+                ih_[slot] = ih;
+            }
+            rows[i] = dst;
+        }
+    }
+
+   private:
+    index_t wp_, C_;
+    std::vector<float> buf_;
+    index_t n_[3] = {-1, -1, -1}, ih_[3] = {0, 0, 0};
+};
 
 // Whether a 3x3 row with `inside` of its `total` pixels in the interior is better done whole over
 // zero-padded rows (copying three rows) than as interior kernel plus border taps.
@@ -159,10 +210,9 @@ inline bool pad_whole_row(index_t inside, index_t total) { return (total - insid
 // (nine named arrays: GCC keeps those in registers, not a [9][kCB] array) while the pixels stream
 // past; taps are summed in the same order as sum_taps_f32. kBias: out = act<A>(sum + bias[c]).
 template <index_t kCB, Act A, bool kBias>
-void dwconv3x3_f32_block(index_t C, index_t c0, index_t count, index_t step, index_t rs,
-                         const float* __restrict__ src, const float* __restrict__ w,
+void dwconv3x3_f32_block(index_t C, index_t c0, index_t count, index_t step, index_t r1,
+                         index_t r2, const float* __restrict__ src, const float* __restrict__ w,
                          const float* __restrict__ bias, float* __restrict__ out) {
-    const index_t r1 = rs, r2 = 2 * rs;
     float w0[kCB], w1[kCB], w2[kCB], w3[kCB], w4[kCB], w5[kCB], w6[kCB], w7[kCB], w8[kCB], b[kCB];
     for (index_t cc = 0; cc < kCB; ++cc) {
         b[cc] = kBias ? bias[c0 + cc] : 0.f;
@@ -195,33 +245,44 @@ void dwconv3x3_f32_block(index_t C, index_t c0, index_t count, index_t step, ind
 }
 
 // 3x3 taps for `count` output pixels of one row: out[k][c] = sum over i, j of
-// src[i * rs + k * step + j * C + c] * w[i][j][c] (kBias: act<A> of that + bias[c]), in blocks of
-// CB channels, then one of CB / 2 (8: the 8 and 24 channels of α = 0.25 and 0.75), then one
-// channel at a time.
+// src[r_i + k * step + j * C + c] * w[i][j][c] (r_0 = 0, r_1, r_2 the offsets of the second and
+// third input rows from the first; kBias: act<A> of that + bias[c]), in blocks of CB channels, then
+// one of CB / 2 (8: the 8 and 24 channels of α = 0.25 and 0.75), then one channel at a time.
 template <Act A = Act::None, bool kBias = false>
-void dwconv3x3_f32_row(index_t C, index_t count, index_t step, index_t rs,
-                       const float* __restrict__ src, const float* __restrict__ w,
-                       float* __restrict__ out, const float* __restrict__ bias = nullptr) {
+void dwconv3x3_f32_rows(index_t C, index_t count, index_t step, index_t r1, index_t r2,
+                        const float* __restrict__ src, const float* __restrict__ w,
+                        float* __restrict__ out, const float* __restrict__ bias = nullptr) {
     index_t c0 = 0;
     for (; c0 + CB <= C; c0 += CB)
-        dwconv3x3_f32_block<CB, A, kBias>(C, c0, count, step, rs, src, w, bias, out);
+        dwconv3x3_f32_block<CB, A, kBias>(C, c0, count, step, r1, r2, src, w, bias, out);
     if (c0 + CB / 2 <= C) {
-        dwconv3x3_f32_block<CB / 2, A, kBias>(C, c0, count, step, rs, src, w, bias, out);
+        dwconv3x3_f32_block<CB / 2, A, kBias>(C, c0, count, step, r1, r2, src, w, bias, out);
         c0 += CB / 2;
     }
+    const index_t roff[3] = {0, r1, r2};
     for (index_t c = c0; c < C; ++c)
         for (index_t k = 0; k < count; ++k) {
             const float* __restrict__ xq = src + k * step + c;
             float acc = xq[0] * w[c];
-            for (int t = 1; t < 9; ++t) acc += xq[(t / 3) * rs + (t % 3) * C] * w[t * C + c];
+            for (int t = 1; t < 9; ++t) acc += xq[roff[t / 3] + (t % 3) * C] * w[t * C + c];
             out[k * C + c] = kBias ? act<A>(acc + bias[c]) : acc;
         }
 }
 
+// dwconv3x3_f32_rows over rows rs floats apart (an image, or consecutive padded rows).
+template <Act A = Act::None, bool kBias = false>
+void dwconv3x3_f32_row(index_t C, index_t count, index_t step, index_t rs,
+                       const float* __restrict__ src, const float* __restrict__ w,
+                       float* __restrict__ out, const float* __restrict__ bias = nullptr) {
+    dwconv3x3_f32_rows<A, kBias>(C, count, step, rs, 2 * rs, src, w, out, bias);
+}
+
 // With stats, threads take whole blocks of stats->block() / wo output rows, and each output row
-// is added to the statistics once computed.
+// is added to the statistics once computed. With t (3x3 kernels with pads_rows only), the input is
+// t(x): every row goes through a RowRing, which applies t once per input row.
 void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* __restrict__ w,
-                    float* __restrict__ y, ChannelStats* stats = nullptr) {
+                    float* __restrict__ y, ChannelStats* stats = nullptr,
+                    const ATransform* t = nullptr) {
     index_t oh_lo, oh_hi, ow_lo, ow_hi;
     interior_range(a.h, a.kh, a.s, a.p, a.ho, oh_lo, oh_hi);
     interior_range(a.w, a.kw, a.s, a.p, a.wo, ow_lo, ow_hi);
@@ -229,15 +290,24 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
     const index_t C = a.c;
     const index_t wp = (a.wo - 1) * a.s + a.kw;  // padded width under one output row
     PerThread<Taps> all_taps(Taps(a.kh * a.kw));
-    PerThread<std::vector<float>> all_xb(std::vector<float>(padded ? 3 * wp * C : 0));
+    PerThread<std::vector<float>> all_xb(std::vector<float>(padded && !t ? 3 * wp * C : 0));
+    PerThread<RowRing> all_rings(RowRing(t ? wp : 0, C));
 #pragma omp parallel
     {
         Taps& taps = all_taps.mine();
         std::vector<float>& xb = all_xb.mine();
+        RowRing& ring = all_rings.mine();
         // Output row oh of image n.
         auto row = [&](index_t n, index_t oh) {
             const float* ximg = x + n * a.h * a.w * C;
             float* yrow = y + (n * a.ho + oh) * a.wo * C;
+            if (t) {
+                const float* rows[3];
+                ring.rows(a, ximg, n, oh, t, rows);
+                dwconv3x3_f32_rows(C, a.wo, a.s * C, rows[1] - rows[0], rows[2] - rows[0], rows[0],
+                                   w, yrow);
+                return;
+            }
             const index_t ih0 = oh * a.s - a.p;
             const bool row_inside = oh >= oh_lo && oh < oh_hi;
             if (padded && (!row_inside || pad_whole_row(ow_hi - ow_lo, a.wo))) {
@@ -469,7 +539,8 @@ void dwconv3x3_f32_bwd_weight_row(index_t C, index_t wo, index_t s, const float*
 // The N*Ho output rows are cut into a fixed number of chunks (independent of the thread count, so
 // results are too); each chunk sums in float, and the chunks are added up in double.
 void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
-                           const float* __restrict__ dy, float* __restrict__ dw) {
+                           const float* __restrict__ dy, float* __restrict__ dw,
+                           const ATransform* t = nullptr) {
     const index_t rows = a.n * a.ho, taps = a.kh * a.kw * a.c;
     const index_t nchunks = std::min<index_t>(rows, 32);
     const bool fast = pads_rows(a);
@@ -478,15 +549,14 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
     for (index_t j = 0; j < a.kw; ++j) tap_range(a.w, j, a.s, a.p, a.wo, tlo[j], thi[j]);
     check_alloc({nchunks, taps}, "the weight gradient's partial sums");
     std::vector<float> parts(nchunks * taps);
-    PerThread<std::vector<float>> all_xb(std::vector<float>(fast ? 3 * wp * a.c : 0));
+    PerThread<RowRing> all_rings(RowRing(fast ? wp : 0, a.c));
 #pragma omp parallel
     {
-        std::vector<float>& xb = all_xb.mine();
-        index_t ring_n[3] = {-1, -1, -1}, ring_ih[3] = {0, 0, 0};
+        RowRing& ring = all_rings.mine();
 #pragma omp for schedule(dynamic, 1)
         for (index_t k = 0; k < nchunks; ++k) {
             float* part = parts.data() + k * taps;
-            for (index_t t = 0; t < taps; ++t) part[t] = 0.f;
+            for (index_t i = 0; i < taps; ++i) part[i] = 0.f;
             for (index_t r = rows * k / nchunks; r < rows * (k + 1) / nchunks; ++r) {
                 const index_t n = r / a.ho, oh = r % a.ho;
                 const float* ximg = x + n * a.h * a.w * a.c;
@@ -496,19 +566,8 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
                                               thi.data());
                     continue;
                 }
-                // Zero-padded input rows, kept in a ring of three slots (slot ih mod 3) so that
-                // the next output row of the same image reuses the rows it shares.
                 const float* prow[3];
-                for (index_t i = 0; i < 3; ++i) {
-                    const index_t ih = oh * a.s - a.p + i, slot = ((ih % 3) + 3) % 3;
-                    float* dst = xb.data() + slot * wp * a.c;
-                    if (ring_n[slot] != n || ring_ih[slot] != ih) {
-                        padded_rows_f32(ximg, a.h, a.w, a.c, ih, 1, -a.p, wp, dst);
-                        ring_n[slot] = n;
-                        ring_ih[slot] = ih;
-                    }
-                    prow[i] = dst;
-                }
+                ring.rows(a, ximg, n, oh, t, prow);
                 dwconv3x3_f32_bwd_weight_row(a.c, a.wo, a.s, prow[0], prow[1], prow[2], dyrow, part);
             }
         }
@@ -526,27 +585,50 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
 
 // ---- bindings ----------------------------------------------------------------------------------
 
-py::array_t<float> dwconv2d_fwd(const py::object& x_, const py::object& w_,
-                                const py::object& stride, const py::object& padding) {
-    F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 3);
+// The checked shape of a depthwise convolution of x (n, h, w, c) by w (kh, kw, c); with bn (the
+// *_bn_act kernels, which read x through a RowRing) only 3x3 kernels with stride <= 3.
+DwShape fwd_shape(const F32& x, const F32& w, const py::object& stride, const py::object& padding,
+                  bool bn) {
     check_same_dim(x, 3, "x", w, 2, "w");
     DwShape a{x[0], x[1], x[2], x[3], w[0], w[1], 0, 0, parse_stride(stride), parse_padding(padding)};
     set_out_size(a);
-    return compute_f32(
-        {a.n, a.ho, a.wo, a.c}, [&](float* y) { dwconv_f32_fwd(a, x.ptr, w.ptr, y); }, "y");
+    if (bn && !pads_rows(a))
+        throw py::value_error("the dwconv2d_bn_act kernels take a 3x3 w and stride <= 3, got w " +
+                              shape_str(w.shape) + " and stride " + std::to_string(a.s));
+    return a;
 }
 
-py::tuple dwconv2d_fwd_stats(const py::object& x_, const py::object& w_, const py::object& stride,
-                             const py::object& padding) {
-    F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 3);
-    check_same_dim(x, 3, "x", w, 2, "w");
-    DwShape a{x[0], x[1], x[2], x[3], w[0], w[1], 0, 0, parse_stride(stride), parse_padding(padding)};
-    set_out_size(a);
+// y = dwconv(x, w), or (y, mean, var) with stats; x read as act(BN(x)) when bn is given.
+py::object dw_forward(const F32& x, const F32& w, const DwShape& a, bool with_stats,
+                      const BnActArgs* bn = nullptr) {
+    const ATransform t = bn ? bn->transform(false) : ATransform{};
+    const ATransform* tp = bn ? &t : nullptr;
+    if (!with_stats)
+        return compute_f32(
+            {a.n, a.ho, a.wo, a.c}, [&](float* y) { dwconv_f32_fwd(a, x.ptr, w.ptr, y, nullptr, tp); },
+            "y");
     // Blocks of whole output rows, about kStatsRows pixels each.
     const index_t block = std::max<index_t>(1, kStatsRows / a.wo) * a.wo;
     return compute_f32_stats({a.n, a.ho, a.wo, a.c}, block, [&](float* y, ChannelStats& stats) {
-        dwconv_f32_fwd(a, x.ptr, w.ptr, y, &stats);
+        dwconv_f32_fwd(a, x.ptr, w.ptr, y, &stats, tp);
     });
+}
+
+py::object dwconv2d_fwd(const py::object& x_, const py::object& w_, const py::object& stride,
+                        const py::object& padding, bool with_stats) {
+    F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 3);
+    return dw_forward(x, w, fwd_shape(x, w, stride, padding, false), with_stats);
+}
+
+py::object dwconv2d_bn_act_fwd(const py::object& x_, const py::object& w_,
+                               const py::object& gamma, const py::object& beta,
+                               const py::object& mean, const py::object& invstd,
+                               const std::string& act, const py::object& stride,
+                               const py::object& padding, bool with_stats) {
+    F32 x = check_f32(x_, "x", 4), w = check_f32(w_, "w", 3);
+    const DwShape a = fwd_shape(x, w, stride, padding, true);
+    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
+    return dw_forward(x, w, a, with_stats, &bn);
 }
 
 py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w_,
@@ -563,18 +645,41 @@ py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w
         "dx");
 }
 
-py::array_t<float> dwconv2d_bwd_weight(const py::object& x_, const py::object& dy_,
-                                       const py::object& kernel_hw, const py::object& stride,
-                                       const py::object& padding) {
-    F32 x = check_f32(x_, "x", 4), dy = check_f32(dy_, "dy", 4);
+// dw (kh, kw, c) of y = dwconv(x, w); x read as act(BN(x)) when bn is given.
+py::array_t<float> dw_bwd_weight(const F32& x, const py::object& dy_, const py::object& kernel_hw,
+                                 const py::object& stride, const py::object& padding,
+                                 const BnActArgs* bn = nullptr) {
+    F32 dy = check_f32(dy_, "dy", 4);
     check_same_dim(x, 0, "x", dy, 0, "dy");
     check_same_dim(x, 3, "x", dy, 3, "dy");
     auto [kh, kw] = parse_hw(kernel_hw, "kernel_hw");
     DwShape a{x[0], x[1], x[2], x[3], kh, kw, 0, 0, parse_stride(stride), parse_padding(padding)};
     set_out_size(a);
     check_dy_shape(dy, a);
+    if (bn && !pads_rows(a))
+        throw py::value_error("dwconv2d_bn_act_bwd_weight takes kernel_hw (3, 3) and stride <= 3, got (" +
+                              std::to_string(kh) + ", " + std::to_string(kw) + ") and stride " +
+                              std::to_string(a.s));
+    const ATransform t = bn ? bn->transform(false) : ATransform{};
     return compute_f32(
-        {a.kh, a.kw, a.c}, [&](float* dw) { dwconv_f32_bwd_weight(a, x.ptr, dy.ptr, dw); }, "dw");
+        {a.kh, a.kw, a.c},
+        [&](float* dw) { dwconv_f32_bwd_weight(a, x.ptr, dy.ptr, dw, bn ? &t : nullptr); }, "dw");
+}
+
+py::array_t<float> dwconv2d_bwd_weight(const py::object& x_, const py::object& dy_,
+                                       const py::object& kernel_hw, const py::object& stride,
+                                       const py::object& padding) {
+    return dw_bwd_weight(check_f32(x_, "x", 4), dy_, kernel_hw, stride, padding);
+}
+
+py::array_t<float> dwconv2d_bn_act_bwd_weight(const py::object& x_, const py::object& dy_,
+                                              const py::object& gamma, const py::object& beta,
+                                              const py::object& mean, const py::object& invstd,
+                                              const std::string& act, const py::object& kernel_hw,
+                                              const py::object& stride, const py::object& padding) {
+    F32 x = check_f32(x_, "x", 4);
+    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
+    return dw_bwd_weight(x, dy_, kernel_hw, stride, padding, &bn);
 }
 
 }  // namespace
@@ -593,20 +698,50 @@ void dwconv3x3_bias_act_f32_fwd_row(index_t C, index_t count, index_t step, inde
 }
 
 void bind_dwconv(py::module_& m) {
-    m.def("dwconv2d_fwd", &dwconv2d_fwd, py::arg("x"), py::arg("w"), py::arg("stride"),
-          py::arg("padding"),
-          "x (n, h, w, c), w (kh, kw, c) -> y (n, ho, wo, c): depthwise convolution.");
-    m.def("dwconv2d_fwd_stats", &dwconv2d_fwd_stats, py::arg("x"), py::arg("w"), py::arg("stride"),
-          py::arg("padding"),
-          "x (n, h, w, c), w (kh, kw, c) -> (y (n, ho, wo, c), mean (c,), var (c,)): dwconv2d_fwd\n"
-          "and y's per-channel mean and biased variance over n, ho, wo, summed as each output row is\n"
-          "computed (for batchnorm_act_train_fwd_from_stats).");
+    m.def(
+        "dwconv2d_fwd",
+        [](const py::object& x, const py::object& w, const py::object& stride, const py::object& padding) {
+            return dwconv2d_fwd(x, w, stride, padding, false);
+        },
+        py::arg("x"), py::arg("w"), py::arg("stride"), py::arg("padding"),
+        "x (n, h, w, c), w (kh, kw, c) -> y (n, ho, wo, c): depthwise convolution.");
+    m.def(
+        "dwconv2d_fwd_stats",
+        [](const py::object& x, const py::object& w, const py::object& stride, const py::object& padding) {
+            return dwconv2d_fwd(x, w, stride, padding, true);
+        },
+        py::arg("x"), py::arg("w"), py::arg("stride"), py::arg("padding"),
+        "x (n, h, w, c), w (kh, kw, c) -> (y (n, ho, wo, c), mean (c,), var (c,)): dwconv2d_fwd\n"
+        "and y's per-channel mean and biased variance over n, ho, wo, summed as each output row is\n"
+        "computed (for batchnorm_act_train_fwd_from_stats).");
+    const char* bn_doc =
+        "x (n, h, w, c), w (3, 3, c), gamma, beta, mean, invstd (c,), act -> dwconv2d_fwd(z, w),\n"
+        "z = act(BN(x)) with x's batch mean and invstd (batchnorm_act_train_fwd's output, same bits),\n"
+        "formed once per input row as the kernel loads it and never stored. Stride <= 3.";
+    for (bool with_stats : {false, true})
+        m.def(
+            with_stats ? "dwconv2d_bn_act_fwd_stats" : "dwconv2d_bn_act_fwd",
+            [with_stats](const py::object& x, const py::object& w, const py::object& gamma,
+                         const py::object& beta, const py::object& mean, const py::object& invstd,
+                         const std::string& act, const py::object& stride, const py::object& padding) {
+                return dwconv2d_bn_act_fwd(x, w, gamma, beta, mean, invstd, act, stride, padding,
+                                           with_stats);
+            },
+            py::arg("x"), py::arg("w"), py::arg("gamma"), py::arg("beta"), py::arg("mean"),
+            py::arg("invstd"), py::arg("act"), py::arg("stride"), py::arg("padding"),
+            with_stats ? "dwconv2d_bn_act_fwd -> (y, mean (c,), var (c,)) as dwconv2d_fwd_stats."
+                       : bn_doc);
     m.def("dwconv2d_bwd_input", &dwconv2d_bwd_input, py::arg("dy"), py::arg("w"),
           py::arg("input_hw"), py::arg("stride"), py::arg("padding"),
           "dy (n, ho, wo, c), w (kh, kw, c), input_hw (h, w) -> dx (n, h, w, c).");
     m.def("dwconv2d_bwd_weight", &dwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),
           py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"),
           "x (n, h, w, c), dy (n, ho, wo, c), kernel_hw (kh, kw) -> dw (kh, kw, c).");
+    m.def("dwconv2d_bn_act_bwd_weight", &dwconv2d_bn_act_bwd_weight, py::arg("x"), py::arg("dy"),
+          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
+          py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"),
+          "dwconv2d_bwd_weight(z, dy), z = act(BN(x)) as dwconv2d_bn_act_fwd forms it. kernel_hw\n"
+          "(3, 3), stride <= 3.");
 }
 
 }  // namespace mbnet

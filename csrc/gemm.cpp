@@ -495,29 +495,6 @@ py::array_t<float> pwconv2d_bwd_weight(const py::object& x_obj, const py::object
     });
 }
 
-// The BatchNorm arguments of the pwconv2d_bn_act kernels: gamma, beta, mean, invstd (C,) for x's
-// C channels and act, as the ATransform that applies training BatchNorm + act to x as it is packed
-// (the same float operations as batchnorm_act_train_fwd's apply, so the same bits).
-struct BnActArgs {
-    F32 gamma, beta, mean, invstd;
-    Act act;
-    std::vector<float> scale;
-    BnActArgs(const py::object& gamma_, const py::object& beta_, const py::object& mean_,
-              const py::object& invstd_, const std::string& act_name, const F32& x) {
-        const char* names[] = {"gamma", "beta", "mean", "invstd"};
-        const py::object* objs[] = {&gamma_, &beta_, &mean_, &invstd_};
-        F32* fields[] = {&gamma, &beta, &mean, &invstd};
-        for (int i = 0; i < 4; ++i) {
-            *fields[i] = check_f32(*objs[i], names[i], 1);
-            check_same_dim(*fields[i], 0, names[i], x, 3, "x");
-        }
-        act = parse_act(act_name);
-        scale.resize(x[3]);
-        for (index_t c = 0; c < x[3]; ++c) scale[c] = train_scale(invstd.ptr[c], gamma.ptr[c]);
-    }
-    ATransform transform(bool per_row) const { return {mean.ptr, scale.data(), beta.ptr, act, per_row}; }
-};
-
 // The checked arguments of pwconv2d_bn_act_fwd(_stats): x (n, h, w, ci), w (ci, co) and the
 // BatchNorm + act applied to x as it is packed.
 struct PwBnActArgs {

@@ -55,16 +55,7 @@ void sgemm_packed_b(std::int64_t M, std::int64_t n0, std::int64_t n1,
                     float* C, std::int64_t ldc, bool accumulate, float* a_scratch,
                     const GemmEpilogue* epilogue = nullptr);
 
-enum class Act;  // common.h
-
-// BatchNorm's apply + activation on A's elements as sgemm_epilogue packs them: A(i, k) is read as
-// act((A(i, k) - mean[c]) * scale[c] + shift[c]) (preact, common.h), c = k, or c = i when per_row
-// (a transposed A). A is then always packed, never read in place.
-struct ATransform {
-    const float *mean, *scale, *shift;
-    Act act;
-    bool per_row;
-};
+struct ATransform;  // common.h: BatchNorm's apply + act on A's elements as A is packed
 
 // sgemm (C = A * B, no accumulate) that hands every block of C to `epilogue` (rows and columns
 // of C) once it is final, while it is still in cache. Threads split C's columns, or its rows on

@@ -15,8 +15,10 @@ Convolutions called with ``stats=True`` also return their output's per-channel (
 by the kernel while it writes the output; ``batch_norm(..., stats=...)`` in training then
 normalizes in one pass over its input instead of two. mbnet.nn does this for every convolution
 followed by a BatchNorm2d while ``FUSE`` is true, and there folds the BatchNorm + activation
-between a depthwise and a pointwise convolution into the pointwise GEMM's load
-(``batch_norm_pointwise_conv2d``): that activation is never stored.
+before a convolution into that convolution's load: between a depthwise and a pointwise
+convolution into the GEMM's packing (``batch_norm_pointwise_conv2d``), before each separable block
+into the depthwise kernel's rows (``batch_norm_depthwise_conv2d``). Those activations are never
+stored.
 """
 import contextlib
 import time
@@ -290,14 +292,17 @@ def _batch_norm_statistics(x, mean, var, running_mean, running_var, momentum, ep
     return mean.astype(x.dtype), (1.0 / np.sqrt(var + eps)).astype(x.dtype)
 
 
-class BatchNormPointwiseConv2d(Function):
-    """x, gamma, beta, w -> pointwise_conv2d(act(BN(x)), w), BN in training with x's batch
-    (mean, var) given (x_stats). The normalized activation z is formed as the GEMM packs x (kernels
-    ``pwconv2d_bn_act_*``) and never stored; backward forms it again for w's gradient:
-    gz = gy @ w.T, gw = z.T @ gy, then BatchNorm's backward from x."""
+class BatchNormConv2d(Function):
+    """x, gamma, beta, w -> conv(act(BN(x)), w), BN in training with x's batch (mean, var) given
+    (x_stats); conv "pwconv2d" (1x1) or "dwconv2d" (3x3 depthwise; geometry (stride, padding)).
+    The normalized activation z is formed as the kernel loads x (the GEMM's packing, the depthwise
+    kernel's padded rows: kernels ``{conv}_bn_act_*``) and never stored; backward forms it again for
+    w's gradient: gz = conv's input gradient of gy, gw = conv's weight gradient of (z, gy), then
+    BatchNorm's backward from x."""
     stats = None
 
-    def __init__(self, running_mean, running_var, momentum, eps, act, x_stats):
+    def __init__(self, conv, running_mean, running_var, momentum, eps, act, x_stats, geometry=()):
+        self.conv, self.geometry = conv, geometry
         self.running_mean, self.running_var = running_mean, running_var
         self.momentum, self.eps, self.act, self.x_stats = momentum, eps, act, x_stats
 
@@ -306,18 +311,31 @@ class BatchNormPointwiseConv2d(Function):
                                               self.momentum, self.eps)
         del self.running_mean, self.running_var, self.x_stats
         self.saved = (x, gamma, beta, mean, invstd, w)
-        return _conv_forward(self, "pwconv2d_bn_act", x, w, gamma, beta, mean, invstd, self.act)
+        return _conv_forward(self, self.conv + "_bn_act", x, w, gamma, beta, mean, invstd, self.act, *self.geometry)
 
     def backward(self, gy):
         x, gamma, beta, mean, invstd, w = self.saved
         bn = (gamma, beta, mean, invstd, self.act)
+        # the depthwise kernels also take the kernel's or the input's (h, w)
+        w_hw, x_hw = ((w.shape[:2],), (x.shape[1:3],)) if self.geometry else ((), ())
         need = self.needs_input_grad
-        gw = _run("pwconv2d_bn_act_bwd_weight", gy.dtype, x, gy, *bn) if need[3] else None
+        gw = _run(self.conv + "_bn_act_bwd_weight", gy.dtype, x, gy, *bn, *w_hw, *self.geometry) if need[3] else None
         gx = ggamma = gbeta = None
         if any(need[:3]):
-            gz = _run("pwconv2d_bwd_input", gy.dtype, gy, w)
+            gz = _run(self.conv + "_bwd_input", gy.dtype, gy, w, *x_hw, *self.geometry)
             gx, ggamma, gbeta = _run("batchnorm_act_train_bwd", gy.dtype, gz, x, *bn)
         return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None, gw
+
+
+def _batch_norm_conv2d(op, conv, unfused, x, gamma, beta, running_mean, running_var, w, x_stats, momentum, eps,
+                       act, stats, geometry=(), fusable=True):
+    """conv(batch_norm(x, ...), w) as one BatchNormConv2d, or as the two ops (unfused(z)) when
+    not fusable or for synchronized statistics."""
+    _check_running(op, _common_dtype(op, x=x, gamma=gamma, beta=beta, w=w), running_mean, running_var)
+    if _bn_allreduce is not None or not fusable:
+        return unfused(batch_norm(x, gamma, beta, running_mean, running_var, True, momentum, eps, act, x_stats))
+    function = BatchNormConv2d(conv, running_mean, running_var, momentum, eps, act, x_stats, geometry)
+    return _call_conv(function, x, w, stats, gamma, beta)
 
 
 def batch_norm_pointwise_conv2d(x, gamma, beta, running_mean, running_var, w, x_stats, momentum=0.1, eps=1e-5,
@@ -327,13 +345,20 @@ def batch_norm_pointwise_conv2d(x, gamma, beta, running_mean, running_var, w, x_
     the BatchNorm and activation to x as it loads it: their output is never stored. Training mode
     only; x_stats is x's per-channel (mean, var) from the convolution that made x. After
     set_batch_norm_allreduce(fn), the two ops run one after the other (synchronized statistics)."""
-    _check_running("batch_norm_pointwise_conv2d", _common_dtype("batch_norm_pointwise_conv2d", x=x, gamma=gamma,
-                                                                beta=beta, w=w), running_mean, running_var)
-    if _bn_allreduce is not None:
-        z = batch_norm(x, gamma, beta, running_mean, running_var, True, momentum, eps, act, x_stats)
-        return pointwise_conv2d(z, w, stats)
-    return _call_conv(BatchNormPointwiseConv2d(running_mean, running_var, momentum, eps, act, x_stats),
-                      x, w, stats, gamma, beta)
+    return _batch_norm_conv2d("batch_norm_pointwise_conv2d", "pwconv2d", lambda z: pointwise_conv2d(z, w, stats),
+                              x, gamma, beta, running_mean, running_var, w, x_stats, momentum, eps, act, stats)
+
+
+def batch_norm_depthwise_conv2d(x, gamma, beta, running_mean, running_var, w, x_stats, stride=1, padding=1,
+                                momentum=0.1, eps=1e-5, act="none", stats=False):
+    """depthwise_conv2d(batch_norm(x, ..., act, stats=x_stats), w, stride, padding, stats) -- x
+    (n, h, w, c), w (kh, kw, c) -- in one op whose kernel applies the BatchNorm and activation to
+    each input row as it loads it, as batch_norm_pointwise_conv2d does. Its kernels take 3x3 w with
+    stride <= 3; other w and strides, and set_batch_norm_allreduce(fn), run the two ops."""
+    fusable = isinstance(w, Tensor) and w.shape[:2] == (3, 3) and isinstance(stride, int) and 1 <= stride <= 3
+    return _batch_norm_conv2d("batch_norm_depthwise_conv2d", "dwconv2d",
+                              lambda z: depthwise_conv2d(z, w, stride, padding, stats), x, gamma, beta, running_mean,
+                              running_var, w, x_stats, momentum, eps, act, stats, (stride, padding), fusable)
 
 
 def set_batch_norm_allreduce(allreduce):

@@ -273,6 +273,29 @@ class BatchNorm2d(Module):
         return F.batch_norm(x, self.gamma, self.beta, self.running_mean, self.running_var, self.training,
                             self.momentum, self.eps, self.act, stats=getattr(x, "batch_stats", None))
 
+    def defers(self, x):
+        """Whether the convolution after this BatchNorm may apply it as it loads x (training, with
+        x's batch statistics from the convolution that made x: F.FUSE)."""
+        return self.training and getattr(x, "batch_stats", None) is not None
+
+    def forward_bn(self, x, bn):
+        """Sequential's protocol: (x, bn) -> (y, pending), bn the BatchNorm2d the module before left
+        unapplied to x (or None); pending this one, left unapplied to y for the next module when
+        it defers, or None."""
+        x = x if bn is None else bn(x)
+        return (x, self) if self.defers(x) else (self(x), None)
+
+    def before_conv(self, fn, x, conv, *geometry):
+        """conv(self(x)) in one op: fn is F.batch_norm_pointwise_conv2d or F.batch_norm_depthwise_conv2d
+        (geometry: stride, padding), called when self.defers(x). The output carries its batch
+        statistics while conv is training."""
+        out = fn(x, self.gamma, self.beta, self.running_mean, self.running_var, conv.weight, x.batch_stats,
+                 *geometry, momentum=self.momentum, eps=self.eps, act=self.act, stats=conv.training)
+        if not conv.training:
+            return out
+        y, y.batch_stats = out
+        return y
+
 
 class ReLU(Module):
     def forward(self, x):
@@ -347,15 +370,21 @@ class Sequential(Module):
         return iter(m for _, m in self.named_children())
 
     def forward(self, x):
+        pending = None  # a BatchNorm2d left unapplied to x, for the next module to apply as it loads x
         for m in self:
-            x = m(x)
-        return x
+            if hasattr(m, "forward_bn"):
+                x, pending = m.forward_bn(x, pending)
+            else:
+                x, pending = m(x if pending is None else pending(x)), None
+        return x if pending is None else pending(x)
 
 
 class DepthwiseSeparable(Module):
     """MobileNet's block: 3x3 depthwise (stride) -> BN + act -> 1x1 pointwise -> BN + act,
     (n, h, w, cin) -> (n, ho, wo, cout). Attributes dw, bn1, pw, bn2. In training with F.FUSE, bn1
-    is applied by pw's GEMM as it loads dw's output (F.batch_norm_pointwise_conv2d)."""
+    is applied by pw's GEMM as it loads dw's output (F.batch_norm_pointwise_conv2d); in a
+    Sequential, the BatchNorm before the block by dw's kernel as it loads x
+    (F.batch_norm_depthwise_conv2d), and bn2 is left to the module after the block (forward_bn)."""
 
     def __init__(self, cin, cout, stride, act="relu", *, rng=None, dtype=np.float32):
         self.dw = DepthwiseConv2d(cin, 3, stride, rng=rng, dtype=dtype)
@@ -364,12 +393,13 @@ class DepthwiseSeparable(Module):
         self.bn2 = BatchNorm2d(cout, act, dtype=dtype)
 
     def forward(self, x):
-        y = self.dw(x)
-        stats = getattr(y, "batch_stats", None)  # F.FUSE in training (_conv)
-        if stats is None or not (self.bn1.training and self.pw.training):
-            return self.bn2(self.pw(self.bn1(y)))
-        bn = self.bn1
-        z, stats = F.batch_norm_pointwise_conv2d(y, bn.gamma, bn.beta, bn.running_mean, bn.running_var, self.pw.weight,
-                                                 stats, bn.momentum, bn.eps, bn.act, stats=True)
-        z.batch_stats = stats
-        return self.bn2(z)
+        y, bn = self.forward_bn(x, None)
+        return y if bn is None else bn(y)
+
+    def forward_bn(self, x, bn):
+        """Sequential's protocol (BatchNorm2d.forward_bn): bn applied as dw loads x, bn2 left pending
+        when it defers."""
+        dw, bn1, pw = self.dw, self.bn1, self.pw
+        y = dw(x) if bn is None else bn.before_conv(F.batch_norm_depthwise_conv2d, x, dw, dw.stride, dw.padding)
+        z = bn1.before_conv(F.batch_norm_pointwise_conv2d, y, pw) if bn1.defers(y) else pw(bn1(y))
+        return (z, self.bn2) if self.bn2.defers(z) else (self.bn2(z), None)

@@ -123,6 +123,18 @@ def pwconv2d_bn_act_bwd_weight(x, dy, gamma, beta, mean, invstd, act):
     return pwconv2d_bwd_weight(_bn_act(x, gamma, beta, mean, invstd, act), dy)
 
 
+def dwconv2d_bn_act_fwd(x, w, gamma, beta, mean, invstd, act, stride, padding):
+    return dwconv2d_fwd(_bn_act(x, gamma, beta, mean, invstd, act), w, stride, padding)
+
+
+def dwconv2d_bn_act_fwd_stats(x, w, gamma, beta, mean, invstd, act, stride, padding):
+    return _with_stats(dwconv2d_bn_act_fwd(x, w, gamma, beta, mean, invstd, act, stride, padding))
+
+
+def dwconv2d_bn_act_bwd_weight(x, dy, gamma, beta, mean, invstd, act, kernel_hw, stride, padding):
+    return dwconv2d_bwd_weight(_bn_act(x, gamma, beta, mean, invstd, act), dy, kernel_hw, stride, padding)
+
+
 def matmul(a, b, trans_a=False, trans_b=False):
     a = a.T if trans_a else a
     b = b.T if trans_b else b

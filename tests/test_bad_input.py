@@ -46,9 +46,9 @@ def f32(rng, *shape):
     return ("f32", rng.standard_normal(shape).astype(np.float32))
 
 
-def dims(draw):
-    """n, h, w, c, k, s, p of a small convolution whose output is at least 1x1."""
-    k = draw(st.sampled_from([1, 3]))
+def dims(draw, ks=(1, 3)):
+    """n, h, w, c, k, s, p of a small convolution (kernel size k in ks) whose output is at least 1x1."""
+    k = draw(st.sampled_from(ks))
     s = draw(st.sampled_from([1, 2]))
     p = draw(st.sampled_from([0, 1]))
     h, w = draw(st.integers(max(1, k - 2 * p), 6)), draw(st.integers(max(1, k - 2 * p), 6))
@@ -83,7 +83,7 @@ def b_pw_bwd_weight(draw, rng):
 
 
 def bn_act_args(draw, rng, c):
-    """gamma, beta, mean, invstd (c,) and act of the pwconv2d_bn_act kernels."""
+    """gamma, beta, mean, invstd (c,) and act of the *_bn_act kernels."""
     gamma, beta, mean, var = bn_params(rng, c)
     return [gamma, beta, mean, ("f32", 1 / np.sqrt(var[1])), ("act", draw_act(draw))]
 
@@ -108,20 +108,20 @@ def b_linear_bwd(draw, rng):
     return [f32(rng, n, di), f32(rng, di, do), f32(rng, n, do)]
 
 
-def conv_builders(wshape):
-    """fwd, bwd_input, bwd_weight builders for a weight of shape wshape(k, ci, co)."""
+def conv_builders(wshape, ks=(1, 3)):
+    """fwd, bwd_input, bwd_weight builders for a weight of shape wshape(k, ci, co), k in ks."""
     def fwd(draw, rng):
-        n, h, w, c, k, s, p = dims(draw)
+        n, h, w, c, k, s, p = dims(draw, ks)
         return [f32(rng, n, h, w, c), f32(rng, *wshape(k, c, 2)), ("stride", s), ("padding", p)]
 
     def bwd_input(draw, rng):
-        n, h, w, c, k, s, p = dims(draw)
+        n, h, w, c, k, s, p = dims(draw, ks)
         co = wshape(k, c, 2)[-1]
         return [f32(rng, n, out(h, k, s, p), out(w, k, s, p), co), f32(rng, *wshape(k, c, 2)),
                 ("hw", (h, w)), ("stride", s), ("padding", p)]
 
     def bwd_weight(draw, rng):
-        n, h, w, c, k, s, p = dims(draw)
+        n, h, w, c, k, s, p = dims(draw, ks)
         co = wshape(k, c, 2)[-1]
         return [f32(rng, n, h, w, c), f32(rng, n, out(h, k, s, p), out(w, k, s, p), co),
                 ("hw", (k, k)), ("stride", s), ("padding", p)]
@@ -131,6 +131,17 @@ def conv_builders(wshape):
 
 b_dw_fwd, b_dw_bwd_input, b_dw_bwd_weight = conv_builders(lambda k, c, co: (k, k, c))
 b_conv_fwd, b_conv_bwd_input, b_conv_bwd_weight = conv_builders(lambda k, c, co: (k, k, c, co))
+b_dw3_fwd, _, b_dw3_bwd_weight = conv_builders(lambda k, c, co: (k, k, c), ks=(3,))  # the only k of *_bn_act
+
+
+def b_dw_bn_act_fwd(draw, rng):
+    x, w, stride, padding = b_dw3_fwd(draw, rng)
+    return [x, w, *bn_act_args(draw, rng, x[1].shape[-1]), stride, padding]
+
+
+def b_dw_bn_act_bwd_weight(draw, rng):
+    x, dy, hw, stride, padding = b_dw3_bwd_weight(draw, rng)
+    return [x, dy, *bn_act_args(draw, rng, x[1].shape[-1]), hw, stride, padding]
 
 
 def bn_shape(draw):
@@ -249,6 +260,9 @@ BINDINGS = {
     "dwconv2d_fwd_stats": b_dw_fwd,
     "dwconv2d_bwd_input": b_dw_bwd_input,
     "dwconv2d_bwd_weight": b_dw_bwd_weight,
+    "dwconv2d_bn_act_fwd": b_dw_bn_act_fwd,
+    "dwconv2d_bn_act_fwd_stats": b_dw_bn_act_fwd,
+    "dwconv2d_bn_act_bwd_weight": b_dw_bn_act_bwd_weight,
     "conv2d_fwd": b_conv_fwd,
     "conv2d_fwd_stats": b_conv_fwd,
     "conv2d_bwd_input": b_conv_bwd_input,

@@ -84,6 +84,17 @@ def _dw_bn_pw(act, mean, var):
     return fn
 
 
+def _pw_bn_dw(act, mean, var, stride):
+    """(x, w_pw, gamma, beta, w_dw) -> batch_norm_depthwise_conv2d(pointwise_conv2d(x, w_pw)):
+    two separable blocks' boundary under F.FUSE (the first's second BatchNorm, the next one's
+    depthwise convolution)."""
+    def fn(x, w_pw, gamma, beta, w_dw):
+        y, stats = F.pointwise_conv2d(x, w_pw, stats=True)
+        return F.batch_norm_depthwise_conv2d(y, gamma, beta, mean.astype(x.dtype), var.astype(x.dtype), w_dw,
+                                             stats, stride, 1, act=act)
+    return fn
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_batch_norm_pointwise_conv2d_gradients(act, rng):
     fn = _dw_bn_pw(act, rng.standard_normal(3), rng.uniform(0.5, 2.0, 3))
@@ -92,24 +103,46 @@ def test_batch_norm_pointwise_conv2d_gradients(act, rng):
                    f"batch_norm_pointwise_conv2d(act={act})", rng, ["x", "w_dw", "gamma", "beta", "w_pw"])
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("act", ACTS)
+def test_batch_norm_depthwise_conv2d_gradients(act, stride, rng):
+    fn = _pw_bn_dw(act, rng.standard_normal(4), rng.uniform(0.5, 2.0, 4), stride)
+    check_backward(fn, [rng.standard_normal((3, 5, 4, 3)) + 1, rng.standard_normal((3, 4)),
+                        rng.uniform(0.5, 1.5, 4), rng.standard_normal(4) * 0.5, rng.standard_normal((3, 3, 4))],
+                   f"batch_norm_depthwise_conv2d(act={act}, stride={stride})", rng,
+                   ["x", "w_pw", "gamma", "beta", "w_dw"])
+
+
+# (fused op, its kernel, the unfused convolution, w's shape, geometry): the fused op's own
+# arguments after x_stats, and w (5, 6) or (3, 3, 5); a 5x5 depthwise w runs the two ops.
+BN_CONVS = {
+    "pw": (F.batch_norm_pointwise_conv2d, "pwconv2d_bn_act_fwd_stats", F.pointwise_conv2d, (5, 6), ()),
+    "dw": (F.batch_norm_depthwise_conv2d, "dwconv2d_bn_act_fwd_stats", F.depthwise_conv2d, (3, 3, 5), (2, 1)),
+    "dw5x5": (F.batch_norm_depthwise_conv2d, None, F.depthwise_conv2d, (5, 5, 5), (1, 2)),
+}
+
+
 @pytest.mark.parametrize("sync", [False, True], ids=["local", "allreduce"])
-def test_batch_norm_pointwise_conv2d_is_the_two_ops(sync, rng):
-    """Output, its statistics and the running statistics are those of batch_norm then
-    pointwise_conv2d (float64: to rounding); with set_batch_norm_allreduce it runs exactly those."""
+@pytest.mark.parametrize("conv", list(BN_CONVS))
+def test_batch_norm_conv2d_is_the_two_ops(conv, sync, rng):
+    """Output, its statistics and the running statistics are those of batch_norm then the
+    convolution (float64: to rounding); with set_batch_norm_allreduce, or a w its kernels do not
+    take, it runs exactly those."""
+    fused_op, kernel, conv_op, w_shape, geometry = BN_CONVS[conv]
     x = Tensor(rng.standard_normal((2, 4, 3, 5)) * 2 + 1)
-    gamma, beta, w = Tensor(rng.uniform(0.5, 1.5, 5)), Tensor(rng.standard_normal(5)), Tensor(rng.standard_normal((5, 6)))
+    gamma, beta, w = Tensor(rng.uniform(0.5, 1.5, 5)), Tensor(rng.standard_normal(5)), Tensor(rng.standard_normal(w_shape))
     x_stats = (x.data.mean((0, 1, 2)), x.data.var((0, 1, 2)))
     buffers = [[np.zeros(5), np.ones(5)] for _ in range(2)]
     F.set_batch_norm_allreduce((lambda a: a) if sync else None)
     try:
         with F.profile() as calls:
-            y, y_stats = F.batch_norm_pointwise_conv2d(x, gamma, beta, *buffers[0], w, x_stats, 0.2, 1e-3, "relu6",
-                                                       stats=True)
+            y, y_stats = fused_op(x, gamma, beta, *buffers[0], w, x_stats, *geometry, momentum=0.2, eps=1e-3,
+                                  act="relu6", stats=True)
         z = F.batch_norm(x, gamma, beta, *buffers[1], True, 0.2, 1e-3, "relu6", stats=x_stats)
-        want, want_stats = F.pointwise_conv2d(z, w, stats=True)
+        want, want_stats = conv_op(z, w, *geometry, stats=True)
     finally:
         F.set_batch_norm_allreduce(None)
-    assert ("pwconv2d_bn_act_fwd_stats" in calls) != sync, dict(calls)
+    assert (kernel in calls) == (kernel is not None and not sync), dict(calls)
     np.testing.assert_allclose(y.data, want.data, rtol=1e-12, atol=1e-12)
     for got, exp in zip([*y_stats, *buffers[0]], [*want_stats, *buffers[1]]):
         np.testing.assert_allclose(got, exp, rtol=1e-12, atol=1e-12)
@@ -250,6 +283,10 @@ def _kernel_cases(rng):
            [rng.standard_normal((3, 6, 5, c)) + 1, rng.standard_normal((3, 3, c)), rng.uniform(0.5, 1.5, c),
             rng.standard_normal(c), rng.standard_normal((c, 9))])
           for act in ACTS],
+        *[(f"batch_norm_depthwise_conv2d {act} s{stride}", _pw_bn_dw(act, mean, var, stride),
+           [rng.standard_normal((3, 6, 5, 9)) + 1, rng.standard_normal((9, c)), rng.uniform(0.5, 1.5, c),
+            rng.standard_normal(c), rng.standard_normal((3, 3, c))])
+          for act in ACTS for stride in (1, 2)],
         ("relu6", F.relu6, [rng.uniform(-2, 8, (3, c))]),
         ("global_avg_pool", F.global_avg_pool, [rng.standard_normal((2, 3, 5, c))]),
         ("linear", F.linear, [rng.standard_normal((5, c)), rng.standard_normal((c, 6)), rng.standard_normal(6)]),

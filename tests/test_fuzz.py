@@ -98,7 +98,7 @@ def expected_shapes(name, args):
             y = (n, R.conv_out_size(h, kh, int(stride), int(padding)),
                  R.conv_out_size(w, kw, int(stride), int(padding)), b.shape[-1])
             return [y] if name.endswith("_fwd") else [y, y[-1:], y[-1:]]
-        h, w = (int(v) for v in args[2])
+        h, w = (int(v) for v in args[-3])  # input_hw or kernel_hw, before stride and padding
         if name.endswith("_bwd_input"):
             return [(a.shape[0], h, w, b.shape[2])]
         return [(h, w) + a.shape[3:] + ((b.shape[3],) if name.startswith("conv2d") else ())]

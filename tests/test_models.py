@@ -191,18 +191,20 @@ def test_fused_batch_statistics_match_the_unfused_step(model_cls, dtype, monkeyp
     running statistics to 1e-5 and the gradients within twice the float32 rounding noise that
     test_float32_kernels_agree_with_float64_reference_on_the_whole_model allows each path.
     In MobileNetV1 each block's first BatchNorm is applied by the pointwise GEMM as it loads
-    (pwconv2d_bn_act_*): only the stem's and the blocks' second BatchNorms write their output."""
+    (pwconv2d_bn_act_*), and the BatchNorm before each block by the depthwise kernel
+    (dwconv2d_bn_act_*): only the last block's second BatchNorm writes its output."""
     x = rng.standard_normal((8, 16, 16, 3))
     labels = np.array([3, 0, 1, 4, 2, 2, 0, 1])
     fused_calls, fused = training_step(model_cls, dtype, True, x, labels, monkeypatch)
     calls, unfused = training_step(model_cls, dtype, False, x, labels, monkeypatch)
     assert {"conv2d_fwd_stats", "batchnorm_act_train_fwd_from_stats"} <= set(fused_calls), fused_calls
     assert "batchnorm_act_train_fwd" not in fused_calls and not any(k.endswith("_stats") for k in calls)
-    assert not any(k.startswith("pwconv2d_bn_act") for k in calls), calls
+    assert not any("_bn_act" in k for k in calls), calls
     blocks = len(BLOCKS) if model_cls is MobileNetV1 else 0
-    assert fused_calls.get("pwconv2d_bn_act_fwd_stats", 0) == blocks, fused_calls
-    assert fused_calls.get("pwconv2d_bn_act_bwd_weight", 0) == blocks, fused_calls
-    assert fused_calls["batchnorm_act_train_fwd_from_stats"] == calls["batchnorm_act_train_fwd"] - blocks
+    for conv in ("pwconv2d", "dwconv2d"):
+        assert fused_calls.get(conv + "_bn_act_fwd_stats", 0) == blocks, fused_calls
+        assert fused_calls.get(conv + "_bn_act_bwd_weight", 0) == blocks, fused_calls
+    assert fused_calls["batchnorm_act_train_fwd_from_stats"] == calls["batchnorm_act_train_fwd"] - 2 * blocks
     assert fused_calls["batchnorm_act_train_bwd"] == calls["batchnorm_act_train_bwd"]
     for name, want in unfused.items():
         got = fused[name]
@@ -217,14 +219,17 @@ def test_fused_batch_statistics_match_the_unfused_step(model_cls, dtype, monkeyp
         assert err <= tol, f"{name}: fused differs from unfused by {err:.3g} (relative norm), tolerance {tol}"
 
 
-def test_fused_step_does_not_hold_the_pointwise_inputs(rng, monkeypatch):
-    """Under F.FUSE a separable block's first BatchNorm output (the pointwise convolution's input)
-    is formed inside the GEMM: after the forward, the graph holds less memory by at least 90% of
-    those 13 activations' size (tracemalloc sees NumPy's and the kernels' arrays)."""
+def test_fused_step_does_not_hold_the_convolutions_inputs(rng, monkeypatch):
+    """Under F.FUSE the BatchNorm outputs that are a convolution's input (a separable block's
+    first, the pointwise convolution's input, formed inside the GEMM; the one before each block,
+    the depthwise convolution's input, formed in its kernel's padded rows) are never stored: after
+    the forward, the graph holds less memory by at least 90% of those 26 activations' size
+    (tracemalloc sees NumPy's and the kernels' arrays)."""
     import tracemalloc
 
     x = Tensor(rng.standard_normal((8, 16, 16, 3)).astype(np.float32))
-    z_bytes = sum(8 * s.out_size ** 2 * s.cout * 4 for s in layer_shapes(0.5, 16) if s.kind == "dw")
+    dws = [s for s in layer_shapes(0.5, 16) if s.kind == "dw"]
+    z_bytes = sum(8 * (s.out_size ** 2 + s.size ** 2) * s.cout * 4 for s in dws)
     held = {}
     for fuse in (True, False):
         monkeypatch.setattr(F, "FUSE", fuse)
