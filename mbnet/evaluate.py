@@ -5,7 +5,8 @@ everything mbnet.models.load reads, a PyTorch .pt/.pth state_dict of a MobileNet
 the test accuracy, the accuracy of each class and the confusion matrix (rows: true class, columns:
 predicted; with more than 20 classes the 20 largest confusions instead), named by the model's
 classes. A checkpoint with an EMA of the weights yields the EMA weights (--no-ema for the raw
-ones); the input normalization is the one stored in the file.
+ones); the input normalization is the one stored in the file. The network runs as the compiled
+inference plan (mbnet.run.inference), as in mbnet.predict.
 """
 import argparse
 import sys

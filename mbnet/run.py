@@ -112,17 +112,38 @@ def dropout_modules(model):
 
 def forward_logits(model, x, tta=False):
     """(B,S,S,3) float32 -> (B,classes) float32 logits, no graph; with tta the mean over x and its mirror."""
-    from . import Tensor, no_grad
+    return inference(model, len(x))(x, tta)
 
-    with no_grad():
-        logits = model(Tensor(x)).data
-        if tta:
-            logits = 0.5 * (logits + model(Tensor(np.ascontiguousarray(x[:, :, ::-1]))).data)
-    return logits
+
+def inference(model, batch):
+    """run(x, tta=False): the eval-mode network on x (n <= batch, s, s, c) -> logits (n, classes),
+    with tta the mean over x and its mirror. A float32 model of the MobileNetV1 family runs as the
+    compiled plan (mbnet.plan: BatchNorm folded, one call into the extension), as predict and
+    export run it, made now from the model's current weights; any other model runs its autograd
+    forward without a graph."""
+    from . import Tensor, no_grad
+    from .plan import compile as compile_plan
+
+    forward = None
+    if all(p.dtype == np.float32 for p in model.parameters()):
+        try:
+            forward = compile_plan(model, batch)
+        except ValueError:  # not a network the plan knows
+            pass
+    if forward is None:
+        def forward(x):
+            with no_grad():
+                return model(Tensor(x)).data
+
+    def run(x, tta=False):
+        logits = forward(x)
+        return 0.5 * (logits + forward(np.ascontiguousarray(x[:, :, ::-1]))) if tta else logits
+    return run
 
 
 def evaluate(model, loader, tta=False, label_smoothing=0.0):
-    """-> (mean loss, accuracy, predictions (N,)) over the loader, model in eval mode."""
+    """-> (mean loss, accuracy, predictions (N,)) over the loader, the model in eval mode
+    (``inference``)."""
     from . import Tensor
     from .functional import cross_entropy
 
@@ -130,8 +151,9 @@ def evaluate(model, loader, tta=False, label_smoothing=0.0):
     model.eval()
     loss_sum, preds = 0.0, []
     try:
+        run = inference(model, loader.batch_size)
         for _, x, y in loader.epoch(0):
-            logits = forward_logits(model, x, tta)
+            logits = run(x, tta)
             loss_sum += float(cross_entropy(Tensor(logits), y, label_smoothing=label_smoothing).data) * len(y)
             preds.append(logits.argmax(1))
     finally:

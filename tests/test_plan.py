@@ -331,3 +331,38 @@ def test_plan_binding_checks_its_layers():
         _C._InferencePlan([("conv", w, b, 1, 0, "relu")], fc_w, fc_b, 1, (2, 2))
     with pytest.raises(ValueError, match="batch must be in"):
         _C._InferencePlan([conv], fc_w, fc_b, 0, (4, 4))
+
+
+def test_evaluation_runs_the_plan_of_the_current_weights():
+    """mbnet.run.inference (what training's and mbnet.evaluate's test passes run): a float32
+    MobileNetV1 through a plan compiled from its weights at the call (bitwise that plan, also after
+    the weights change), TTA the mean over the mirror; a float64 model, or one the plan does not
+    know, through the autograd forward."""
+    from mbnet.run import evaluate, inference
+
+    model = randomize(models.MobileNetV1(alpha=0.25, input_size=16, seed=4))
+    x = images(6, 16)
+    mirror = np.ascontiguousarray(x[:, :, ::-1])
+    run = inference(model, 6)
+    np.testing.assert_array_equal(run(x), P.compile(model, 6)(x))
+    np.testing.assert_array_equal(run(x, tta=True), 0.5 * (run(x) + run(mirror)))
+    assert_close(run(x), eval_logits(model, x), "inference vs autograd")
+    model.classifier.bias.data += 1.0  # a later call sees the new weights
+    np.testing.assert_array_equal(inference(model, 6)(x), P.compile(model, 6)(x))
+    assert not np.array_equal(inference(model, 6)(x), run(x))
+
+    class Images:  # a one-batch test loader
+        batch_size, labels = 6, np.arange(6) % 10
+
+        def epoch(self, epoch):
+            yield 0, x, self.labels
+
+    model.train()
+    _, acc, preds = evaluate(model, Images())
+    np.testing.assert_array_equal(preds, P.compile(model, 6)(x).argmax(1))
+    assert acc == np.mean(preds == Images.labels) and model.training
+
+    double = randomize(models.MobileNetV1(alpha=0.25, input_size=16, seed=4, dtype=np.float64))
+    np.testing.assert_array_equal(inference(double, 6)(x.astype(np.float64)), eval_logits(double, x.astype(np.float64)))
+    seq = nn.Sequential(nn.GlobalAvgPool2d(), nn.Linear(3, 2, rng=np.random.default_rng(0)))  # no plan for it
+    np.testing.assert_array_equal(inference(seq, 6)(x), eval_logits(seq.eval(), x))
