@@ -5,16 +5,14 @@
 // come from the convolution's kernel: batchnorm_act_train_fwd_from_stats); train backward =
 // reduction + dx; inference forward and backward = one pass each. Every loop runs over contiguous
 // channels with per-channel (per-thread) accumulators, so GCC vectorizes it without reordering
-// any sum; reductions sum runs of rows in float and the runs in double (channel_sums).
+// any sum.
 // Kernels (batchnorm_act_f32_*) take a BnShape and raw pointers; the bindings check the arguments,
 // allocate the outputs and call them without the GIL.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
-#include <tuple>
 #include <type_traits>
-#include <utility>
 
 #include "common.h"
 
@@ -95,8 +93,9 @@ void with_act(Act a, F&& f) {
     }
 }
 
-// Calls row(o, len) for each wide row [o, o + len) of R, in parallel when R is large enough, each
-// thread a fixed contiguous run of wide rows (my_rows).
+// Calls row(o, len) for each wide row [o, o + len) of R, in parallel when R is large enough. Each
+// thread takes a fixed contiguous run of wide rows (my_rows), so per-thread sums (Partials::mine)
+// do not depend on scheduling.
 template <class F>
 void for_each_row(const BnShape& R, F&& row) {
 #pragma omp parallel if (R.total() >= kParallelMin)
@@ -121,53 +120,24 @@ void normalize_act(const BnShape& R, const float* x, float* y, const std::vector
     });
 }
 
-// Two per-channel sums over the (M, C) view, of terms(o, len, f0, f1), which adds each element's
-// two terms for wide row [o, o + len) to f0[j] and f1[j]. Each thread takes whole runs of kRunRows
-// wide rows (fixed by the shape, so every float sum is too), sums a run in float (no conversion
-// per element, and twice the lanes of double) and adds the run's sums to its double Partials.
-constexpr index_t kRunRows = 16;
-
-template <class Terms>
-std::pair<std::vector<double>, std::vector<double>> channel_sums(const BnShape& R, Terms&& terms) {
-    Partials P(R.W, 2);
-    const index_t runs = (R.n + kRunRows - 1) / kRunRows;
-    std::vector<float> scratch(size_t(omp_get_max_threads()) * 2 * P.stride);
-#pragma omp parallel if (R.total() >= kParallelMin)
-    {
-        index_t lo, hi;
-        my_rows(runs, lo, hi);
-        float* __restrict__ f0 = &scratch[size_t(omp_get_thread_num()) * 2 * P.stride];
-        float* __restrict__ f1 = f0 + P.stride;
-        double* __restrict__ s0 = P.mine(0);
-        double* __restrict__ s1 = P.mine(1);
-        for (index_t b = lo; b < hi; ++b) {
-            std::fill(f0, f0 + R.W, 0.f);
-            std::fill(f1, f1 + R.W, 0.f);
-            for (index_t r = b * kRunRows; r < std::min(R.n, (b + 1) * kRunRows); ++r)
-                terms(r * R.W, R.len(r), f0, f1);
-            for (index_t j = 0; j < R.W; ++j) {
-                s0[j] += f0[j];
-                s1[j] += f1[j];
-            }
-        }
-    }
-    return {P.fold(0, R.C), P.fold(1, R.C)};
-}
-
 // Batch statistics of the (M, C) view: biased variance, computed from sums of x minus its first
-// row (so that a large mean does not cancel the variance away).
+// row in double, so that a large mean does not cancel the variance away.
 void batch_stats(const BnShape& R, const float* x, std::vector<double>& mean,
                  std::vector<double>& var) {
     std::vector<float> shift_r = rep<float>(R, x);
-    auto [S, Q] = channel_sums(R, [&](index_t o, index_t len, float* __restrict__ s, float* __restrict__ q) {
+    Partials P(R.W, 2);
+    for_each_row(R, [&](index_t o, index_t len) {
+        double* __restrict__ s = P.mine(0);
+        double* __restrict__ q = P.mine(1);
         const float* __restrict__ sh = shift_r.data();
         const float* __restrict__ xr = x + o;
         for (index_t j = 0; j < len; ++j) {
-            const float d = xr[j] - sh[j];
+            double d = double(xr[j] - sh[j]);
             s[j] += d;
             q[j] += d * d;
         }
     });
+    std::vector<double> S = P.fold(0, R.C), Q = P.fold(1, R.C);
     mean.resize(R.C);
     var.resize(R.C);
     for (index_t c = 0; c < R.C; ++c) {
@@ -183,19 +153,23 @@ template <Act A>
 void grad_sums(const BnShape& R, const float* dy, const float* x, const std::vector<float>& mean_r,
                const std::vector<float>& scale_r, const std::vector<float>& shift_r,
                std::vector<double>& sum_dz, std::vector<double>& sum_dz_xc) {
-    std::tie(sum_dz, sum_dz_xc) = channel_sums(R, [&](index_t o, index_t len, float* __restrict__ sb,
-                                                      float* __restrict__ sg) {
+    Partials P(R.W, 2);
+    for_each_row(R, [&](index_t o, index_t len) {
+        double* __restrict__ sb = P.mine(0);
+        double* __restrict__ sg = P.mine(1);
         const float* __restrict__ mu = mean_r.data();
         const float* __restrict__ a = scale_r.data();
         const float* __restrict__ b = shift_r.data();
         const float* __restrict__ dyr = dy + o;
         const float* __restrict__ xr = x + o;
         for (index_t j = 0; j < len; ++j) {
-            const float g = masked_pre<A>(dyr[j], preact(xr[j], mu[j], a[j], b[j]));
-            sb[j] += g;
-            sg[j] += g * (xr[j] - mu[j]);
+            float g = masked_pre<A>(dyr[j], preact(xr[j], mu[j], a[j], b[j]));
+            sb[j] += double(g);
+            sg[j] += double(g * (xr[j] - mu[j]));
         }
     });
+    sum_dz = P.fold(0, R.C);
+    sum_dz_xc = P.fold(1, R.C);
 }
 
 // ---- kernels -----------------------------------------------------------------------------------
@@ -297,10 +271,11 @@ void batchnorm_act_f32_infer_bwd(const BnShape& R, Act act_kind, const float* dy
         k[c] = float(gamma[c] * invstd[c]);
     }
     auto mean_r = rep<float>(R, mean), k_r = rep<float>(R, k.data());
-    std::vector<double> sum_dz, sum_dz_xc;
+    Partials P(R.W, 2);
     with_act(act_kind, [&](auto A) {
-        std::tie(sum_dz, sum_dz_xc) = channel_sums(R, [&](index_t o, index_t len, float* __restrict__ sb,
-                                                          float* __restrict__ sg) {
+        for_each_row(R, [&](index_t o, index_t len) {
+            double* __restrict__ sb = P.mine(0);
+            double* __restrict__ sg = P.mine(1);
             const float* __restrict__ mu = mean_r.data();
             const float* __restrict__ kp = k_r.data();
             const float* __restrict__ dyr = dy + o;
@@ -308,13 +283,14 @@ void batchnorm_act_f32_infer_bwd(const BnShape& R, Act act_kind, const float* dy
             const float* __restrict__ yr = y + o;
             float* __restrict__ dxr = dx + o;
             for (index_t j = 0; j < len; ++j) {
-                const float g = masked<decltype(A)::value>(dyr[j], yr[j]);
+                float g = masked<decltype(A)::value>(dyr[j], yr[j]);
                 dxr[j] = g * kp[j];
-                sb[j] += g;
-                sg[j] += g * (xr[j] - mu[j]);
+                sb[j] += double(g);
+                sg[j] += double(g * (xr[j] - mu[j]));
             }
         });
     });
+    std::vector<double> sum_dz = P.fold(0, C), sum_dz_xc = P.fold(1, C);
     for (index_t c = 0; c < C; ++c) {
         dgamma[c] = float(sum_dz_xc[c] * invstd[c]);
         dbeta[c] = float(sum_dz[c]);
