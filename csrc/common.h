@@ -378,5 +378,6 @@ void bind_conv2d(py::module_& m);
 void bind_batchnorm(py::module_& m);
 void bind_pool(py::module_& m);
 void bind_loss(py::module_& m);
+void bind_optim(py::module_& m);
 
 }  // namespace mbnet

@@ -83,5 +83,6 @@ PYBIND11_MODULE(_C, m) {
     bind_batchnorm(m);
     bind_pool(m);
     bind_loss(m);
+    bind_optim(m);
     bind_plan(m);
 }

@@ -1,7 +1,9 @@
 """Optimizers (SGD, RMSprop, Adam), learning-rate schedules, and an exponential moving average of weights.
 
 Optimizers take a list of parameters (objects with `.data` and `.grad` float32 ndarrays) and update
-`p.data` in place with NumPy ufuncs writing into preallocated buffers. `lr` is an attribute the
+`p.data` in place: SGD and the EMA through one kernel pass each (``mbnet._C.sgd_update``,
+``ema_update``: bitwise the NumPy operations of ``mbnet.reference``, which float64 arrays run),
+RMSprop and Adam with NumPy ufuncs writing into preallocated buffers. `lr` is an attribute the
 training loop sets every step from a schedule. Parameters whose `.grad` is None are skipped.
 
 Weight decay is L2 added to the gradient (PyTorch's `weight_decay`): one factor for all parameters or
@@ -15,9 +17,19 @@ import math
 
 import numpy as np
 
+from . import _C, reference
+
+
+def _update_kernel(name, dtype):
+    """The in-place update ``name`` for arrays of dtype: mbnet._C's for float32 (C-contiguous
+    arrays: the kernel refuses others, where a contiguous copy would be updated instead), NumPy's
+    (mbnet.reference) otherwise."""
+    return getattr(_C if dtype == np.float32 else reference, name)
+
 
 class Optimizer:
     slots = ()
+    needs_scratch = True  # a scratch buffer per parameter (for _grad)
     needs_tmp = False  # a second scratch buffer per parameter
 
     def __init__(self, params, lr, weight_decay=0.0, decay_1d=True):
@@ -29,7 +41,7 @@ class Optimizer:
         self.decays = [wd if (decay_1d or p.data.ndim > 1) else 0.0 for p, wd in zip(self.params, factors)]
         self.step_count = 0
         self.state = [{s: self._init_slot(s, p.data) for s in self.slots} for p in self.params]
-        self._scratch = [np.empty_like(p.data) for p in self.params]
+        self._scratch = [np.empty_like(p.data) if self.needs_scratch else None for p in self.params]
         self._tmp = [np.empty_like(p.data) for p in self.params] if self.needs_tmp else [None] * len(self.params)
 
     def _init_slot(self, slot, data):
@@ -72,7 +84,9 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """PyTorch's SGD (dampening 0): buf = m·buf + g; p -= lr·(g + m·buf if nesterov else buf)."""
+    """PyTorch's SGD (dampening 0): buf = m·buf + g; p -= lr·(g + m·buf if nesterov else buf), with
+    g = grad + weight_decay·p; one ``sgd_update`` kernel call per parameter."""
+    needs_scratch = False
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, decay_1d=True):
         if nesterov and momentum <= 0:
@@ -81,23 +95,12 @@ class SGD(Optimizer):
         self.slots = ("momentum",) if momentum else ()
         super().__init__(params, lr, weight_decay, decay_1d)
 
-    def _update(self, p, g, st, tmp):
-        m, lr = self.momentum, self.lr
-        if not m:
-            g *= lr
-            p -= g
-            return
-        buf = st["momentum"]
-        buf *= m
-        buf += g
-        if self.nesterov:  # p -= lr·g + lr·m·buf
-            g *= lr
-            p -= g
-            np.multiply(buf, lr * m, out=g)
-            p -= g
-        else:
-            np.multiply(buf, lr, out=g)
-            p -= g
+    def step(self):
+        self.step_count += 1
+        for p, wd, st in zip(self.params, self.decays, self.state):
+            if p.grad is not None:
+                _update_kernel("sgd_update", p.data.dtype)(p.data, np.ascontiguousarray(p.grad), st.get("momentum"),
+                                                           self.lr, self.momentum, wd, self.nesterov)
 
 
 class RMSprop(Optimizer):
@@ -251,16 +254,12 @@ class EMA:
         self.decay = decay
         self.updates = 0
         self.shadow = {k: np.array(v, dtype=np.float32, copy=True) for k, v in arrays.items()}
-        self._scratch = {k: np.empty_like(v) for k, v in self.shadow.items()}
 
     def update(self, arrays):
         self.updates += 1
         d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
         for k, s in self.shadow.items():
-            tmp = self._scratch[k]
-            np.subtract(s, arrays[k], out=tmp)
-            tmp *= 1.0 - d
-            s -= tmp
+            _update_kernel("ema_update", arrays[k].dtype)(s, arrays[k], d)
 
     def state_dict(self):
         d = {"updates": np.array(self.updates, dtype=np.int64)}

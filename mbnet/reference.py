@@ -259,3 +259,36 @@ def softmax_cross_entropy_bwd(probs, labels, label_smoothing=0.0, grad_scale=1.0
     """d(mean loss)/d logits, times grad_scale."""
     t = _smoothed_targets(labels, probs.shape[1], label_smoothing, probs.dtype)
     return (probs - t) * (grad_scale / probs.shape[0])
+
+
+# --- optimizer updates, in place: p, grad, buf, shadow, value of one shape -----------------------
+
+def sgd_update(p, grad, buf, lr, momentum, weight_decay, nesterov):
+    """PyTorch's SGD (dampening 0) on p and buf in place -> p: g = grad + weight_decay * p,
+    buf = momentum * buf + g, p -= lr * (g + momentum * buf if nesterov else buf); without momentum
+    (buf None) p -= lr * g. The NumPy operations, in order, that mbnet._C.sgd_update rounds like."""
+    g = np.multiply(p, weight_decay) if weight_decay else np.array(grad, copy=True)
+    if weight_decay:
+        g += grad
+    if not momentum:
+        g *= lr
+        p -= g
+        return p
+    buf *= momentum
+    buf += g
+    if nesterov:  # p -= lr·g + lr·m·buf
+        g *= lr
+        p -= g
+        np.multiply(buf, lr * momentum, out=g)
+    else:
+        np.multiply(buf, lr, out=g)
+    p -= g
+    return p
+
+
+def ema_update(shadow, value, decay):
+    """shadow -= (shadow - value) * (1 - decay), in place -> shadow."""
+    tmp = np.subtract(shadow, value, out=np.empty_like(shadow))
+    tmp *= 1.0 - decay
+    shadow -= tmp
+    return shadow

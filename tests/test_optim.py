@@ -183,3 +183,75 @@ def test_ema():
     e2.load_state_dict(ema.state_dict())
     assert e2.updates == 201
     np.testing.assert_array_equal(e2.shadow["a"], ema.shadow["a"])
+
+
+# --- the update kernels (mbnet._C.sgd_update, ema_update) against their NumPy twins ---------------
+
+SGD_MODES = [(0.0, 0.0, False), (0.0, 5e-4, False), (0.9, 0.0, False), (0.9, 5e-4, False), (0.9, 1e-3, True)]
+
+
+@pytest.mark.parametrize("momentum, wd, nesterov", SGD_MODES)
+@pytest.mark.parametrize("shape", [(7,), (3, 3, 40, 33)], ids=["small", "threaded"])  # 47,520 >= 2^15: threads
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sgd_kernel_is_bitwise_numpy(momentum, wd, nesterov, shape, threads, rng):
+    """Three steps of mbnet._C.sgd_update give bitwise the p and buf of mbnet.reference's NumPy
+    operations (the optimizer's float64 path, and this optimizer before the kernel), at 1 and 2
+    threads; it updates in place and returns p."""
+    from mbnet import _C
+    from mbnet import reference as R
+
+    before = _C.get_num_threads()
+    _C.set_num_threads(threads)
+    try:
+        p = rng.standard_normal(shape).astype(np.float32)
+        bufs = [np.zeros_like(p) if momentum else None for _ in range(2)]
+        ps = [p.copy(), p.copy()]
+        for step, lr in enumerate((0.1, 0.05, 0.3)):
+            g = rng.standard_normal(shape).astype(np.float32)
+            assert _C.sgd_update(ps[0], g, bufs[0], lr, momentum, wd, nesterov) is ps[0]
+            R.sgd_update(ps[1], g, bufs[1], lr, momentum, wd, nesterov)
+            np.testing.assert_array_equal(ps[0], ps[1], err_msg=f"p after step {step + 1}")
+            if momentum:
+                np.testing.assert_array_equal(bufs[0], bufs[1], err_msg=f"buf after step {step + 1}")
+        assert not np.array_equal(ps[0], p)
+    finally:
+        _C.set_num_threads(before)
+
+
+def test_ema_kernel_is_bitwise_numpy(rng):
+    from mbnet import _C
+    from mbnet import reference as R
+
+    s = rng.standard_normal((3, 3, 40, 33)).astype(np.float32)
+    twin = s.copy()
+    for d in (0.5, 0.999, 0.9999):
+        v = rng.standard_normal(s.shape).astype(np.float32)
+        assert _C.ema_update(s, v, d) is s
+        R.ema_update(twin, v, d)
+        np.testing.assert_array_equal(s, twin, err_msg=f"decay {d}")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda C, p, g, b: C.sgd_update(p[:3], g, b, 0.1, 0.9, 0.0, False), "grad must have p's shape"),
+    (lambda C, p, g, b: C.sgd_update(p, g, None, 0.1, 0.9, 0.0, False), "buf must be the momentum buffer"),
+    (lambda C, p, g, b: C.sgd_update(p, g, p, 0.1, 0.9, 0.0, False), "buf must be an array of its own"),
+    (lambda C, p, g, b: C.sgd_update(p, g, b, 0.1, 0.0, 0.0, True), "nesterov needs momentum > 0"),
+    (lambda C, p, g, b: C.sgd_update(p, g, b, float("nan"), 0.9, 0.0, False), "lr must be finite"),
+    (lambda C, p, g, b: C.sgd_update(p, g, b, 0.1, -0.5, 0.0, False), r"momentum must be finite and in \[0.0+, 1.0+\]"),
+    (lambda C, p, g, b: C.sgd_update(p, g, b, -0.1, 0.9, 0.0, False), "lr must be finite and >= 0"),
+    (lambda C, p, g, b: C.sgd_update(p, g, b, 0.1, 0.9, float("inf"), False), "weight_decay must be finite"),
+    (lambda C, p, g, b: C.sgd_update(p.astype(np.float64), g, b, 0.1, 0.9, 0.0, False), "p must have dtype float32"),
+    (lambda C, p, g, b: C.sgd_update(np.broadcast_to(p, (2, 4)), g, b, 0.1, 0.9, 0.0, False), "p must"),
+    (lambda C, p, g, b: C.ema_update(p, g[:2], 0.9), "value must have shadow's shape"),
+    (lambda C, p, g, b: C.ema_update(p, g, 1.5), "decay must be finite and in"),
+])
+def test_update_kernels_name_bad_arguments(call, message):
+    from mbnet import _C
+
+    p, g, b = np.ones(4, np.float32), np.ones(4, np.float32), np.zeros(4, np.float32)
+    with pytest.raises((TypeError, ValueError), match=message):
+        call(_C, p, g, b)
+    ro = np.ones(4, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="p must be writeable"):
+        _C.sgd_update(ro, g, b, 0.1, 0.9, 0.0, False)
