@@ -111,34 +111,32 @@ def dropout_modules(model):
 
 
 def forward_logits(model, x, tta=False):
-    """(B,S,S,3) float32 -> (B,classes) float32 logits, no graph; with tta the mean over x and its mirror."""
-    return inference(model, len(x))(x, tta)
+    """(B,S,S,3) float32 -> (B,classes) float32 logits through the autograd forward, no graph; with
+    tta the mean over x and its mirror."""
+    from . import Tensor, no_grad
+
+    with no_grad():
+        logits = model(Tensor(x)).data
+        if tta:
+            logits = 0.5 * (logits + model(Tensor(np.ascontiguousarray(x[:, :, ::-1]))).data)
+    return logits
 
 
 def inference(model, batch):
     """run(x, tta=False): the eval-mode network on x (n <= batch, s, s, c) -> logits (n, classes),
     with tta the mean over x and its mirror. A float32 model of the MobileNetV1 family runs as the
     compiled plan (mbnet.plan: BatchNorm folded, one call into the extension), as predict and
-    export run it, made now from the model's current weights; any other model runs its autograd
-    forward without a graph."""
-    from . import Tensor, no_grad
+    export run it, made now from the model's current weights; any other model runs forward_logits."""
     from .plan import compile as compile_plan
 
-    forward = None
     if all(p.dtype == np.float32 for p in model.parameters()):
         try:
-            forward = compile_plan(model, batch)
+            plan = compile_plan(model, batch)
         except ValueError:  # not a network the plan knows
             pass
-    if forward is None:
-        def forward(x):
-            with no_grad():
-                return model(Tensor(x)).data
-
-    def run(x, tta=False):
-        logits = forward(x)
-        return 0.5 * (logits + forward(np.ascontiguousarray(x[:, :, ::-1]))) if tta else logits
-    return run
+        else:
+            return lambda x, tta=False: 0.5 * (plan(x) + plan(np.ascontiguousarray(x[:, :, ::-1]))) if tta else plan(x)
+    return lambda x, tta=False: forward_logits(model, x, tta)
 
 
 def evaluate(model, loader, tta=False, label_smoothing=0.0):
