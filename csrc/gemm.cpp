@@ -66,7 +66,12 @@ constexpr index_t NC = 64 * NR;
 // FMA (other sums, 3x slower) unless told not to unroll it; the full-width tile must not get that
 // pragma (with it, the AVX2 4 x 24 tile's j loop stays a loop, acc lives on the stack, and the
 // GEMM runs 3x slower). noinline keeps MBNET_KERNEL_TARGET's vector width wherever it is called.
-template <bool kPackedA, int kNR, int kMR = MR>
+// kPrefetchB: the call is the first to read its B panel (the first A panel of a block), which then
+// comes from L2 or beyond (an inference plan's weights come from L3: each layer's are read once);
+// it asks for B kPrefetchK steps ahead (__builtin_prefetch: a GCC builtin, no ISA intrinsic). The
+// later calls find the panel in L1, where the prefetches would only take load slots.
+constexpr int kPrefetchK = 16;
+template <bool kPackedA, int kNR, int kMR = MR, bool kPrefetchB = false>
 MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
     index_t kc, const float* __restrict__ a, index_t lda, const float* __restrict__ b,
     float* __restrict__ c, index_t ldc, int mr, int nr, bool add) {
@@ -76,6 +81,8 @@ MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
 #pragma GCC unroll 64
         for (int j = 0; j < kNR; ++j) acc[i][j] = 0.f;
     for (index_t k = 0; k < kc; ++k, b += kNR) {
+        if constexpr (kPrefetchB)
+            for (int j = 0; j < kNR; j += 16) __builtin_prefetch(b + kPrefetchK * kNR + j);
 #pragma GCC unroll 16
         for (int i = 0; i < kMR; ++i) {
             const float ai = kPackedA ? a[k * MR + i] : a[i * lda + k];
@@ -108,12 +115,13 @@ MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
 // them: a short last panel (a 2x2 late layer, a batch-1 classifier) costs its rows' work, not MR's.
 // Not 1: GCC 12 keeps a one-row tile's accumulators on the stack across the k loop (two rows
 // stay in registers).
-template <int kNR, int kMR = MR>
+template <int kNR, bool kPrefetchB, int kMR = MR>
 void packed_micro_kernel(index_t kc, const float* a, const float* b, float* c, index_t ldc, int mr,
                          int nr, bool add) {
     if constexpr (kMR > 2)
-        if (mr <= kMR / 2) return packed_micro_kernel<kNR, kMR / 2>(kc, a, b, c, ldc, mr, nr, add);
-    micro_kernel<true, kNR, kMR>(kc, a, 0, b, c, ldc, mr, nr, add);
+        if (mr <= kMR / 2)
+            return packed_micro_kernel<kNR, kPrefetchB, kMR / 2>(kc, a, b, c, ldc, mr, nr, add);
+    micro_kernel<true, kNR, kMR, kPrefetchB>(kc, a, 0, b, c, ldc, mr, nr, add);
 }
 
 // The element transforms pack_a applies as it copies A(i, k) (i, k counted from the block's
@@ -246,12 +254,16 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                     for (index_t ir = 0; ir < mc; ir += MR) {
                         const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
                         float* c = C + (ic + ir) * ldc + jc + jr;
-                        if (ir < packed_from)
-                            micro_kernel<false, kNR>(kc, A + (ic + ir) * rsa + pc, rsa,
-                                                     bp + jr * kc, c, ldc, mr, nr, add);
+                        const float *a = A + (ic + ir) * rsa + pc, *b = bp + jr * kc;
+                        const float* ap = abuf + (ir - packed_from) * kc;
+                        if (ir < packed_from && ir == 0)
+                            micro_kernel<false, kNR, MR, true>(kc, a, rsa, b, c, ldc, mr, nr, add);
+                        else if (ir < packed_from)
+                            micro_kernel<false, kNR>(kc, a, rsa, b, c, ldc, mr, nr, add);
+                        else if (ir == 0)
+                            packed_micro_kernel<kNR, true>(kc, ap, b, c, ldc, mr, nr, add);
                         else
-                            packed_micro_kernel<kNR>(kc, abuf + (ir - packed_from) * kc,
-                                                     bp + jr * kc, c, ldc, mr, nr, add);
+                            packed_micro_kernel<kNR, false>(kc, ap, b, c, ldc, mr, nr, add);
                     }
                 }
                 if (epilogue && pc + kc == K) (*epilogue)(i_off + ic, mc, j_off + jc, nc);
