@@ -24,7 +24,8 @@
 // plan is built, so a run allocates nothing but its output. Threads: each thread takes whole tiles
 // when there are at least as many tiles as threads, or when the layer cuts into one tile per thread
 // of kMinGemmPixels or more; a smaller layer (late layers, batch 1) has the team share each tile
-// (phase 1 over rows, phases 2 and 3 over blocks of whole weight panels: two barriers per tile);
+// (phase 1 over rows, phases 2 and 3 over rows too, or over blocks of whole weight panels when
+// the tile has too few rows: two barriers per tile);
 // below kParallelWork multiply-adds one thread runs it. The classifier's columns are shared the
 // same way. The whole network runs in one parallel region, its phases separated by barriers. Every
 // output element is computed by the same operations in the same order under any tiling, so results
@@ -52,6 +53,8 @@ constexpr index_t kMinGemmPixels = 256;             // GEMM rows per tile, at le
 constexpr double kParallelWork = double(1 << 18);   // multiply-adds below which one thread runs
 constexpr index_t kColGrain = 32;                   // column blocks of a shared GEMM, at least
 constexpr index_t kRowGrain = 32;                   // row blocks of a shared tile's GEMM
+constexpr index_t kSharedRows = 24;                 // per thread, at least, to split it by rows
+constexpr index_t kRowSplitGrain = 8;               // and then on whole register tiles
 
 // dst[q][c] = act(src[q][c] + b[c]) for px pixels (ld floats apart) of nc channels; dst may be src.
 template <Act A>
@@ -249,13 +252,19 @@ void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vect
             run_tile(L, in, out, r0, std::min(R, r0 + rows), s);
         return;
     }
-    // Fewer tiles than threads, and small: the team shares each tile (rows, then GEMM blocks of
-    // whole weight panels, bias and act in their epilogue).
+    // Fewer tiles than threads, and small: the team shares each tile (rows, then GEMM blocks, bias
+    // and act in their epilogue). The GEMM is split by rows when each thread gets kSharedRows
+    // pixels or more: a thread then multiplies mostly rows its own phase 1 wrote, and writes the
+    // output rows that the next layer's phase 1 reads on the same thread, both in its own cache,
+    // for the cost of reading the whole weight; else by blocks of whole weight panels.
     float *a = sc[0].a.data(), *g = sc[omp_get_thread_num()].g.get();
-    const index_t grain = col_grain(L.gw), cb = std::min<index_t>((N + grain - 1) / grain, 2 * T);
+    const index_t grain = col_grain(L.gw);
     for (index_t r0 = 0; r0 < R; r0 += tile) {
         const index_t r1 = std::min(R, r0 + tile), M = (r1 - r0) * L.wo;
-        const index_t rb = std::max<index_t>(
+        const bool by_rows = M >= T * kSharedRows;
+        const index_t cb = by_rows ? 1 : std::min<index_t>((N + grain - 1) / grain, 2 * T);
+        const index_t rgrain = by_rows ? kRowSplitGrain : kRowGrain;
+        const index_t rb = by_rows ? T : std::max<index_t>(
             1, std::min<index_t>((M + kRowGrain - 1) / kRowGrain, (2 * T + cb - 1) / cb));
         float* c = gemm_dst(L, out, sc[0].c.data(), r0);
 #pragma omp for schedule(static)
@@ -267,7 +276,7 @@ void run_layer(const Layer& L, index_t n, const float* in, float* out, std::vect
         for (index_t i = 0; i < rb; ++i)
             for (index_t j = 0; j < cb; ++j) {
                 index_t m0, m1, n0, n1;
-                split_range(M, kRowGrain, rb, i, m0, m1);
+                split_range(M, rgrain, rb, i, m0, m1);
                 split_range(N, grain, cb, j, n0, n1);
                 if (m1 > m0 && n1 > n0) gemm_store(L, m1 - m0, n0, n1, a, c, r0, m0, out, g);
             }
