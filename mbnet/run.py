@@ -344,9 +344,13 @@ def fmt_time(s):
 class Interrupt:
     """Context: SIGINT (Ctrl-C) and SIGTERM (schedulers, `timeout`, `docker stop`) set `signum`;
     the loop saves at the current step and exits with `status` (128 + the signal: 130, 143).
-    A second signal aborts at once (KeyboardInterrupt for SIGINT, SystemExit(143) for SIGTERM)."""
+    A second signal aborts at once (KeyboardInterrupt for SIGINT, SystemExit(143) for SIGTERM).
+    Nested (a sweep's around each run's training): a signal the outer one got before the inner
+    one was entered is the inner one's too (a sweep stopped while a run loads its data stops at
+    the run's first step, not at its end), and the inner one's reaches the outer one on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    _entered = []  # the Interrupts now entered, outermost first
 
     def __init__(self):
         self.signum = None
@@ -372,8 +376,16 @@ class Interrupt:
         self.old = {}
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
             self.old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+            self.outer = Interrupt._entered[-1] if Interrupt._entered else None
+            if self.outer is not None and self.signum is None:
+                self.signum = self.outer.signum
+            Interrupt._entered.append(self)
         return self
 
     def __exit__(self, *exc):
         for s, old in self.old.items():
             signal.signal(s, old)
+        if self.old:
+            Interrupt._entered.remove(self)
+            if self.outer is not None and self.outer.signum is None:
+                self.outer.signum = self.signum

@@ -243,6 +243,28 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes(tmp_path, monkeypatch, ca
     assert _meta(out / "last.npz")["step"] == 125
 
 
+def test_a_signal_an_enclosing_interrupt_got_stops_the_run_at_its_first_step(tiny, tmp_path, capsys):
+    """A sweep (mbnet.experiments) holds an Interrupt around each run it trains; a SIGINT that comes
+    while a run loads its data (the run's own handler not yet in place) stops the run at its first
+    step, saved, not after its last epoch; and a signal the run got reaches the sweep."""
+    out = tmp_path / "r"
+    with run.Interrupt() as sweep:
+        signal.raise_signal(signal.SIGINT)
+        assert sweep.status == 130
+        assert train.main(_args(tiny, out, "--epochs", "2")) == 130
+    meta = _meta(out / "last.npz")
+    assert (meta["epoch"], meta["batch"]) == (0, 1)
+    assert "saved" in capsys.readouterr().err
+    with run.Interrupt() as sweep:
+        with run.Interrupt() as inner:
+            assert not inner.requested
+            signal.raise_signal(signal.SIGTERM)
+            assert inner.status == 143
+        assert sweep.status == 143
+    with run.Interrupt() as sweep:  # a signal then goes to the innermost only
+        assert not sweep.requested
+
+
 # --- 7. full disk, no permission ------------------------------------------------------------------
 
 
