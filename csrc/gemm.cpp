@@ -254,16 +254,20 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                     for (index_t ir = 0; ir < mc; ir += MR) {
                         const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
                         float* c = C + (ic + ir) * ldc + jc + jr;
-                        const float *a = A + (ic + ir) * rsa + pc, *b = bp + jr * kc;
-                        const float* ap = abuf + (ir - packed_from) * kc;
-                        if (ir < packed_from && ir == 0)
-                            micro_kernel<false, kNR, MR, true>(kc, a, rsa, b, c, ldc, mr, nr, add);
-                        else if (ir < packed_from)
-                            micro_kernel<false, kNR>(kc, a, rsa, b, c, ldc, mr, nr, add);
-                        else if (ir == 0)
-                            packed_micro_kernel<kNR, true>(kc, ap, b, c, ldc, mr, nr, add);
-                        else
-                            packed_micro_kernel<kNR, false>(kc, ap, b, c, ldc, mr, nr, add);
+                        const float* b = bp + jr * kc;
+                        if (ir < packed_from) {
+                            const float* a = A + (ic + ir) * rsa + pc;
+                            if (ir == 0)
+                                micro_kernel<false, kNR, MR, true>(kc, a, rsa, b, c, ldc, mr, nr, add);
+                            else
+                                micro_kernel<false, kNR>(kc, a, rsa, b, c, ldc, mr, nr, add);
+                        } else {
+                            const float* a = abuf + (ir - packed_from) * kc;
+                            if (ir == 0)
+                                packed_micro_kernel<kNR, true>(kc, a, b, c, ldc, mr, nr, add);
+                            else
+                                packed_micro_kernel<kNR, false>(kc, a, b, c, ldc, mr, nr, add);
+                        }
                     }
                 }
                 if (epilogue && pc + kc == K) (*epilogue)(i_off + ic, mc, j_off + jc, nc);

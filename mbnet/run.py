@@ -110,16 +110,19 @@ def dropout_modules(model):
     return [m for _, m in model.named_modules() if isinstance(getattr(m, "rng", None), np.random.Generator)]
 
 
+def _with_tta(forward, x, tta):
+    """forward(x), or with tta the mean of forward over x and its mirror (flipped along the width)."""
+    logits = forward(x)
+    return 0.5 * (logits + forward(np.ascontiguousarray(x[:, :, ::-1]))) if tta else logits
+
+
 def forward_logits(model, x, tta=False):
     """(B,S,S,3) float32 -> (B,classes) float32 logits through the autograd forward, no graph; with
     tta the mean over x and its mirror."""
     from . import Tensor, no_grad
 
     with no_grad():
-        logits = model(Tensor(x)).data
-        if tta:
-            logits = 0.5 * (logits + model(Tensor(np.ascontiguousarray(x[:, :, ::-1]))).data)
-    return logits
+        return _with_tta(lambda images: model(Tensor(images)).data, x, tta)
 
 
 def inference(model, batch):
@@ -135,7 +138,7 @@ def inference(model, batch):
         except ValueError:  # not a network the plan knows
             pass
         else:
-            return lambda x, tta=False: 0.5 * (plan(x) + plan(np.ascontiguousarray(x[:, :, ::-1]))) if tta else plan(x)
+            return lambda x, tta=False: _with_tta(plan, x, tta)
     return lambda x, tta=False: forward_logits(model, x, tta)
 
 
