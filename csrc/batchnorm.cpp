@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace mbnet {
 namespace {
@@ -73,14 +74,6 @@ template <Act A>
 inline float masked(float dy, float y) {
     if constexpr (A == Act::ReLU) return dy * float(y > 0.0f);
     if constexpr (A == Act::ReLU6) return dy * float((y > 0.0f) & (y < 6.0f));
-    return dy;
-}
-
-// dy times act's derivative at the pre-activation z (z > 0 exactly where act(z) > 0).
-template <Act A>
-inline float masked_pre(float dy, float z) {
-    if constexpr (A == Act::ReLU) return dy * float(z > 0.0f);
-    if constexpr (A == Act::ReLU6) return dy * float((z > 0.0f) & (z < 6.0f));
     return dy;
 }
 
@@ -202,21 +195,16 @@ void batchnorm_act_f32_train_apply(const BnShape& R, Act act_kind, const float* 
     }
 }
 
-// Backward through the batch statistics.
-void batchnorm_act_f32_train_bwd(const BnShape& R, Act act_kind, const float* dy, const float* x,
-                                 const float* gamma, const float* beta, const float* mean,
-                                 const float* invstd, float* dx, float* dgamma, float* dbeta) {
+// Backward through the batch statistics, given the two sums (grad_sums, or GradStats gathered
+// by a convolution's input gradient): dgamma, dbeta and dx = k1*dz - k2 - k3*(x - mean), the
+// usual gamma*invstd/M * (M*dz - dbeta - xhat*dgamma). dx may be dy (in place).
+void train_bwd_apply(const BnShape& R, Act act_kind, const float* dy, const float* x, const float* gamma,
+                     const float* beta, const float* mean, const float* invstd, const double* sum_dz,
+                     const double* sum_dz_xc, float* dx, float* dgamma, float* dbeta) {
     const index_t C = R.C, M = R.M;
-    std::vector<float> scale(C);
-    for (index_t c = 0; c < C; ++c) scale[c] = train_scale(invstd[c], gamma[c]);
-    auto mean_r = rep<float>(R, mean), scale_r = rep<float>(R, scale.data()), shift_r = rep<float>(R, beta);
-    std::vector<double> sum_dz, sum_dz_xc;
-    with_act(act_kind, [&](auto A) {
-        grad_sums<decltype(A)::value>(R, dy, x, mean_r, scale_r, shift_r, sum_dz, sum_dz_xc);
-    });
-    // dx = k1*dz - k2 - k3*(x - mean), the usual gamma*invstd/M * (M*dz - dbeta - xhat*dgamma).
-    std::vector<float> k1(C), k2(C), k3(C);
+    std::vector<float> scale(C), k1(C), k2(C), k3(C);
     for (index_t c = 0; c < C; ++c) {
+        scale[c] = train_scale(invstd[c], gamma[c]);
         double is = invstd[c], g = gamma[c];
         double dg = sum_dz_xc[c] * is;
         dgamma[c] = float(dg);
@@ -225,8 +213,8 @@ void batchnorm_act_f32_train_bwd(const BnShape& R, Act act_kind, const float* dy
         k2[c] = float(g * is * sum_dz[c] / double(M));
         k3[c] = float(g * is * is * dg / double(M));
     }
-    auto k1_r = rep<float>(R, k1.data()), k2_r = rep<float>(R, k2.data()),
-         k3_r = rep<float>(R, k3.data());
+    auto mean_r = rep<float>(R, mean), scale_r = rep<float>(R, scale.data()), shift_r = rep<float>(R, beta);
+    auto k1_r = rep<float>(R, k1.data()), k2_r = rep<float>(R, k2.data()), k3_r = rep<float>(R, k3.data());
     with_act(act_kind, [&](auto A) {
         for_each_row(R, [&](index_t o, index_t len) {
             const float* __restrict__ mu = mean_r.data();
@@ -235,15 +223,30 @@ void batchnorm_act_f32_train_bwd(const BnShape& R, Act act_kind, const float* dy
             const float* __restrict__ p3 = k3_r.data();
             const float* __restrict__ a = scale_r.data();
             const float* __restrict__ b = shift_r.data();
-            const float* __restrict__ dyr = dy + o;
             const float* __restrict__ xr = x + o;
-            float* __restrict__ dxr = dx + o;
+            const float* dyr = dy + o;  // not __restrict__: dx may be dy, element for element
+            float* dxr = dx + o;
+#pragma GCC ivdep
             for (index_t j = 0; j < len; ++j) {
                 float g = masked_pre<decltype(A)::value>(dyr[j], preact(xr[j], mu[j], a[j], b[j]));
                 dxr[j] = p1[j] * g - p2[j] - p3[j] * (xr[j] - mu[j]);
             }
         });
     });
+}
+
+void batchnorm_act_f32_train_bwd(const BnShape& R, Act act_kind, const float* dy, const float* x,
+                                 const float* gamma, const float* beta, const float* mean,
+                                 const float* invstd, float* dx, float* dgamma, float* dbeta) {
+    std::vector<float> scale(R.C);
+    for (index_t c = 0; c < R.C; ++c) scale[c] = train_scale(invstd[c], gamma[c]);
+    auto mean_r = rep<float>(R, mean), scale_r = rep<float>(R, scale.data()), shift_r = rep<float>(R, beta);
+    std::vector<double> sum_dz, sum_dz_xc;
+    with_act(act_kind, [&](auto A) {
+        grad_sums<decltype(A)::value>(R, dy, x, mean_r, scale_r, shift_r, sum_dz, sum_dz_xc);
+    });
+    train_bwd_apply(R, act_kind, dy, x, gamma, beta, mean, invstd, sum_dz.data(), sum_dz_xc.data(), dx,
+                    dgamma, dbeta);
 }
 
 // y = act(BN(x)) with fixed statistics.
@@ -481,6 +484,14 @@ py::array_t<float> act_bwd(const py::object& dy_, const py::object& y_, const st
 }
 
 }  // namespace
+
+void batchnorm_act_f32_train_bwd_apply(index_t M, index_t C, Act act, const float* dy, const float* x,
+                                       const float* gamma, const float* beta, const float* mean,
+                                       const float* invstd, const double* sum_dz, const double* sum_dz_xc,
+                                       float* dx, float* dgamma, float* dbeta) {
+    train_bwd_apply(make_shape(M, C), act, dy, x, gamma, beta, mean, invstd, sum_dz, sum_dz_xc, dx, dgamma,
+                    dbeta);
+}
 
 void bind_batchnorm(py::module_& m) {
     m.def("batchnorm_act_train_fwd", &bn_train_fwd, py::arg("x"), py::arg("gamma"), py::arg("beta"),

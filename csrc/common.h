@@ -247,6 +247,15 @@ inline float preact(float x, float mean, float scale, float shift) { return (x -
 // The scale of training BatchNorm, from the invstd it returns.
 inline float train_scale(float invstd, float gamma) { return float(double(invstd) * gamma); }
 
+// dy times act's derivative at the pre-activation z (z > 0 exactly where act(z) > 0; branch-free,
+// for the vectorizer).
+template <Act A>
+inline float masked_pre(float dy, float z) {
+    if constexpr (A == Act::ReLU) return dy * float(z > 0.0f);
+    if constexpr (A == Act::ReLU6) return dy * float((z > 0.0f) & (z < 6.0f));
+    return dy;
+}
+
 // Training BatchNorm's apply + act as a consuming kernel applies it to its input while loading it
 // (sgemm_epilogue's packing of A, the depthwise kernels' padded rows): element v of channel c is
 // read as act<act>(preact(v, mean[c], scale[c], shift[c])). per_row: A's channel is its row i (a
@@ -352,6 +361,69 @@ class ChannelStats {
     index_t M_, C_, block_;
     std::vector<float> shift_;    // (blocks, C): each block's first row
     std::vector<double> s_, q_;  // (blocks, C): sums, squares
+};
+
+// The two per-channel sums of training BatchNorm's backward, sum(dz) and sum(dz * (x - mean)) with
+// dz = dy masked by act's derivative at x's pre-activation, gathered as a convolution's
+// input-gradient kernel produces dy (the gradient of the BatchNorm's output) while each tile of
+// it is in cache: BatchNorm's backward is then its apply pass alone (batchnorm_act_f32_train_bwd_apply,
+// kernels.h). Blocks of rows and their order as ChannelStats (fixed by the shape): the sums do
+// not depend on the thread count. Each term is formed as batchnorm.cpp's reduction forms it.
+class GradStats {
+   public:
+    GradStats(index_t M, index_t C, index_t block, const ATransform& t)
+        : M_(M), C_(C), block_(block), t_(t), s_(blocks() * C), q_(blocks() * C) {}
+    index_t block() const { return block_; }
+    index_t blocks() const { return (M_ + block_ - 1) / block_; }
+
+    // Adds rows [r0, r0 + n), columns [c0, c0 + nc): dy's row r0 at `dy`, x's at `x`, rows `ld`
+    // floats apart in both. Each block's rows must come in order, from one thread at a time.
+    void add(index_t r0, index_t n, index_t c0, index_t nc, const float* dy, const float* x, index_t ld) {
+        for (index_t r = r0; r < r0 + n;) {
+            const index_t b = r / block_, end = std::min(r0 + n, (b + 1) * block_);
+            const index_t o = (r - r0) * ld;
+            double *s = &s_[b * C_ + c0], *q = &q_[b * C_ + c0];
+            const float *mu = t_.mean + c0, *a = t_.scale + c0, *sh = t_.shift + c0;
+            switch (t_.act) {
+                case Act::None: add_rows<Act::None>(end - r, nc, dy + o, x + o, ld, mu, a, sh, s, q); break;
+                case Act::ReLU: add_rows<Act::ReLU>(end - r, nc, dy + o, x + o, ld, mu, a, sh, s, q); break;
+                case Act::ReLU6: add_rows<Act::ReLU6>(end - r, nc, dy + o, x + o, ld, mu, a, sh, s, q); break;
+            }
+            r = end;
+        }
+    }
+
+    // sum_dz, sum_dz_xc (C,): the blocks' sums added in block order.
+    void finish(double* sum_dz, double* sum_dz_xc) const {
+        std::fill(sum_dz, sum_dz + C_, 0.0);
+        std::fill(sum_dz_xc, sum_dz_xc + C_, 0.0);
+        for (index_t b = 0; b < blocks(); ++b)
+            for (index_t c = 0; c < C_; ++c) {
+                sum_dz[c] += s_[b * C_ + c];
+                sum_dz_xc[c] += q_[b * C_ + c];
+            }
+    }
+
+   private:
+    // Rows outer, columns inner (as ChannelStats::add_rows).
+    template <Act A>
+#if defined(__AVX512F__)
+    __attribute__((target("prefer-vector-width=512")))
+#endif
+    static void add_rows(index_t rows, index_t nc, const float* __restrict__ dy, const float* __restrict__ x,
+                         index_t ld, const float* __restrict__ mu, const float* __restrict__ a,
+                         const float* __restrict__ sh, double* __restrict__ s, double* __restrict__ q) {
+        for (index_t i = 0; i < rows; ++i, dy += ld, x += ld)
+            for (index_t j = 0; j < nc; ++j) {
+                const float g = masked_pre<A>(dy[j], preact(x[j], mu[j], a[j], sh[j]));
+                s[j] += double(g);
+                q[j] += double(g * (x[j] - mu[j]));
+            }
+    }
+
+    index_t M_, C_, block_;
+    ATransform t_;
+    std::vector<double> s_, q_;  // (blocks, C)
 };
 
 // (y, mean, var) of a convolution with statistics: y (shape) filled by kernel(y, stats) without

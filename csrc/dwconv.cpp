@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace mbnet {
 namespace {
@@ -349,8 +350,11 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
 
 // dx at input (ih, iw) sums dy[oh][ow] * w[i][j] over oh*s - p + i = ih, ow*s - p + j = iw with
 // (oh, ow) inside dy: i runs over (ih + p) mod s, + s, ... while oh = (ih + p - i) / s >= 0.
+// With stats (x: the convolution's input, the BatchNorm's), threads take whole blocks of
+// stats->block() / w input rows, and each row of dx is added to the statistics once computed.
 void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
-                          const float* __restrict__ w, float* __restrict__ dx) {
+                          const float* __restrict__ w, float* __restrict__ dx,
+                          GradStats* stats = nullptr, const float* x = nullptr) {
     // With stride 1 and a KxK kernel, input position i gets taps from outputs i + p - (K-1) .. i + p.
     index_t ih_lo = 0, ih_hi = 0, iw_lo = 0, iw_hi = 0;
     const bool fast = a.s == 1 && a.kh == 3 && a.kw == 3;
@@ -381,67 +385,73 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
         std::vector<index_t>&row_i = all_row_i.mine(), &row_oh = all_row_oh.mine();
         std::vector<float>& dyb = all_dyb.mine();
         std::vector<Taps>& res_taps = all_res_taps.mine();
-#pragma omp for collapse(2) schedule(static)
-        for (index_t n = 0; n < a.n; ++n)
-            for (index_t ih = 0; ih < a.h; ++ih) {
-                const float* dyimg = dy + n * a.ho * a.wo * C;
-                float* dxrow = dx + (n * a.h + ih) * a.w * C;
-                const bool row_inside = ih >= ih_lo && ih < ih_hi;
-                if (fast && (!row_inside || pad_whole_row(iw_hi - iw_lo, a.w))) {
-                    // dyb[i][q] = dy[ih + p - 2 + i][p - 2 + q]; dx row = 3x3 row of dyb, wflip.
-                    padded_rows_f32(dyimg, a.ho, a.wo, C, ih + a.p - 2, 3, a.p - 2, a.w + 2,
-                                    dyb.data());
-                    dwconv3x3_f32_row(C, a.w, C, (a.w + 2) * C, dyb.data(), wflip.data(), dxrow);
-                    continue;
+        // Input row ih of image n.
+        auto row = [&](index_t n, index_t ih) {
+            const float* dyimg = dy + n * a.ho * a.wo * C;
+            float* dxrow = dx + (n * a.h + ih) * a.w * C;
+            const bool row_inside = ih >= ih_lo && ih < ih_hi;
+            if (fast && (!row_inside || pad_whole_row(iw_hi - iw_lo, a.w))) {
+                // dyb[i][q] = dy[ih + p - 2 + i][p - 2 + q]; dx row = 3x3 row of dyb, wflip.
+                padded_rows_f32(dyimg, a.ho, a.wo, C, ih + a.p - 2, 3, a.p - 2, a.w + 2,
+                                dyb.data());
+                dwconv3x3_f32_row(C, a.w, C, (a.w + 2) * C, dyb.data(), wflip.data(), dxrow);
+                return;
+            }
+            index_t lo = 0, hi = 0;
+            if (fast) {
+                lo = iw_lo;
+                hi = iw_hi;
+                // A forward pass over dy with the flipped kernel.
+                if (hi > lo)
+                    dwconv3x3_f32_row(C, hi - lo, C, a.wo * C,
+                                      dyimg + ((ih + a.p - 2) * a.wo + lo + a.p - 2) * C,
+                                      wflip.data(), dxrow + lo * C);
+            }
+            index_t nrows = 0;
+            const index_t rh = (ih + a.p) % a.s;
+            for (index_t i = rh, oh = (ih + a.p - rh) / a.s; i < a.kh && oh >= 0; i += a.s, --oh)
+                if (oh < a.ho) {
+                    row_i[nrows] = i;
+                    row_oh[nrows++] = oh;
                 }
-                index_t lo = 0, hi = 0;
-                if (fast) {
-                    lo = iw_lo;
-                    hi = iw_hi;
-                    // A forward pass over dy with the flipped kernel.
-                    if (hi > lo)
-                        dwconv3x3_f32_row(C, hi - lo, C, a.wo * C,
-                                          dyimg + ((ih + a.p - 2) * a.wo + lo + a.p - 2) * C,
-                                          wflip.data(), dxrow + lo * C);
+            // Interior columns [clo, chi) reach only in-bounds outputs; their taps depend on
+            // (iw + p) mod s alone, so one list per residue serves them all, offset from the
+            // output column (iw + p - r) / s.
+            for (index_t r = 0; r < nres; ++r) {
+                Taps& t = res_taps[r];
+                t.n = 0;
+                for (index_t k = 0; k < nrows; ++k)
+                    for (index_t j = r, d = 0; j < a.kw; j += a.s, ++d)
+                        t.add((row_oh[k] * a.wo - d) * C, (row_i[k] * a.kw + j) * C);
+            }
+            for (index_t r = 0; r < std::min(a.s, chi - clo); ++r) {
+                const index_t iw0 = clo + r, rw = (iw0 + a.p) % a.s;
+                for (index_t iw = iw0, ow = (iw0 + a.p - rw) / a.s; iw < chi; iw += a.s, ++ow) {
+                    if (iw >= lo && iw < hi) continue;
+                    if (rw < nres)
+                        sum_taps_f32(C, res_taps[rw], dyimg + ow * C, w, dxrow + iw * C);
+                    else
+                        for (index_t c = 0; c < C; ++c) dxrow[iw * C + c] = 0.f;
                 }
-                index_t nrows = 0;
-                const index_t rh = (ih + a.p) % a.s;
-                for (index_t i = rh, oh = (ih + a.p - rh) / a.s; i < a.kh && oh >= 0; i += a.s, --oh)
-                    if (oh < a.ho) {
-                        row_i[nrows] = i;
-                        row_oh[nrows++] = oh;
-                    }
-                // Interior columns [clo, chi) reach only in-bounds outputs; their taps depend on
-                // (iw + p) mod s alone, so one list per residue serves them all, offset from the
-                // output column (iw + p - r) / s.
-                for (index_t r = 0; r < nres; ++r) {
-                    Taps& t = res_taps[r];
-                    t.n = 0;
-                    for (index_t k = 0; k < nrows; ++k)
-                        for (index_t j = r, d = 0; j < a.kw; j += a.s, ++d)
-                            t.add((row_oh[k] * a.wo - d) * C, (row_i[k] * a.kw + j) * C);
-                }
-                for (index_t r = 0; r < std::min(a.s, chi - clo); ++r) {
-                    const index_t iw0 = clo + r, rw = (iw0 + a.p) % a.s;
-                    for (index_t iw = iw0, ow = (iw0 + a.p - rw) / a.s; iw < chi; iw += a.s, ++ow) {
-                        if (iw >= lo && iw < hi) continue;
-                        if (rw < nres)
-                            sum_taps_f32(C, res_taps[rw], dyimg + ow * C, w, dxrow + iw * C);
-                        else
-                            for (index_t c = 0; c < C; ++c) dxrow[iw * C + c] = 0.f;
-                    }
-                }
-                for (index_t iw = 0; iw < a.w; ++iw) {
-                    if ((iw >= lo && iw < hi) || (iw >= clo && iw < chi)) continue;
-                    const index_t rw = (iw + a.p) % a.s;
-                    taps.n = 0;
-                    for (index_t k = 0; k < nrows; ++k)
-                        for (index_t j = rw, ow = (iw + a.p - rw) / a.s; j < a.kw && ow >= 0;
-                             j += a.s, --ow)
-                            if (ow < a.wo)
-                                taps.add((row_oh[k] * a.wo + ow) * C, (row_i[k] * a.kw + j) * C);
-                    sum_taps_f32(C, taps, dyimg, w, dxrow + iw * C);
-                }
+            }
+            for (index_t iw = 0; iw < a.w; ++iw) {
+                if ((iw >= lo && iw < hi) || (iw >= clo && iw < chi)) continue;
+                const index_t rw = (iw + a.p) % a.s;
+                taps.n = 0;
+                for (index_t k = 0; k < nrows; ++k)
+                    for (index_t j = rw, ow = (iw + a.p - rw) / a.s; j < a.kw && ow >= 0;
+                         j += a.s, --ow)
+                        if (ow < a.wo)
+                            taps.add((row_oh[k] * a.wo + ow) * C, (row_i[k] * a.kw + j) * C);
+                sum_taps_f32(C, taps, dyimg, w, dxrow + iw * C);
+            }
+        };
+        const index_t rows = a.n * a.h, per = stats ? stats->block() / a.w : 1;
+#pragma omp for schedule(static)
+        for (index_t r0 = 0; r0 < rows; r0 += per)
+            for (index_t r = r0; r < std::min(rows, r0 + per); ++r) {
+                row(r / a.h, r % a.h);
+                if (stats) stats->add(r * a.w, a.w, 0, C, dx + r * a.w * C, x + r * a.w * C, C);
             }
     }
 }
@@ -645,6 +655,26 @@ py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w
         "dx");
 }
 
+// dy (n, ho, wo, c), w (kh, kw, c), x (n, h, w, c) the input of a training BatchNorm + act whose
+// output the convolution read -> (dx, dgamma, dbeta): BatchNorm's two backward sums gathered
+// from each row of the convolution's input gradient as it is computed, then BatchNorm's apply in
+// place (one pass over that gradient and x fewer than dwconv2d_bwd_input + batchnorm_act_train_bwd).
+py::tuple dwconv2d_bwd_input_bn(const py::object& dy_, const py::object& w_, const py::object& x_,
+                                const py::object& gamma, const py::object& beta, const py::object& mean,
+                                const py::object& invstd, const std::string& act, const py::object& stride,
+                                const py::object& padding) {
+    F32 dy = check_f32(dy_, "dy", 4), w = check_f32(w_, "w", 3), x = check_f32(x_, "x", 4);
+    const DwShape a = fwd_shape(x, w, stride, padding, false);
+    check_same_dim(x, 0, "x", dy, 0, "dy");
+    check_same_dim(x, 3, "x", dy, 3, "dy");
+    check_dy_shape(dy, a);
+    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
+    const index_t block = std::max<index_t>(1, kStatsRows / a.w) * a.w;  // whole input rows
+    return compute_bn_bwd(x.shape, bn, x, block, [&](float* dx, GradStats& stats) {
+        dwconv_f32_bwd_input(a, dy.ptr, w.ptr, dx, &stats, x.ptr);
+    });
+}
+
 // dw (kh, kw, c) of y = dwconv(x, w); x read as act(BN(x)) when bn is given.
 py::array_t<float> dw_bwd_weight(const F32& x, const py::object& dy_, const py::object& kernel_hw,
                                  const py::object& stride, const py::object& padding,
@@ -734,6 +764,13 @@ void bind_dwconv(py::module_& m) {
     m.def("dwconv2d_bwd_input", &dwconv2d_bwd_input, py::arg("dy"), py::arg("w"),
           py::arg("input_hw"), py::arg("stride"), py::arg("padding"),
           "dy (n, ho, wo, c), w (kh, kw, c), input_hw (h, w) -> dx (n, h, w, c).");
+    m.def("dwconv2d_bwd_input_bn", &dwconv2d_bwd_input_bn, py::arg("dy"), py::arg("w"), py::arg("x"),
+          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
+          py::arg("stride"), py::arg("padding"),
+          "dy (n, ho, wo, c), w (kh, kw, c), x (n, h, w, c) and gamma, beta, mean, invstd (c,), act of\n"
+          "the training BatchNorm + act that made the convolution's input from x -> (dx, dgamma, dbeta)\n"
+          "= batchnorm_act_train_bwd(dwconv2d_bwd_input(dy, w, x.shape[1:3], stride, padding), x, ...):\n"
+          "BatchNorm's sums gathered row by row as the input gradient is computed, then one pass in place.");
     m.def("dwconv2d_bwd_weight", &dwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),
           py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"),
           "x (n, h, w, c), dy (n, ho, wo, c), kernel_hw (kh, kw) -> dw (kh, kw, c).");

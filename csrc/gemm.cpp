@@ -22,6 +22,7 @@
 #include <new>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace mbnet {
 namespace {
@@ -501,6 +502,27 @@ py::array_t<float> pwconv2d_bwd_input(const py::object& dy_obj, const py::object
     });
 }
 
+// dy (n, h, w, co), w (ci, co), x (n, h, w, ci) the input of a training BatchNorm + act whose
+// output the convolution read -> (dx, dgamma, dbeta): dz = dy @ w.T, BatchNorm's two backward
+// sums gathered from each block of dz as the GEMM finishes it (GradStats), then BatchNorm's apply
+// in place (one pass over dz and x fewer than pwconv2d_bwd_input + batchnorm_act_train_bwd).
+py::tuple pwconv2d_bwd_input_bn(const py::object& dy_obj, const py::object& w_obj, const py::object& x_obj,
+                                const py::object& gamma, const py::object& beta, const py::object& mean,
+                                const py::object& invstd, const std::string& act) {
+    F32 dy = check_f32(dy_obj, "dy", 4), w = check_f32(w_obj, "w", 2), x = check_f32(x_obj, "x", 4);
+    check_same_dim(dy, 3, "dy", w, 1, "w");
+    check_same_dim(x, 3, "x", w, 0, "w");
+    for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dy, d, "dy");
+    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
+    const index_t rows = dy[0] * dy[1] * dy[2], ci = w[0], co = w[1];
+    return compute_bn_bwd(x.shape, bn, x, kStatsRows, [&](float* dx, GradStats& stats) {
+        sgemm_epilogue(rows, ci, co, dy.ptr, co, 1, w.ptr, 1, co, dx, ci, 0,
+                       [&](index_t i0, index_t mc, index_t j0, index_t nc) {
+                           stats.add(i0, mc, j0, nc, dx + i0 * ci + j0, x.ptr + i0 * ci + j0, ci);
+                       });
+    });
+}
+
 // x (n, h, w, ci), dy (n, h, w, co) -> dw (ci, co) = x.T @ dy over the n*h*w rows
 py::array_t<float> pwconv2d_bwd_weight(const py::object& x_obj, const py::object& dy_obj) {
     F32 x = check_f32(x_obj, "x", 4), dy = check_f32(dy_obj, "dy", 4);
@@ -637,6 +659,12 @@ void bind_gemm(py::module_& m) {
           "tile of y is computed (for batchnorm_act_train_fwd_from_stats).");
     m.def("pwconv2d_bwd_input", &pwconv2d_bwd_input, py::arg("dy"), py::arg("w"),
           "dy (N, H, W, Cout), w (Cin, Cout) -> dx (N, H, W, Cin) = dy @ w.T.");
+    m.def("pwconv2d_bwd_input_bn", &pwconv2d_bwd_input_bn, py::arg("dy"), py::arg("w"), py::arg("x"),
+          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
+          "dy (N, H, W, Cout), w (Cin, Cout), x (N, H, W, Cin) and gamma, beta, mean, invstd (Cin,), act\n"
+          "of the training BatchNorm + act that made the convolution's input from x -> (dx, dgamma,\n"
+          "dbeta) = batchnorm_act_train_bwd(pwconv2d_bwd_input(dy, w), x, ...): BatchNorm's sums are\n"
+          "gathered from each block of dy @ w.T as the GEMM finishes it, then one pass in place.");
     m.def("pwconv2d_bwd_weight", &pwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),
           "x (N, H, W, Cin), dy (N, H, W, Cout) -> dw (Cin, Cout) = x.T @ dy over N*H*W rows.");
     m.def("pwconv2d_bn_act_fwd", &pwconv2d_bn_act_fwd, py::arg("x"), py::arg("w"), py::arg("gamma"),

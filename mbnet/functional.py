@@ -18,7 +18,8 @@ followed by a BatchNorm2d while ``FUSE`` is true, and there folds the BatchNorm 
 before a convolution into that convolution's load: between a depthwise and a pointwise
 convolution into the GEMM's packing (``batch_norm_pointwise_conv2d``), before each separable block
 into the depthwise kernel's rows (``batch_norm_depthwise_conv2d``). Those activations are never
-stored.
+stored, and the backward of such a BatchNorm runs inside the convolution's input-gradient kernel
+(``{conv}_bwd_input_bn``: its sums gathered as the gradient is computed, then one pass in place).
 """
 import contextlib
 import time
@@ -297,8 +298,9 @@ class BatchNormConv2d(Function):
     (x_stats); conv "pwconv2d" (1x1) or "dwconv2d" (3x3 depthwise; geometry (stride, padding)).
     The normalized activation z is formed as the kernel loads x (the GEMM's packing, the depthwise
     kernel's padded rows: kernels ``{conv}_bn_act_*``) and never stored; backward forms it again for
-    w's gradient: gz = conv's input gradient of gy, gw = conv's weight gradient of (z, gy), then
-    BatchNorm's backward from x."""
+    w's gradient (gw = conv's weight gradient of (z, gy)), and one kernel (``{conv}_bwd_input_bn``)
+    gives x's: conv's input gradient of gy, BatchNorm's two sums gathered from it as it is computed,
+    then BatchNorm's backward from x in place."""
     stats = None
 
     def __init__(self, conv, running_mean, running_var, momentum, eps, act, x_stats, geometry=()):
@@ -316,14 +318,12 @@ class BatchNormConv2d(Function):
     def backward(self, gy):
         x, gamma, beta, mean, invstd, w = self.saved
         bn = (gamma, beta, mean, invstd, self.act)
-        # the depthwise kernels also take the kernel's or the input's (h, w)
-        w_hw, x_hw = ((w.shape[:2],), (x.shape[1:3],)) if self.geometry else ((), ())
+        w_hw = (w.shape[:2],) if self.geometry else ()  # the depthwise kernel also takes the kernel's (h, w)
         need = self.needs_input_grad
         gw = _run(self.conv + "_bn_act_bwd_weight", gy.dtype, x, gy, *bn, *w_hw, *self.geometry) if need[3] else None
         gx = ggamma = gbeta = None
         if any(need[:3]):
-            gz = _run(self.conv + "_bwd_input", gy.dtype, gy, w, *x_hw, *self.geometry)
-            gx, ggamma, gbeta = _run("batchnorm_act_train_bwd", gy.dtype, gz, x, *bn)
+            gx, ggamma, gbeta = _run(self.conv + "_bwd_input_bn", gy.dtype, gy, w, x, *bn, *self.geometry)
         return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None, gw
 
 

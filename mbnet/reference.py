@@ -135,6 +135,15 @@ def dwconv2d_bn_act_bwd_weight(x, dy, gamma, beta, mean, invstd, act, kernel_hw,
     return dwconv2d_bwd_weight(_bn_act(x, gamma, beta, mean, invstd, act), dy, kernel_hw, stride, padding)
 
 
+def pwconv2d_bwd_input_bn(dy, w, x, gamma, beta, mean, invstd, act):
+    return batchnorm_act_train_bwd(pwconv2d_bwd_input(dy, w), x, gamma, beta, mean, invstd, act)
+
+
+def dwconv2d_bwd_input_bn(dy, w, x, gamma, beta, mean, invstd, act, stride, padding):
+    gz = dwconv2d_bwd_input(dy, w, x.shape[1:3], stride, padding)
+    return batchnorm_act_train_bwd(gz, x, gamma, beta, mean, invstd, act)
+
+
 def matmul(a, b, trans_a=False, trans_b=False):
     a = a.T if trans_a else a
     b = b.T if trans_b else b

@@ -99,6 +99,12 @@ def b_pw_bn_act_bwd_weight(draw, rng):
     return [x, dy, *bn_act_args(draw, rng, x[1].shape[-1])]
 
 
+def b_pw_bwd_input_bn(draw, rng):
+    x, w = b_pw_fwd(draw, rng)
+    n, h, wd, ci = x[1].shape
+    return [f32(rng, n, h, wd, w[1].shape[1]), w, x, *bn_act_args(draw, rng, ci)]
+
+
 def b_linear_fwd(draw, rng):
     n, di, do = (draw(st.integers(1, 5)) for _ in range(3))
     return [f32(rng, n, di), f32(rng, di, do), f32(rng, do)]
@@ -154,6 +160,13 @@ def b_dw_bn_act_fwd(draw, rng):
 def b_dw_bn_act_bwd_weight(draw, rng):
     x, dy, hw, stride, padding = b_dw3_bwd_weight(draw, rng)
     return [x, dy, *bn_act_args(draw, rng, x[1].shape[-1]), hw, stride, padding]
+
+
+def b_dw_bwd_input_bn(draw, rng):
+    x, w, stride, padding = b_dw_fwd(draw, rng)
+    n, h, wd, c = x[1].shape
+    k, s, p = w[1].shape[0], stride[1], padding[1]
+    return [f32(rng, n, out(h, k, s, p), out(wd, k, s, p), c), w, x, *bn_act_args(draw, rng, c), stride, padding]
 
 
 def bn_shape(draw):
@@ -266,6 +279,7 @@ BINDINGS = {
     "pwconv2d_bn_act_fwd": b_pw_bn_act_fwd,
     "pwconv2d_bn_act_fwd_stats": b_pw_bn_act_fwd,
     "pwconv2d_bn_act_bwd_weight": b_pw_bn_act_bwd_weight,
+    "pwconv2d_bwd_input_bn": b_pw_bwd_input_bn,
     "linear_fwd": b_linear_fwd,
     "linear_bwd": b_linear_bwd,
     "dwconv2d_fwd": b_dw_fwd,
@@ -275,6 +289,7 @@ BINDINGS = {
     "dwconv2d_bn_act_fwd": b_dw_bn_act_fwd,
     "dwconv2d_bn_act_fwd_stats": b_dw_bn_act_fwd,
     "dwconv2d_bn_act_bwd_weight": b_dw_bn_act_bwd_weight,
+    "dwconv2d_bwd_input_bn": b_dw_bwd_input_bn,
     "conv2d_fwd": b_conv_fwd,
     "conv2d_fwd_stats": b_conv_fwd,
     "conv2d_bwd_input": b_conv_bwd_input,

@@ -1,5 +1,6 @@
 """Depthwise convolution of a training BatchNorm's output formed as the kernel loads its input
-rows (dwconv2d_bn_act_fwd, dwconv2d_bn_act_fwd_stats, dwconv2d_bn_act_bwd_weight), against
+rows (dwconv2d_bn_act_fwd, dwconv2d_bn_act_fwd_stats, dwconv2d_bn_act_bwd_weight), and its input
+gradient through that BatchNorm (dwconv2d_bwd_input_bn, any kernel size and stride), against
 mbnet.reference, against the unfused kernels, and at 1 vs 2 threads.
 
 Shapes: x (n, h, w, c) (the BatchNorm's input), w (3, 3, c), gamma/beta/mean/invstd (c,),
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from mbnet import _C
 from mbnet import reference as R
-from test_bn_pwconv import ACTS, f64, threads, unfused_z  # noqa: F401 (threads: a fixture)
+from test_bn_pwconv import ACTS, check_bwd_input_bn, f64, threads, unfused_z  # noqa: F401 (threads: a fixture)
 
 
 def problem(n, h, w, c, stride, padding, seed):
@@ -119,3 +120,41 @@ def test_nan_statistics_propagate():
     dw = _C.dwconv2d_bn_act_bwd_weight(x, dy, gamma, beta, mean, invstd, "none", (3, 3), 1, 1)
     for a in (y, dw):
         assert np.isnan(a[..., 2]).all() and np.isfinite(np.delete(a, 2, axis=-1)).all()
+
+
+@given(n=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), c=st.sampled_from([1, 3, 8, 17, 33]),
+       k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 3), padding=st.integers(0, 2), act=st.sampled_from(ACTS),
+       seed=st.integers(0, 2**16))
+def test_bwd_input_bn_matches_the_unfused_kernels_and_reference(n, h, w, c, k, stride, padding, act, seed):
+    if h + 2 * padding < k or w + 2 * padding < k:
+        return
+    x, _, _, gamma, beta, mean, var = problem(n, h, w, c, 1, 2, seed)  # (its 3x3 w and dy unused)
+    rng = np.random.default_rng(seed + 1)
+    wt = rng.standard_normal((k, k, c)).astype(np.float32)
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    dy = rng.standard_normal((n, ho, wo, c)).astype(np.float32)
+    _, mean, invstd = unfused_z(x, gamma, beta, mean, var, act)
+    bn, geometry = (gamma, beta, mean, invstd, act), (stride, padding)
+    fused = _C.dwconv2d_bwd_input_bn(dy, wt, x, *bn, *geometry)
+    gz = _C.dwconv2d_bwd_input(dy, wt, (h, w), *geometry)
+    unfused = _C.batchnorm_act_train_bwd(gz, x, *bn)
+    reference = R.dwconv2d_bwd_input_bn(*f64(dy, wt, x), *f64(gamma, beta, mean, invstd), act, *geometry)
+    check_bwd_input_bn(fused, unfused, reference, gz, gamma, invstd, f"x={x.shape} k={k} s={stride} p={padding} {act}")
+
+
+@pytest.mark.parametrize("case", BIG, ids=lambda c: "-".join(map(str, c)))
+def test_bwd_input_bn_threads_agree_bitwise(case, threads):
+    *shape, stride = case
+    x, wt, dy, gamma, beta, mean, var = problem(*shape, stride, 1, seed=8)
+    _, mean, invstd = unfused_z(x, gamma, beta, mean, var, "relu6")
+    bn = (gamma, beta, mean, invstd, "relu6")
+    results = []
+    for t in (1, 2):
+        threads(t)
+        results.append(_C.dwconv2d_bwd_input_bn(dy, wt, x, *bn, stride, 1))
+    for one, two, what in zip(*results, ("dx", "dgamma", "dbeta")):
+        np.testing.assert_array_equal(one, two, err_msg=f"{what} at 1 vs 2 threads, {case}")
+    unfused = _C.batchnorm_act_train_bwd(_C.dwconv2d_bwd_input(dy, wt, x.shape[1:3], stride, 1), x, *bn)
+    for got, want, what in zip(results[1], unfused, ("dx", "dgamma", "dbeta")):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max())),
+                                   err_msg=f"{what} vs unfused, {case}")

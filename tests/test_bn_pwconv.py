@@ -1,12 +1,15 @@
 """Pointwise convolution of a training BatchNorm's output formed as the GEMM packs its input
-(pwconv2d_bn_act_fwd, pwconv2d_bn_act_fwd_stats, pwconv2d_bn_act_bwd_weight), against
-mbnet.reference, against the unfused kernels, and at 1 vs 2 threads.
+(pwconv2d_bn_act_fwd, pwconv2d_bn_act_fwd_stats, pwconv2d_bn_act_bwd_weight), and its input
+gradient through that BatchNorm (pwconv2d_bwd_input_bn), against mbnet.reference, against the
+unfused kernels, and at 1 vs 2 threads.
 
 Shapes: x (n, h, w, ci) (the BatchNorm's input), w (ci, co), gamma/beta/mean/invstd (ci,),
 z = act((x - mean) * invstd * gamma + beta) (n, h, w, ci), y = z @ w (n, h, w, co), dy like y,
 dw = z.T @ dy (ci, co). Tolerances as tests/test_gemm.py (float32 sums of k unit terms); against
 the unfused kernels (batchnorm_act_train_fwd_from_stats's z, then pwconv2d_*) bitwise: z is formed
-by the same float operations and every element summed in the same order.
+by the same float operations and every element summed in the same order. pwconv2d_bwd_input_bn
+against pwconv2d_bwd_input + batchnorm_act_train_bwd within a few float32 ulp (BN_BWD_TOL): its two
+per-channel sums (in double) take the rows in other groups.
 """
 import numpy as np
 import pytest
@@ -114,3 +117,52 @@ def test_nan_statistics_propagate():
     assert np.isnan(y).all()
     dw = _C.pwconv2d_bn_act_bwd_weight(x, dy, gamma, beta, mean, invstd, "none")
     assert np.isnan(dw[2]).all() and np.isfinite(np.delete(dw, 2, axis=0)).all()
+
+
+BN_BWD_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def check_bwd_input_bn(fused, unfused, reference, gz, gamma, invstd, where):
+    """(dx, dgamma, dbeta) of a *_bwd_input_bn kernel against the unfused kernels' and the float64
+    reference's; gz is the convolution's input gradient. dx cancels terms of size
+    gamma * invstd * gz (tests/test_batchnorm.py), the sums add m = gz.size / c terms."""
+    m = gz.size // gz.shape[-1]
+    terms = float(np.abs(gamma * invstd).max() * np.abs(gz).max())
+    for got, want, ref, what, scale in zip(fused, unfused, reference, ("dx", "dgamma", "dbeta"),
+                                           (terms, np.sqrt(m), np.sqrt(m))):
+        assert got.dtype == np.float32 and got.shape == want.shape, what
+        big = max(1.0, float(np.abs(ref).max()), scale)
+        np.testing.assert_allclose(got, want, rtol=BN_BWD_TOL["rtol"], atol=BN_BWD_TOL["atol"] * big,
+                                   err_msg=f"{what} vs unfused, {where}")
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * big, err_msg=f"{what} vs reference, {where}")
+
+
+@given(n=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), ci=st.sampled_from([1, 3, 8, 17, 33]),
+       co=st.sampled_from([1, 3, 17, 40]), act=st.sampled_from(ACTS), seed=st.integers(0, 2**16))
+def test_bwd_input_bn_matches_the_unfused_kernels_and_reference(n, h, w, ci, co, act, seed):
+    x, wt, _, gamma, beta, mean, var = problem(n, h, w, ci, co, seed)
+    dy = np.random.default_rng(seed + 1).standard_normal((n, h, w, co)).astype(np.float32)
+    _, mean, invstd = unfused_z(x, gamma, beta, mean, var, act)
+    bn = (gamma, beta, mean, invstd, act)
+    fused = _C.pwconv2d_bwd_input_bn(dy, wt, x, *bn)
+    gz = _C.pwconv2d_bwd_input(dy, wt)
+    unfused = _C.batchnorm_act_train_bwd(gz, x, *bn)
+    reference = R.pwconv2d_bwd_input_bn(*f64(dy, wt, x), *f64(gamma, beta, mean, invstd), act)
+    check_bwd_input_bn(fused, unfused, reference, gz, gamma, invstd, f"x={x.shape} co={co} act={act}")
+
+
+@pytest.mark.parametrize("case", BIG, ids=lambda c: "-".join(map(str, c)))
+def test_bwd_input_bn_threads_agree_bitwise(case, threads):
+    x, wt, dy, gamma, beta, mean, var = problem(*case, seed=7)
+    _, mean, invstd = unfused_z(x, gamma, beta, mean, var, "relu")
+    bn = (gamma, beta, mean, invstd, "relu")
+    results = []
+    for t in (1, 2):
+        threads(t)
+        results.append(_C.pwconv2d_bwd_input_bn(dy, wt, x, *bn))
+    for one, two, what in zip(*results, ("dx", "dgamma", "dbeta")):
+        np.testing.assert_array_equal(one, two, err_msg=f"{what} at 1 vs 2 threads, {case}")
+    unfused = _C.batchnorm_act_train_bwd(_C.pwconv2d_bwd_input(dy, wt), x, *bn)
+    for got, want, what in zip(results[1], unfused, ("dx", "dgamma", "dbeta")):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max())),
+                                   err_msg=f"{what} vs unfused, {case}")
