@@ -278,6 +278,15 @@ void dwconv3x3_f32_row(index_t C, index_t count, index_t step, index_t rs,
     dwconv3x3_f32_rows<A, kBias>(C, count, step, rs, 2 * rs, src, w, out, bias);
 }
 
+// row(r) for r in [0, rows), blocks of `per` rows each done by one thread in order (the blocks of a
+// ChannelStats or GradStats): an orphaned `omp for`, called inside a parallel region.
+template <class F>
+void rows_in_blocks(index_t rows, index_t per, F&& row) {
+#pragma omp for schedule(static)
+    for (index_t r0 = 0; r0 < rows; r0 += per)
+        for (index_t r = r0; r < std::min(rows, r0 + per); ++r) row(r);
+}
+
 // With stats, threads take whole blocks of stats->block() / wo output rows, and each output row
 // is added to the statistics once computed. With t (3x3 kernels with pads_rows only), the input is
 // t(x): every row goes through a RowRing, which applies t once per input row.
@@ -336,13 +345,10 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
                 sum_taps_f32(C, taps, ximg, w, yrow + ow * C);
             }
         };
-        const index_t rows = a.n * a.ho, per = stats ? stats->block() / a.wo : 1;
-#pragma omp for schedule(static)
-        for (index_t r0 = 0; r0 < rows; r0 += per)
-            for (index_t r = r0; r < std::min(rows, r0 + per); ++r) {
-                row(r / a.ho, r % a.ho);
-                if (stats) stats->add(r * a.wo, a.wo, 0, C, y + r * a.wo * C, C);
-            }
+        rows_in_blocks(a.n * a.ho, stats ? stats->block() / a.wo : 1, [&](index_t r) {
+            row(r / a.ho, r % a.ho);
+            if (stats) stats->add(r * a.wo, a.wo, 0, C, y + r * a.wo * C, C);
+        });
     }
 }
 
@@ -446,13 +452,10 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
                 sum_taps_f32(C, taps, dyimg, w, dxrow + iw * C);
             }
         };
-        const index_t rows = a.n * a.h, per = stats ? stats->block() / a.w : 1;
-#pragma omp for schedule(static)
-        for (index_t r0 = 0; r0 < rows; r0 += per)
-            for (index_t r = r0; r < std::min(rows, r0 + per); ++r) {
-                row(r / a.h, r % a.h);
-                if (stats) stats->add(r * a.w, a.w, 0, C, dx + r * a.w * C, x + r * a.w * C, C);
-            }
+        rows_in_blocks(a.n * a.h, stats ? stats->block() / a.w : 1, [&](index_t r) {
+            row(r / a.h, r % a.h);
+            if (stats) stats->add(r * a.w, a.w, 0, C, dx + r * a.w * C, x + r * a.w * C, C);
+        });
     }
 }
 

@@ -94,17 +94,21 @@ def test_threads_agree_bitwise(case, act, threads):
     results = []
     for t in (1, 2):
         threads(t)
-        results.append((*_C.pwconv2d_bn_act_fwd_stats(x, wt, *bn), _C.pwconv2d_bn_act_bwd_weight(x, dy, *bn)))
+        results.append((*_C.pwconv2d_bn_act_fwd_stats(x, wt, *bn), _C.pwconv2d_bn_act_bwd_weight(x, dy, *bn),
+                        *_C.pwconv2d_bwd_input_bn(dy, wt, x, *bn)))
         if t == 1:  # (sgemm splits a long K across threads: other sums)
             unfused = (_C.pwconv2d_fwd(z, wt), _C.pwconv2d_bwd_weight(z, dy))
-    for one, two, what in zip(*results, ("y", "mean", "var", "dw")):
+    for one, two, what in zip(*results, ("y", "mean", "var", "dw", "dx", "dgamma", "dbeta")):
         np.testing.assert_array_equal(one, two, err_msg=f"{what} at 1 vs 2 threads, {case}")
-    y, _, _, dw = results[1]
+    y, _, _, dw = results[1][:4]
     np.testing.assert_array_equal(y, unfused[0], err_msg=f"y vs unfused, {case}")
     np.testing.assert_array_equal(dw, unfused[1], err_msg=f"dw vs unfused, {case}")
     rows = x.size // x.shape[-1]
     np.testing.assert_allclose(dw, R.pwconv2d_bwd_weight(*f64(z, dy)), rtol=1e-4, atol=1e-5 * np.sqrt(rows),
                                err_msg=f"dw vs reference, {case}")
+    gz = _C.pwconv2d_bwd_input(dy, wt)
+    reference = R.pwconv2d_bwd_input_bn(*f64(dy, wt, x), *f64(*bn[:4]), act)
+    check_bwd_input_bn(results[1][4:], _C.batchnorm_act_train_bwd(gz, x, *bn), reference, gz, gamma, invstd, str(case))
 
 
 def test_nan_statistics_propagate():
@@ -149,20 +153,3 @@ def test_bwd_input_bn_matches_the_unfused_kernels_and_reference(n, h, w, ci, co,
     unfused = _C.batchnorm_act_train_bwd(gz, x, *bn)
     reference = R.pwconv2d_bwd_input_bn(*f64(dy, wt, x), *f64(gamma, beta, mean, invstd), act)
     check_bwd_input_bn(fused, unfused, reference, gz, gamma, invstd, f"x={x.shape} co={co} act={act}")
-
-
-@pytest.mark.parametrize("case", BIG, ids=lambda c: "-".join(map(str, c)))
-def test_bwd_input_bn_threads_agree_bitwise(case, threads):
-    x, wt, dy, gamma, beta, mean, var = problem(*case, seed=7)
-    _, mean, invstd = unfused_z(x, gamma, beta, mean, var, "relu")
-    bn = (gamma, beta, mean, invstd, "relu")
-    results = []
-    for t in (1, 2):
-        threads(t)
-        results.append(_C.pwconv2d_bwd_input_bn(dy, wt, x, *bn))
-    for one, two, what in zip(*results, ("dx", "dgamma", "dbeta")):
-        np.testing.assert_array_equal(one, two, err_msg=f"{what} at 1 vs 2 threads, {case}")
-    unfused = _C.batchnorm_act_train_bwd(_C.pwconv2d_bwd_input(dy, wt), x, *bn)
-    for got, want, what in zip(results[1], unfused, ("dx", "dgamma", "dbeta")):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max())),
-                                   err_msg=f"{what} vs unfused, {case}")
