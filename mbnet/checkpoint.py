@@ -7,7 +7,7 @@ ARCH is ``model.config()`` of an image classifier: the architecture (arch, alpha
 input_size, stem_stride, act, dropout), the class names and the input normalization (mean, std on
 the [0, 1] pixel scale), so ``mbnet.models.load(path)`` rebuilds the model with no flag repeated.
 
-A training checkpoint (``python -m mbnet.train``'s last.npz / best.npz) is the same file plus
+A training checkpoint (``python -m mbnet.train``'s last.npz) is the same file plus
 "optim/<key>" and "ema/<key>" arrays and the run's position in "meta" (config, epoch, batch, step,
 metrics...). Every reader takes both. Where a checkpoint holds an EMA of the weights, readers yield
 the EMA weights unless asked for the raw ones (``ema=False``): the EMA is what training reports.

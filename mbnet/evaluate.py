@@ -1,6 +1,6 @@
 """Evaluates weights on the test split of their data set: `python -m mbnet.evaluate WEIGHTS [options]`.
 
-WEIGHTS is any mbnet weights file (model.save), training checkpoint (last.npz, best.npz) or, like
+WEIGHTS is any mbnet weights file (model.save), training checkpoint (last.npz) or, like
 everything mbnet.models.load reads, a PyTorch .pt/.pth state_dict of a MobileNetV1. Prints
 the test accuracy, the accuracy of each class and the confusion matrix (rows: true class, columns:
 predicted; with more than 20 classes the 20 largest confusions instead), named by the model's

@@ -1,7 +1,7 @@
 """Classifies images with a trained model: `python -m mbnet.predict WEIGHTS IMAGE_OR_FOLDER... [options]`.
 
 WEIGHTS is anything ``mbnet.models.load`` reads: an mbnet weights file (model.save), a training
-checkpoint (last.npz, best.npz; its EMA weights unless --no-ema) or a PyTorch .pt/.pth state_dict.
+checkpoint (last.npz; its EMA weights unless --no-ema) or a PyTorch .pt/.pth state_dict.
 Each image (JPEG, PNG or anything else Pillow reads, any size and mode) gets the model's own
 preprocessing: ``data.load_image`` (RGB, alpha dropped), ``data.fit_image`` (shorter side resized
 to the model's input size, center crop), ``data.normalize`` with the mean and std stored in the

@@ -222,7 +222,7 @@ def write_metrics(out, metrics):
 
 
 # The files a run writes through temp files named <file><random>.tmp<suffix>.
-RUN_FILES = ("last.npz", "best.npz", "curves.png", "metrics.jsonl", "config.json")
+RUN_FILES = ("last.npz", "curves.png", "metrics.jsonl", "config.json")
 
 
 def remove_orphans(out):

@@ -1,8 +1,8 @@
 """Trains MobileNetV1 on CIFAR-10, CIFAR-100 or an image folder: `python -m mbnet.train [options]` (see --help).
 
 A run directory (--out) receives metrics.jsonl (one JSON object per epoch), curves.png, config.json
-and the checkpoints last.npz (every epoch, and on Ctrl-C/SIGTERM) and best.npz (best test
-accuracy). --resume continues from last.npz at the exact step it was saved; with the same thread
+and the checkpoint last.npz (every epoch, and on Ctrl-C/SIGTERM). No checkpoint is chosen by its
+test accuracy: the test split only measures. --resume continues from last.npz at the exact step it was saved; with the same thread
 count the resumed run ends with bit-identical weights to an unbroken one, because every random
 choice (shuffle, augmentation, mixup/CutMix, dropout) is a pure function of (seed, epoch, batch / step).
 --init WEIGHTS starts a new run from any weights file mbnet.models.load reads. --recipe NAME sets a
@@ -155,7 +155,7 @@ def build_parser():
     p.add_argument("--on-nan", choices=("stop", "skip"), default="stop",
                    help="on a non-finite loss or gradient: stop (default; exit 3) or skip the step "
                         f"(stop after {SKIP_LIMIT} in a row); non-finite weights are never saved")
-    p.epilog = ("Checkpoints (last.npz, best.npz) hold the raw weights and, with --ema, their EMA; every reader "
+    p.epilog = ("The checkpoint (last.npz) holds the raw weights and, with --ema, their EMA; every reader "
                 "(--init, mbnet.evaluate, predict, export, mbnet.models.load) yields the EMA weights when the file has "
                 "them (mbnet.evaluate --no-ema: the raw ones). Exit status: 0 done, 1 a file could not be written, "
                 "2 bad options, data or run directory, 3 diverged (non-finite), 130 Ctrl-C, 143 SIGTERM.")
@@ -283,8 +283,8 @@ def _fresh_sums():
 
 class Run:
     """A training run in its directory ``out``: cfg, loaders, model, optimizer, EMA (or None) and
-    the position ``pos`` (epoch, batch, metrics, running sums of the epoch in progress, best
-    score, elapsed time), which is what a checkpoint saves besides the arrays.
+    the position ``pos`` (epoch, batch, metrics, running sums of the epoch in progress, elapsed
+    time), which is what a checkpoint saves besides the arrays.
 
     On R ranks (``world``, mbnet.distributed): the loaders hold this rank's shard, the loss is
     scaled so that the gradients summed by ``reducer`` are the global batch's, the step's loss
@@ -321,7 +321,7 @@ class Run:
                     threads=_C.get_num_threads(), ranks=self.world.size)
 
     def save(self, name):
-        """Writes the checkpoint ``name`` (last.npz, best.npz), never with non-finite weights."""
+        """Writes the checkpoint ``name`` (last.npz), never with non-finite weights."""
         path = self.out / name
         states = [self.model.named_state().values()] + ([self.ema.shadow.values()] if self.ema else [])
         if not all(all_finite(s) for s in states):
@@ -425,7 +425,7 @@ class Run:
         return loss_sum / max(n, 1), correct / max(n, 1)
 
     def finish_epoch(self):
-        """Evaluates, appends the epoch's metrics, saves last.npz (and best.npz), metrics.jsonl and
+        """Evaluates, appends the epoch's metrics, saves last.npz, metrics.jsonl and
         curves.png, prints the epoch's line; -> True after the last epoch."""
         cfg, pos, model, ema = self.cfg, self.pos, self.model, self.ema
         epoch, sums = pos["epoch"], pos["sums"]
@@ -459,15 +459,9 @@ class Run:
         m["epoch_time"] = time.perf_counter() - t_eval + sums["time"]
         m["wall_time"] = pos["elapsed"]
         pos["metrics"].append(m)
-        score = m.get("ema_test_acc", test_acc)
-        is_best = pos["best"] is None or score > pos["best"]
-        if is_best:
-            pos["best"] = score
         pos["epoch"], pos["batch"] = epoch + 1, 0
         pos["sums"] = _fresh_sums()
         self.save("last.npz")
-        if is_best:
-            self.save("best.npz")
         try:
             if self.world.rank == 0:
                 write_metrics(self.out, pos["metrics"])
@@ -510,7 +504,10 @@ class Run:
                 if interrupt.requested and not final:
                     print(f"mbnet: saved {out / 'last.npz'} after epoch {self.pos['epoch']}; {resume}", file=sys.stderr)
                     return interrupt.status
-        print(f"mbnet: done; best test accuracy {100 * self.pos['best']:.2f}%; run dir {out}", file=sys.stderr)
+        m = self.pos["metrics"][-1]
+        accs = [f"{name} {100 * m[key]:.2f}%" for name, key in (("test accuracy", "test_acc"), ("EMA", "ema_test_acc"),
+                                                                 ("EMA + flip TTA", "tta_test_acc")) if key in m]
+        print(f"mbnet: done; final epoch: {', '.join(accs)}; run dir {out}", file=sys.stderr)
         return 0
 
 
@@ -620,7 +617,7 @@ def start_run(args, argv, parser, out, world=None):
                                                     f"(the weights have {source.num_classes})"), file=sys.stderr)
     opt = optim.make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], weight_decay=weight_decays(model, cfg))
     ema = optim.EMA(model.state_dict(), cfg["ema_decay"]) if cfg["ema"] else None
-    pos = {"epoch": 0, "batch": 0, "metrics": [], "sums": _fresh_sums(), "best": None, "elapsed": 0.0}
+    pos = {"epoch": 0, "batch": 0, "metrics": [], "sums": _fresh_sums(), "elapsed": 0.0}
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])

@@ -301,7 +301,7 @@ def test_train_on_two_ranks_resumes_bit_for_bit_and_only_rank0_writes(tiny, tmp_
     a, b = tmp_path / "a", tmp_path / "b"
     r, _ = _train_two_ranks(tiny, a, "none", *common)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in a.iterdir()) == ["best.npz", "config.json", "curves.png", "last.npz",
+    assert sorted(p.name for p in a.iterdir()) == ["config.json", "curves.png", "last.npz",
                                                    "metrics.jsonl", "run.lock"]
     assert r.stderr.count("epoch 2/2: train loss") == 1  # rank 0 alone prints
     r, _ = _train_two_ranks(tiny, b, "term@0", *common)

@@ -30,7 +30,7 @@ def _strict_json_lines(path):
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
-def _snapshot(out, names=("last.npz", "best.npz")):
+def _snapshot(out, names=("last.npz",)):
     return {n: (out / n).read_bytes() for n in names if (out / n).exists()}
 
 
@@ -58,7 +58,7 @@ def test_a_huge_learning_rate_stops_with_a_message_and_saves_nothing(tiny, tmp_p
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mbnet: non-finite ") and "epoch 1, step " in err and "learning rate" in err
     assert "nothing was saved" in err and "--on-nan skip" in err
-    assert not (out / "last.npz").exists() and not (out / "best.npz").exists() and not (out / "metrics.jsonl").exists()
+    assert not (out / "last.npz").exists() and not (out / "metrics.jsonl").exists()
 
 
 def test_nan_in_epoch_2_keeps_epoch_1s_checkpoints(tiny, tmp_path, monkeypatch, capsys):
@@ -70,7 +70,7 @@ def test_nan_in_epoch_2_keeps_epoch_1s_checkpoints(tiny, tmp_path, monkeypatch, 
     assert (f"mbnet: non-finite loss at epoch 2, step 3/{SPE} (global step {SPE + 3}); "
             "likely cause: the learning rate") in err
     assert f"{out / 'last.npz'} is intact" in err
-    assert saved.keys() == {"last.npz", "best.npz"} and _snapshot(out) == saved
+    assert saved.keys() == {"last.npz"} and _snapshot(out) == saved
     assert [m["epoch"] for m in _strict_json_lines(out / "metrics.jsonl")] == [1]
     assert _meta(out / "last.npz")["epoch"] == 1
 
@@ -284,14 +284,14 @@ def test_a_failed_save_names_the_file_and_errno_and_keeps_the_previous_checkpoin
 
     def hook(step):
         if step == SPE:  # epoch 2's first step: epoch 1 is saved; the disk fills now
-            saved.update(_snapshot(out, ("last.npz", "best.npz", "metrics.jsonl")))
+            saved.update(_snapshot(out, ("last.npz", "metrics.jsonl")))
             _fail_writes(monkeypatch, err)
 
     assert train.main(_args(tiny, out, "--epochs", "2"), on_step=hook) == 1
     err_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert err_line == (f"mbnet: cannot write {out / 'last.npz'}: [Errno {err}] {os.strerror(err)}; "
                         f"{out / 'last.npz'} is intact")
-    assert _snapshot(out, ("last.npz", "best.npz", "metrics.jsonl")) == saved and len(saved) == 3
+    assert _snapshot(out, ("last.npz", "metrics.jsonl")) == saved and len(saved) == 2
     assert not list(out.glob("*.tmp*"))
 
 
@@ -320,9 +320,9 @@ def test_orphaned_temp_files_are_removed_and_files_get_umask_modes(tiny, tmp_pat
         assert train.main(_args(tiny, out, "--epochs", "1", "--limit-train", "64", "--limit-test", "32")) == 0
     finally:
         os.umask(old)
-    for name in ("last.npz", "best.npz", "curves.png", "metrics.jsonl", "config.json", "run.lock"):
+    for name in ("last.npz", "curves.png", "metrics.jsonl", "config.json", "run.lock"):
         assert (out / name).stat().st_mode & 0o777 == 0o640, name
-    orphans = ["last.npzk2j4.tmp.npz", "best.npz_x1.tmp.npz", "curves.pngab.tmp.png", "metrics.jsonlq.tmp.jsonl"]
+    orphans = ["last.npzk2j4.tmp.npz", "last.npz_x1.tmp.npz", "curves.pngab.tmp.png", "metrics.jsonlq.tmp.jsonl"]
     for name in orphans + ["notes.tmp.npz"]:
         (out / name).write_bytes(b"half")
     capsys.readouterr()
