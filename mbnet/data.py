@@ -14,6 +14,10 @@ Sources (load_data; `kind` is the --dataset name):
   Without a test/ or val/ split, val_split=F holds out round(F * n) images of each class of train/
   (a fixed choice that depends only on the file names).
 
+val_split=F on data that has its own test split (every kind; a folder with test/ or val/) holds out
+the same way from the decoded train split, and the test split is not read: the split to choose
+options on (recipes, ablations) without the test split ever choosing anything.
+
 Preprocessing (fit_image, the same for training, evaluation and prediction): every image is
 converted to RGB (grayscale, palette and RGBA alike; alpha is dropped), its shorter side resized to S
 (bilinear) and the center S x S cropped. This is done once per data set and resolution, in worker
@@ -290,17 +294,35 @@ def _carve(labels, fraction):
     return held
 
 
+def _carve_checked(labels, fraction, what):
+    held = _carve(labels, fraction)
+    if not held.any():
+        raise DataError(f"--val-split {fraction}: holds out no image of {what} (too few images per class)")
+    return held
+
+
+def _hold_out(d, fraction):
+    """d (load_data's) with its test arrays replaced by the fixed fraction of each class of its train
+    split that _carve holds out (in memory; the cache keeps both splits), and that removed from train."""
+    held = _carve_checked(d["train_y"], fraction, f"{d['source']}'s train split")
+    out = dict(d, test_split=f"{fraction:g} of train (the {d['test_split']} split is not read)")
+    for part in ("x", "y", "coarse_y"):
+        if f"train_{part}" in d:
+            a = d[f"train_{part}"]
+            out[f"train_{part}"], out[f"test_{part}"] = a[~held], a[held]
+    return out
+
+
 def list_folder(root, val_split=None):
     """root/train/<class>/... and root/test/ (or val/) -> dict(classes, test_split, train (paths,
-    labels), test (paths, labels)); with val_split and no test/val folder, test is carved from train."""
+    labels), test (paths, labels)); with val_split and no test/val folder, test is carved from train
+    (with one, load_data carves val_split from the decoded train split)."""
     root = Path(root)
     train = root / "train"
     classes = _class_folders(train)
     if not classes:
         raise DataError(f"{train}: no class folders (expected {train}/<class>/*.png or *.jpg)")
     test_split = next((s for s in ("test", "val") if (root / s).is_dir()), None)
-    if test_split and val_split:
-        raise DataError(f"--val-split: {root} already has a {test_split}/ split; drop --val-split or that folder")
     if not test_split and not val_split:
         raise DataError(f"{root}: no test/ or val/ folder beside train/; add one, or pass --val-split F "
                         "to hold out a fraction F of train/")
@@ -315,9 +337,7 @@ def list_folder(root, val_split=None):
                             "both splits need the same class folders")
         te = _list_split(d, classes, require=False)
     else:
-        held = _carve(tr[1], val_split)
-        if not held.any():
-            raise DataError(f"--val-split {val_split}: holds out no image of {train} (too few images per class)")
+        held = _carve_checked(tr[1], val_split, train)
         paths = np.array(tr[0], dtype=object)
         te = list(paths[held]), tr[1][held]
         tr = list(paths[~held]), tr[1][~held]
@@ -556,12 +576,14 @@ def load_data(data_dir=None, *, dataset=None, resolution=32, val_split=None, cac
     if kind == "folder":
         listing = list_folder(src, val_split)  # checks the tree before anything is decoded
         files = listing["train"][0] + listing["test"][0]
+        hold_out = val_split if listing["test_split"] in ("test", "val") else None
     else:
-        if val_split is not None:
-            raise DataError(f"--val-split: {src} ({kind}) already has a test split")
+        hold_out = val_split
         spec = PICKLES[kind]
         files = [str(src / n) for n in spec["train"] + spec["test"] + (("meta",) if kind == "cifar100" else ())]
         files = [f for f in files if os.path.exists(f)]
+    if hold_out is not None:  # the data's own splits are cached; the held-out part is carved on loading
+        val_split = None
     key = hashlib.sha256(f"v{CACHE_VERSION}|{kind}|{_fingerprint(src, sorted(files))}|{resolution}|{val_split}"
                          .encode()).hexdigest()[:20]
     d = cache_dir / f"{kind}-{resolution}px-{key}"
@@ -571,7 +593,8 @@ def load_data(data_dir=None, *, dataset=None, resolution=32, val_split=None, cac
         except Exception as e:
             print(f"mbnet: the data cache {d} is damaged ({e}); rebuilding it", file=sys.stderr)
         else:
-            return dict(out, kind=kind, source=str(src), cache=str(d))
+            out = dict(out, kind=kind, source=str(src), cache=str(d))
+            return out if hold_out is None else _hold_out(out, hold_out)
     try:
         _build_cache(d, kind, src, resolution, val_split, listing, workers, verbose)
         out = _check_cache(d)
@@ -579,7 +602,8 @@ def load_data(data_dir=None, *, dataset=None, resolution=32, val_split=None, cac
         raise DataError(f"cannot write the data cache {d} ({e}); set MBNET_CACHE to a writable directory") from None
     except ValueError as e:
         raise DataError(f"the data cache {d} just written does not check ({e})") from None
-    return dict(out, kind=kind, source=str(src), cache=str(d))
+    out = dict(out, kind=kind, source=str(src), cache=str(d))
+    return out if hold_out is None else _hold_out(out, hold_out)
 
 
 def _subset(n, limit):

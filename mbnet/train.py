@@ -115,7 +115,9 @@ def build_parser():
            "or val/<class>/ (else $MBNET_DATA, else the cache dir, where CIFAR-10/100 is downloaded)")
     a("--dataset", choices=D.DATASETS, default=None, help="default: detected from --data-dir")
     a("--val-split", type=float_in(0, 1, lo_open=True, hi_open=True), default=None, metavar="F",
-      help="image folders without test/ or val/: hold out the fraction F of each class of train/ (a fixed choice)")
+      help="hold out the fraction F of each class of the train split (a fixed choice) and evaluate on it: required "
+           "for image folders without test/ or val/; on data with a test split, that split is then not read "
+           "(for choosing options without it)")
     a("--crop-padding", type=float_in(0, 0.5, hi_open=True), default=4 / 32, metavar="F",
       help="random crop of the image zero-padded by F x the resolution on each side (default 0.125: 4 px at 32)")
     a("--random-resized-crop", type=float_in(0, 1, lo_open=True), default=None,

@@ -180,8 +180,6 @@ def test_val_folder_and_errors_name_the_folders(tmp_path):
     shutil.copytree(tmp_path / "t" / "test", root / "test")
     assert data.load_data(root)["test_split"] == "test"  # test/ wins over val/
     shutil.rmtree(root / "test")
-    with pytest.raises(data.DataError, match="already has a val/"):
-        data.load_data(root, val_split=0.2)
 
     shutil.rmtree(root / "val" / "dogs")
     with pytest.raises(data.DataError, match=r"val: .*missing dogs"):
@@ -224,6 +222,28 @@ def test_cifar100_pickles(cifar100, tmp_path):
     bad = write_cifar100(tmp_path / "bad", bad_label=100)
     with pytest.raises(data.DataError, match=r"cifar-100-python/test: fine_labels 100 outside the 100 classes"):
         data.load_data(bad)
+
+
+def test_val_split_on_data_with_a_test_split_holds_out_of_train_and_never_reads_the_test_split(cifar100, tmp_path):
+    """--val-split on a data set that has its own test split (CIFAR pickles, a folder with val/): the
+    evaluation split is the fixed fraction of each class of train that _carve holds out, taken out
+    of train, every label array alike; the test split's images appear nowhere."""
+    whole = data.load_data(cifar100.parent, resolution=16)
+    d = data.load_data(cifar100.parent, resolution=16, val_split=0.25)
+    assert d["test_split"] == "0.25 of train (the test split is not read)" and d["cache"] == whole["cache"]
+    held = data._carve(whole["train_y"], 0.25)
+    assert 0 < held.sum() < len(held)
+    for part in ("x", "y", "coarse_y"):
+        np.testing.assert_array_equal(d[f"test_{part}"], whole[f"train_{part}"][held], err_msg=part)
+        np.testing.assert_array_equal(d[f"train_{part}"], whole[f"train_{part}"][~held], err_msg=part)
+    rows = lambda x: {r.tobytes() for r in np.asarray(x)}  # noqa: E731
+    assert not (rows(d["train_x"]) | rows(d["test_x"])) & rows(whole["test_x"])
+
+    root = write_folder(tmp_path / "v", THREE, 4, 2, test_split="val")
+    f = data.load_data(root, val_split=0.25)
+    assert f["test_split"] == "0.25 of train (the val split is not read)"
+    np.testing.assert_array_equal(f["test_y"], np.arange(3))  # round(0.25 * 4) of each class
+    assert len(f["train_y"]) == 9 and not rows(f["test_x"]) & rows(data.load_data(root)["test_x"])
 
 
 def test_cifar100_download_is_md5_checked(cifar100, tmp_path, cache, monkeypatch):
@@ -460,6 +480,14 @@ def test_cifar100_trains_and_evaluates(cifar100, tmp_path, capsys):
     assert cfg["dataset"] == "cifar100" and cfg["num_classes"] == 100 and cfg["classes"][:2] == FINE[:2]
     text = _evaluate(out, cifar100.parent, capsys)
     assert "fine99" in text and "largest confusions" in text and "->" in text
+
+
+def test_cifar100_val_split_trains_and_evaluates_on_the_held_out_part(cifar100, tmp_path, capsys):
+    out, cfg = _train(tmp_path, cifar100.parent, "--resolution", "16", "--val-split", "0.25")
+    assert cfg["val_split"] == 0.25
+    held = int(data._carve(data.load_data(cifar100.parent, resolution=16)["train_y"], 0.25).sum())
+    text = _evaluate(out, cifar100.parent, capsys)  # evaluate reads the run's --val-split: the same images
+    assert f"/{held})" in text and f"/40)" not in text  # the held-out part, not the 40 test images
 
 
 def test_data_errors_are_one_line_messages(tmp_path, capsys):
