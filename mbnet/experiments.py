@@ -148,6 +148,17 @@ def recipe(settings):
         shlex.split(settings["train_args"])
 
 
+def accuracy_name(settings):
+    """(short name, sentence) of the accuracy the runs report: on the test split, or, with --val-split F in
+    --train-args, on the fixed fraction F of the train split the trainer holds out (the test split unread)."""
+    args = recipe(settings)
+    split = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--val-split"), None)
+    if split is None:
+        return "test accuracy", "Test accuracy"
+    return "held-out accuracy", (f"Held-out accuracy (the fixed {float(split):g} of each class of the train split "
+                                 "that --val-split holds out; the test split is not read)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs
 
@@ -397,8 +408,8 @@ def not_one_quiet_machine(r):
     return len(machines) > 1 or "unknown" in machines or r.get("shared_epochs", 0) > 0
 
 
-def markdown_table(results):
-    lines = ["| model | test accuracy | Δ vs first row | mult-adds | params | latency, batch 1 | latency, batch 128 "
+def markdown_table(results, accuracy="test accuracy"):
+    lines = [f"| model | {accuracy} | Δ vs first row | mult-adds | params | latency, batch 1 | latency, batch 128 "
              "| training time | paper (ImageNet): model, top-1, Δ, mult-adds, params |",
              "|---|--:|---|--:|--:|--:|--:|--:|---|"]
     paper0 = results[0]["paper"]
@@ -431,7 +442,7 @@ def grid_table(results, settings):
     return lines
 
 
-def write_figures(out, grid, measured):
+def write_figures(out, grid, measured, accuracy="test accuracy"):
     """The three PNGs (FIGURES) from the finished runs of the grid and all measured runs."""
     from .plot import plot_points
 
@@ -444,9 +455,9 @@ def write_figures(out, grid, measured):
         return series
 
     plot_points(by_alpha("mult_adds"), out / FIGURES["fig4"], xlabel="mult-adds per image (log scale)",
-                ylabel="CIFAR-10 test accuracy (%)", title="Figure 4 on CIFAR-10: accuracy vs mult-adds")
+                ylabel=f"CIFAR-10 {accuracy} (%)", title="Figure 4 on CIFAR-10: accuracy vs mult-adds")
     plot_points(by_alpha("params"), out / FIGURES["fig5"], xlabel="parameters (log scale)",
-                ylabel="CIFAR-10 test accuracy (%)", title="Figure 5 on CIFAR-10: accuracy vs parameters")
+                ylabel=f"CIFAR-10 {accuracy} (%)", title="Figure 5 on CIFAR-10: accuracy vs parameters")
     timed = [r for r in measured if r.get("batch_1_ms") is not None]
     notes = {r["run"]: "" if r["arch"] == "mobilenet" else r["arch"] for r in timed}  # the models off the grid
     series = {"batch 1": [(r["mult_adds"], r["batch_1_ms"], notes[r["run"]]) for r in timed],
@@ -481,7 +492,7 @@ def write_report(out, settings, tables, manifest):
     md = [f"# The paper's trade-offs on CIFAR-10{' (--tiny: a smoke test, not results)' if settings['tiny'] else ''}",
           "",
           f"Recipe: `python -m mbnet.train {shlex.join(recipe(settings))}` (the trainer's defaults otherwise) for "
-          f"every run. Test accuracy: the final epoch, {what} (no epoch chosen by test score). Mult-adds and "
+          f"every run. {accuracy_name(settings)[1]}: the final epoch, {what} (no epoch chosen by test score). Mult-adds and "
           f"parameters: `summary()` at the run's input size, 10 classes. Latency: median of "
           f"{' and '.join(f'{n} calls at batch {b}' for b, n in latency_repeats(settings).items())} "
           f"after one untimed call, {', '.join(engines)}, {settings['threads']} thread(s), "
@@ -504,9 +515,9 @@ def write_report(out, settings, tables, manifest):
     for name in names:
         if name in ("figures", "noise"):
             continue
-        md += [f"## {tables[name].title}", ""] + markdown_table(results[name]) + [""]
+        md += [f"## {tables[name].title}", ""] + markdown_table(results[name], accuracy_name(settings)[0]) + [""]
     if "figures" in names:
-        md += [f"## {tables['figures'].title}", "", "Test accuracy, mult-adds:", ""]
+        md += [f"## {tables['figures'].title}", "", f"{accuracy_name(settings)[1].split(' (')[0]}, mult-adds:", ""]
         md += grid_table(results["figures"], settings) + [""]
         md += [f"![Figure 4]({FIGURES['fig4']}) ![Figure 5]({FIGURES['fig5']})", ""]
     md += ["## Latency against mult-adds", "",
@@ -514,9 +525,9 @@ def write_report(out, settings, tables, manifest):
            "mult-adds: points above them run slower than their count predicts (the memory-bound depthwise "
            "layers weigh more in small and narrow models).", "", f"![latency]({FIGURES['latency']})", ""]
     if "noise" in names:
-        md += [f"## {tables['noise'].title}", ""] + markdown_table(results["noise"]) + [""]
+        md += [f"## {tables['noise'].title}", ""] + markdown_table(results["noise"], accuracy_name(settings)[0]) + [""]
     write_text(out / "results.md", "\n".join(md))
-    write_figures(out, results.get("figures", []), list(every.values()))
+    write_figures(out, results.get("figures", []), list(every.values()), accuracy_name(settings)[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -164,6 +164,19 @@ def test_report_only_trains_nothing_and_shows_pending_rows(tiny_data, env, tmp_p
     assert all((out / png).read_bytes()[:8] == PNG for png in experiments.FIGURES.values())
 
 
+def test_a_sweep_with_val_split_says_it_reports_the_held_out_accuracy(tiny_data, env, tmp_path):
+    """--train-args '--val-split F' (options chosen without the test split): every run evaluates on
+    the held-out part of train, and the report names that accuracy instead of the test split's."""
+    out = tmp_path / "val"
+    assert _sweep(tiny_data, out, "table5", "--train-args", "--val-split 0.25") == 0
+    for run in _runs(out):
+        assert json.loads((out / "runs" / run / "config.json").read_text())["val_split"] == 0.25
+    md = (out / "results.md").read_text()
+    assert "| model | held-out accuracy |" in md and "| model | test accuracy |" not in md
+    assert "Held-out accuracy (the fixed 0.25 of each class of the train split" in md
+    assert "the test split is not read" in md
+
+
 def test_bad_options_are_one_line(tiny_data, env, tmp_path, capsys):
     assert _sweep(tiny_data, tmp_path / "a", "--train-args", "--schedule onecycle --gamma 0.5") == 2
     err = capsys.readouterr().err
