@@ -148,18 +148,7 @@ void grad_sums(const BnShape& R, const float* dy, const float* x, const std::vec
                std::vector<double>& sum_dz, std::vector<double>& sum_dz_xc) {
     Partials P(R.W, 2);
     for_each_row(R, [&](index_t o, index_t len) {
-        double* __restrict__ sb = P.mine(0);
-        double* __restrict__ sg = P.mine(1);
-        const float* __restrict__ mu = mean_r.data();
-        const float* __restrict__ a = scale_r.data();
-        const float* __restrict__ b = shift_r.data();
-        const float* __restrict__ dyr = dy + o;
-        const float* __restrict__ xr = x + o;
-        for (index_t j = 0; j < len; ++j) {
-            float g = masked_pre<A>(dyr[j], preact(xr[j], mu[j], a[j], b[j]));
-            sb[j] += double(g);
-            sg[j] += double(g * (xr[j] - mu[j]));
-        }
+        grad_sums_row<A>(len, dy + o, x + o, mean_r.data(), scale_r.data(), shift_r.data(), P.mine(0), P.mine(1));
     });
     sum_dz = P.fold(0, R.C);
     sum_dz_xc = P.fold(1, R.C);

@@ -363,12 +363,26 @@ class ChannelStats {
     std::vector<double> s_, q_;  // (blocks, C): sums, squares
 };
 
+// BatchNorm backward's two per-channel sums over one row of n channels: s += dz and
+// q += dz * (x - mean), dz = dy masked at the pre-activation (x - mean) * a + sh. Shared by
+// GradStats (a convolution's input gradient) and batchnorm.cpp's standalone backward.
+template <Act A>
+inline void grad_sums_row(index_t n, const float* __restrict__ dy, const float* __restrict__ x,
+                          const float* __restrict__ mu, const float* __restrict__ a, const float* __restrict__ sh,
+                          double* __restrict__ s, double* __restrict__ q) {
+    for (index_t j = 0; j < n; ++j) {
+        const float g = masked_pre<A>(dy[j], preact(x[j], mu[j], a[j], sh[j]));
+        s[j] += double(g);
+        q[j] += double(g * (x[j] - mu[j]));
+    }
+}
+
 // The two per-channel sums of training BatchNorm's backward, sum(dz) and sum(dz * (x - mean)) with
 // dz = dy masked by act's derivative at x's pre-activation, gathered as a convolution's
 // input-gradient kernel produces dy (the gradient of the BatchNorm's output) while each tile of
 // it is in cache: BatchNorm's backward is then its apply pass alone (batchnorm_act_f32_train_bwd_apply,
 // kernels.h). Blocks of rows and their order as ChannelStats (fixed by the shape): the sums do
-// not depend on the thread count. Each term is formed as batchnorm.cpp's reduction forms it.
+// not depend on the thread count. Rows summed by grad_sums_row, as batchnorm.cpp's own backward.
 class GradStats {
    public:
     GradStats(index_t M, index_t C, index_t block, const ATransform& t)
@@ -410,15 +424,9 @@ class GradStats {
 #if defined(__AVX512F__)
     __attribute__((target("prefer-vector-width=512")))
 #endif
-    static void add_rows(index_t rows, index_t nc, const float* __restrict__ dy, const float* __restrict__ x,
-                         index_t ld, const float* __restrict__ mu, const float* __restrict__ a,
-                         const float* __restrict__ sh, double* __restrict__ s, double* __restrict__ q) {
-        for (index_t i = 0; i < rows; ++i, dy += ld, x += ld)
-            for (index_t j = 0; j < nc; ++j) {
-                const float g = masked_pre<A>(dy[j], preact(x[j], mu[j], a[j], sh[j]));
-                s[j] += double(g);
-                q[j] += double(g * (x[j] - mu[j]));
-            }
+    static void add_rows(index_t rows, index_t nc, const float* dy, const float* x, index_t ld, const float* mu,
+                         const float* a, const float* sh, double* s, double* q) {
+        for (index_t i = 0; i < rows; ++i, dy += ld, x += ld) grad_sums_row<A>(nc, dy, x, mu, a, sh, s, q);
     }
 
     index_t M_, C_, block_;

@@ -149,13 +149,14 @@ def recipe(settings):
 
 
 def accuracy_name(settings):
-    """(short name, sentence) of the accuracy the runs report: on the test split, or, with --val-split F in
-    --train-args, on the fixed fraction F of the train split the trainer holds out (the test split unread)."""
+    """(name, note) of the accuracy the runs report: on the test split, or, with --val-split F in
+    --train-args, on the fixed fraction F of the train split the trainer holds out (the test split unread).
+    note is "" or a parenthesis saying which split."""
     args = recipe(settings)
     split = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--val-split"), None)
     if split is None:
-        return "test accuracy", "Test accuracy"
-    return "held-out accuracy", (f"Held-out accuracy (the fixed {float(split):g} of each class of the train split "
+        return "test accuracy", ""
+    return "held-out accuracy", (f" (the fixed {float(split):g} of each class of the train split "
                                  "that --val-split holds out; the test split is not read)")
 
 
@@ -489,10 +490,11 @@ def write_report(out, settings, tables, manifest):
     done = [r for r in every.values() if r["accuracy"] is not None]
     what = done[0]["accuracy_is"] if done else "EMA + flip TTA"
     engines = sorted({r["engine"] for r in done if r.get("engine")}) or ["—"]
+    acc, acc_note = accuracy_name(settings)
     md = [f"# The paper's trade-offs on CIFAR-10{' (--tiny: a smoke test, not results)' if settings['tiny'] else ''}",
           "",
           f"Recipe: `python -m mbnet.train {shlex.join(recipe(settings))}` (the trainer's defaults otherwise) for "
-          f"every run. {accuracy_name(settings)[1]}: the final epoch, {what} (no epoch chosen by test score). Mult-adds and "
+          f"every run. {acc.capitalize()}{acc_note}: the final epoch, {what} (no epoch chosen by test score). Mult-adds and "
           f"parameters: `summary()` at the run's input size, 10 classes. Latency: median of "
           f"{' and '.join(f'{n} calls at batch {b}' for b, n in latency_repeats(settings).items())} "
           f"after one untimed call, {', '.join(engines)}, {settings['threads']} thread(s), "
@@ -515,9 +517,9 @@ def write_report(out, settings, tables, manifest):
     for name in names:
         if name in ("figures", "noise"):
             continue
-        md += [f"## {tables[name].title}", ""] + markdown_table(results[name], accuracy_name(settings)[0]) + [""]
+        md += [f"## {tables[name].title}", ""] + markdown_table(results[name], acc) + [""]
     if "figures" in names:
-        md += [f"## {tables['figures'].title}", "", f"{accuracy_name(settings)[1].split(' (')[0]}, mult-adds:", ""]
+        md += [f"## {tables['figures'].title}", "", f"{acc.capitalize()}, mult-adds:", ""]
         md += grid_table(results["figures"], settings) + [""]
         md += [f"![Figure 4]({FIGURES['fig4']}) ![Figure 5]({FIGURES['fig5']})", ""]
     md += ["## Latency against mult-adds", "",
@@ -525,9 +527,9 @@ def write_report(out, settings, tables, manifest):
            "mult-adds: points above them run slower than their count predicts (the memory-bound depthwise "
            "layers weigh more in small and narrow models).", "", f"![latency]({FIGURES['latency']})", ""]
     if "noise" in names:
-        md += [f"## {tables['noise'].title}", ""] + markdown_table(results["noise"], accuracy_name(settings)[0]) + [""]
+        md += [f"## {tables['noise'].title}", ""] + markdown_table(results["noise"], acc) + [""]
     write_text(out / "results.md", "\n".join(md))
-    write_figures(out, results.get("figures", []), list(every.values()), accuracy_name(settings)[0])
+    write_figures(out, results.get("figures", []), list(every.values()), acc)
 
 
 # ----------------------------------------------------------------------------------------------
