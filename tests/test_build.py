@@ -107,3 +107,71 @@ def test_freed_activation_memory_is_reused_by_the_next_step():
     assert keeps and faults < 100, faults  # arrays fresh from the kernel would be thousands of faults
     keeps, _ = run(MBNET_NO_MALLOPT="1")
     assert not keeps
+
+
+POOL_ROUND_TRIP = """
+import json, resource, numpy as np
+import mbnet._C as C
+x = np.ones((64, 32, 32, 32), np.float32); w = np.full((32, 64), 0.5, np.float32)  # each y: 16 MB
+def step():  # six large kernel outputs alive at once, then all freed
+    ys = [C.pwconv2d_fwd(x, w) for _ in range(6)]
+    return all(bool((y == 16.0).all()) for y in ys), sorted(y.__array_interface__["data"][0] for y in ys)
+ok1, first = step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+ok2, second = step()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps(dict(pool=C.memory_pool(), ok=ok1 and ok2, same=first == second, faults=faults,
+                      aligned=all(a % (2 << 20) == 0 for a in second))))
+"""
+
+
+def _pool_run(**extra):
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "MBNET_NO_POOL"}
+    out = subprocess.run([sys.executable, "-c", POOL_ROUND_TRIP], env={**env, **extra}, cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+needs_pool = pytest.mark.skipif(not _C.memory_pool()["enabled"],
+                                reason="the huge-page pool is off (not Linux, an AddressSanitizer build, or MBNET_NO_POOL)")
+
+
+@needs_pool
+def test_large_kernel_outputs_come_from_the_huge_page_pool_and_are_reused():
+    """csrc/memory.cpp: a kernel output of 1 MB or more is a 2 MB-aligned block; freed, it is cached,
+    and the next step's outputs of that size take the same blocks back with no new pages.
+    MBNET_NO_POOL=1 turns it off (plain NumPy arrays, the same values)."""
+    r = _pool_run()
+    assert r["ok"] and r["same"] and r["aligned"], r
+    assert r["faults"] < 100, r  # six fresh 16 MB arrays would be thousands of faults
+    assert r["pool"]["enabled"] and r["pool"]["live_bytes"] == 0, r
+    assert r["pool"]["cached_bytes"] == 6 * (16 << 20) and r["pool"]["cached_blocks"] == 6, r
+    off = _pool_run(MBNET_NO_POOL="1")
+    assert off["ok"] and not off["pool"]["enabled"] and off["pool"]["cached_bytes"] == 0, off
+
+
+@needs_pool
+def test_a_view_keeps_its_pooled_block():
+    """A block returns to the pool only when no array uses it: a slice outliving its array keeps the
+    block (and its values) while new outputs of the same size get other blocks."""
+    import numpy as np
+    x = np.ones((16, 32, 32, 32), np.float32)
+    w = np.full((32, 64), 0.25, np.float32)  # y: 4 MB
+    y = _C.pwconv2d_fwd(x, w)
+    base = y.__array_interface__["data"][0]
+    view = y[3:]
+    del y
+    live = _C.memory_pool()["live_bytes"]
+    others = [_C.pwconv2d_fwd(2 * x, w) for _ in range(3)]
+    assert base not in [o.__array_interface__["data"][0] for o in others]
+    assert (view == 8.0).all() and all((o == 16.0).all() for o in others)
+    del view
+    assert _C.memory_pool()["live_bytes"] == live - (4 << 20) + 3 * (4 << 20)
+    small = _C.pwconv2d_fwd(x[:1, :8], w)  # 64 KB: NumPy's allocator, not the pool
+    assert _C.memory_pool()["live_bytes"] == live - (4 << 20) + 3 * (4 << 20) and (small == 8.0).all()
+    del others
+    _C.memory_pool_trim()
+    assert _C.memory_pool()["cached_bytes"] == 0
