@@ -187,18 +187,12 @@ inline std::pair<index_t, index_t> parse_hw(const py::object& obj, const char* n
     return {hw[0], hw[1]};
 }
 
-// memory.cpp: large arrays in huge-page blocks kept for reuse (use_pool says which).
-bool use_pool(std::size_t bytes);
-py::array_t<float> pooled_f32(const std::vector<py::ssize_t>& shape, std::size_t bytes);
-
 // A new float32 array of `shape`, refused (ValueError naming `what`) over the shared bound.
 inline py::array_t<float> new_f32(const std::vector<index_t>& shape,
                                   const std::string& what = "the output") {
     check_alloc(shape, what);
     std::vector<py::ssize_t> s(shape.begin(), shape.end());
-    std::size_t bytes = sizeof(float);
-    for (index_t d : shape) bytes *= static_cast<std::size_t>(d);
-    return use_pool(bytes) ? pooled_f32(s, bytes) : py::array_t<float>(s);
+    return py::array_t<float>(s);
 }
 inline float* ptr(py::array_t<float>& a) { return a.mutable_data(); }
 

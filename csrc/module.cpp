@@ -11,8 +11,6 @@
 namespace mbnet {
 
 void bind_plan(py::module_& m);  // plan.cpp
-py::dict pool_stats();           // memory.cpp
-void pool_trim();
 
 static void set_num_threads(int n) {
     require(n >= 1, "n must be >= 1, got " + std::to_string(n));
@@ -79,10 +77,6 @@ PYBIND11_MODULE(_C, m) {
     m.def("get_num_threads", []() { return omp_get_max_threads(); },
           "The number of OpenMP threads the kernels use.");
     m.def("build_info", &build_info, "How the extension was compiled (SIMD level, OpenMP, compiler).");
-    m.def("memory_pool", &pool_stats,
-          "The huge-page pool of the kernels' large outputs (csrc/memory.cpp): enabled, min_bytes, "
-          "live_bytes, cached_bytes (freed, kept for reuse), cached_blocks.");
-    m.def("memory_pool_trim", &pool_trim, "Unmap the pool's cached (freed) blocks.");
     bind_gemm(m);
     bind_dwconv(m);
     bind_conv2d(m);

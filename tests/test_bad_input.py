@@ -310,8 +310,6 @@ BINDINGS = {
     "ema_update": b_ema_update,
     "get_num_threads": b_no_args,
     "build_info": b_no_args,
-    "memory_pool": b_no_args,
-    "memory_pool_trim": b_no_args,
 }
 
 
@@ -481,11 +479,8 @@ def check_result(name, args_before, result, where):
     if name == "get_num_threads":
         assert isinstance(result, int) and result >= 1, where
         return
-    if name in ("build_info", "memory_pool"):
+    if name == "build_info":
         assert isinstance(result, dict), where
-        return
-    if name == "memory_pool_trim":
-        assert result is None, where
         return
     if name.startswith(("conv2d", "dwconv2d")):  # padding is the last argument
         padding = args_before[-1]
