@@ -3,7 +3,7 @@ from .checkpoint import atomic_write
 
 
 def plot_curves(metrics, path):
-    """metrics: list of per-epoch dicts (epoch, train_loss, train_acc, test_loss, test_acc[, ema_test_acc]);
+    """metrics: list of per-epoch dicts (epoch, train_loss, train_acc[, test_loss, test_acc, ema_test_acc]);
     written atomically (checkpoint.atomic_write: WriteError on failure)."""
     import matplotlib
 
@@ -11,14 +11,16 @@ def plot_curves(metrics, path):
     import matplotlib.pyplot as plt
 
     epochs = [m["epoch"] for m in metrics]
+    evaluated = [m for m in metrics if "test_acc" in m]  # every epoch, or every --eval-every N-th and the last
+    tested = [m["epoch"] for m in evaluated]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
-    ax_loss.plot(epochs, [m["test_loss"] for m in metrics], "o-", label="test")
+    ax_loss.plot(tested, [m["test_loss"] for m in evaluated], "o-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.plot(epochs, [100 * m["train_acc"] for m in metrics], "o-", label="train")
-    ax_acc.plot(epochs, [100 * m["test_acc"] for m in metrics], "o-", label="test")
-    if metrics and "ema_test_acc" in metrics[0]:
-        ax_acc.plot(epochs, [100 * m["ema_test_acc"] for m in metrics], "o-", label="test (EMA)")
+    ax_acc.plot(tested, [100 * m["test_acc"] for m in evaluated], "o-", label="test")
+    if evaluated and "ema_test_acc" in evaluated[0]:
+        ax_acc.plot(tested, [100 * m["ema_test_acc"] for m in evaluated], "o-", label="test (EMA)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

@@ -116,6 +116,28 @@ def test_tiny_run_learns_and_writes_its_files(tiny, tmp_path, capsys):
     assert f"test accuracy: {100 * rows[-1]['tta_test_acc']:.2f}%" in capsys.readouterr().out
 
 
+def test_eval_every_skips_test_passes_and_changes_no_weight(tiny, tmp_path, capsys):
+    """--eval-every 2 over 3 epochs evaluates after epochs 2 and 3 (the last) only, the curves and the epoch
+    lines follow, and the weights are bitwise those of the run that evaluates every epoch."""
+    every, sparse = tmp_path / "every", tmp_path / "sparse"
+    assert train.main(_args(tiny, every, "--epochs", "3", "--limit-test", "48")) == 0
+    assert train.main(_args(tiny, sparse, "--epochs", "3", "--limit-test", "48", "--eval-every", "2")) == 0
+    rows = [json.loads(line) for line in (sparse / "metrics.jsonl").read_text().splitlines()]
+    assert [("test_acc" in r, "ema_test_acc" in r) for r in rows] == [(False, False), (True, True), (True, True)]
+    assert all("train_acc" in r for r in rows)
+    full = [json.loads(line) for line in (every / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_acc"] for r in rows[1:]] == [r["test_acc"] for r in full[1:]]
+    a, b = _arrays(every / "last.npz"), _arrays(sparse / "last.npz")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert (sparse / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    err = capsys.readouterr().err
+    line1 = [line for line in err.splitlines() if line.startswith("epoch 1/3: train loss")][-1]  # the sparse run's
+    assert "test" not in line1 and "EMA" not in line1
+    assert _meta(sparse / "last.npz")["config"]["eval_every"] == 2
+
+
 def test_interrupted_and_resumed_run_is_bit_identical(tiny, tmp_path, capsys):
     # two kernel threads in every part (results depend on the thread count, not on the interruptions)
     common = ["--epochs", "2", "--limit-train", "200", "--limit-test", "32", "--dropout", "0.2", "--threads", "2"]
