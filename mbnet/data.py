@@ -301,12 +301,48 @@ def _carve_checked(labels, fraction, what):
     return held
 
 
+class Rows:
+    """Rows `index` of an image array (the memory-mapped cache) without reading them: r[i] (an int,
+    slice or index array) reads base[index[i]] then, so a split or a subset of a cache larger than
+    memory costs only its index. np.asarray(r) reads them all."""
+
+    def __init__(self, base, index):
+        self.base, self.index = base, np.asarray(index, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.index)
+
+    @property
+    def shape(self):
+        return (len(self.index),) + self.base.shape[1:]
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def __getitem__(self, i):
+        return self.base[self.index[i]]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.base[self.index]
+        return a if dtype is None else a.astype(dtype)
+
+
+def take_rows(images, index):
+    """Rows `index` of images (an array or Rows) as Rows over the same base array."""
+    if isinstance(images, Rows):
+        return Rows(images.base, images.index[index])
+    return Rows(images, index)
+
+
 def _hold_out(d, fraction):
     """d (load_data's) with its test arrays replaced by the fixed fraction of each class of its train
-    split that _carve holds out (in memory; the cache keeps both splits), and that removed from train."""
+    split that _carve holds out, and that removed from train (the images as Rows of the cache: nothing
+    read; the labels copied)."""
     held = _carve_checked(d["train_y"], fraction, f"{d['source']}'s train split")
     out = dict(d, test_split=f"{fraction:g} of train (the {d['test_split']} split is not read)")
-    for part in ("x", "y", "coarse_y"):
+    out["train_x"], out["test_x"] = take_rows(d["train_x"], np.flatnonzero(~held)), take_rows(d["train_x"], np.flatnonzero(held))
+    for part in ("y", "coarse_y"):
         if f"train_{part}" in d:
             a = d[f"train_{part}"]
             out[f"train_{part}"], out[f"test_{part}"] = a[~held], a[held]
@@ -630,8 +666,8 @@ def prepare_data(cfg, data_dir=None, verbose=True, workers=None):
         print(f"mbnet: {d['kind']} data from {d['source']} ({len(d['classes'])} classes, test split: "
               f"{d['test_split']}) ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     tr, te = _subset(len(d["train_y"]), cfg["limit_train"]), _subset(len(d["test_y"]), cfg["limit_test"])
-    xtr, ytr = (d["train_x"], d["train_y"]) if tr is None else (d["train_x"][tr], d["train_y"][tr])
-    xte, yte = (d["test_x"], d["test_y"]) if te is None else (d["test_x"][te], d["test_y"][te])
+    xtr, ytr = (d["train_x"], d["train_y"]) if tr is None else (take_rows(d["train_x"], tr), d["train_y"][tr])
+    xte, yte = (d["test_x"], d["test_y"]) if te is None else (take_rows(d["test_x"], te), d["test_y"][te])
     if "mean" not in cfg:
         mean, std = channel_stats(xtr)
         cfg["mean"], cfg["std"] = mean.tolist(), std.tolist()
@@ -643,16 +679,17 @@ def prepare_data(cfg, data_dir=None, verbose=True, workers=None):
 
 
 def channel_stats(images):
-    """(N,H,W,3) uint8 -> (mean (3,), std (3,)) float64 on the [0, 1] scale."""
-    x = images.reshape(-1, images.shape[-1])
-    mean = np.zeros(x.shape[1])
-    sq = np.zeros(x.shape[1])
-    for i in range(0, len(x), 1 << 20):  # chunks keep the float64 temporaries small
-        c = x[i:i + (1 << 20)].astype(np.float64)
-        mean += c.sum(0)
-        sq += (c * c).sum(0)
-    mean /= len(x)
-    std = np.sqrt(np.maximum(sq / len(x) - mean * mean, 0.0))
+    """(N,H,W,3) uint8 (an array or Rows) -> (mean (3,), std (3,)) float64 on the [0, 1] scale."""
+    n, c = len(images), images.shape[-1]
+    step = max(1, (1 << 20) // max(1, images.shape[1] * images.shape[2]))  # chunks keep the float64 temporaries small
+    mean, sq = np.zeros(c), np.zeros(c)
+    for i in range(0, n, step):
+        x = np.asarray(images[i:i + step]).reshape(-1, c).astype(np.float64)
+        mean += x.sum(0)
+        sq += (x * x).sum(0)
+    pixels = max(1, n * images.shape[1] * images.shape[2])
+    mean /= pixels
+    std = np.sqrt(np.maximum(sq / pixels - mean * mean, 0.0))
     return mean / 255.0, std / 255.0
 
 

@@ -238,6 +238,12 @@ def test_val_split_on_data_with_a_test_split_holds_out_of_train_and_never_reads_
         np.testing.assert_array_equal(d[f"train_{part}"], whole[f"train_{part}"][~held], err_msg=part)
     rows = lambda x: {r.tobytes() for r in np.asarray(x)}  # noqa: E731
     assert not (rows(d["train_x"]) | rows(d["test_x"])) & rows(whole["test_x"])
+    # both parts are rows of the memory-mapped cache, not copies in memory; a subset of them too
+    for part in ("train_x", "test_x"):
+        assert isinstance(d[part], data.Rows) and isinstance(d[part].base, np.memmap), part
+    sub = data.take_rows(d["train_x"], [4, 0, 2])
+    assert sub.base is d["train_x"].base and sub.shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(sub[1:], whole["train_x"][~held][[0, 2]])
 
     root = write_folder(tmp_path / "v", THREE, 4, 2, test_split="val")
     f = data.load_data(root, val_split=0.25)
