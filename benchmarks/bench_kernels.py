@@ -241,6 +241,25 @@ def batchnorm_case(c, size, batch, rng):
     return case
 
 
+def act_case(c, size, batch, rng):
+    """ReLU alone (mbnet.functional.relu: an activation not fused into a BatchNorm)."""
+    x = rng.standard_normal((batch, size, size, c), dtype=np.float32)
+    y = np.maximum(x, 0)
+    dy = rng.standard_normal(x.shape, dtype=np.float32)
+    case = {
+        "kernel": "ReLU", "layer": f"{c} @{size}", "unit": "GB/s",
+        "work": {"fwd": 2 * x.nbytes, "bwd": 3 * x.nbytes},  # x in, y out; dy and y in, dx out
+        "ours": {"fwd": lambda: _C.act_fwd(x, "relu"), "bwd": lambda: _C.act_bwd(dy, y, "relu")},
+        "ref": {"fwd": lambda: R.act_fwd(x, "relu"), "bwd": lambda: R.act_bwd(dy, y, "relu")},
+    }
+    if torch is not None:
+        import torch.nn.functional as F
+        xt = _nchw(x)
+        tf, tb = _torch_pair(lambda: F.relu(xt), [xt], dy)
+        case["torch"] = {"fwd": tf, "bwd": tb}
+    return case
+
+
 def _first(out):
     """The main output array of a call (y of (y, mean, invstd); a torch tensor back to NHWC)."""
     if isinstance(out, tuple):
@@ -308,6 +327,7 @@ def run(batch=128, repeat=10, ref_repeat=2, threads=None, tiny=False, use_numba=
     cases += [lambda a=a: depthwise_case(*a, batch, rng) for a in dws]
     cases += [lambda a=a: pointwise_case(*a, batch, rng) for a in pws]
     cases += [lambda a=a: batchnorm_case(*a, batch, rng) for a in bns]
+    cases += [lambda: act_case(64, 32, batch, rng)]
     rows = []
     for make in cases:
         rows += run_case(make(), repeat, ref_repeat, warmup)  # one case's arrays alive at a time

@@ -238,6 +238,21 @@ void batchnorm_act_f32_train_bwd(const BnShape& R, Act act_kind, const float* dy
                     dgamma, dbeta);
 }
 
+// y = act(x), and dx = dy masked by act's derivative at y, over n floats. The pointers are function
+// parameters: inside a lambda that captures them, `omp simd` made GCC 12 reload the captured
+// pointer in every lane (gathers, 2.3x slower than this on 64 MB).
+template <Act A>
+void act_f32_fwd(index_t n, const float* __restrict__ x, float* __restrict__ y) {
+#pragma omp parallel for simd if (n >= kParallelMin)
+    for (index_t i = 0; i < n; ++i) y[i] = act<A>(x[i]);
+}
+
+template <Act A>
+void act_f32_bwd(index_t n, const float* __restrict__ dy, const float* __restrict__ y, float* __restrict__ dx) {
+#pragma omp parallel for simd if (n >= kParallelMin)
+    for (index_t i = 0; i < n; ++i) dx[i] = masked<A>(dy[i], y[i]);
+}
+
 // y = act(BN(x)) with fixed statistics.
 void batchnorm_act_f32_infer_fwd(const BnShape& R, Act act_kind, const float* x, const float* gamma,
                                  const float* beta, const float* mean, const float* var, double eps,
@@ -446,13 +461,8 @@ py::tuple bn_infer_bwd(const py::object& dy_, const py::object& x_, const py::ob
 py::array_t<float> act_fwd(const py::object& x_, const std::string& act_name) {
     F32 x = check_f32(x_, "x", -1);
     Act a = parse_act(act_name);
-    const float* __restrict__ xp = x.ptr;
-    const index_t n = x.size();
-    return compute_f32(x.shape, [&](float* __restrict__ yp) {
-        with_act(a, [&](auto A) {
-#pragma omp parallel for simd if (n >= kParallelMin)
-            for (index_t i = 0; i < n; ++i) yp[i] = act<decltype(A)::value>(xp[i]);
-        });
+    return compute_f32(x.shape, [&](float* y) {
+        with_act(a, [&](auto A) { act_f32_fwd<decltype(A)::value>(x.size(), x.ptr, y); });
     });
 }
 
@@ -461,14 +471,8 @@ py::array_t<float> act_bwd(const py::object& dy_, const py::object& y_, const st
     F32 y = check_f32(y_, "y", -1);
     check_same_shape(dy, "dy", y, "y");
     Act a = parse_act(act_name);
-    const float* __restrict__ dyp = dy.ptr;
-    const float* __restrict__ yp = y.ptr;
-    const index_t n = y.size();
-    return compute_f32(y.shape, [&](float* __restrict__ dxp) {
-        with_act(a, [&](auto A) {
-#pragma omp parallel for simd if (n >= kParallelMin)
-            for (index_t i = 0; i < n; ++i) dxp[i] = masked<decltype(A)::value>(dyp[i], yp[i]);
-        });
+    return compute_f32(y.shape, [&](float* dx) {
+        with_act(a, [&](auto A) { act_f32_bwd<decltype(A)::value>(y.size(), dy.ptr, y.ptr, dx); });
     });
 }
 
