@@ -341,7 +341,8 @@ def _hold_out(d, fraction):
     read; the labels copied)."""
     held = _carve_checked(d["train_y"], fraction, f"{d['source']}'s train split")
     out = dict(d, test_split=f"{fraction:g} of train (the {d['test_split']} split is not read)")
-    out["train_x"], out["test_x"] = take_rows(d["train_x"], np.flatnonzero(~held)), take_rows(d["train_x"], np.flatnonzero(held))
+    out["train_x"] = take_rows(d["train_x"], np.flatnonzero(~held))
+    out["test_x"] = take_rows(d["train_x"], np.flatnonzero(held))
     for part in ("y", "coarse_y"):
         if f"train_{part}" in d:
             a = d[f"train_{part}"]
