@@ -8,6 +8,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -56,7 +57,10 @@ void im2col_f32(const ConvShape& a, const float* __restrict__ x, index_t n0, ind
                         for (index_t e = 0; e < a.kw * C; ++e) dst[e] = 0.f;
                     } else if (cols_inside) {  // the kw taps are one contiguous run of x
                         const float* __restrict__ src = ximg + (ih * a.w + iw0) * C;
-                        for (index_t e = 0; e < a.kw * C; ++e) dst[e] = src[e];
+                        if (a.kw * C == 9)  // the stem's 3 taps of 3 channels: a fixed-length copy
+                            std::memcpy(dst, src, 9 * sizeof(float));  // (as plan.cpp's stem)
+                        else
+                            for (index_t e = 0; e < a.kw * C; ++e) dst[e] = src[e];
                     } else {
                         for (index_t j = 0; j < a.kw; ++j) {
                             const index_t iw = iw0 + j;
