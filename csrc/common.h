@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <string>
 #include <utility>
@@ -195,6 +196,17 @@ inline py::array_t<float> new_f32(const std::vector<index_t>& shape,
     return py::array_t<float>(s);
 }
 inline float* ptr(py::array_t<float>& a) { return a.mutable_data(); }
+
+// Copies a short run of n floats (an im2col row of kernel taps). A loop, not a libc memcpy call
+// per run; the stem's 3 taps of 3 channels (n = 9) get a copy of a length known at compile time,
+// one 32-byte and one 4-byte move: with a run-time length, copying them took as long as the
+// stem's GEMM.
+inline void copy_run(float* __restrict__ dst, const float* __restrict__ src, index_t n) {
+    if (n == 9)
+        std::memcpy(dst, src, 9 * sizeof(float));
+    else
+        for (index_t e = 0; e < n; ++e) dst[e] = src[e];
+}
 
 // A new float32 array of `shape` (checked by new_f32), filled by kernel(data) without the GIL.
 // Kernels allocate their scratch before any parallel region: there std::bad_alloc reaches Python

@@ -56,11 +56,7 @@ void im2col_f32(const ConvShape& a, const float* __restrict__ x, index_t n0, ind
                     if (ih < 0 || ih >= a.h) {
                         for (index_t e = 0; e < a.kw * C; ++e) dst[e] = 0.f;
                     } else if (cols_inside) {  // the kw taps are one contiguous run of x
-                        const float* __restrict__ src = ximg + (ih * a.w + iw0) * C;
-                        if (a.kw * C == 9)  // the stem's 3 taps of 3 channels: a fixed-length copy
-                            std::memcpy(dst, src, 9 * sizeof(float));  // (as plan.cpp's stem)
-                        else
-                            for (index_t e = 0; e < a.kw * C; ++e) dst[e] = src[e];
+                        copy_run(dst, ximg + (ih * a.w + iw0) * C, a.kw * C);
                     } else {
                         for (index_t j = 0; j < a.kw; ++j) {
                             const index_t iw = iw0 + j;

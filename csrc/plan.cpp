@@ -116,9 +116,7 @@ void left_row(const Layer& L, const float* in, index_t r, float* dst) {
     }
     // im2col of the padded input (H x W, pad 0) or, for raw_in, of the unpadded network input
     // (pad p: taps outside it are zeros, so the input is not copied into a padded buffer first).
-    // One kernel row of taps inside the image is contiguous. The runs are short: a loop, not a
-    // libc memcpy call per run, and a copy of a length known at compile time for the stem's 3x3
-    // taps of 3 channels (with a run-time length, copying them took as long as the stem's GEMM).
+    // One kernel row of taps inside the image is contiguous: one short copy_run.
     const index_t pad = L.raw_in ? L.p : 0, H = L.raw_in ? L.h : hp, W = L.raw_in ? L.w : wp;
     const float* img = in + n * H * W * C;
     const index_t run = L.k * C;
@@ -127,11 +125,7 @@ void left_row(const Layer& L, const float* in, index_t r, float* dst) {
             const index_t ih = oh * L.s + i - pad, iw = ow * L.s - pad;
             float* __restrict__ d = dst + (ow * L.k + i) * run;
             if (ih >= 0 && ih < H && iw >= 0 && iw + L.k <= W) {
-                const float* __restrict__ s = img + (ih * W + iw) * C;
-                if (run == 9)
-                    std::memcpy(d, s, 9 * sizeof(float));  // inlined: one 32-byte and one 4-byte move
-                else
-                    for (index_t q = 0; q < run; ++q) d[q] = s[q];
+                copy_run(d, img + (ih * W + iw) * C, run);
                 continue;
             }
             for (index_t j = 0; j < L.k; ++j) {
