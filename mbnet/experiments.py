@@ -29,7 +29,8 @@ Each row: test accuracy at the final epoch as the recipe evaluates it (EMA weigh
 default; never an epoch chosen by test score), mult-adds and parameters from summary() at the
 run's input size, inference latency measured after training (median of repeated calls on batches
 of 1 and 128, the compiled plan mbnet.plan when this build has it, else the autograd eval path;
-OUT/runs/<run>/latency.json), training time. Outputs, rewritten at the end of every invocation
+OUT/runs/<run>/latency.json; --measure-latency measures all runs again in one pass of several
+rounds, so that they compare), training time. Outputs, rewritten at the end of every invocation
 (rows not yet trained say "pending"): OUT/results.json, OUT/results.md (each row beside the paper's
 ImageNet figures; differences from a table's first row smaller than the noise band's spread are
 marked as such), and the PNGs of FIGURES.
@@ -70,6 +71,7 @@ ABLATION = (("cutout, 0.25 of the side (8 px at 32)", ("--cutout", "0.25")),
 DEFAULT_EPOCHS, TINY_EPOCHS = 15, 1
 SHARED_BELOW = 0.8  # an epoch whose process got less of its threads' time than this shared the cores
 REPEATS, TINY_REPEATS = {1: 50, 128: 10}, {1: 3, 128: 2}  # latency: timed calls per batch size
+ROUNDS, TINY_ROUNDS = 5, 2  # --measure-latency: passes over all runs
 FIGURES = {"fig4": "fig4_accuracy_vs_mult_adds.png", "fig5": "fig5_accuracy_vs_params.png",
            "latency": "latency_vs_mult_adds.png"}
 
@@ -215,25 +217,59 @@ def latency_repeats(settings):
     return TINY_REPEATS if settings["tiny"] else REPEATS
 
 
-def latency(run_dir, settings):
-    """The run's latency.json (measured and written once, from last.npz): {"batch_1_ms",
-    "batch_128_ms", "engine", "threads", "repeats", "machine"}; delete it to measure again."""
+def write_latency(run_dir, settings, seconds, engine, rounds):
+    """Writes and returns the run's latency.json: {"batch_1_ms", "batch_128_ms", "engine", "threads",
+    "repeats", "rounds", "machine"}; seconds: {batch size: median seconds of one call}."""
     from . import _C
     from ._native import cpu_name
+
+    out = {"threads": _C.get_num_threads(), "repeats": latency_repeats(settings), "rounds": rounds,
+           "machine": f"{cpu_name()}, {_C.build_info().get('simd')}", "engine": engine,
+           **{f"batch_{b}_ms": 1e3 * s for b, s in seconds.items()}}
+    write_text(Path(run_dir) / "latency.json", dumps(out, indent=1) + "\n")
+    return out
+
+
+def latency(run_dir, settings):
+    """The run's latency.json, measured once from last.npz after training (one round) and kept;
+    --measure-latency measures every run again in one pass (measure_all_latency)."""
     from .models import load
 
     path = Path(run_dir) / "latency.json"
     if path.is_file():
         return json.loads(path.read_text())
     model = load(Path(run_dir) / "last.npz")
-    repeats = latency_repeats(settings)
-    out = {"threads": _C.get_num_threads(), "repeats": repeats,
-           "machine": f"{cpu_name()}, {_C.build_info().get('simd')}"}
-    for batch, r in repeats.items():
-        seconds, out["engine"] = measure_latency(model, batch, r)
-        out[f"batch_{batch}_ms"] = 1e3 * seconds
-    write_text(path, dumps(out, indent=1) + "\n")
-    return out
+    timed = {b: measure_latency(model, b, r) for b, r in latency_repeats(settings).items()}
+    return write_latency(run_dir, settings, {b: t[0] for b, t in timed.items()}, timed[1][1], 1)
+
+
+def measure_all_latency(out, specs, settings, manifest, interrupt):
+    """Measures the latency of every finished run of `specs` again, all in one pass: ROUNDS rounds,
+    each timing every run in turn, so that a slow spell of the machine falls on all runs alike
+    rather than on the one measured then (as after each run's training). A run's figure is the
+    median of its rounds. Rewrites runs/<run>/latency.json and the manifest's entries; nothing if
+    a signal stops it (interrupt.requested)."""
+    from .models import load
+
+    done = [s.name for s in specs if run_state(out / "runs" / s.name, settings["epochs"]) == "done"]
+    models = {name: load(out / "runs" / name / "last.npz") for name in done}
+    rounds = TINY_ROUNDS if settings["tiny"] else ROUNDS
+    times = {name: {b: [] for b in latency_repeats(settings)} for name in done}
+    engine = None
+    for i in range(rounds):
+        t0 = time.perf_counter()
+        for name, model in models.items():
+            for b, r in latency_repeats(settings).items():
+                if interrupt.requested:
+                    return
+                seconds, engine = measure_latency(model, b, r)
+                times[name][b].append(seconds)
+        print(f"mbnet.experiments: latency round {i + 1}/{rounds}: {len(done)} runs in "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    for name in done:
+        seconds = {b: statistics.median(t) for b, t in times[name].items()}
+        manifest["runs"].setdefault(name, {})["latency"] = write_latency(
+            out / "runs" / name, settings, seconds, engine, rounds)
 
 
 def train_run(spec, run_dir, state, settings, data_dir, on_step):
@@ -286,16 +322,21 @@ def run_specs(tables, names):
     return specs
 
 
-def sweep(out, settings, names, data_dir=None, on_step=None, report_only=False):
-    """Trains what is missing of the named tables, measures latency, writes the report; -> exit status."""
+def sweep(out, settings, names, data_dir=None, on_step=None, report_only=False, measure_again=False):
+    """Trains what is missing of the named tables, measures latency, writes the report; -> exit status.
+    report_only: trains nothing; measure_again: trains nothing, measures every finished run's latency
+    again in one pass (measure_all_latency)."""
     tables = make_tables(settings)
     manifest = load_manifest(out, settings)
     if names is None:  # all tables; with report_only, those the sweep has
-        names = manifest["tables"] if report_only and manifest["tables"] else list(TABLES)
+        names = manifest["tables"] if (report_only or measure_again) and manifest["tables"] else list(TABLES)
     manifest["tables"] = [t for t in TABLES if t in set(manifest["tables"]) | set(names)]
     status, diverged = 0, []
     with Interrupt() as interrupt:
-        for spec in [] if report_only else run_specs(tables, names):
+        if measure_again:
+            measure_all_latency(out, run_specs(tables, names), settings, manifest, interrupt)
+            status = interrupt.status if interrupt.requested else 0
+        for spec in [] if report_only or measure_again else run_specs(tables, names):
             run_dir = out / "runs" / spec.name
             entry = manifest["runs"].setdefault(spec.name, {"options": spec.options(settings)})
             state = run_state(run_dir, settings["epochs"])
@@ -365,6 +406,7 @@ def row_result(out, row, manifest):
                     "shared_epochs": sum(1 for m in metrics if m.get("cpu_share", 1.0) < SHARED_BELOW)})
         lat = manifest["runs"].get(spec.name, {}).get("latency") or {}
         res.update({k: lat.get(k) for k in ("batch_1_ms", "batch_128_ms", "engine", "threads")})
+        res["latency_rounds"] = lat.get("rounds", 1)
         res["latency_machine"] = lat.get("machine", "unknown")
     return res
 
@@ -470,6 +512,17 @@ def write_figures(out, grid, measured, accuracy="test accuracy"):
                 title=f"Latency vs mult-adds ({engine}, {threads} threads; dashed: proportional)")
 
 
+def latency_method(done, settings):
+    """How the finished runs' latencies were measured, for the report."""
+    calls = f"{' and '.join(f'{n} calls at batch {b}' for b, n in latency_repeats(settings).items())} after one untimed call"
+    rounds = sorted({r.get("latency_rounds") or 1 for r in done})
+    if rounds in ([], [1]):
+        return f"median of {calls}, measured after each run's training"
+    once = "" if 1 not in rounds else " (not all runs: results.json's latency_rounds 1 is one round after training)"
+    return (f"median over {max(rounds)} rounds of the median of {calls}; each round timed every run in turn "
+            f"(`--measure-latency`){once}")
+
+
 def write_report(out, settings, tables, manifest):
     """results.json, results.md and the figures, from whatever runs are finished."""
     from . import _C
@@ -495,9 +548,8 @@ def write_report(out, settings, tables, manifest):
           "",
           f"Recipe: `python -m mbnet.train {shlex.join(recipe(settings))}` (the trainer's defaults otherwise) for "
           f"every run. {acc.capitalize()}{acc_note}: the final epoch, {what} (no epoch chosen by test score). Mult-adds and "
-          f"parameters: `summary()` at the run's input size, 10 classes. Latency: median of "
-          f"{' and '.join(f'{n} calls at batch {b}' for b, n in latency_repeats(settings).items())} "
-          f"after one untimed call, {', '.join(engines)}, {settings['threads']} thread(s), "
+          f"parameters: `summary()` at the run's input size, 10 classes. Latency: {latency_method(done, settings)}, "
+          f"{', '.join(engines)}, {settings['threads']} thread(s), "
           f"{machine['cpu']} ({machine['simd']}); "
           "batch 128 is the time of the whole batch. Training time: the training steps of all epochs "
           "(evaluation excluded); † marks a run whose training time was not measured on one quiet machine "
@@ -559,6 +611,9 @@ def build_parser():
     a("--train-args", default="", metavar="'OPTIONS'",
       help="more python -m mbnet.train options for every run, one quoted string (e.g. '--dw-weight-decay 0')")
     a("--report-only", action="store_true", help="train nothing: rewrite the report from the finished runs")
+    a("--measure-latency", action="store_true",
+      help=f"train nothing: measure every finished run's latency again, all in one pass ({ROUNDS} rounds over "
+           "the runs, each run's median of its rounds), then rewrite the report; run it with the cores otherwise idle")
     p.__class__ = Parser
     return p
 
@@ -583,7 +638,8 @@ def main(argv=None, *, on_step=None):
         set_threads(threads)
         out.mkdir(parents=True, exist_ok=True)
         with RunLock(out):
-            return sweep(out, settings, args.tables or None, args.data_dir, on_step, args.report_only)
+            return sweep(out, settings, args.tables or None, args.data_dir, on_step, args.report_only,
+                         args.measure_latency)
     except OSError as e:
         print(f"mbnet.experiments: {out}: [Errno {e.errno}] {e.strerror}", file=sys.stderr)
         return 1

@@ -343,3 +343,30 @@ def test_training_time_is_flagged_unless_one_quiet_machine_measured_it(sweep):
     assert flag({**one, "shared_epochs": 2})
     assert flag({**one, "train_machines": ["EPYC, avx512", "Xeon, avx512"]})
     assert flag({**one, "train_machines": ["unknown", "Xeon, avx512"]}) and flag({})
+
+
+def test_measure_latency_times_every_finished_run_again_in_rounds(tiny_data, env, tmp_path, capsys):
+    """--measure-latency trains nothing and rewrites every finished run's latency.json with the median
+    of TINY_ROUNDS rounds; the report says how the latencies were measured."""
+    out = tmp_path / "s"
+    assert _sweep(tiny_data, out, "table5") == 0
+    md = (out / "results.md").read_text()
+    assert "measured after each run's training" in md
+    before = {r: json.loads((out / "runs" / r / "latency.json").read_text()) for r in _runs(out)}
+    assert all(lat["rounds"] == 1 for lat in before.values())
+    stamps = {r: (out / "runs" / r / "last.npz").stat().st_mtime_ns for r in _runs(out)}
+    capsys.readouterr()
+    assert _sweep(tiny_data, out, "--measure-latency") == 0
+    err = capsys.readouterr().err
+    assert "training" not in err and f"latency round {experiments.TINY_ROUNDS}/{experiments.TINY_ROUNDS}: 2 runs" in err
+    assert stamps == {r: (out / "runs" / r / "last.npz").stat().st_mtime_ns for r in _runs(out)}
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = json.loads((out / "results.json").read_text())["tables"]["table5"]["rows"]
+    for row in rows:
+        lat = json.loads((out / "runs" / row["run"] / "latency.json").read_text())
+        assert lat["rounds"] == experiments.TINY_ROUNDS and lat["repeats"] == {"1": 3, "128": 2}
+        assert lat["batch_1_ms"] > 0 and lat["batch_128_ms"] > lat["batch_1_ms"] and lat["threads"] == 1
+        assert manifest["runs"][row["run"]]["latency"] == lat
+        assert (row["batch_1_ms"], row["batch_128_ms"], row["latency_rounds"]) == (
+            lat["batch_1_ms"], lat["batch_128_ms"], experiments.TINY_ROUNDS)
+    assert f"median over {experiments.TINY_ROUNDS} rounds" in (out / "results.md").read_text()
