@@ -501,7 +501,11 @@ def write_figures(out, grid, measured, accuracy="test accuracy"):
                 ylabel=f"CIFAR-10 {accuracy} (%)", title="Figure 4 on CIFAR-10: accuracy vs mult-adds")
     plot_points(by_alpha("params"), out / FIGURES["fig5"], xlabel="parameters (log scale)",
                 ylabel=f"CIFAR-10 {accuracy} (%)", title="Figure 5 on CIFAR-10: accuracy vs parameters")
-    timed = [r for r in measured if r.get("batch_1_ms") is not None]
+    timed = {}  # one point per network: the noise band's seeds and recipe variants are the same network
+    for r in measured:
+        if r.get("batch_1_ms") is not None:
+            timed.setdefault((r["arch"], r["alpha"], r["resolution"]), r)
+    timed = list(timed.values())
     notes = {r["run"]: "" if r["arch"] == "mobilenet" else r["arch"] for r in timed}  # the models off the grid
     series = {"batch 1": [(r["mult_adds"], r["batch_1_ms"], notes[r["run"]]) for r in timed],
               "batch 128, per image": [(r["mult_adds"], r["batch_128_ms"] / 128, notes[r["run"]]) for r in timed]}
@@ -575,7 +579,8 @@ def write_report(out, settings, tables, manifest):
         md += grid_table(results["figures"], settings) + [""]
         md += [f"![Figure 4]({FIGURES['fig4']}) ![Figure 5]({FIGURES['fig5']})", ""]
     md += ["## Latency against mult-adds", "",
-           "Every measured run (the grid, the conv and shallow models); dashed lines are proportional to the "
+           "Every measured network (the grid, the conv and shallow models; one point per network: the "
+           "noise band's seeds and the recipe variants are the grid's α=1 network); dashed lines are proportional to the "
            "mult-adds: points above them run slower than their count predicts (the memory-bound depthwise "
            "layers weigh more in small and narrow models).", "", f"![latency]({FIGURES['latency']})", ""]
     if "noise" in names:

@@ -370,3 +370,22 @@ def test_measure_latency_times_every_finished_run_again_in_rounds(tiny_data, env
         assert (row["batch_1_ms"], row["batch_128_ms"], row["latency_rounds"]) == (
             lat["batch_1_ms"], lat["batch_128_ms"], experiments.TINY_ROUNDS)
     assert f"median over {experiments.TINY_ROUNDS} rounds" in (out / "results.md").read_text()
+
+
+def test_the_latency_figure_has_one_point_per_network(tmp_path, monkeypatch):
+    """The noise band's seeds and the recipe variants are the grid's network: one point, the first."""
+    drawn = {}
+    monkeypatch.setattr("mbnet.plot.plot_points", lambda series, path, **kw: drawn.__setitem__(path.name, series))
+
+    def row(run, arch, alpha, ms):
+        return {"run": run, "arch": arch, "alpha": alpha, "resolution": 32, "mult_adds": int(alpha * 1e6),
+                "params": 1, "accuracy": 0.5, "batch_1_ms": ms, "batch_128_ms": 128 * ms, "engine": "plan",
+                "threads": 2}
+
+    measured = [row("mobilenet-a1-r32-s0", "mobilenet", 1.0, 1.0), row("mobilenet-a1-r32-s1", "mobilenet", 1.0, 2.0),
+                row("mobilenet-a1-r32-s0-dw-weight-decay-0", "mobilenet", 1.0, 3.0),
+                row("conv-a1-r32-s0", "conv", 1.0, 4.0), row("mobilenet-a0.5-r32-s0", "mobilenet", 0.5, 0.5)]
+    experiments.write_figures(tmp_path, measured[:1] + measured[4:], measured)
+    series = drawn[experiments.FIGURES["latency"]]
+    assert series["batch 1"] == [(1_000_000, 1.0, ""), (1_000_000, 4.0, "conv"), (500_000, 0.5, "")]
+    assert [ms for _, ms, _ in series["batch 128, per image"]] == [1.0, 4.0, 0.5]
