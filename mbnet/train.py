@@ -284,6 +284,11 @@ def _explicit_args(parser, argv):
 # A run in stages: start_run (new or resumed), Run.train_epoch, Run.finish_epoch
 
 
+def eval_split(cfg):
+    """The name of the split a run evaluates on: "held-out" (--val-split) or "test"."""
+    return "held-out" if cfg.get("val_split") else "test"
+
+
 def _fresh_sums():
     return {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "cpu_time": 0.0, "skipped": 0}
 
@@ -481,7 +486,7 @@ class Run:
             raise RunError(f"{e} (last.npz holds epoch {epoch + 1})", status=1) from None
         line = f"epoch {epoch + 1}/{cfg['epochs']}: train loss {m['train_loss']:.4f} acc {100 * m['train_acc']:.2f}%"
         if "test_acc" in m:
-            line += f" | test loss {m['test_loss']:.4f} acc {100 * m['test_acc']:.2f}%"
+            line += f" | {eval_split(cfg)} loss {m['test_loss']:.4f} acc {100 * m['test_acc']:.2f}%"
         if "ema_test_acc" in m:
             line += f" | EMA {100 * m['ema_test_acc']:.2f}%"
         if "tta_test_acc" in m:
@@ -513,7 +518,7 @@ class Run:
                     print(f"mbnet: saved {out / 'last.npz'} after epoch {self.pos['epoch']}; {resume}", file=sys.stderr)
                     return interrupt.status
         m = self.pos["metrics"][-1]
-        accs = [f"{name} {100 * m[key]:.2f}%" for name, key in (("test accuracy", "test_acc"), ("EMA", "ema_test_acc"),
+        accs = [f"{name} {100 * m[key]:.2f}%" for name, key in ((f"{eval_split(cfg)} accuracy", "test_acc"), ("EMA", "ema_test_acc"),
                                                                  ("EMA + flip TTA", "tta_test_acc")) if key in m]
         print(f"mbnet: done; final epoch: {', '.join(accs)}; run dir {out}", file=sys.stderr)
         return 0
@@ -656,7 +661,7 @@ def start_run(args, argv, parser, out, world=None):
         print(f"mbnet: resuming {out} at epoch {pos['epoch'] + 1}, step {pos['batch']}/{run.spe}", file=sys.stderr)
     nparams = sum(p.data.size for p in model.parameters())
     print(f"mbnet: {type(model).__name__} alpha={cfg['alpha']} {cfg['resolution']}px, {nparams:,} parameters; "
-          f"{len(ytr)} train / {len(yte)} test images, {run.spe} steps/epoch; run dir {out}", file=sys.stderr)
+          f"{len(ytr)} train / {len(yte)} {eval_split(cfg)} images, {run.spe} steps/epoch; run dir {out}", file=sys.stderr)
     return run
 
 

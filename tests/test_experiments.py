@@ -164,11 +164,16 @@ def test_report_only_trains_nothing_and_shows_pending_rows(tiny_data, env, tmp_p
     assert all((out / png).read_bytes()[:8] == PNG for png in experiments.FIGURES.values())
 
 
-def test_a_sweep_with_val_split_says_it_reports_the_held_out_accuracy(tiny_data, env, tmp_path):
+def test_a_sweep_with_val_split_says_it_reports_the_held_out_accuracy(tiny_data, env, tmp_path, capsys):
     """--train-args '--val-split F' (options chosen without the test split): every run evaluates on
-    the held-out part of train, and the report names that accuracy instead of the test split's."""
+    the held-out part of train, and the report and the trainer's lines name that accuracy instead
+    of the test split's."""
     out = tmp_path / "val"
+    capsys.readouterr()
     assert _sweep(tiny_data, out, "table5", "--train-args", "--val-split 0.25") == 0
+    err = capsys.readouterr().err
+    assert " held-out images, " in err and " | held-out loss " in err and "final epoch: held-out accuracy " in err
+    assert " test images" not in err and "test loss" not in err and "test accuracy" not in err
     for run in _runs(out):
         assert json.loads((out / "runs" / run / "config.json").read_text())["val_split"] == 0.25
     md = (out / "results.md").read_text()
