@@ -115,7 +115,7 @@ def test_presets_resolve_to_their_documented_values_and_options_override_them():
     assert (rec["epochs"], rec["schedule"], rec["cutmix"], rec["warmup"]) == (300, "cosine", 1.0, 15.0)
     # an explicit option wins, also when it equals the option's own default
     over = _parse("--recipe", "record", "--epochs", "50", "--cutmix", "0", "--schedule", "onecycle")
-    assert (over["epochs"], over["cutmix"], over["schedule"], over["dw_weight_decay"]) == (50, 0.0, "onecycle", 0.0)
+    assert (over["epochs"], over["cutmix"], over["schedule"], over["dw_weight_decay"]) == (50, 0.0, "onecycle", 5e-4)
     assert "untested" in train._recipe_help()
 
 
@@ -142,7 +142,7 @@ def test_resume_with_mixup_and_cutmix_is_bit_identical(tiny, tmp_path, capsys):
     _assert_resume_is_bit_identical(_args(tiny, tmp_path / "a", *common), _args(tiny, tmp_path / "b", *common), tiny)
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (cfg["recipe"], cfg["epochs"], cfg["mixup"], cfg["cutmix"], cfg["cutout"], cfg["dw_weight_decay"]) == \
-        ("fast", 2, 0.4, 1.0, 0.25, 0.0)
+        ("fast", 2, 0.4, 1.0, 0.25, 5e-4)
     metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= m["train_acc"] <= 1 and np.isfinite(m["train_loss"]) for m in metrics)
     assert [json.loads(line)["train_acc"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] \
