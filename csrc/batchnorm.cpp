@@ -215,6 +215,10 @@ void train_bwd_apply(const BnShape& R, Act act_kind, const float* dy, const floa
             const float* __restrict__ xr = x + o;
             const float* dyr = dy + o;  // not __restrict__: dx may be dy, element for element
             float* dxr = dx + o;
+            if (o + kPrefetchFloats + len <= R.total()) {
+                prefetch_floats(xr + kPrefetchFloats, len);
+                prefetch_floats(dyr + kPrefetchFloats, len);
+            }
 #pragma GCC ivdep
             for (index_t j = 0; j < len; ++j) {
                 float g = masked_pre<decltype(A)::value>(dyr[j], preact(xr[j], mu[j], a[j], b[j]));

@@ -110,6 +110,15 @@ constexpr index_t kMaxElements = index_t(1) << 31;  // the one bound on any arra
 constexpr index_t kParallelMinLoss = index_t(1) << 14;  // softmax forward: exp and log per element
 constexpr index_t kParallelMin = index_t(1) << 15;      // elementwise and reduction passes
 constexpr index_t kParallelMinGemm = index_t(1) << 18;  // M * N * K
+// Streaming passes ask for each stream's data this far ahead (__builtin_prefetch: a GCC builtin,
+// no ISA intrinsic): the hardware prefetcher alone leaves one core well short of the memory's
+// bandwidth when a kernel streams several arrays at once.
+constexpr index_t kPrefetchFloats = 1024;
+
+// Asks for the n floats at p (one prefetch per 64-byte line).
+inline void prefetch_floats(const float* p, index_t n) {
+    for (index_t e = 0; e < n; e += 16) __builtin_prefetch(p + e);
+}
 
 // An int argument (an int or an object with __index__, not a bool) in [lo, hi]; `range` spells
 // [lo, hi] for the message.
@@ -410,10 +419,11 @@ class GradStats {
             const index_t o = (r - r0) * ld;
             double *s = &s_[b * C_ + c0], *q = &q_[b * C_ + c0];
             const float *mu = t_.mean + c0, *a = t_.scale + c0, *sh = t_.shift + c0;
+            const index_t rows = end - r, avail = M_ - r;
             switch (t_.act) {
-                case Act::None: add_rows<Act::None>(end - r, nc, dy + o, x + o, ld, mu, a, sh, s, q); break;
-                case Act::ReLU: add_rows<Act::ReLU>(end - r, nc, dy + o, x + o, ld, mu, a, sh, s, q); break;
-                case Act::ReLU6: add_rows<Act::ReLU6>(end - r, nc, dy + o, x + o, ld, mu, a, sh, s, q); break;
+                case Act::None: add_rows<Act::None>(rows, avail, nc, dy + o, x + o, ld, mu, a, sh, s, q); break;
+                case Act::ReLU: add_rows<Act::ReLU>(rows, avail, nc, dy + o, x + o, ld, mu, a, sh, s, q); break;
+                case Act::ReLU6: add_rows<Act::ReLU6>(rows, avail, nc, dy + o, x + o, ld, mu, a, sh, s, q); break;
             }
             r = end;
         }
@@ -436,9 +446,14 @@ class GradStats {
 #if defined(__AVX512F__)
     __attribute__((target("prefer-vector-width=512")))
 #endif
-    static void add_rows(index_t rows, index_t nc, const float* dy, const float* x, index_t ld, const float* mu,
-                         const float* a, const float* sh, double* s, double* q) {
-        for (index_t i = 0; i < rows; ++i, dy += ld, x += ld) grad_sums_row<A>(nc, dy, x, mu, a, sh, s, q);
+    // avail: rows of x from `x` on (x's rows past `rows` are only prefetched).
+    static void add_rows(index_t rows, index_t avail, index_t nc, const float* dy, const float* x, index_t ld,
+                         const float* mu, const float* a, const float* sh, double* s, double* q) {
+        const index_t ahead = std::max<index_t>(1, kPrefetchFloats / nc);  // rows
+        for (index_t i = 0; i < rows; ++i, dy += ld, x += ld) {
+            if (i + ahead < avail) prefetch_floats(x + ahead * ld, nc);  // x comes from memory, dy from cache
+            grad_sums_row<A>(nc, dy, x, mu, a, sh, s, q);
+        }
     }
 
     index_t M_, C_, block_;

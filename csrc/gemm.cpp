@@ -140,6 +140,12 @@ struct BnTransform {
     }
 };
 
+// Asks for rows [r0, r1) of a row-major A (csa == 1), the kc floats of each from column 0: the
+// next panel's rows, while this one's are read (see kPrefetchFloats, common.h).
+inline void prefetch_rows(const float* A, index_t rsa, index_t r0, index_t r1, index_t kc) {
+    for (index_t i = r0; i < r1; ++i) prefetch_floats(A + i * rsa, kc);
+}
+
 // dst[p*kc*MR + k*MR + i] = f(A(p*MR + i, k), p*MR + i, k) for the mc x kc block at A, rows past
 // mc zero (not transformed).
 template <class F>
@@ -148,6 +154,7 @@ void pack_a(index_t mc, index_t kc, const float* A, index_t rsa, index_t csa,
     for (index_t ir = 0; ir < mc; ir += MR, dst += kc * MR) {
         const float* a = A + ir * rsa;
         const index_t mr = std::min<index_t>(MR, mc - ir);
+        if (csa == 1) prefetch_rows(A, rsa, std::min(mc, ir + MR), std::min(mc, ir + 2 * MR), kc);
         // Full panels k outer, i unrolled: one MR-wide store per k. (i outer, the stores MR apart,
         // made the transformed pack of a row-major A 2.5x slower.)
         if (mr == MR && rsa == 1) {
@@ -258,6 +265,9 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                         const float* b = bp + jr * kc;
                         if (ir < packed_from) {
                             const float* a = A + (ic + ir) * rsa + pc;
+                            if (jr == 0)  // the first pass over A's block reads it from memory
+                                prefetch_rows(A + ic * rsa + pc, rsa, std::min(packed_from, ir + MR),
+                                              std::min(packed_from, ir + 2 * MR), kc);
                             if (ir == 0)
                                 micro_kernel<false, kNR, MR, true>(kc, a, rsa, b, c, ldc, mr, nr, add);
                             else
