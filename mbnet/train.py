@@ -493,7 +493,12 @@ class Run:
             line += f" | EMA {100 * m['ema_test_acc']:.2f}%"
         if "tta_test_acc" in m:
             line += f" | TTA {100 * m['tta_test_acc']:.2f}%"
-        print(line + f" | {m['images_per_s']:.0f} img/s, {fmt_time(m['epoch_time'])}", file=sys.stderr)
+        line += f" | {m['images_per_s']:.0f} img/s, {fmt_time(m['epoch_time'])}"
+        left = cfg["epochs"] - epoch - 1
+        if left > 0:  # the run's time to go at the pace of its last five epochs (evaluations included)
+            recent = [r["epoch_time"] for r in pos["metrics"][-5:] if "epoch_time" in r]
+            line += f", {fmt_time(left * sum(recent) / len(recent))} to go"
+        print(line, file=sys.stderr)
         return final
 
     def train(self, on_step=None):

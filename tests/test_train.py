@@ -104,6 +104,9 @@ def test_tiny_run_learns_and_writes_its_files(tiny, tmp_path, capsys):
     assert not list(out.glob("*.tmp*"))
     err = capsys.readouterr().err
     assert "epoch 4/4 step 10/10" in err and "img/s" in err
+    # each epoch's line but the last says how long the run has to go
+    ends = [line.rsplit(",", 1)[-1] for line in err.splitlines() if line.startswith("epoch ") and ": train loss" in line]
+    assert len(ends) == 4 and all(e.endswith(" to go") for e in ends[:3]) and not ends[3].endswith(" to go")
     assert f"mbnet: done; final epoch: test accuracy {100 * rows[-1]['test_acc']:.2f}%, EMA " in err
 
     # evaluate reproduces the EMA test accuracy of the last epoch on the same test subset
