@@ -7,7 +7,11 @@ kernel.
 
 Prints Markdown tables: the step times (median of --steps after --warmup; the engines' steps
 alternate) with the ratio, and the per-kernel time of one mbnet step (the rest is Python, NumPy and
-allocation outside the kernels).
+allocation outside the kernels). Each kernel call of one more step is then replayed alone with the
+same arguments, back to back (warm caches) and after 10 ms of idling, and a 1 MB array is summed
+right after the last sum and after idling: on a shared machine the private caches lose their data
+within milliseconds even while this process spins, and that is the gap between a kernel alone and
+the same kernel inside the step.
 """
 import statistics
 import time
@@ -64,6 +68,74 @@ def torch_step_fn(alpha, batch, size, threads):
     return step, torch.__version__
 
 
+def idle(seconds):
+    """Spins for `seconds` without touching memory (the core stays ours, its caches are left alone)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def replay(step, repeat=3, idle_s=0.01):
+    """{kernel: [calls, in-step s, alone warm s, alone after idle_s s]} over one step: one step times
+    each kernel call; the next (the same calls: bench_step's step does not update the weights)
+    keeps a copy of each call's arguments, and each call is then made alone with them: `repeat`
+    times back to back after one untimed call (median), and `repeat` times each after idling
+    idle_s (median). The copies would take the step's memory (its outputs would land in fresh,
+    faulting pages), so the step that is timed copies nothing."""
+    orig = F._run
+
+    def recorded(keep):
+        calls = []
+
+        def run(name, dtype, *args):
+            start = time.perf_counter()
+            out = orig(name, dtype, *args)
+            calls.append((name, dtype, [a.copy() if isinstance(a, np.ndarray) else a for a in args] if keep
+                          else None, time.perf_counter() - start))
+            return out
+
+        F._run = run
+        try:
+            step()
+        finally:
+            F._run = orig
+        return calls
+
+    timed_calls, kept = recorded(False), recorded(True)
+    if [c[0] for c in timed_calls] != [c[0] for c in kept]:
+        raise RuntimeError("replay: the two steps called different kernels")
+    out = {}
+    for (name, dtype, args, _), (_, _, _, t_step) in zip(kept, timed_calls):
+        call = lambda: orig(name, dtype, *args)  # noqa: E731
+        call()
+        warm = statistics.median(timed(call) for _ in range(repeat))
+        cold = []
+        for _ in range(repeat):
+            idle(idle_s)
+            cold.append(timed(call))
+        e = out.setdefault(name, [0, 0.0, 0.0, 0.0])
+        e[0] += 1
+        e[1] += t_step
+        e[2] += warm
+        e[3] += statistics.median(cold)
+    return out
+
+
+def cache_decay(idles=(0.0, 0.001, 0.01, 0.03), repeat=15, mb=1):
+    """{idle seconds: median seconds of summing an mb-MB float32 array} when the sum follows the
+    previous one after spinning that long (the array fits the private L2)."""
+    a = np.ones(mb * (1 << 18), np.float32)
+    out = {}
+    for d in idles:
+        ts = []
+        for _ in range(repeat):
+            a.sum()
+            idle(d)
+            ts.append(timed(a.sum))
+        out[d] = statistics.median(ts)
+    return out
+
+
 def run(batch=128, size=32, alpha=1.0, steps=7, warmup=2, threads=None, tiny=False, use_torch=True):
     if threads is not None:
         _C.set_num_threads(threads)
@@ -94,11 +166,14 @@ def run(batch=128, size=32, alpha=1.0, steps=7, warmup=2, threads=None, tiny=Fal
         if torch_step:
             their_times.append(timed(torch_step))
     median_step = sorted(range(steps), key=our_times.__getitem__)[steps // 2]
+    alone = replay(step, repeat=1 if tiny else 3)
+    decay = cache_decay(repeat=1 if tiny else 15)
     return {"benchmark": "step", **common.machine_info(), "mbnet": mbnet.__version__, "torch": torch_version,
             "torch_note": note, "alpha": alpha, "batch": batch, "size": size, "steps": steps, "warmup": warmup,
             "mult_adds": model.summary(size, show=False)["mult_adds"] * batch,  # forward multiply-adds
             "mbnet_s": our_times[median_step], "mbnet_times": our_times, "kernels": our_kernels[median_step],
-            "torch_s": statistics.median(their_times) if their_times else None, "torch_times": their_times}
+            "torch_s": statistics.median(their_times) if their_times else None, "torch_times": their_times,
+            "alone": alone, "decay": {str(k): v for k, v in decay.items()}}
 
 
 def markdown(res):
@@ -131,6 +206,21 @@ def markdown(res):
     rows.append(("(outside kernels: Python, NumPy, allocation)", "", f"{rest * 1e3:.1f}", f"{100 * rest / ours:.1f}"))
     lines += ["", f"Per-kernel time of the median mbnet step ({ours * 1e3:.1f} ms):", "",
               common.table(["kernel", "calls", "ms", "% of step"], rows)]
+
+    alone = res["alone"]
+    rows = [(name, calls, f"{t * 1e3:.1f}", f"{w * 1e3:.1f}", f"{c * 1e3:.1f}", f"{t / w:.2f}")
+            for name, (calls, t, w, c) in sorted(alone.items(), key=lambda kv: -kv[1][1])]
+    tot = [sum(v[i] for v in alone.values()) for i in (1, 2, 3)]
+    rows.append(("all", "", *(f"{t * 1e3:.1f}" for t in tot), f"{tot[0] / tot[1]:.2f}"))
+    decay = res["decay"]
+    base = decay[min(decay, key=float)]
+    lines += ["", "Each kernel call of one more step replayed alone with the same arguments: back to back "
+              "(warm caches) and after spinning 10 ms:", "",
+              common.table(["kernel", "calls", "in the step (ms)", "alone, warm (ms)", "alone after 10 ms (ms)",
+                            "step / warm"], rows),
+              "", "Summing a 1 MB array (fits the private L2) right after the previous sum, and after spinning "
+              "without touching memory: " + ", ".join(
+                  f"{float(d) * 1e3:g} ms idle {t * 1e6:.0f} us ({t / base:.1f}x)" for d, t in decay.items()) + "."]
     return "\n".join(lines)
 
 
