@@ -846,6 +846,38 @@ def mix_batch(x, partner_x, draw):
     return x
 
 
+def area_taps(s, side):
+    """-> (index, weight) (side, K) arrays: output pixel i of a row resampled from s to `side`
+    pixels averages input pixels index[i, k] with weights weight[i, k] (float32, summing to 1):
+    their overlaps with the span [i s/side, (i+1) s/side). side < s: a box filter, exact for any
+    ratio (s/side = 2 averages pixel pairs); every input pixel gets the same total weight, side/s."""
+    if not 1 <= side <= s:
+        raise ValueError(f"area_taps: side must be in [1, {s}], got {side}")
+    k = -(-s // side) + 1  # an output span of s/side pixels touches at most ceil(s/side) + 1 of them
+    index, weight = np.zeros((side, k), np.int64), np.zeros((side, k), np.float64)
+    for i in range(side):
+        lo, hi = i * s / side, (i + 1) * s / side
+        for t, j in enumerate(range(int(np.floor(lo)), min(s, int(np.ceil(hi))))):
+            index[i, t], weight[i, t] = j, (min(hi, j + 1) - max(lo, j)) * side / s
+    return index, weight.astype(np.float32)
+
+
+def area_resize(x, side):
+    """(B,S,S,C) float32 -> (B,side,side,C) float32: each axis resampled by area_taps (rows, then
+    columns), elementwise in a fixed order, so the result does not depend on threads or BLAS."""
+    s = x.shape[1]
+    if side == s:
+        return x
+    index, weight = area_taps(s, side)
+    rows = weight[None, :, 0, None, None] * x[:, index[:, 0]]
+    for t in range(1, index.shape[1]):
+        rows += weight[None, :, t, None, None] * x[:, index[:, t]]
+    out = weight[None, None, :, 0, None] * rows[:, :, index[:, 0]]
+    for t in range(1, index.shape[1]):
+        out += weight[None, None, :, t, None] * rows[:, :, index[:, t]]
+    return out
+
+
 class Loader:
     """Batches of one split: (x (B,S,S,3) float32 normalized, y (B,) int64).
 
@@ -853,7 +885,9 @@ class Loader:
     padding, or a random-resized crop of area fraction >= resized_crop_area; a horizontal flip
     of half the images if hflip; a cutout square of `cutout` pixels if > 0), mix the batch (mixup /
     cutmix: Beta parameters, 0 off; the labels then come as Mixed) and drop the last incomplete
-    batch; evaluation loaders go in order over every image.
+    batch; evaluation loaders go in order over every image. side(epoch), if given, is the side in
+    pixels of epoch's training batches: batches made at S are then area_resize'd to it
+    (progressive resizing).
 
     `for x, y in loader` runs one epoch (the first loop epoch 0, the next epoch 1, ...);
     `epoch(e, start)` iterates (i, x, y) of epoch e from batch `start`. Both prepare the next
@@ -865,12 +899,13 @@ class Loader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, resized_crop_area=None,
-                 cutout=0, hflip=True, mixup=0.0, cutmix=0.0, prefetch=2, shard=(0, 1)):
+                 cutout=0, hflip=True, mixup=0.0, cutmix=0.0, prefetch=2, shard=(0, 1), side=None):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.train, self.seed, self.pad, self.prefetch = train, seed, pad, prefetch
         self.resized_crop_area, self.cutout, self.hflip = resized_crop_area, cutout, hflip
         self.mixup, self.cutmix = mixup, cutmix
+        self.side = side
         self.next_epoch = 0
         self.shard = shard
 
@@ -891,11 +926,12 @@ class Loader:
         x = self._augmented(batch[lo:hi], epoch, i, lo)
         y = self.labels[batch[lo:hi]]
         draw = mix_draw(self.seed, epoch, i, b, x.shape[1], self.mixup, self.cutmix)
+        side = x.shape[1] if self.side is None else self.side(epoch)
         if draw is None:
-            return x, y
+            return area_resize(x, side), y
         rows = draw.partner[lo:hi]  # under MPI the partners may lie in other shards: made here as well
         partner_x = x[rows] if hi - lo == b else self._augmented(batch[rows], epoch, i, rows)
-        return mix_batch(x, partner_x, draw), Mixed(y, self.labels[batch[rows]], draw.lam)
+        return area_resize(mix_batch(x, partner_x, draw), side), Mixed(y, self.labels[batch[rows]], draw.lam)
 
     def _augmented(self, idx, epoch, i, rows):
         """The images idx, rows `rows` (augment_batch) of training batch i, augmented and normalized."""

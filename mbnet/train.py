@@ -27,6 +27,7 @@ current step.
 """
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -144,6 +145,13 @@ def build_parser():
            "clipped to the image), pasted from a shuffle of the batch, labels weighted by area (default 0: off); "
            "with --mixup too, each batch is one or the other. Train accuracy of a mixed batch: lambda x "
            "(hits of the first labels) + (1 - lambda) x (hits of the second)")
+    a("--progressive-resize", type=int_in(1), default=None, metavar="MIN_PX",
+      help="progressive resizing: train the first epochs on smaller images (each batch made at the resolution, "
+           "then area-averaged down), from MIN_PX px in steps of 8 px up to the resolution, reached after the "
+           "fraction --progressive-until of the epochs; evaluation always at the resolution (default: off)")
+    a("--progressive-until", type=float_in(0, 1, lo_open=True), default=0.5, metavar="F",
+      help="with --progressive-resize: the fraction of the epochs after which training is at the full resolution "
+           "(default 0.5)")
     a("--limit-train", type=int_in(1), default=None, help="use N training images (a fixed subset; smoke tests)")
     a("--limit-test", type=int_in(1), default=None, help="use N test images (a fixed subset)")
     a("--workers", type=int_in(1), default=None, help="processes decoding images into the cache (default: all cores)")
@@ -231,6 +239,17 @@ def augmentation(cfg):
             "hflip": cfg.get("hflip", True), "mixup": cfg.get("mixup", 0.0), "cutmix": cfg.get("cutmix", 0.0)}
 
 
+def train_side(cfg, epoch):
+    """The side in pixels of epoch's (0-based) training images: the resolution S, or with
+    --progressive-resize MIN_PX, MIN_PX + (S - MIN_PX) e / E' rounded down to a multiple of 8 px (at
+    least MIN_PX) for the first E' = round(progressive_until x epochs) epochs, then S."""
+    s, lo = cfg["resolution"], cfg.get("progressive_resize")
+    ramp = round(cfg.get("progressive_until", 0.5) * cfg["epochs"])
+    if lo is None or epoch >= ramp:
+        return s
+    return min(s, max(lo, int(lo + (s - lo) * epoch / ramp) // 8 * 8))
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -271,6 +290,9 @@ def check_args(parser, args):
         parser.error(f"--warmup {args.warmup} is longer than --epochs {args.epochs}")
     if args.schedule != "step" and (args.milestones is not None or args.gamma is not None):
         parser.error(f"--milestones and --gamma apply to --schedule step, not {args.schedule}")
+    if args.progressive_resize is not None and args.progressive_resize >= args.resolution:
+        parser.error(f"--progressive-resize {args.progressive_resize} must be smaller than --resolution "
+                     f"{args.resolution}")
     if args.milestones is not None and list(args.milestones) != sorted(set(args.milestones)):
         parser.error(f"--milestones must increase, got {' '.join(map(str, args.milestones))}")
 
@@ -450,6 +472,9 @@ class Run:
         self.world.broadcast(model.buffers() + (list(ema.shadow.values()) if ema else []), "the BatchNorm statistics")
         m = {"epoch": epoch + 1, "lr": self.opt.lr,
              "train_loss": sums["loss"] / max(1, sums["seen"]), "train_acc": sums["correct"] / max(1, sums["seen"])}
+        side = train_side(cfg, epoch)
+        if cfg.get("progressive_resize"):
+            m["train_side"] = side
         if final or (epoch + 1) % cfg.get("eval_every", 1) == 0:
             m["test_loss"], m["test_acc"] = self.evaluate(label_smoothing=ls)
             if ema is not None:
@@ -487,6 +512,8 @@ class Run:
         except checkpoint.WriteError as e:
             raise RunError(f"{e} (last.npz holds epoch {epoch + 1})", status=1) from None
         line = f"epoch {epoch + 1}/{cfg['epochs']}: train loss {m['train_loss']:.4f} acc {100 * m['train_acc']:.2f}%"
+        if side != cfg["resolution"]:
+            line += f" at {side} px"
         if "test_acc" in m:
             line += f" | {eval_split(cfg)} loss {m['test_loss']:.4f} acc {100 * m['test_acc']:.2f}%"
         if "ema_test_acc" in m:
@@ -619,7 +646,8 @@ def start_run(args, argv, parser, out, world=None):
     if cfg["batch_size"] < world.size:
         raise RunError(f"--batch-size {cfg['batch_size']} is smaller than the {world.size} MPI ranks")
     train_loader = D.Loader(xtr, ytr, cfg["batch_size"], mean, std, train=True, seed=cfg["seed"], **augmentation(cfg),
-                            shard=(world.rank, world.size))
+                            shard=(world.rank, world.size),
+                            side=functools.partial(train_side, cfg) if cfg.get("progressive_resize") else None)
     lo, hi = dist.shard_bounds(len(yte), world.rank, world.size)
     test_loader = D.Loader(xte[lo:hi], yte[lo:hi], EVAL_BATCH, mean, std, train=False)
 

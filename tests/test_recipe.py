@@ -147,3 +147,72 @@ def test_resume_with_mixup_and_cutmix_is_bit_identical(tiny, tmp_path, capsys):
     assert all(0 <= m["train_acc"] <= 1 and np.isfinite(m["train_loss"]) for m in metrics)
     assert [json.loads(line)["train_acc"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] \
         == [m["train_acc"] for m in metrics]
+
+
+# ---- progressive resizing -------------------------------------------------------------------
+
+def _area_reference(x, side):
+    """float64 area resampling as a matrix product: R[i, j] = |[i s/side, (i+1) s/side) ∩ [j, j+1)| side/s."""
+    s = x.shape[1]
+    r = np.zeros((side, s))
+    for i in range(side):
+        for j in range(s):
+            r[i, j] = max(0.0, min((i + 1) * s / side, j + 1) - max(i * s / side, j)) * side / s
+    return np.einsum("ih,bhwc,jw->bijc", r, x.astype(np.float64), r)
+
+
+@pytest.mark.parametrize("side", [32, 24, 20, 16, 9, 1])
+def test_area_resize_is_the_box_filter_and_keeps_the_mean(side):
+    x = np.random.default_rng(side).standard_normal((3, 32, 32, 3)).astype(np.float32)
+    y = data.area_resize(x, side)
+    assert y.shape == (3, side, side, 3) and y.dtype == np.float32
+    np.testing.assert_allclose(y, _area_reference(x, side), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(y.mean((1, 2)), x.mean((1, 2)), rtol=0, atol=2e-6)  # every pixel weighs side/s
+    index, weight = data.area_taps(32, side)
+    np.testing.assert_allclose(weight.sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(np.bincount(index.ravel(), weight.ravel(), 32), side / 32, atol=1e-6)
+    const = np.full((1, 32, 32, 3), 0.3, np.float32)
+    np.testing.assert_allclose(data.area_resize(const, side), 0.3, atol=1e-6)
+    if side == 16:  # halving averages each 2x2 block
+        np.testing.assert_allclose(y, x.reshape(3, 16, 2, 16, 2, 3).mean((2, 4)), atol=1e-6)
+    with pytest.raises(ValueError, match="side must be in"):
+        data.area_taps(32, 33)
+
+
+def test_train_side_ramps_in_steps_of_8_px_to_the_resolution():
+    cfg = {"resolution": 32, "epochs": 40, "progressive_resize": 16, "progressive_until": 0.5}
+    assert [train.train_side(cfg, e) for e in range(40)] == [16] * 10 + [24] * 10 + [32] * 20
+    cfg = {"resolution": 32, "epochs": 10, "progressive_resize": 12, "progressive_until": 0.8}
+    sides = [train.train_side(cfg, e) for e in range(10)]
+    assert sides == [12, 12, 16, 16, 16, 24, 24, 24, 32, 32]  # 12 + 20 e / 8, rounded down to 8 px
+    assert [train.train_side({"resolution": 32, "epochs": 5}, e) for e in range(5)] == [32] * 5  # off
+
+
+def test_loader_side_resizes_the_same_batches():
+    x, y = _images(n=16, s=8)
+    side = lambda epoch: 4 if epoch == 0 else 8  # noqa: E731
+    for kw in ({}, {"cutmix": 1.0}, {"mixup": 0.4}):
+        full, small = _loader(x, y, **kw), _loader(x, y, side=side, **kw)
+        for epoch in (0, 1):
+            a, b = full.batch(epoch, 1), small.batch(epoch, 1)
+            assert b[0].shape == (8, side(epoch), side(epoch), 3) and b[0].dtype == np.float32
+            np.testing.assert_array_equal(b[0], data.area_resize(a[0], side(epoch)))
+            np.testing.assert_array_equal(np.asarray(b[1].a if kw else b[1]), np.asarray(a[1].a if kw else a[1]))
+
+
+def test_progressive_resize_trains_small_first_and_resumes_bit_identically(tiny, tmp_path, capsys):
+    common = ["--epochs", "2", "--limit-train", "128", "--limit-test", "32", "--progressive-resize", "8"]
+    _assert_resume_is_bit_identical(_args(tiny, tmp_path / "a", *common), _args(tiny, tmp_path / "b", *common), tiny)
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train_side"] for m in metrics] == [8, 16]  # the resolution is 16 (SMALL), reached at half the epochs
+    assert all(np.isfinite(m["train_loss"]) and "test_acc" in m for m in metrics)
+    err = capsys.readouterr().err
+    assert "epoch 1/2: train loss" in err and " at 8 px" in err and " at 16 px" not in err
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (cfg["progressive_resize"], cfg["progressive_until"]) == (8, 0.5)
+
+
+def test_progressive_resize_must_be_below_the_resolution(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--progressive-resize", "32", "--resolution", "32"])
+    assert e.value.code == 2 and "--progressive-resize 32 must be smaller than --resolution 32" in capsys.readouterr().err
