@@ -52,9 +52,10 @@ def _runs(out):
 
 def test_tiny_sweep_writes_runs_manifest_results_and_figures(sweep):
     # 16 grid points (Tables 6 and 7 and narrow are among them) + conv + shallow + 2 more seeds + no dw decay
-    # + the ablation's cutout, mixup, CutMix and random-resized crop (its no dw decay row is the one above)
+    # + the ablation's cutout, mixup, CutMix, random-resized crop and progressive resizing (its no dw decay
+    # row is the one above)
     runs = _runs(sweep)
-    assert len(runs) == 25 and "shallow-a0.125-r16-s0" in runs and "conv-a0.0625-r16-s0" in runs
+    assert len(runs) == 26 and "shallow-a0.125-r16-s0" in runs and "conv-a0.0625-r16-s0" in runs
     dw = json.loads((sweep / "runs" / "mobilenet-a0.125-r16-s0-dw-weight-decay-0" / "config.json").read_text())
     assert dw["dw_weight_decay"] == 0 and dw["weight_decay"] == 5e-4 and dw["alpha"] == 0.125
     cutmix = json.loads((sweep / "runs" / "mobilenet-a0.125-r16-s0-cutmix-1" / "config.json").read_text())
@@ -90,7 +91,9 @@ def test_tiny_sweep_writes_runs_manifest_results_and_figures(sweep):
         assert row["within_noise"] == (abs(row["delta"]) < noise["spread"])
     ablation = doc["tables"]["ablation"]["rows"]
     assert [r["run"] for r in ablation] == ["mobilenet-a0.125-r16-s0"] + [
-        "mobilenet-a0.125-r16-s0" + "".join("-" + x.lstrip("-") for x in extra) for _, extra in experiments.ABLATION]
+        "mobilenet-a0.125-r16-s0" + "".join("-" + x.lstrip("-") for x in extra) for _, extra in experiments.ablation_rows(16)]
+    prog = json.loads((sweep / "runs" / "mobilenet-a0.125-r16-s0-progressive-resize-8" / "config.json").read_text())
+    assert (prog["progressive_resize"], prog["resolution"]) == (8, 16)
 
     md = (sweep / "results.md").read_text()
     for title in ("Table 4", "Table 5", "Table 6", "Table 7", "Figures 4 and 5", "Weight decay on the depthwise",
