@@ -521,10 +521,14 @@ class Run:
         if "tta_test_acc" in m:
             line += f" | TTA {100 * m['tta_test_acc']:.2f}%"
         line += f" | {m['images_per_s']:.0f} img/s, {fmt_time(m['epoch_time'])}"
-        left = cfg["epochs"] - epoch - 1
-        if left > 0:  # the run's time to go at the pace of its last five epochs (evaluations included)
-            recent = [r["epoch_time"] for r in pos["metrics"][-5:] if "epoch_time" in r]
-            line += f", {fmt_time(left * sum(recent) / len(recent))} to go"
+        if not final:
+            # the run's time to go at the pace of its last five epochs at this side (evaluations included);
+            # epochs at other sides (--progressive-resize) scaled by their pixels
+            recent = [r["epoch_time"] for r in pos["metrics"][-5:]
+                      if "epoch_time" in r and r.get("train_side") == m.get("train_side")]
+            pace = sum(recent) / len(recent)
+            left = sum(pace * (train_side(cfg, e) / side) ** 2 for e in range(epoch + 1, cfg["epochs"]))
+            line += f", {fmt_time(left)} to go"
         print(line, file=sys.stderr)
         return final
 

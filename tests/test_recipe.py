@@ -208,6 +208,8 @@ def test_progressive_resize_trains_small_first_and_resumes_bit_identically(tiny,
     assert all(np.isfinite(m["train_loss"]) and "test_acc" in m for m in metrics)
     err = capsys.readouterr().err
     assert "epoch 1/2: train loss" in err and " at 8 px" in err and " at 16 px" not in err
+    line1 = [line for line in err.splitlines() if line.startswith("epoch 1/2: train loss")][0]
+    assert line1.endswith(" to go")  # the epochs at 16 px counted at 4x the pace of those at 8
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (cfg["progressive_resize"], cfg["progressive_until"]) == (8, 0.5)
 
