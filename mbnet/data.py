@@ -853,11 +853,12 @@ def area_taps(s, side):
     ratio (s/side = 2 averages pixel pairs); every input pixel gets the same total weight, side/s."""
     if not 1 <= side <= s:
         raise ValueError(f"area_taps: side must be in [1, {s}], got {side}")
-    k = -(-s // side) + 1  # an output span of s/side pixels touches at most ceil(s/side) + 1 of them
+    spans = [(i * s / side, (i + 1) * s / side) for i in range(side)]
+    pixels = [range(int(np.floor(lo)), min(s, int(np.ceil(hi)))) for lo, hi in spans]
+    k = max(len(p) for p in pixels)  # 2 for s/side = 4/3 and 2: the rest are zero weights
     index, weight = np.zeros((side, k), np.int64), np.zeros((side, k), np.float64)
-    for i in range(side):
-        lo, hi = i * s / side, (i + 1) * s / side
-        for t, j in enumerate(range(int(np.floor(lo)), min(s, int(np.ceil(hi))))):
+    for i, ((lo, hi), p) in enumerate(zip(spans, pixels)):
+        for t, j in enumerate(p):
             index[i, t], weight[i, t] = j, (min(hi, j + 1) - max(lo, j)) * side / s
     return index, weight.astype(np.float32)
 
