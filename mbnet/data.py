@@ -855,7 +855,7 @@ def area_taps(s, side):
         raise ValueError(f"area_taps: side must be in [1, {s}], got {side}")
     spans = [(i * s / side, (i + 1) * s / side) for i in range(side)]
     pixels = [range(int(np.floor(lo)), min(s, int(np.ceil(hi)))) for lo, hi in spans]
-    k = max(len(p) for p in pixels)  # 2 for s/side = 4/3 and 2: the rest are zero weights
+    k = max(len(p) for p in pixels)  # 2 for s/side = 4/3 or 2; shorter lists padded with zero weights
     index, weight = np.zeros((side, k), np.int64), np.zeros((side, k), np.float64)
     for i, ((lo, hi), p) in enumerate(zip(spans, pixels)):
         for t, j in enumerate(p):

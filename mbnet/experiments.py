@@ -14,8 +14,8 @@ Tables (all by default):
   noise    one configuration (--noise-alpha at the first resolution) with each of --seeds
   ablation alpha 1 at the first resolution: the trainer's default recipe against the default plus
            each part the fast and record recipes add (ABLATION: cutout, mixup, CutMix, random-resized
-           crop, no depthwise weight decay, progressive resizing from 16 px), one run each, the same
-           epochs; read it beside the noise band
+           crop, no depthwise weight decay, progressive resizing from half the side), one run each,
+           the same epochs; read it beside the noise band
            (`ablation noise`: a difference smaller than the seeds' spread is marked "within noise")
 
 One recipe for every run: the trainer's defaults with --epochs and --train-args. Every run is an
@@ -76,6 +76,8 @@ ABLATION = (("cutout, 0.25 of the side (8 px at 32)", ("--cutout", "0.25")),
 def ablation_rows(side):
     """ABLATION with its options for runs at `side` px ({half}: side // 2)."""
     return [(label, tuple(x.format(half=side // 2) for x in extra)) for label, extra in ABLATION]
+
+
 DEFAULT_EPOCHS, TINY_EPOCHS = 15, 1
 SHARED_BELOW = 0.8  # an epoch whose process got less of its threads' time than this shared the cores
 REPEATS, TINY_REPEATS = {1: 50, 128: 10}, {1: 3, 128: 2}  # latency: timed calls per batch size
