@@ -208,10 +208,10 @@ def markdown(res):
               common.table(["kernel", "calls", "ms", "% of step"], rows)]
 
     alone = res["alone"]
-    rows = [(name, calls, f"{t * 1e3:.1f}", f"{w * 1e3:.1f}", f"{c * 1e3:.1f}", f"{t / w:.2f}")
+    rows = [(name, calls, f"{t * 1e3:.1f}", f"{w * 1e3:.1f}", f"{c * 1e3:.1f}", f"{t / max(w, 1e-9):.2f}")
             for name, (calls, t, w, c) in sorted(alone.items(), key=lambda kv: -kv[1][1])]
     tot = [sum(v[i] for v in alone.values()) for i in (1, 2, 3)]
-    rows.append(("all", "", *(f"{t * 1e3:.1f}" for t in tot), f"{tot[0] / tot[1]:.2f}"))
+    rows.append(("all", "", *(f"{t * 1e3:.1f}" for t in tot), f"{tot[0] / max(tot[1], 1e-9):.2f}"))
     decay = res["decay"]
     base = decay[min(decay, key=float)]
     lines += ["", "Each kernel call of one more step replayed alone with the same arguments: back to back "
