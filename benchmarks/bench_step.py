@@ -11,7 +11,9 @@ allocation outside the kernels). Each kernel call of one more step is then repla
 same arguments, back to back (warm caches) and after 10 ms of idling, and a 1 MB array is summed
 right after the last sum and after idling: on a shared machine the private caches lose their data
 within milliseconds even while this process spins, and that is the gap between a kernel alone and
-the same kernel inside the step.
+the same kernel inside the step. Last, the ceiling: the step's pointwise GEMMs timed at the rate
+mbnet's GEMM reaches on the network's largest pointwise layer (bench_e2e.gemm_rate, measured here),
+with the other kernels as measured, and what ratio to PyTorch that would give.
 """
 import statistics
 import time
@@ -24,6 +26,7 @@ from mbnet import functional as F
 from mbnet.models import MobileNetV1
 
 from . import common
+from .bench_e2e import gemm_rate
 
 
 def timed(step):
@@ -143,6 +146,8 @@ def run(batch=128, size=32, alpha=1.0, steps=7, warmup=2, threads=None, tiny=Fal
     if tiny:
         batch, steps, warmup = 2, 1, 0
 
+    # Measured before the steps and after them, the faster kept: one burst has read half the rate.
+    gemm_before = gemm_rate(alpha, batch, size, threads, repeat=1 if tiny else 20)
     model, step = mbnet_step_fn(alpha, batch, size)
     torch_step, torch_version, note = None, None, None
     if use_torch:
@@ -168,12 +173,29 @@ def run(batch=128, size=32, alpha=1.0, steps=7, warmup=2, threads=None, tiny=Fal
     median_step = sorted(range(steps), key=our_times.__getitem__)[steps // 2]
     alone = replay(step, repeat=1 if tiny else 3)
     decay = cache_decay(repeat=1 if tiny else 15)
+    gemm = max(gemm_before, gemm_rate(alpha, batch, size, threads, repeat=1 if tiny else 20),
+               key=lambda g: g["gflops"])
     return {"benchmark": "step", **common.machine_info(), "mbnet": mbnet.__version__, "torch": torch_version,
             "torch_note": note, "alpha": alpha, "batch": batch, "size": size, "steps": steps, "warmup": warmup,
             "mult_adds": model.summary(size, show=False)["mult_adds"] * batch,  # forward multiply-adds
             "mbnet_s": our_times[median_step], "mbnet_times": our_times, "kernels": our_kernels[median_step],
             "torch_s": statistics.median(their_times) if their_times else None, "torch_times": their_times,
-            "alone": alone, "decay": {str(k): v for k, v in decay.items()}}
+            "alone": alone, "decay": {str(k): v for k, v in decay.items()}, "gemm": gemm,
+            "pw_flops": 3 * 2 * batch * pointwise_mult_adds(alpha, size)}
+
+
+def pointwise_mult_adds(alpha, size):
+    """Forward multiply-adds of one image through MobileNetV1(alpha)'s pointwise layers at this size."""
+    from mbnet.models import layer_shapes
+
+    return sum(r.cin * r.cout * r.out_size ** 2 for r in layer_shapes(alpha, size) if r.kind == "pw")
+
+
+def ceiling(res):
+    """-> (pw_s, rest_s, pw_at_gemm_s): the median step's time in the pointwise kernels, in everything
+    else, and the pointwise GEMMs' (fwd + both gradients) FLOPs at the GEMM's measured rate."""
+    pw = sum(t for name, (_, t) in res["kernels"].items() if name.startswith("pwconv2d"))
+    return pw, res["mbnet_s"] - pw, res["pw_flops"] / (res["gemm"]["gflops"] * 1e9)
 
 
 def markdown(res):
@@ -221,6 +243,18 @@ def markdown(res):
               "", "Summing a 1 MB array (fits the private L2) right after the previous sum, and after spinning "
               "without touching memory: " + ", ".join(
                   f"{float(d) * 1e3:g} ms idle {t * 1e6:.0f} us ({t / base:.1f}x)" for d, t in decay.items()) + "."]
+
+    pw, rest, pw_best = ceiling(res)
+    vs = (lambda s: f"{theirs / s:.2f}") if theirs else (lambda s: "n/a")  # noqa: E731
+    rows = [("this step", f"{ours * 1e3:.1f}", f"{100 * pw / ours:.0f}%", vs(ours)),
+            ("pointwise at the GEMM's rate, the rest as measured", f"{(pw_best + rest) * 1e3:.1f}",
+             f"{100 * pw_best / (pw_best + rest):.0f}%", vs(pw_best + rest)),
+            ("pointwise at the GEMM's rate, nothing else", f"{pw_best * 1e3:.1f}", "100%", vs(pw_best))]
+    gemm = res["gemm"]
+    lines += ["", f"Ceiling: the pointwise kernels do {res['pw_flops'] / 1e9:.1f} GFLOP a step, "
+              f"in {pw * 1e3:.1f} ms ({res['pw_flops'] / max(pw, 1e-12) / 1e9:.0f} GFLOP/s) in the median step; mbnet's GEMM reached "
+              f"{gemm['gflops']:.0f} GFLOP/s on {gemm['layer']} (the fastest of its calls before and after the steps, this process):", "",
+              common.table(["step", "ms", "pointwise share", "PyTorch / mbnet"], rows, "lrrr")]
     return "\n".join(lines)
 
 
