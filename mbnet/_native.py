@@ -12,14 +12,25 @@ def _cpu_flags():
     return None
 
 
-def cpu_name():
-    """The CPU's model name (/proc/cpuinfo), else platform.processor(), else "unknown CPU"."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+def cpu_name(cpuinfo=None):
+    """The CPU's model name with its family and model numbers from /proc/cpuinfo (or the text
+    ``cpuinfo``), e.g. "AMD EPYC (family 25 model 17)": guests often see only a generic name that
+    Zen 4 and Zen 5 share. Else platform.processor(), else "unknown CPU"."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if fields.get("model name"):
+        if "cpu family" in fields and "model" in fields:
+            return f"{fields['model name']} (family {fields['cpu family']} model {fields['model']})"
+        return fields["model name"]
     import platform
 
     return platform.processor() or "unknown CPU"

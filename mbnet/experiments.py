@@ -53,7 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .run import Interrupt, Parser, RunError, RunLock, dumps, float_in, int_in, max_threads, set_threads, write_text
+from .run import (Interrupt, Parser, RunError, RunLock, dumps, float_in, int_in, machine_name, max_threads, set_threads,
+                  write_text)
 
 ALPHAS = (1.0, 0.75, 0.5, 0.25)
 RESOLUTIONS = (32, 28, 24, 20)  # rho = 1, 6/7, 5/7, 4/7 of CIFAR's 32 px
@@ -232,10 +233,9 @@ def write_latency(run_dir, settings, seconds, engine, rounds):
     """Writes and returns the run's latency.json: {"batch_1_ms", "batch_128_ms", "engine", "threads",
     "repeats", "rounds", "machine"}; seconds: {batch size: median seconds of one call}."""
     from . import _C
-    from ._native import cpu_name
 
     out = {"threads": _C.get_num_threads(), "repeats": latency_repeats(settings), "rounds": rounds,
-           "machine": f"{cpu_name()}, {_C.build_info().get('simd')}", "engine": engine,
+           "machine": machine_name(), "engine": engine,
            **{f"batch_{b}_ms": 1e3 * s for b, s in seconds.items()}}
     write_text(Path(run_dir) / "latency.json", dumps(out, indent=1) + "\n")
     return out

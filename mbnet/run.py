@@ -85,6 +85,15 @@ def max_threads():
     return 4 * n
 
 
+def machine_name():
+    """The CPU and SIMD build this process runs on, as metrics, checkpoints and latency files record
+    it: "AMD EPYC (family 25 model 17), avx512"."""
+    from . import _C
+    from ._native import cpu_name
+
+    return f"{cpu_name()}, {_C.build_info().get('simd')}"
+
+
 def set_threads(n):
     """mbnet._C.set_num_threads(n) for n not None, a RunError (one line) if refused."""
     if n is None:

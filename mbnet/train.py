@@ -40,7 +40,8 @@ from . import checkpoint, optim
 from . import data as D
 from . import distributed as dist
 from .run import (EVAL_BATCH, Interrupt, Parser, Progress, RunError, RunLock, all_finite, dropout_modules, dumps,
-                  evaluate, float_in, fmt_time, int_in, live_arrays, load_checkpoint, max_threads, remove_orphans,
+                  evaluate, float_in, fmt_time, int_in, live_arrays, load_checkpoint, machine_name, max_threads,
+                  remove_orphans,
                   save_checkpoint, set_threads, swapped_weights, write_metrics, write_text)
 
 SKIP_LIMIT = 20  # non-finite steps in a row after which --on-nan skip stops too
@@ -354,7 +355,7 @@ class Run:
         from . import _C
 
         return dict(self.pos, config=self.cfg, step=self.pos["epoch"] * self.spe + self.pos["batch"],
-                    threads=_C.get_num_threads(), ranks=self.world.size)
+                    threads=_C.get_num_threads(), ranks=self.world.size, machine=machine_name())
 
     def save(self, name):
         """Writes the checkpoint ``name`` (last.npz), never with non-finite weights."""
@@ -489,10 +490,9 @@ class Run:
         pos["elapsed"] += time.perf_counter() - t_eval
         m["train_time"] = sums["time"]
         from . import _C
-        from ._native import cpu_name
         # where the time was measured: the CPU and build, and the share of the kernel threads' time
         # this process got (about 1 on a quiet machine; well below when other work shared the cores)
-        m["machine"] = f"{cpu_name()}, {_C.build_info().get('simd')}"
+        m["machine"] = machine_name()
         m["cpu_share"] = sums["cpu_time"] / max(sums["time"] * _C.get_num_threads(), 1e-9)
         m["images_per_s"] = sums["seen"] / max(sums["time"], 1e-9)
         m["epoch_time"] = time.perf_counter() - t_eval + sums["time"]
@@ -684,6 +684,11 @@ def start_run(args, argv, parser, out, world=None):
         if saved_threads is not None and saved_threads != _C.get_num_threads():
             print(f"mbnet: note: this run used {saved_threads} kernel threads, now {_C.get_num_threads()}; "
                   "the result will not be bit-identical to an unbroken run (pass --threads)", file=sys.stderr)
+        saved_machine = ckpt["meta"].get("machine")
+        if saved_machine is not None and saved_machine != machine_name():
+            print(f"mbnet: note: this run was saved on {saved_machine}, now {machine_name()}; another CPU or "
+                  "build may round the sums differently, so the result may not be bit-identical to an unbroken run",
+                  file=sys.stderr)
         saved_ranks = ckpt["meta"].get("ranks", 1)
         if saved_ranks != world.size:
             print(f"mbnet: note: this run used {saved_ranks} MPI rank(s), now {world.size}; it goes on with the same "

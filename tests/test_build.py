@@ -107,3 +107,18 @@ def test_freed_activation_memory_is_reused_by_the_next_step():
     assert keeps and faults < 100, faults  # arrays fresh from the kernel would be thousands of faults
     keeps, _ = run(MBNET_NO_MALLOPT="1")
     assert not keeps
+
+
+def test_cpu_name_names_family_and_model(monkeypatch):
+    """Guests often see a generic model name ("AMD EPYC" on Zen 4 and on Zen 5): the family and
+    model numbers tell them apart in every figure; only the first processor's block is read."""
+    two = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+           "model name\t: AMD EPYC\nflags\t\t: fpu avx2\n\n"
+           "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: Other CPU\n")
+    assert _native.cpu_name(two) == "AMD EPYC (family 25 model 17)"
+    assert _native.cpu_name("model name\t: Some CPU\n") == "Some CPU"
+    import platform
+
+    for processor, name in (("aarch64", "aarch64"), ("", "unknown CPU")):  # no model name: platform's, else this
+        monkeypatch.setattr(platform, "processor", lambda: processor)
+        assert _native.cpu_name("processor\t: 0\nBogoMIPS\t: 50.00\n") == name

@@ -174,6 +174,27 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny, tmp_path, capsys):
         assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
 
 
+def test_resume_on_another_machine_says_so(tiny, tmp_path, capsys, monkeypatch):
+    """The checkpoint records the CPU and build; resuming on another says the result may not be
+    bit-identical (another build's GEMM tiles sum in another order), and on the same one says nothing."""
+    out = tmp_path / "r"
+    common = ["--epochs", "2", "--limit-train", "64", "--limit-test", "32"]
+
+    def interrupt_at(k):
+        return lambda step: signal.raise_signal(signal.SIGINT) if step == k else None
+
+    assert train.main(_args(tiny, out, *common), on_step=interrupt_at(0)) == 130
+    assert _meta(out / "last.npz")["machine"] == run.machine_name()
+    resume = ["--out", str(out), "--resume", "--data-dir", str(tiny), "--threads", "1"]
+    capsys.readouterr()
+    assert train.main(resume, on_step=interrupt_at(1)) == 130
+    assert "was saved on" not in capsys.readouterr().err
+    monkeypatch.setattr(train, "machine_name", lambda: "Other CPU (family 1 model 2), avx2")
+    assert train.main(resume) == 0
+    assert (f"this run was saved on {run.machine_name()}, now Other CPU (family 1 model 2), avx2"
+            in capsys.readouterr().err)
+
+
 def test_checkpoint_round_trip(tmp_path, rng):
     model = MobileNetV1(alpha=0.25, input_size=8, seed=1)
     for p in model.parameters():
