@@ -252,8 +252,9 @@ def markdown(res):
             ("pointwise at the GEMM's rate, nothing else", f"{pw_best * 1e3:.1f}", "100%", vs(pw_best))]
     gemm = res["gemm"]
     lines += ["", f"Ceiling: the pointwise kernels do {res['pw_flops'] / 1e9:.1f} GFLOP a step, "
-              f"in {pw * 1e3:.1f} ms ({res['pw_flops'] / max(pw, 1e-12) / 1e9:.0f} GFLOP/s) in the median step; mbnet's GEMM reached "
-              f"{gemm['gflops']:.0f} GFLOP/s on {gemm['layer']} (the fastest of its calls before and after the steps, this process):", "",
+              f"in {pw * 1e3:.1f} ms ({res['pw_flops'] / max(pw, 1e-12) / 1e9:.0f} GFLOP/s) in the median step; "
+              f"mbnet's GEMM reached {gemm['gflops']:.0f} GFLOP/s on {gemm['layer']} (the fastest of its calls "
+              "before and after the steps, this process):", "",
               common.table(["step", "ms", "pointwise share", "PyTorch / mbnet"], rows, "lrrr")]
     return "\n".join(lines)
 
