@@ -197,7 +197,7 @@ class RowRing {
 
    private:
     index_t wp_, C_;
-    std::vector<float> buf_;
+    Floats buf_;
     index_t n_[3] = {-1, -1, -1}, ih_[3] = {0, 0, 0};
 };
 
@@ -300,12 +300,12 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
     const index_t C = a.c;
     const index_t wp = (a.wo - 1) * a.s + a.kw;  // padded width under one output row
     PerThread<Taps> all_taps(Taps(a.kh * a.kw));
-    PerThread<std::vector<float>> all_xb(std::vector<float>(padded && !t ? 3 * wp * C : 0));
+    PerThread<Floats> all_xb(Floats(padded && !t ? 3 * wp * C : 0));
     PerThread<RowRing> all_rings(RowRing(t ? wp : 0, C));
 #pragma omp parallel
     {
         Taps& taps = all_taps.mine();
-        std::vector<float>& xb = all_xb.mine();
+        Floats& xb = all_xb.mine();
         RowRing& ring = all_rings.mine();
         // Output row oh of image n.
         auto row = [&](index_t n, index_t oh) {
@@ -383,13 +383,13 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
     PerThread<Taps> all_taps(Taps{cap});
     const std::vector<index_t> row_proto(rows_max);
     PerThread<std::vector<index_t>> all_row_i(row_proto), all_row_oh(row_proto);
-    PerThread<std::vector<float>> all_dyb(std::vector<float>(fast ? 3 * (a.w + 2) * C : 0));
+    PerThread<Floats> all_dyb(Floats(fast ? 3 * (a.w + 2) * C : 0));
     PerThread<std::vector<Taps>> all_res_taps(std::vector<Taps>(nres, Taps(cap)));
 #pragma omp parallel
     {
         Taps& taps = all_taps.mine();
         std::vector<index_t>&row_i = all_row_i.mine(), &row_oh = all_row_oh.mine();
-        std::vector<float>& dyb = all_dyb.mine();
+        Floats& dyb = all_dyb.mine();
         std::vector<Taps>& res_taps = all_res_taps.mine();
         // Input row ih of image n.
         auto row = [&](index_t n, index_t ih) {

@@ -193,7 +193,7 @@ inline float* gemm_dst(const Layer& L, float* out, float* c, index_t r0) {
 
 // One thread's scratch: the GEMM's left operand, its result, sgemm_packed_b's A buffer.
 struct Scratch {
-    std::vector<float> a, c;
+    Floats a, c;
     AlignedFloats g;
 };
 
@@ -525,7 +525,7 @@ class InferencePlan {
     std::vector<float> fc_b_;
     index_t batch_ = 0, chunk_ = 0, h_ = 0, w_ = 0, classes_ = 0;
     index_t tile_floats_ = 0, gemm_floats_ = 0;  // per thread: tiles a and c, sgemm_packed_b's A
-    std::vector<float> input_, buf_[2], pooled_;
+    Floats input_, buf_[2], pooled_;
     std::vector<double> pool_sum_;
     std::vector<Scratch> scratch_;
     std::mutex mutex_;

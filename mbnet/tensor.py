@@ -188,7 +188,8 @@ def _accumulate_leaf(x, gx, seen):
         gx = gx.astype(x.dtype)
     if x.grad is None:
         # An optimizer may update .grad in place: never let it alias another tensor's gradient.
-        x.grad = gx.copy() if (id(gx) in seen or gx.base is not None) else gx
+        # (a kernel's output has a capsule as its base, holding its aligned memory: not a view)
+        x.grad = gx.copy() if (id(gx) in seen or isinstance(gx.base, np.ndarray)) else gx
     else:
         x.grad = x.grad + gx
 

@@ -8,6 +8,7 @@ import shutil
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mbnet import _C, _native
@@ -122,3 +123,36 @@ def test_cpu_name_names_family_and_model(monkeypatch):
     for processor, name in (("aarch64", "aarch64"), ("", "unknown CPU")):  # no model name: platform's, else this
         monkeypatch.setattr(platform, "processor", lambda: processor)
         assert _native.cpu_name("processor\t: 0\nBogoMIPS\t: 50.00\n") == name
+
+
+def test_kernel_outputs_are_aligned_owned_and_traced():
+    """Every array a kernel returns starts on a 64-byte line (NumPy's start 16 bytes past one), is
+    writeable, is not a view of another array (so autograd keeps a gradient without copying it),
+    and is seen by tracemalloc while it lives."""
+    import tracemalloc
+
+    from mbnet import Tensor
+    from mbnet import functional as F
+    rng = np.random.default_rng(0)
+    tracemalloc.start()
+    try:
+        x = rng.standard_normal((3, 5, 7, 24)).astype(np.float32)
+        w = rng.standard_normal((3, 3, 24)).astype(np.float32)
+        b = w.reshape(9, 24).T.copy()
+        base = tracemalloc.get_traced_memory()[0]
+        outs = [_C.dwconv2d_fwd(x, w, 1, 1) for _ in range(4)] + [_C.matmul(x.reshape(-1, 24), b)]
+        traced = tracemalloc.get_traced_memory()[0] - base
+        nbytes = sum(o.nbytes for o in outs)
+        assert nbytes <= traced <= nbytes + 4 * 64 * len(outs) + 4096, (traced, nbytes)
+        assert [o.ctypes.data % 64 for o in outs] == [0] * len(outs)
+        del outs
+        assert tracemalloc.get_traced_memory()[0] - base < 4096
+    finally:
+        tracemalloc.stop()
+    y = _C.dwconv2d_fwd(x, w, 1, 1)
+    assert y.ctypes.data % 64 == 0 and y.flags.writeable and y.flags.c_contiguous
+    assert not isinstance(y.base, np.ndarray) and isinstance(y[1:].base, np.ndarray)
+    np.testing.assert_array_equal(y, _C.dwconv2d_fwd(x.copy(), w, 1, 1))
+    xt = Tensor(x, requires_grad=True)
+    F.depthwise_conv2d(xt, Tensor(w), 1, 1).sum().backward()
+    assert xt.grad.ctypes.data % 64 == 0 and not isinstance(xt.grad.base, np.ndarray)
