@@ -60,11 +60,15 @@ def main(argv=None):
     p.add_argument("weights", help="an mbnet weights file or training checkpoint, or a PyTorch .pt/.pth state_dict")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="horizontal-flip TTA")
+    p.add_argument("--tta-shift", type=int_in(0, 8), default=0, metavar="PX",
+                   help="with --tta, also the image and its mirror moved diagonally by +-PX pixels (6 views)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights when the checkpoint has them (default; --no-ema: the raw weights)")
     p.add_argument("--limit-test", type=int_in(1), default=None, help="use N test images (a fixed subset)")
     p.add_argument("--threads", type=int_in(1, max_threads), default=None, help="kernel threads")
     args = p.parse_args(argv)
+    if args.tta_shift and not args.tta:
+        p.error(f"--tta-shift {args.tta_shift} needs --tta")
     try:
         set_threads(args.threads)
         if Path(args.weights).suffix in (".pt", ".pth"):  # a PyTorch state_dict, through models.load
@@ -89,10 +93,11 @@ def main(argv=None):
         return 2
     use_ema = ck is not None and args.ema and checkpoint.weights(ck) is not ck["model"]
     loader = D.Loader(xte, yte, EVAL_BATCH, np.array(model.mean), np.array(model.std), train=False)
-    _, _, preds = evaluate(model, loader, tta=args.tta)
+    _, _, preds = evaluate(model, loader, tta=args.tta, shift=args.tta_shift)
     meta = {} if ck is None else ck["meta"]
     where = f"epoch {meta['epoch']}, step {meta['step']}, " if "epoch" in meta else ""
-    print(f"{args.weights}: {where}{'EMA' if use_ema else 'raw'} weights{', flip TTA' if args.tta else ''}")
+    tta = f", flip + {args.tta_shift} px shift TTA" if args.tta_shift else ", flip TTA" if args.tta else ""
+    print(f"{args.weights}: {where}{'EMA' if use_ema else 'raw'} weights{tta}")
     print(format_report(yte, preds, model.classes))
     return 0
 

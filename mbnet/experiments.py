@@ -195,7 +195,8 @@ def run_state(run_dir, epochs):
 
 def final_accuracy(m):
     """(accuracy, what it is) of a final metrics row: TTA of the EMA weights, else EMA, else raw."""
-    for key, what in (("tta_test_acc", "EMA + flip TTA" if "ema_test_acc" in m else "flip TTA"),
+    tta = f"flip + {m['tta_shift']} px shift TTA" if m.get("tta_shift") else "flip TTA"
+    for key, what in (("tta_test_acc", f"EMA + {tta}" if "ema_test_acc" in m else tta),
                       ("ema_test_acc", "EMA"), ("test_acc", "final weights")):
         if m.get(key) is not None:
             return m[key], what

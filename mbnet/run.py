@@ -119,24 +119,51 @@ def dropout_modules(model):
     return [m for _, m in model.named_modules() if isinstance(getattr(m, "rng", None), np.random.Generator)]
 
 
-def _with_tta(forward, x, tta):
-    """forward(x), or with tta the mean of forward over x and its mirror (flipped along the width)."""
+def translate(x, dy, dx, fill):
+    """(B,H,W,C) images moved down by dy and right by dx pixels (negative: up, left), the uncovered
+    border set to fill (C,)."""
+    out = np.empty_like(x)
+    out[...] = fill
+    h, w = x.shape[1:3]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        x[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def _with_tta(forward, x, tta, shift=0, fill=0.0):
+    """forward(x), or with tta the mean of forward over x and its mirror (flipped along the width),
+    and with shift > 0 also over both moved by (shift, shift) and (-shift, -shift) pixels, the
+    border filled with fill (6 views)."""
     logits = forward(x)
-    return 0.5 * (logits + forward(np.ascontiguousarray(x[:, :, ::-1]))) if tta else logits
+    if not tta:
+        return logits
+    mirror = np.ascontiguousarray(x[:, :, ::-1])
+    if not shift:
+        return 0.5 * (logits + forward(mirror))
+    views = [mirror] + [translate(v, d, d, fill) for v in (x, mirror) for d in (shift, -shift)]
+    for v in views:
+        logits = logits + forward(v)
+    return logits / (1 + len(views))
 
 
-def forward_logits(model, x, tta=False):
+def black(model):
+    """A black pixel after the model's input normalization (training's crop padding): (C,) float32."""
+    return (-np.asarray(model.mean, np.float32) / np.asarray(model.std, np.float32)).astype(np.float32)
+
+
+def forward_logits(model, x, tta=False, shift=0):
     """(B,S,S,3) float32 -> (B,classes) float32 logits through the autograd forward, no graph; with
-    tta the mean over x and its mirror."""
+    tta the mean over x and its mirror (and with shift their moved copies, as _with_tta)."""
     from . import Tensor, no_grad
 
     with no_grad():
-        return _with_tta(lambda images: model(Tensor(images)).data, x, tta)
+        return _with_tta(lambda images: model(Tensor(images)).data, x, tta, shift, black(model) if shift else 0.0)
 
 
 def inference(model, batch):
-    """run(x, tta=False): the eval-mode network on x (n <= batch, s, s, c) -> logits (n, classes),
-    with tta the mean over x and its mirror. A float32 model of the MobileNetV1 family runs as the
+    """run(x, tta=False, shift=0): the eval-mode network on x (n <= batch, s, s, c) -> logits (n,
+    classes), with tta the mean over x and its mirror, with shift also over their copies moved
+    diagonally by +-shift pixels (_with_tta). A float32 model of the MobileNetV1 family runs as the
     compiled plan (mbnet.plan: BatchNorm folded, one call into the extension), as predict and
     export run it, made now from the model's current weights; any other model runs forward_logits."""
     from .plan import compile as compile_plan
@@ -147,13 +174,13 @@ def inference(model, batch):
         except ValueError:  # not a network the plan knows
             pass
         else:
-            return lambda x, tta=False: _with_tta(plan, x, tta)
-    return lambda x, tta=False: forward_logits(model, x, tta)
+            return lambda x, tta=False, shift=0: _with_tta(plan, x, tta, shift, black(model) if shift else 0.0)
+    return lambda x, tta=False, shift=0: forward_logits(model, x, tta, shift)
 
 
-def evaluate(model, loader, tta=False, label_smoothing=0.0):
+def evaluate(model, loader, tta=False, label_smoothing=0.0, shift=0):
     """-> (mean loss, accuracy, predictions (N,)) over the loader, the model in eval mode
-    (``inference``)."""
+    (``inference``; tta and shift as its run takes them)."""
     from . import Tensor
     from .functional import cross_entropy
 
@@ -163,7 +190,7 @@ def evaluate(model, loader, tta=False, label_smoothing=0.0):
     try:
         run = inference(model, loader.batch_size)
         for _, x, y in loader.epoch(0):
-            logits = run(x, tta)
+            logits = run(x, tta, shift)
             loss_sum += float(cross_entropy(Tensor(logits), y, label_smoothing=label_smoothing).data) * len(y)
             preds.append(logits.argmax(1))
     finally:

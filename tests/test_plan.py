@@ -336,8 +336,8 @@ def test_plan_binding_checks_its_layers():
 def test_evaluation_runs_the_plan_of_the_current_weights():
     """mbnet.run.inference (what training's and mbnet.evaluate's test passes run): a float32
     MobileNetV1 through a plan compiled from its weights at the call (bitwise that plan, also after
-    the weights change), TTA the mean over the mirror; a float64 model, or one the plan does not
-    know, through the autograd forward."""
+    the weights change), TTA the mean over the mirror (with shift also over both moved diagonally,
+    the border black); a float64 model, or one the plan does not know, through the autograd forward."""
     from mbnet.run import evaluate, inference
 
     model = randomize(models.MobileNetV1(alpha=0.25, input_size=16, seed=4))
@@ -346,6 +346,14 @@ def test_evaluation_runs_the_plan_of_the_current_weights():
     run = inference(model, 6)
     np.testing.assert_array_equal(run(x), P.compile(model, 6)(x))
     np.testing.assert_array_equal(run(x, tta=True), 0.5 * (run(x) + run(mirror)))
+    # with shift, also both moved by (2, 2) and (-2, -2), the border the normalized black
+    black = -np.array(model.mean, np.float32) / np.array(model.std, np.float32)
+    padded = [np.pad(v, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=np.nan) for v in (x, mirror)]
+    moved = [p[:, a:a + 16, a:a + 16] for p in padded for a in (0, 4)]  # (+2, +2), then (-2, -2)
+    moved = [np.where(np.isnan(m), black, m).astype(np.float32) for m in moved]
+    assert np.array_equal(moved[0][:, 2:, 2:], x[:, :-2, :-2]) and np.all(moved[0][:, :2] == black)
+    want = (run(x) + run(mirror) + sum(run(m) for m in moved)) / 6
+    np.testing.assert_allclose(run(x, tta=True, shift=2), want, rtol=1e-6, atol=1e-6)
     assert_close(run(x), eval_logits(model, x), "inference vs autograd")
     model.classifier.bias.data += 1.0  # a later call sees the new weights
     np.testing.assert_array_equal(inference(model, 6)(x), P.compile(model, 6)(x))
@@ -363,6 +371,10 @@ def test_evaluation_runs_the_plan_of_the_current_weights():
     assert acc == np.mean(preds == Images.labels) and model.training
 
     double = randomize(models.MobileNetV1(alpha=0.25, input_size=16, seed=4, dtype=np.float64))
-    np.testing.assert_array_equal(inference(double, 6)(x.astype(np.float64)), eval_logits(double, x.astype(np.float64)))
+    x64 = x.astype(np.float64)
+    np.testing.assert_array_equal(inference(double, 6)(x64), eval_logits(double, x64))
+    np.testing.assert_allclose(inference(double, 6)(x64, tta=True, shift=2),  # the same views, through autograd
+                               sum(eval_logits(double, v.astype(np.float64)) for v in [x, mirror] + moved) / 6,
+                               rtol=1e-12, atol=1e-12)
     seq = nn.Sequential(nn.GlobalAvgPool2d(), nn.Linear(3, 2, rng=np.random.default_rng(0)))  # no plan for it
     np.testing.assert_array_equal(inference(seq, 6)(x), eval_logits(seq.eval(), x))

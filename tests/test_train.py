@@ -119,6 +119,23 @@ def test_tiny_run_learns_and_writes_its_files(tiny, tmp_path, capsys):
     assert f"test accuracy: {100 * rows[-1]['tta_test_acc']:.2f}%" in capsys.readouterr().out
 
 
+def test_shift_tta_is_recorded_and_evaluate_reproduces_it(tiny, tmp_path, capsys):
+    """--tta-shift: the final TTA averages the moved views too (tests/test_plan.py checks the views),
+    the metrics row and the done line say so, and mbnet.evaluate with the same options prints the
+    same accuracy; without --tta the option is refused."""
+    out = tmp_path / "run"
+    assert train.main(_args(tiny, out, "--epochs", "1", "--limit-test", "48", "--tta", "--tta-shift", "1")) == 0
+    row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["tta_shift"] == 1 and "EMA + flip + 1 px shift TTA " in capsys.readouterr().err
+    assert evaluate.main([str(out / "last.npz"), "--data-dir", str(tiny), "--limit-test", "48", "--tta",
+                          "--tta-shift", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "EMA weights, flip + 1 px shift TTA" in text and f"test accuracy: {100 * row['tta_test_acc']:.2f}%" in text
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(out / "last.npz"), "--data-dir", str(tiny), "--tta-shift", "1"])
+    assert e.value.code == 2 and "--tta-shift 1 needs --tta" in capsys.readouterr().err
+
+
 def test_eval_every_skips_test_passes_and_changes_no_weight(tiny, tmp_path, capsys):
     """--eval-every 2 over 3 epochs evaluates after epochs 2 and 3 (the last) only, the curves and the epoch
     lines follow, and the weights are bitwise those of the run that evaluates every epoch."""
