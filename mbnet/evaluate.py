@@ -1,5 +1,8 @@
 """Evaluates weights on the test split of their data set: `python -m mbnet.evaluate WEIGHTS [options]`.
 
+A checkpoint of a run trained with --val-split is evaluated on its held-out split (the part of the
+train split it did not train on), and the report says "held-out accuracy".
+
 WEIGHTS is any mbnet weights file (model.save), training checkpoint (last.npz) or, like
 everything mbnet.models.load reads, a PyTorch .pt/.pth state_dict of a MobileNetV1. Prints
 the test accuracy, the accuracy of each class and the confusion matrix (rows: true class, columns:
@@ -17,7 +20,7 @@ import numpy as np
 from . import checkpoint
 from . import data as D
 from .models import load
-from .run import EVAL_BATCH, Parser, RunError, evaluate, int_in, max_threads, set_threads
+from .run import EVAL_BATCH, Parser, RunError, eval_split, evaluate, int_in, max_threads, set_threads
 
 
 def confusion_matrix(labels, preds, k):
@@ -30,10 +33,11 @@ def confusion_matrix(labels, preds, k):
 MATRIX_MAX = 20  # classes up to which the whole confusion matrix is printed
 
 
-def format_report(labels, preds, classes):
+def format_report(labels, preds, classes, split="test"):
     cm = confusion_matrix(labels, preds, len(classes))
     name = max(10, *(len(c) for c in classes))
-    lines = [f"test accuracy: {100 * (labels == preds).mean():.2f}% ({int((labels == preds).sum())}/{len(labels)})", "",
+    right = int((labels == preds).sum())
+    lines = [f"{split} accuracy: {100 * (labels == preds).mean():.2f}% ({right}/{len(labels)})", "",
              "per-class accuracy:"]
     for k, c in enumerate(classes):
         n = cm[k].sum()
@@ -98,7 +102,7 @@ def main(argv=None):
     where = f"epoch {meta['epoch']}, step {meta['step']}, " if "epoch" in meta else ""
     tta = f", flip + {args.tta_shift} px shift TTA" if args.tta_shift else ", flip TTA" if args.tta else ""
     print(f"{args.weights}: {where}{'EMA' if use_ema else 'raw'} weights{tta}")
-    print(format_report(yte, preds, model.classes))
+    print(format_report(yte, preds, model.classes, eval_split(cfg)))
     return 0
 
 

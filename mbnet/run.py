@@ -178,6 +178,11 @@ def inference(model, batch):
     return lambda x, tta=False, shift=0: forward_logits(model, x, tta, shift)
 
 
+def eval_split(cfg):
+    """The name of the split a run evaluates on: "held-out" (--val-split) or "test"."""
+    return "held-out" if cfg.get("val_split") else "test"
+
+
 def evaluate(model, loader, tta=False, label_smoothing=0.0, shift=0):
     """-> (mean loss, accuracy, predictions (N,)) over the loader, the model in eval mode
     (``inference``; tta and shift as its run takes them)."""

@@ -40,8 +40,9 @@ from . import checkpoint, optim
 from . import data as D
 from . import distributed as dist
 from .run import (EVAL_BATCH, Interrupt, Parser, Progress, RunError, RunLock, all_finite, dropout_modules, dumps,
-                  evaluate, float_in, fmt_time, int_in, live_arrays, load_checkpoint, machine_name, max_threads,
-                  remove_orphans, save_checkpoint, set_threads, swapped_weights, write_metrics, write_text)
+                  eval_split, evaluate, float_in, fmt_time, int_in, live_arrays, load_checkpoint, machine_name,
+                  max_threads, remove_orphans, save_checkpoint, set_threads, swapped_weights, write_metrics,
+                  write_text)
 
 SKIP_LIMIT = 20  # non-finite steps in a row after which --on-nan skip stops too
 DEFAULT_LR = {"sgd": 0.1, "rmsprop": 0.045, "adam": 1e-3}  # at batch size 128; scaled linearly
@@ -312,11 +313,6 @@ def _explicit_args(parser, argv):
 
 # ----------------------------------------------------------------------------------------------
 # A run in stages: start_run (new or resumed), Run.train_epoch, Run.finish_epoch
-
-
-def eval_split(cfg):
-    """The name of the split a run evaluates on: "held-out" (--val-split) or "test"."""
-    return "held-out" if cfg.get("val_split") else "test"
 
 
 def _fresh_sums():

@@ -470,7 +470,7 @@ def test_three_class_val_split_trains_and_evaluates(three, tmp_path, capsys):
     out, cfg = _train(tmp_path, three, "--resolution", "16", "--val-split", "0.25")
     assert cfg["classes"] == THREE and cfg["val_split"] == 0.25
     text = _evaluate(out, three, capsys)
-    assert "(9)" not in text and "test accuracy" in text and "/9)" in text
+    assert "(9)" not in text and "held-out accuracy: " in text and "test accuracy" not in text and "/9)" in text
     for name in THREE:
         assert f"  {name} " in text
 
@@ -494,6 +494,7 @@ def test_cifar100_val_split_trains_and_evaluates_on_the_held_out_part(cifar100, 
     held = int(data._carve(data.load_data(cifar100.parent, resolution=16)["train_y"], 0.25).sum())
     text = _evaluate(out, cifar100.parent, capsys)  # evaluate reads the run's --val-split: the same images
     assert f"/{held})" in text and f"/40)" not in text  # the held-out part, not the 40 test images
+    assert "held-out accuracy: " in text
 
 
 def test_data_errors_are_one_line_messages(tmp_path, capsys):
