@@ -186,6 +186,34 @@ def test_plan_chunks_give_the_same_logits():
     assert big.info()["buffer_bytes"] < 100 * 2**20
 
 
+def test_plan_stages_pass_fewer_images_through_large_maps_and_change_nothing():
+    """Layers run in stages: a pass of a few images through the large early maps, of the whole
+    chunk through the small late ones. The stages cover the layers in order, take more images per
+    pass as the maps shrink, and give the logits of the plan that passes one image at a time
+    (bitwise) and of the autograd model."""
+    model = randomize(models.MobileNetV1(alpha=0.25, input_size=32))
+    x = images(40, 32)
+    plan = P.compile(model, batch=40)
+    info = plan.info()
+    stages = info["stages"]
+    assert [s[0] for s in stages] == [0] + [s[1] + 1 for s in stages[:-1]]
+    assert stages[-1][1] == len(info["layers"]) - 1
+    chunks = [s[2] for s in stages]
+    assert chunks == sorted(chunks) and len(set(chunks)) >= 2
+    assert chunks[0] < info["chunk"] == chunks[-1] == 40
+    # Block 1, 8 -> 16 channels at 32x32 (padded 34x34): the most images, a power of two, whose
+    # input and output fit 2 MB
+    assert info["layers"][1]["output"] == (32, 32, 16)
+    assert chunks[0] == 16 and 16 * 34 * 34 * (8 + 16) <= 2**19 < 32 * 34 * 34 * (8 + 16)
+    one = P.compile(model, batch=40, chunk=1)
+    assert [s[2] for s in one.info()["stages"]] == [1]
+    got = plan(x)
+    np.testing.assert_array_equal(got, one(x))
+    np.testing.assert_array_equal(plan(x[:7]), got[:7])  # a last pass of fewer images
+    want = eval_logits(model, x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
+
+
 def test_plan_takes_tensors_and_concurrent_calls():
     """Calls from several Python threads take turns (the plan's buffers are shared)."""
     from concurrent.futures import ThreadPoolExecutor
