@@ -62,7 +62,9 @@ struct ATransform;  // common.h: BatchNorm's apply + act on A's elements as A is
 // the blocks of kStatsRows rows of a larger matrix whose row row0 is C's first: each element of C
 // is summed in the same order as sgemm without a K split, and per column the rows of such a
 // block reach the epilogue in order, from one thread (what ChannelStats needs). An empty epilogue
-// is not called. With a transform, C = transform(A) * B. C does not depend on the thread count.
+// is not called; without one, a K of 8192 or more is cut into chunks fixed by the shape, whose
+// partial products are added in order. With a transform, C = transform(A) * B. C does not
+// depend on the thread count.
 void sgemm_epilogue(std::int64_t M, std::int64_t N, std::int64_t K,
                     const float* A, std::int64_t rsa, std::int64_t csa,
                     const float* B, std::int64_t rsb, std::int64_t csb,

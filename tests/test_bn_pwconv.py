@@ -81,8 +81,10 @@ def test_matches_reference_and_the_unfused_kernels(n, h, w, ci, co, act, seed):
 
 
 # (n, h, w, ci, co): tall dw (threads split its rows), wide y and dw (columns), more than one
-# KC = 256 block of ci and of rows, a short last MR panel, MobileNet's 13th block at batch 8.
-BIG = [(4, 16, 17, 24, 40), (2, 2, 3, 64, 2100), (16, 4, 4, 300, 37), (8, 2, 2, 1024, 1024), (3, 5, 7, 517, 70)]
+# KC = 256 block of ci and of rows, a short last MR panel, MobileNet's 13th block at batch 8, and
+# dw over 9216 rows (two fixed chunks of the rows, their partial sums added in order).
+BIG = [(4, 16, 17, 24, 40), (2, 2, 3, 64, 2100), (16, 4, 4, 300, 37), (8, 2, 2, 1024, 1024), (3, 5, 7, 517, 70),
+       (4, 48, 48, 32, 64)]
 
 
 @pytest.mark.parametrize("case", BIG, ids=lambda c: "-".join(map(str, c)))
