@@ -321,9 +321,14 @@ def test_train_on_two_ranks_resumes_bit_for_bit_and_only_rank0_writes(tiny, tmp_
 def test_train_sync_bn_step_on_two_ranks_equals_one_process(tiny, tmp_path, mixing):
     """The third step of a run (augmentation, schedule, momentum, EMA all at work) computed by 2
     ranks with --sync-bn from the 1-process checkpoint after step 2 gives the 1-process weights
-    to float32 rounding (measured 1e-6; one more step multiplies such differences by ~10^3 on
-    this tiny network, see test_two_ranks_with_sync_bn_equal_one_process). With mixup or CutMix
-    the ranks make their rows of the global batch's mixing (partners from the other shard too)."""
+    to rounding: each weight within 1e-3 of the step's update of it, for the median weight tensor,
+    and within 20% for every one. The ranks sum in another order, and this tiny network (BatchNorm
+    over 32 values on its 1x1 maps) magnifies that (test_two_ranks_with_sync_bn_equal_one_process):
+    measured 1e-4 of the update for most tensors, but from one state in four (seeds 0-4, with
+    and without CutMix) a few tensors move by 0.4-7.5% of their update, the reordered sums having
+    crossed a kink of the activations. A wrong mixing or a statistic left unsynchronized moves
+    every tensor by a sizable part of its update. With mixup or CutMix the ranks make their rows
+    of the global batch's mixing (partners from the other shard too)."""
     from mbnet import train
 
     common = ["--epochs", "1", "--limit-train", "96", "--sync-bn", "--data-dir", str(tiny), *mixing]
@@ -331,13 +336,17 @@ def test_train_sync_bn_step_on_two_ranks_equals_one_process(tiny, tmp_path, mixi
     assert train.main(TRAIN + common + ["--out", str(one)]) == 0
     stop_after_2 = lambda step: step == 1 and signal.raise_signal(signal.SIGINT)  # noqa: E731
     assert train.main(TRAIN + common + ["--out", str(split)], on_step=stop_after_2) == 130
+    split_at_2 = tmp_path / "split-at-2.npz"
+    shutil.copy(split / "last.npz", split_at_2)
     r, _ = _train_two_ranks(tiny, split, "none", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "used 1 MPI rank(s), now 2" in r.stderr
     a, b = _arrays(one / "last.npz"), _arrays(split / "last.npz")
-    worst = max((float(np.abs(a[k] - b[k]).max()), k) for k in a if k.startswith("model/"))
-    assert worst[0] < 2e-5, worst
-    assert worst[0] > 0  # two ranks did compute it (in another summation order)
+    start = _arrays(split_at_2)
+    rel = sorted((float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k] - start[k]).max(), 1e-3)), k)
+                 for k in a if k.startswith("model/"))
+    assert rel[len(rel) // 2][0] < 1e-3 and rel[-1][0] < 0.2, (rel[len(rel) // 2], rel[-1])
+    assert rel[-1][0] > 0  # two ranks did compute it (in another summation order)
 
 
 @pytest.mark.parametrize("action, options, expect", [
