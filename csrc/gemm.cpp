@@ -303,6 +303,17 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
 
 enum class Split { Rows, Cols, Depth };
 
+// Row i of C += row i of each of `parts` partial products (M x N each, one after the other), in
+// their order.
+inline void add_partials(index_t i, index_t M, index_t N, const float* partial, index_t parts,
+                         float* C, index_t ldc) {
+    float* __restrict__ c = C + i * ldc;
+    for (index_t p = 0; p < parts; ++p) {
+        const float* __restrict__ q = partial + p * M * N + i * N;
+        for (index_t j = 0; j < N; ++j) c[j] += q[j];
+    }
+}
+
 // [begin, end) of part t of n items split into `parts` pieces on multiples of `grain`.
 inline void split_range(index_t n, index_t grain, int parts, int t, index_t& begin, index_t& end) {
     const index_t units = (n + grain - 1) / grain;
@@ -372,13 +383,7 @@ void sgemm(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t
                 for (index_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
 #pragma omp barrier
 #pragma omp for schedule(static)
-            for (index_t i = 0; i < M; ++i) {
-                float* __restrict__ c = C + i * ldc;
-                for (int p = 1; p < nt; ++p) {
-                    const float* __restrict__ q = partial.get() + (p - 1) * M * N + i * N;
-                    for (index_t j = 0; j < N; ++j) c[j] += q[j];
-                }
-            }
+            for (index_t i = 0; i < M; ++i) add_partials(i, M, N, partial.get(), nt - 1, C, ldc);
         }
     }
 }
@@ -435,13 +440,7 @@ void sgemm_depth_chunks(index_t M, index_t N, index_t K, index_t chunks, const f
                          c == 0 ? ldc : N, false, buf, nullptr, 0, 0, transform);
         }
 #pragma omp for schedule(static)
-        for (index_t i = 0; i < M; ++i) {
-            float* __restrict__ c = C + i * ldc;
-            for (index_t p = 1; p < chunks; ++p) {
-                const float* __restrict__ q = partial.get() + (p - 1) * M * N + i * N;
-                for (index_t j = 0; j < N; ++j) c[j] += q[j];
-            }
-        }
+        for (index_t i = 0; i < M; ++i) add_partials(i, M, N, partial.get(), chunks - 1, C, ldc);
     }
 }
 
