@@ -7,8 +7,9 @@
 // is row-major, which the microkernel reads in place; then the microkernel computes one MR x NR
 // tile of C per (A panel, B panel) pair, keeping the tile in registers for the whole KC loop (a
 // short last A panel on a tile of fewer rows). Packing reads through arbitrary strides, so
-// transposed operands cost nothing extra. Threads split C's rows or columns, or, when C is small
-// and K long, K (partial sums added at the end). A B shared by many products (the inference
+// transposed operands cost nothing extra. Threads split C's rows or columns, or, when K is long
+// against C, K in chunks fixed by the shape (partial products added in order): C does not depend
+// on the thread count. A B shared by many products (the inference
 // plan's weights) can be packed once (PackedB) and multiplied by sgemm_packed_b. sgemm_epilogue
 // hands each block of C to a callback once final (the BatchNorm statistics of pwconv2d_fwd_stats
 // and conv2d_fwd_stats).
@@ -301,8 +302,6 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                      transform);
 }
 
-enum class Split { Rows, Cols, Depth };
-
 // Row i of C += row i of each of `parts` partial products (M x N each, one after the other), in
 // their order.
 inline void add_partials(index_t i, index_t M, index_t N, const float* partial, index_t parts,
@@ -321,6 +320,45 @@ inline void split_range(index_t n, index_t grain, int parts, int t, index_t& beg
     end = std::min(n, units * (t + 1) / parts * grain);
 }
 
+// Depth chunks of a product with a long K (a weight gradient over many pixels): K / kDepthRows
+// of them, fewer if their partial products would pass kDepthFloats. On Zen 4 this made the
+// pointwise weight gradients of a 32 px MobileNet at batch 128 1.0-1.3x faster (AVX2 build:
+// 1.1-1.9x) than splitting C across the threads; 8192 or 16384 rows a chunk did no better.
+constexpr index_t kDepthRows = 4096;
+constexpr index_t kDepthFloats = index_t(1) << 22;
+
+// 1 unless K is long against C's sides (K > 3 max(M, N): splitting C's rows or columns would make
+// every thread pack at least 3x C's size of A or B, more than a partial product costs).
+index_t depth_chunks(index_t M, index_t N, index_t K) {
+    if (K <= 3 * std::max(M, N)) return 1;
+    return std::max<index_t>(1, std::min(K / kDepthRows, kDepthFloats / (M * N)));
+}
+
+// C = transform(A) * B over `chunks` fixed ranges of K, each multiplied by one thread (its own
+// packing, of its range of A and B only), then added in range order: the sums depend on the
+// shape, never on the thread count.
+void sgemm_depth_chunks(index_t M, index_t N, index_t K, index_t chunks, const float* A,
+                        index_t rsa, index_t csa, const float* B, index_t rsb, index_t csb,
+                        float* C, index_t ldc, bool accumulate, int threads,
+                        const ATransform* transform = nullptr) {
+    std::unique_ptr<float[]> partial(new float[(chunks - 1) * M * N]);  // chunk 0 goes to C
+    std::vector<std::unique_ptr<PackBuffers>> bufs;
+    for (int t = 0; t < threads; ++t) bufs.emplace_back(new PackBuffers(M, N, (K + chunks - 1) / chunks));
+#pragma omp parallel num_threads(threads)
+    {
+        PackBuffers& buf = *bufs[omp_get_thread_num()];
+#pragma omp for schedule(static)
+        for (index_t c = 0; c < chunks; ++c) {
+            const index_t k0 = K * c / chunks, k1 = K * (c + 1) / chunks;
+            float* out = c == 0 ? C : partial.get() + (c - 1) * M * N;
+            sgemm_serial(M, N, k1 - k0, A + k0 * csa, rsa, csa, B + k0 * rsb, rsb, csb, out,
+                         c == 0 ? ldc : N, c == 0 && accumulate, buf, nullptr, 0, 0, transform);
+        }
+#pragma omp for schedule(static)
+        for (index_t i = 0; i < M; ++i) add_partials(i, M, N, partial.get(), chunks - 1, C, ldc);
+    }
+}
+
 }  // namespace
 
 void sgemm(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
@@ -333,17 +371,18 @@ void sgemm(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t
     }
     int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
     if (static_cast<double>(M) * N * K < kParallelMinGemm) threads = 1;
+    if (const index_t chunks = depth_chunks(M, N, K); chunks >= 2)
+        return sgemm_depth_chunks(M, N, K, chunks, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, threads);
     // Splitting rows makes every thread pack all of B (K*N extra copies), splitting columns all
-    // of A (K*M); splitting K costs a partial C per thread and a reduction (~3*M*N).
-    Split split = Split::Rows;
+    // of A (K*M): the cheaper, where there is a panel per thread. Either way each element of C is
+    // summed as on one thread.
+    bool by_rows = true;
     if (threads > 1) {
         const double inf = 1e300;
         const double rows = (M + MR - 1) / MR >= threads ? double(K) * N : inf;
         const double cols = (N + NR - 1) / NR >= threads ? double(K) * M : inf;
-        const double depth = K >= threads * KC / 2 ? 3.0 * M * N : inf;
-        const double best = std::min({rows, cols, depth});
-        if (best == inf) threads = 1;
-        else split = best == rows ? Split::Rows : best == cols ? Split::Cols : Split::Depth;
+        if (std::min(rows, cols) == inf) threads = 1;
+        else by_rows = rows <= cols;
     }
     if (threads == 1) {
         PackBuffers buf(M, N, K);
@@ -352,38 +391,21 @@ void sgemm(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t
     }
     std::vector<std::unique_ptr<PackBuffers>> bufs;
     for (int t = 0; t < threads; ++t) bufs.emplace_back(new PackBuffers(M, N, K));
-    // Partial products of threads 1.. when K is split (thread 0 writes C itself).
-    std::unique_ptr<float[]> partial(split == Split::Depth ? new float[(threads - 1) * M * N]
-                                                           : nullptr);
 #pragma omp parallel num_threads(threads)
     {
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
         PackBuffers& buf = *bufs[t];
         index_t b0, b1;
-        if (split == Split::Rows) {
+        if (by_rows) {
             split_range(M, MR, nt, t, b0, b1);
             if (b1 > b0)
                 sgemm_serial(b1 - b0, N, K, A + b0 * rsa, rsa, csa, B, rsb, csb, C + b0 * ldc,
                              ldc, accumulate, buf);
-        } else if (split == Split::Cols) {
+        } else {
             split_range(N, NR, nt, t, b0, b1);
             if (b1 > b0)
                 sgemm_serial(M, b1 - b0, K, A, rsa, csa, B + b0 * csb, rsb, csb, C + b0, ldc,
                              accumulate, buf);
-        } else {
-            split_range(K, 1, nt, t, b0, b1);
-            float* out = t == 0 ? C : partial.get() + (t - 1) * M * N;
-            const index_t ld = t == 0 ? ldc : N;
-            if (b1 > b0)
-                sgemm_serial(M, N, b1 - b0, A + b0 * csa, rsa, csa, B + b0 * rsb, rsb, csb, out,
-                             ld, t == 0 ? accumulate : false, buf);
-            else if (t != 0)
-                std::fill(out, out + M * N, 0.f);
-            else if (!accumulate)
-                for (index_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
-#pragma omp barrier
-#pragma omp for schedule(static)
-            for (index_t i = 0; i < M; ++i) add_partials(i, M, N, partial.get(), nt - 1, C, ldc);
         }
     }
 }
@@ -407,44 +429,6 @@ PackedB::PackedB(index_t K_, index_t N_, const float* B, index_t rsb, index_t cs
     }
 }
 
-namespace {
-
-// Depth chunks of a product with a long K (a weight gradient over many pixels): K / kDepthRows
-// of them, fewer if their partial products would pass kDepthFloats. On Zen 4 this made the
-// pointwise weight gradients of a 32 px MobileNet at batch 128 1.0-1.3x faster (AVX2 build:
-// 1.1-1.9x) than splitting C across the threads; 8192 or 16384 rows a chunk did no better.
-constexpr index_t kDepthRows = 4096;
-constexpr index_t kDepthFloats = index_t(1) << 22;
-
-index_t depth_chunks(index_t M, index_t N, index_t K) {
-    return std::min(K / kDepthRows, std::max<index_t>(1, kDepthFloats / (M * N)));
-}
-
-// C = transform(A) * B over `chunks` fixed ranges of K, each multiplied by one thread (its own
-// packing, of its range of A and B only), then added in range order: the sums depend on the
-// shape, never on the thread count.
-void sgemm_depth_chunks(index_t M, index_t N, index_t K, index_t chunks, const float* A,
-                        index_t rsa, index_t csa, const float* B, index_t rsb, index_t csb,
-                        float* C, index_t ldc, int threads, const ATransform* transform) {
-    std::unique_ptr<float[]> partial(new float[(chunks - 1) * M * N]);  // chunk 0 goes to C
-    std::vector<std::unique_ptr<PackBuffers>> bufs;
-    for (int t = 0; t < threads; ++t) bufs.emplace_back(new PackBuffers(M, N, (K + chunks - 1) / chunks));
-#pragma omp parallel num_threads(threads)
-    {
-        PackBuffers& buf = *bufs[omp_get_thread_num()];
-#pragma omp for schedule(static)
-        for (index_t c = 0; c < chunks; ++c) {
-            const index_t k0 = K * c / chunks, k1 = K * (c + 1) / chunks;
-            float* out = c == 0 ? C : partial.get() + (c - 1) * M * N;
-            sgemm_serial(M, N, k1 - k0, A + k0 * csa, rsa, csa, B + k0 * rsb, rsb, csb, out,
-                         c == 0 ? ldc : N, false, buf, nullptr, 0, 0, transform);
-        }
-#pragma omp for schedule(static)
-        for (index_t i = 0; i < M; ++i) add_partials(i, M, N, partial.get(), chunks - 1, C, ldc);
-    }
-}
-
-}  // namespace
 
 void sgemm_epilogue(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                     const float* B, index_t rsb, index_t csb, float* C, index_t ldc, index_t row0,
@@ -458,7 +442,8 @@ void sgemm_epilogue(index_t M, index_t N, index_t K, const float* A, index_t rsa
     // transform) all of A or all of B, and splits a C of few columns unevenly (64 columns in
     // panels of 24 on AVX2: 24 and 40).
     if (const index_t chunks = ep ? 1 : depth_chunks(M, N, K); chunks >= 2)
-        return sgemm_depth_chunks(M, N, K, chunks, A, rsa, csa, B, rsb, csb, C, ldc, threads, transform);
+        return sgemm_depth_chunks(M, N, K, chunks, A, rsa, csa, B, rsb, csb, C, ldc, false, threads,
+                                  transform);
     // Threads split C's rows on the blocks of kStatsRows rows (counted from row0), or its columns:
     // rows make every thread pack all of B, columns read all of A.
     const index_t off = row0 % kStatsRows, blocks = (off + M + kStatsRows - 1) / kStatsRows;

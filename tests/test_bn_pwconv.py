@@ -98,7 +98,7 @@ def test_threads_agree_bitwise(case, act, threads):
         threads(t)
         results.append((*_C.pwconv2d_bn_act_fwd_stats(x, wt, *bn), _C.pwconv2d_bn_act_bwd_weight(x, dy, *bn),
                         *_C.pwconv2d_bwd_input_bn(dy, wt, x, *bn)))
-        if t == 1:  # (sgemm splits a long K across threads: other sums)
+        if t == 1:
             unfused = (_C.pwconv2d_fwd(z, wt), _C.pwconv2d_bwd_weight(z, dy))
     for one, two, what in zip(*results, ("y", "mean", "var", "dw", "dx", "dgamma", "dbeta")):
         np.testing.assert_array_equal(one, two, err_msg=f"{what} at 1 vs 2 threads, {case}")

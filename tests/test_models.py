@@ -6,6 +6,7 @@ import pytest
 from mbnet import Tensor, no_grad
 from mbnet import functional as F
 from mbnet.models import BLOCKS, ConvMobileNet, MobileNetV1, default_stem_stride, layer_shapes
+from helpers import restore_threads  # noqa: F401 (a fixture)
 from test_nn import check_module_backward
 
 
@@ -246,3 +247,24 @@ def test_fused_step_does_not_hold_the_convolutions_inputs(rng, monkeypatch):
             tracemalloc.stop()
         del logits
     assert held[False] - held[True] >= 0.9 * z_bytes, (held, z_bytes)
+
+
+def test_training_step_is_the_same_at_1_and_2_threads(restore_threads):
+    """Loss and every gradient of a MobileNetV1 step are bitwise the same at 1 and 2 threads: no
+    kernel splits a sum by the thread count (the stem's weight gradient, a GEMM over 16,384 rows,
+    sums fixed chunks of them)."""
+    from mbnet import _C
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, 16)
+    results = []
+    for threads in (1, 2):
+        _C.set_num_threads(threads)
+        model = MobileNetV1(1.0, num_classes=10, input_size=32, seed=0)
+        loss = F.cross_entropy(model(Tensor(x)), labels)
+        loss.backward()
+        results.append({"loss": np.asarray(loss.data), **{n: p.grad for n, p in model.named_parameters()}})
+    assert len(results[0]) > 80
+    for k, v in results[0].items():
+        np.testing.assert_array_equal(results[1][k], v, err_msg=k)
