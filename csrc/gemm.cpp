@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 
 #include "common.h"
 #include "kernels.h"
@@ -236,7 +237,17 @@ struct PackBuffers {
 // epilogue, each MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows, j_off +
 // column, columns), once final and still in cache. With a transform, A is transform(A) (its
 // rows counted from i_off), always packed.
-template <int kNR, class BlockOfB>
+// Columns of an nc-wide block that sgemm packs into NR-wide panels. The rest goes into
+// NR_NARROW-wide panels when they pad it less (AVX2: 32 columns as 24 + 8, not 24 + 24, whose
+// second panel would be two thirds zeros; AVX-512: 48 as 32 + 16).
+inline index_t wide_columns(index_t nc) {
+    const index_t rem = nc % NR;
+    return rem > 0 && (rem + NR_NARROW - 1) / NR_NARROW * NR_NARROW < NR ? nc - rem : nc;
+}
+
+// kNarrowTail: b_block packs each block's columns past wide_columns(nc) into NR_NARROW-wide panels
+// (sgemm's own packing; a PackedB's panels are all of one width).
+template <int kNR, bool kNarrowTail = false, class BlockOfB>
 void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                   BlockOfB&& b_block, float* C, index_t ldc, bool accumulate, float* abuf,
                   const GemmEpilogue* epilogue = nullptr, index_t i_off = 0, index_t j_off = 0,
@@ -258,8 +269,11 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                 if (packed_from < mc)
                     pack_a(mc - packed_from, kc, A + (ic + packed_from) * rsa + pc * csa, rsa, csa,
                            abuf, transform, i_off + ic + packed_from, pc);
-                for (index_t jr = 0; jr < nc; jr += kNR) {
-                    const int nr = static_cast<int>(std::min<index_t>(kNR, nc - jr));
+                // The panels of columns [j0, j1), each W wide.
+                auto panels = [&](auto width, index_t j0, index_t j1) {
+                constexpr int kW = decltype(width)::value;
+                for (index_t jr = j0; jr < j1; jr += kW) {
+                    const int nr = static_cast<int>(std::min<index_t>(kW, nc - jr));
                     for (index_t ir = 0; ir < mc; ir += MR) {
                         const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
                         float* c = C + (ic + ir) * ldc + jc + jr;
@@ -270,18 +284,23 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                                 prefetch_rows(A + ic * rsa + pc, rsa, std::min(packed_from, ir + MR),
                                               std::min(packed_from, ir + 2 * MR), kc);
                             if (ir == 0)
-                                micro_kernel<false, kNR, MR, true>(kc, a, rsa, b, c, ldc, mr, nr, add);
+                                micro_kernel<false, kW, MR, true>(kc, a, rsa, b, c, ldc, mr, nr, add);
                             else
-                                micro_kernel<false, kNR>(kc, a, rsa, b, c, ldc, mr, nr, add);
+                                micro_kernel<false, kW>(kc, a, rsa, b, c, ldc, mr, nr, add);
                         } else {
                             const float* a = abuf + (ir - packed_from) * kc;
                             if (ir == 0)
-                                packed_micro_kernel<kNR, true>(kc, a, b, c, ldc, mr, nr, add);
+                                packed_micro_kernel<kW, true>(kc, a, b, c, ldc, mr, nr, add);
                             else
-                                packed_micro_kernel<kNR, false>(kc, a, b, c, ldc, mr, nr, add);
+                                packed_micro_kernel<kW, false>(kc, a, b, c, ldc, mr, nr, add);
                         }
                     }
                 }
+                };
+                const index_t wide = kNarrowTail ? wide_columns(nc) : nc;
+                panels(std::integral_constant<int, kNR>{}, 0, wide);
+                if constexpr (kNarrowTail && kNR != NR_NARROW)
+                    if (wide < nc) panels(std::integral_constant<int, NR_NARROW>{}, wide, nc);
                 if (epilogue && pc + kc == K) (*epilogue)(i_off + ic, mc, j_off + jc, nc);
             }
         }
@@ -295,10 +314,13 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                   index_t i_off = 0, index_t j_off = 0, const ATransform* transform = nullptr) {
     float* bbuf = buf.b.get();
     auto pack = [&](index_t jc, index_t nc, index_t pc, index_t kc) {
-        pack_b<NR>(kc, nc, B + pc * rsb + jc * csb, rsb, csb, bbuf);
+        const index_t wide = wide_columns(nc);
+        const float* b = B + pc * rsb + jc * csb;
+        pack_b<NR>(kc, wide, b, rsb, csb, bbuf);
+        if (wide < nc) pack_b<NR_NARROW>(kc, nc - wide, b + wide * csb, rsb, csb, bbuf + wide * kc);
         return bbuf;
     };
-    sgemm_blocks<NR>(M, N, K, A, rsa, csa, pack, C, ldc, accumulate, buf.a.get(), epilogue, i_off, j_off,
+    sgemm_blocks<NR, true>(M, N, K, A, rsa, csa, pack, C, ldc, accumulate, buf.a.get(), epilogue, i_off, j_off,
                      transform);
 }
 

@@ -53,19 +53,26 @@ def test_matmul(m, k, n, trans_a, trans_b, seed):
     [
         (130, 260, 2060),  # more than one MC, KC and NC block
         (1, 2000, 1),  # a dot product
-        (5, 40000, 7),  # small C, long K: split across threads
+        (5, 40000, 7),  # small C, long K: fixed chunks of K, added in order
         (2000, 1, 3),
+        (70, 300, 48),  # columns past the last full register tile in narrow panels:
+        (70, 300, 32),  # 32 + 16 (AVX-512), 24 + 8 (AVX2), 24 + 8 + 8 (AVX2)
+        (70, 300, 40),
     ],
 )
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, True)])
 def test_matmul_blocks(m, k, n, trans_a, trans_b, threads):
+    """Against the reference, and bitwise the same at 1 and 2 threads."""
     rng = np.random.default_rng(m + k + n)
     a = rand(rng, (k, m) if trans_a else (m, k))
     b = rand(rng, (n, k) if trans_b else (k, n))
     want = ref.matmul(*f64(a, b), trans_a, trans_b)
+    got = []
     for t in (1, 2):
         threads(t)
-        assert_close(_C.matmul(a, b, trans_a, trans_b), want, k)
+        got.append(_C.matmul(a, b, trans_a, trans_b))
+        assert_close(got[-1], want, k)
+    np.testing.assert_array_equal(got[0], got[1])
 
 
 # --- the inference plan's GEMM: B packed once, columns [n0, n1) of a @ b ----------------------
