@@ -231,12 +231,6 @@ struct PackBuffers {
           b(aligned_floats(std::min<index_t>(KC, K) * std::min<index_t>(NC, (N + NR - 1) / NR * NR))) {}
 };
 
-// One thread's GEMM over its part of C, B's blocks in kNR-wide panels: for each NC x KC block,
-// b_block(jc, nc, pc, kc) gives the packed block of columns [jc, jc + nc) and depth [pc, pc + kc)
-// (packed there and then, or packed once beforehand); abuf holds a_buffer_floats(M, K). With an
-// epilogue, each MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows, j_off +
-// column, columns), once final and still in cache. With a transform, A is transform(A) (its
-// rows counted from i_off), always packed.
 // Columns of an nc-wide block that sgemm packs into NR-wide panels. The rest goes into
 // NR_NARROW-wide panels when they pad it less (AVX2: 32 columns as 24 + 8, not 24 + 24, whose
 // second panel would be two thirds zeros; AVX-512: 48 as 32 + 16).
@@ -245,8 +239,13 @@ inline index_t wide_columns(index_t nc) {
     return rem > 0 && (rem + NR_NARROW - 1) / NR_NARROW * NR_NARROW < NR ? nc - rem : nc;
 }
 
-// kNarrowTail: b_block packs each block's columns past wide_columns(nc) into NR_NARROW-wide panels
-// (sgemm's own packing; a PackedB's panels are all of one width).
+// One thread's GEMM over its part of C, B's blocks in kNR-wide panels: for each NC x KC block,
+// b_block(jc, nc, pc, kc) gives the packed block of columns [jc, jc + nc) and depth [pc, pc + kc)
+// (packed there and then, or packed once beforehand); abuf holds a_buffer_floats(M, K). With an
+// epilogue, each MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows, j_off +
+// column, columns), once final and still in cache. With a transform, A is transform(A) (its
+// rows counted from i_off), always packed. kNarrowTail: b_block packs each block's columns past
+// wide_columns(nc) into NR_NARROW-wide panels (sgemm's own packing; a PackedB's are all alike).
 template <int kNR, bool kNarrowTail = false, class BlockOfB>
 void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                   BlockOfB&& b_block, float* C, index_t ldc, bool accumulate, float* abuf,
@@ -271,31 +270,31 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                            abuf, transform, i_off + ic + packed_from, pc);
                 // The panels of columns [j0, j1), each W wide.
                 auto panels = [&](auto width, index_t j0, index_t j1) {
-                constexpr int kW = decltype(width)::value;
-                for (index_t jr = j0; jr < j1; jr += kW) {
-                    const int nr = static_cast<int>(std::min<index_t>(kW, nc - jr));
-                    for (index_t ir = 0; ir < mc; ir += MR) {
-                        const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
-                        float* c = C + (ic + ir) * ldc + jc + jr;
-                        const float* b = bp + jr * kc;
-                        if (ir < packed_from) {
-                            const float* a = A + (ic + ir) * rsa + pc;
-                            if (jr == 0)  // the first pass over A's block reads it from memory
-                                prefetch_rows(A + ic * rsa + pc, rsa, std::min(packed_from, ir + MR),
-                                              std::min(packed_from, ir + 2 * MR), kc);
-                            if (ir == 0)
-                                micro_kernel<false, kW, MR, true>(kc, a, rsa, b, c, ldc, mr, nr, add);
-                            else
-                                micro_kernel<false, kW>(kc, a, rsa, b, c, ldc, mr, nr, add);
-                        } else {
-                            const float* a = abuf + (ir - packed_from) * kc;
-                            if (ir == 0)
-                                packed_micro_kernel<kW, true>(kc, a, b, c, ldc, mr, nr, add);
-                            else
-                                packed_micro_kernel<kW, false>(kc, a, b, c, ldc, mr, nr, add);
+                    constexpr int kW = decltype(width)::value;
+                    for (index_t jr = j0; jr < j1; jr += kW) {
+                        const int nr = static_cast<int>(std::min<index_t>(kW, nc - jr));
+                        for (index_t ir = 0; ir < mc; ir += MR) {
+                            const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
+                            float* c = C + (ic + ir) * ldc + jc + jr;
+                            const float* b = bp + jr * kc;
+                            if (ir < packed_from) {
+                                const float* a = A + (ic + ir) * rsa + pc;
+                                if (jr == 0)  // the first pass over A's block reads it from memory
+                                    prefetch_rows(A + ic * rsa + pc, rsa, std::min(packed_from, ir + MR),
+                                                  std::min(packed_from, ir + 2 * MR), kc);
+                                if (ir == 0)
+                                    micro_kernel<false, kW, MR, true>(kc, a, rsa, b, c, ldc, mr, nr, add);
+                                else
+                                    micro_kernel<false, kW>(kc, a, rsa, b, c, ldc, mr, nr, add);
+                            } else {
+                                const float* a = abuf + (ir - packed_from) * kc;
+                                if (ir == 0)
+                                    packed_micro_kernel<kW, true>(kc, a, b, c, ldc, mr, nr, add);
+                                else
+                                    packed_micro_kernel<kW, false>(kc, a, b, c, ldc, mr, nr, add);
+                            }
                         }
                     }
-                }
                 };
                 const index_t wide = kNarrowTail ? wide_columns(nc) : nc;
                 panels(std::integral_constant<int, kNR>{}, 0, wide);
@@ -320,8 +319,8 @@ void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
         if (wide < nc) pack_b<NR_NARROW>(kc, nc - wide, b + wide * csb, rsb, csb, bbuf + wide * kc);
         return bbuf;
     };
-    sgemm_blocks<NR, true>(M, N, K, A, rsa, csa, pack, C, ldc, accumulate, buf.a.get(), epilogue, i_off, j_off,
-                     transform);
+    sgemm_blocks<NR, true>(M, N, K, A, rsa, csa, pack, C, ldc, accumulate, buf.a.get(), epilogue,
+                           i_off, j_off, transform);
 }
 
 // Row i of C += row i of each of `parts` partial products (M x N each, one after the other), in
@@ -365,7 +364,8 @@ void sgemm_depth_chunks(index_t M, index_t N, index_t K, index_t chunks, const f
                         const ATransform* transform = nullptr) {
     std::unique_ptr<float[]> partial(new float[(chunks - 1) * M * N]);  // chunk 0 goes to C
     std::vector<std::unique_ptr<PackBuffers>> bufs;
-    for (int t = 0; t < threads; ++t) bufs.emplace_back(new PackBuffers(M, N, (K + chunks - 1) / chunks));
+    for (int t = 0; t < threads; ++t)
+        bufs.emplace_back(new PackBuffers(M, N, (K + chunks - 1) / chunks));
 #pragma omp parallel num_threads(threads)
     {
         PackBuffers& buf = *bufs[omp_get_thread_num()];
@@ -394,7 +394,8 @@ void sgemm(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t
     int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
     if (static_cast<double>(M) * N * K < kParallelMinGemm) threads = 1;
     if (const index_t chunks = depth_chunks(M, N, K); chunks >= 2)
-        return sgemm_depth_chunks(M, N, K, chunks, A, rsa, csa, B, rsb, csb, C, ldc, accumulate, threads);
+        return sgemm_depth_chunks(M, N, K, chunks, A, rsa, csa, B, rsb, csb, C, ldc, accumulate,
+                                  threads);
     // Splitting rows makes every thread pack all of B (K*N extra copies), splitting columns all
     // of A (K*M): the cheaper, where there is a panel per thread. Either way each element of C is
     // summed as on one thread.
@@ -450,7 +451,6 @@ PackedB::PackedB(index_t K_, index_t N_, const float* B, index_t rsb, index_t cs
         else pack_b<NR_NARROW>(kc, N, B + pc * rsb, rsb, csb, data.get() + pc * padded);
     }
 }
-
 
 void sgemm_epilogue(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                     const float* B, index_t rsb, index_t csb, float* C, index_t ldc, index_t row0,
