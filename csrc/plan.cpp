@@ -411,7 +411,8 @@ class InferencePlan {
         index_t edge = 0, inner = 0;  // floats: a stage's last output (chunk_ images), the others
         for (const auto& S : stages_) {
             edge = std::max(edge, layers_[S.last].out_floats(chunk_));
-            for (size_t i = S.first; i < S.last; ++i) inner = std::max(inner, layers_[i].out_floats(S.chunk));
+            for (size_t i = S.first; i < S.last; ++i)
+                inner = std::max(inner, layers_[i].out_floats(S.chunk));
         }
         buf_[0].assign(edge, 0.f);
         buf_[1].assign(edge, 0.f);
@@ -483,8 +484,8 @@ class InferencePlan {
     // power of two, at most chunk_ and at most the next layer's. Stages: runs of equal counts. A
     // 32 px MobileNetV1 (α=1) runs its 32x32 and 16x16 layers 4 images at a time, the 8x8 ones 8,
     // the 4x4 ones 32 and the 2x2 ones the whole chunk: 6-21% faster than the whole chunk through
-    // every layer at batch 128 (Zen 4; README, "The inference plan"). 1 MB or 256 KB per pass, or
-    // 256 or 1024 pixels, were slower.
+    // every layer at batch 128 (Zen 4, docs/benchmarks-zen4.md); 1 or 4 MB per pass, or 256 or
+    // 1024 pixels, did no better.
     void make_stages() {
         const size_t n = layers_.size();
         std::vector<index_t> per(n);
