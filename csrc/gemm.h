@@ -17,7 +17,9 @@ void sgemm(std::int64_t M, std::int64_t N, std::int64_t K,
            const float* B, std::int64_t rsb, std::int64_t csb,
            float* C, std::int64_t ldc, bool accumulate);
 
-// 64-byte aligned floats (the GEMM's packed operands).
+// 64-byte aligned floats (the GEMM's packed operands), left uninitialized: sgemm allocates its
+// packing buffers on every call, where common.h's Floats (a std::vector) would zero them first.
+// gemm.h does not include common.h (pybind11), so the alignment is spelled here too.
 struct AlignedDelete {
     void operator()(float* p) const { ::operator delete(p, std::align_val_t(64)); }
 };
