@@ -589,14 +589,13 @@ py::tuple pwconv2d_bwd_input_bn(const py::object& dy_obj, const py::object& w_ob
     });
 }
 
-// x (n, h, w, ci), dy (n, h, w, co) -> dw (ci, co) = x.T @ dy over the n*h*w rows (through
-// sgemm_epilogue: fixed chunks of a long K, so the sums do not depend on the thread count)
+// x (n, h, w, ci), dy (n, h, w, co) -> dw (ci, co) = x.T @ dy over the n*h*w rows
 py::array_t<float> pwconv2d_bwd_weight(const py::object& x_obj, const py::object& dy_obj) {
     F32 x = check_f32(x_obj, "x", 4), dy = check_f32(dy_obj, "dy", 4);
     for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dy, d, "dy");
     const index_t rows = x[0] * x[1] * x[2], ci = x[3], co = dy[3];
     return compute_f32({ci, co}, [&](float* dw) {
-        sgemm_epilogue(ci, co, rows, x.ptr, 1, ci, dy.ptr, co, 1, dw, co, 0, {});
+        sgemm(ci, co, rows, x.ptr, 1, ci, dy.ptr, co, 1, dw, co, false);
     });
 }
 

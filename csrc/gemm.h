@@ -11,7 +11,9 @@ namespace mbnet {
 // C[M, N] = A[M, K] * B[K, N]  (or C += A * B when accumulate is true).
 // A's element (i, k) is A[i * rsa + k * csa]; B's element (k, j) is B[k * rsb + j * csb], so a
 // transposed operand is only a swap of its strides. C is row-major with leading dimension ldc.
-// Threads: OpenMP inside, over blocks of C. Call it from outside any parallel region.
+// Threads: OpenMP inside, over blocks of C, or, when K is long against C, over chunks of K fixed
+// by the shape (partial products added in order): C does not depend on the thread count. Call
+// it from outside any parallel region.
 void sgemm(std::int64_t M, std::int64_t N, std::int64_t K,
            const float* A, std::int64_t rsa, std::int64_t csa,
            const float* B, std::int64_t rsb, std::int64_t csb,
@@ -64,9 +66,8 @@ struct ATransform;  // common.h: BatchNorm's apply + act on A's elements as A is
 // the blocks of kStatsRows rows of a larger matrix whose row row0 is C's first: each element of C
 // is summed in the same order as sgemm without a K split, and per column the rows of such a
 // block reach the epilogue in order, from one thread (what ChannelStats needs). An empty epilogue
-// is not called; without one, a K of 8192 or more is cut into chunks fixed by the shape, whose
-// partial products are added in order. With a transform, C = transform(A) * B. C does not
-// depend on the thread count.
+// is not called; without one, a long K is cut into chunks as in sgemm. With a transform,
+// C = transform(A) * B. C does not depend on the thread count.
 void sgemm_epilogue(std::int64_t M, std::int64_t N, std::int64_t K,
                     const float* A, std::int64_t rsa, std::int64_t csa,
                     const float* B, std::int64_t rsb, std::int64_t csb,
