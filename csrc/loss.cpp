@@ -58,8 +58,10 @@ py::tuple softmax_cross_entropy_fwd(const py::object& logits_, const py::object&
             double lse = std::log(sum_exp);
             float inv = float(1.0 / sum_exp);
             for (index_t k = 0; k < K; ++k) p[k] *= inv;
-            // -sum_k t_k (z_k - lse) with sum_k t_k = 1.
-            total += lse - (1.0 - s) * double(z[lab[n]] - mx) - s / double(K) * sum_z;
+            // -sum_k t_k (z_k - lse) with sum_k t_k = 1; a term whose target is 0 adds 0 (0 log 0 = 0),
+            // so a -inf logit (a masked class) or a float overflow of z_k - mx costs nothing unless
+            // smoothing gives it mass.
+            total += lse - (1.0 - s) * double(z[lab[n]] - mx) - (s > 0.0 ? s / double(K) * sum_z : 0.0);
         }
     }
     return py::make_tuple(total / double(N), probs);

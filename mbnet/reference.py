@@ -261,7 +261,9 @@ def softmax_cross_entropy_fwd(logits, labels, label_smoothing=0.0):
     z = logits - logits.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     t = _smoothed_targets(labels, logits.shape[1], label_smoothing, logits.dtype)
-    return float(-(t * logp).sum() / logits.shape[0]), np.exp(logp)
+    with np.errstate(invalid="ignore"):  # 0 * log 0 is 0: a class with no target mass adds nothing
+        terms = np.where(t > 0, t * logp, 0.0)
+    return float(-terms.sum() / logits.shape[0]), np.exp(logp)
 
 
 def softmax_cross_entropy_bwd(probs, labels, label_smoothing=0.0, grad_scale=1.0):

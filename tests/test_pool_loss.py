@@ -70,6 +70,22 @@ def test_loss_defaults_and_known_value():
                                (0.25 - np.eye(4)[labels]) / 2, rtol=1e-6)
 
 
+@pytest.mark.parametrize("engine", ["mbnet", "reference"])
+def test_a_class_without_target_mass_adds_nothing(engine):
+    """0 * log 0 = 0: a masked class (a -inf logit) or logits further apart than float32 reaches
+    leave the loss finite when smoothing gives those classes no mass (it was NaN), and make it
+    +inf when it does (the target then has mass where the model puts none)."""
+    fwd = _C.softmax_cross_entropy_fwd if engine == "mbnet" else R.softmax_cross_entropy_fwd
+    masked = np.array([[0.0, -np.inf, 1.0]], np.float32)
+    apart = np.array([[3e38, -3e38]], np.float32)
+    assert fwd(masked, np.array([0]))[0] == pytest.approx(np.log(1 + np.e), rel=1e-6)
+    assert fwd(masked, np.array([2]))[0] == pytest.approx(np.log(1 + np.exp(-1.0)), rel=1e-6)
+    assert fwd(apart, np.array([0]))[0] == 0.0
+    np.testing.assert_allclose(fwd(masked, np.array([0]))[1], np.array([[1, 0, np.e]]) / (1 + np.e), rtol=1e-6)
+    assert fwd(masked, np.array([0]), 0.1)[0] == np.inf
+    assert fwd(apart, np.array([1]))[0] == np.inf
+
+
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.int16])
 def test_label_dtypes(dtype):
     rng = np.random.default_rng(2)
