@@ -258,7 +258,8 @@ def _smoothed_targets(labels, k, label_smoothing, dtype):
 
 def softmax_cross_entropy_fwd(logits, labels, label_smoothing=0.0):
     """Returns (mean loss, softmax probabilities)."""
-    z = logits - logits.max(axis=1, keepdims=True)
+    with np.errstate(over="ignore"):  # logits further apart than the dtype reaches: exp gives 0
+        z = logits - logits.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     t = _smoothed_targets(labels, logits.shape[1], label_smoothing, logits.dtype)
     with np.errstate(invalid="ignore"):  # 0 * log 0 is 0: a class with no target mass adds nothing
