@@ -341,6 +341,13 @@ struct BwdArgs {
     }
 };
 
+// A biased variance: >= 0 or NaN (the statistics of a diverged network are NaN, as
+// batchnorm_act_train_fwd's are).
+void check_variance(const F32& var) {
+    for (index_t c = 0; c < var.size(); ++c)
+        require(!(var.ptr[c] < 0.0f), "var must be >= 0 (a biased variance), got " + std::to_string(var.ptr[c]));
+}
+
 void check_eps(double eps) {
     require(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got " + std::to_string(eps));
 }
@@ -362,6 +369,7 @@ struct TrainFwdArgs {
         beta = check_channel_vec(beta_, "beta", x);
         rmean = check_writeable_channel_vec(rmean_, "running_mean", x);
         rvar = check_writeable_channel_vec(rvar_, "running_var", x);
+        require_apart(rmean, "running_mean", rvar, "running_var");
         require(momentum >= 0.0 && momentum <= 1.0,
                 "momentum must be in [0, 1], got " + std::to_string(momentum));
         check_eps(eps);
@@ -401,9 +409,7 @@ py::tuple bn_train_fwd_from_stats(const py::object& x_, const py::object& mean_,
                                   const std::string& act_name) {
     const TrainFwdArgs args(x_, gamma_, beta_, rmean_, rvar_, momentum, eps, act_name);
     F32 mean = check_channel_vec(mean_, "mean", args.x), var = check_channel_vec(var_, "var", args.x);
-    // NaN passes: the statistics of a diverged network are NaN, as batchnorm_act_train_fwd's are.
-    for (index_t c = 0; c < var.size(); ++c)
-        require(!(var.ptr[c] < 0.0f), "var must be >= 0 (a biased variance), got " + std::to_string(var.ptr[c]));
+    check_variance(var);
     return args.run([&](const BnShape& R, std::vector<double>& m, std::vector<double>& v) {
         m.assign(mean.ptr, mean.ptr + R.C);
         v.assign(var.ptr, var.ptr + R.C);
@@ -435,6 +441,7 @@ py::array_t<float> bn_infer_fwd(const py::object& x_, const py::object& gamma_,
     F32 beta = check_channel_vec(beta_, "beta", x);
     F32 mean = check_channel_vec(mean_, "mean", x);
     F32 var = check_channel_vec(var_, "var", x);
+    check_variance(var);
     check_eps(eps);
     Act a = parse_act(act_name);
     return compute_f32(x.shape, [&](float* y) {
@@ -449,6 +456,7 @@ py::tuple bn_infer_bwd(const py::object& dy_, const py::object& x_, const py::ob
     F32 y = check_f32(y_, "y", -2);
     check_same_shape(y, "y", args.x, "x");
     F32 var = check_channel_vec(var_, "var", args.x);
+    check_variance(var);
     check_eps(eps);
     Act a = parse_act(act_name);
     const BnShape R = shape_of(args.x);

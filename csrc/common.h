@@ -35,6 +35,13 @@ struct F32 {
     index_t operator[](int i) const { return shape[i < 0 ? shape.size() + i : i]; }
 };
 
+// Refuses two checked (C-contiguous) arrays whose floats share memory: an array written in place
+// must not be read or written through another argument (the kernels' pointers are __restrict__).
+inline void require_apart(const F32& a, const char* na, const F32& b, const char* nb) {
+    if (a.size() > 0 && b.size() > 0 && a.ptr < b.ptr + b.size() && b.ptr < a.ptr + a.size())
+        throw py::value_error(std::string(na) + " and " + nb + " must not share memory");
+}
+
 inline std::string shape_str(const std::vector<index_t>& s) {
     std::string out = "(";
     for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);

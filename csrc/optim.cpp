@@ -70,6 +70,7 @@ py::object sgd_update(const py::object& p_, const py::object& g_, const py::obje
                       double momentum, double weight_decay, bool nesterov) {
     F32 p = check_inout(p_, "p"), g = check_f32(g_, "grad", -1);
     check_same_shape(p, "p", g, "grad");
+    require_apart(p, "p", g, "grad");
     check_real(lr, "lr", 0.0, HUGE_VAL);  // a huge lr overflows to inf, as NumPy's update does
     check_real(momentum, "momentum", 0.0, 1.0);
     check_real(weight_decay, "weight_decay", 0.0, HUGE_VAL);
@@ -79,7 +80,8 @@ py::object sgd_update(const py::object& p_, const py::object& g_, const py::obje
         require(!buf_.is_none(), "buf must be the momentum buffer when momentum > 0");
         buf = check_inout(buf_, "buf");
         check_same_shape(p, "p", buf, "buf");
-        require(buf.ptr != p.ptr && buf.ptr != g.ptr, "buf must be an array of its own");
+        require_apart(buf, "buf", p, "p");
+        require_apart(buf, "buf", g, "grad");
     }
     {
         py::gil_scoped_release nogil;
@@ -95,6 +97,7 @@ py::object sgd_update(const py::object& p_, const py::object& g_, const py::obje
 py::object ema_update(const py::object& s_, const py::object& v_, double decay) {
     F32 s = check_inout(s_, "shadow"), v = check_f32(v_, "value", -1);
     check_same_shape(s, "shadow", v, "value");
+    require_apart(s, "shadow", v, "value");
     check_real(decay, "decay", 0.0, 1.0);
     {
         py::gil_scoped_release nogil;

@@ -274,6 +274,28 @@ def test_train_fwd_rejects(change, error, match):
         _C.batchnorm_act_train_fwd(*args.values())
 
 
+def test_running_stats_of_their_own():
+    """running_mean and running_var are both written: one array for both would keep only one."""
+    x, p = valid_args()
+    both = np.zeros(6, np.float32)
+    for rm, rv in [(p["rm"], p["rm"]), (both[:3], both[2:5])]:
+        with pytest.raises(ValueError, match="running_mean and running_var must not share memory"):
+            _C.batchnorm_act_train_fwd(x, p["gamma"], p["beta"], rm, rv, 0.1, 1e-5, "none")
+    _C.batchnorm_act_train_fwd(x, p["gamma"], p["beta"], both[:3], both[3:], 0.1, 1e-5, "none")  # apart: fine
+
+
+def test_inference_refuses_a_negative_variance():
+    """As the training forward from statistics does: a negative var gave all-NaN outputs."""
+    x, p = valid_args()
+    g, neg = p["gamma"], np.array([1.0, -0.5, 1.0], np.float32)
+    with pytest.raises(ValueError, match="var must be >= 0"):
+        _C.batchnorm_act_infer_fwd(x, g, g, g, neg, 1e-5, "relu")
+    with pytest.raises(ValueError, match="var must be >= 0"):
+        _C.batchnorm_act_infer_bwd(x, x, x, g, g, g, neg, 1e-5, "relu")
+    nan = np.full(3, np.nan, np.float32)  # a diverged network's statistics pass on as NaN
+    assert np.isnan(_C.batchnorm_act_infer_fwd(x, g, g, g, nan, 1e-5, "none")).all()
+
+
 def test_read_only_running_stats_rejected():
     x, p = valid_args()
     p["rm"].setflags(write=False)

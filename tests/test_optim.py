@@ -234,7 +234,13 @@ def test_ema_kernel_is_bitwise_numpy(rng):
 @pytest.mark.parametrize("call, message", [
     (lambda C, p, g, b: C.sgd_update(p[:3], g, b, 0.1, 0.9, 0.0, False), "grad must have p's shape"),
     (lambda C, p, g, b: C.sgd_update(p, g, None, 0.1, 0.9, 0.0, False), "buf must be the momentum buffer"),
-    (lambda C, p, g, b: C.sgd_update(p, g, p, 0.1, 0.9, 0.0, False), "buf must be an array of its own"),
+    (lambda C, p, g, b: C.sgd_update(p, g, p, 0.1, 0.9, 0.0, False), "buf and p must not share memory"),
+    (lambda C, p, g, b: C.sgd_update(p, p, b, 0.1, 0.9, 0.0, False), "p and grad must not share memory"),
+    (lambda C, p, g, b: C.sgd_update(p, g, g, 0.1, 0.9, 0.0, False), "buf and grad must not share memory"),
+    # overlapping, not equal: a momentum buffer one float into p's memory used to update both wrongly
+    (lambda C, p, g, b: (lambda big: C.sgd_update(big[:4], g, big[1:5], 0.1, 0.9, 0.0, False))(
+        np.ones(5, np.float32)), "buf and p must not share memory"),
+    (lambda C, p, g, b: C.ema_update(p, p, 0.9), "shadow and value must not share memory"),
     (lambda C, p, g, b: C.sgd_update(p, g, b, 0.1, 0.0, 0.0, True), "nesterov needs momentum > 0"),
     (lambda C, p, g, b: C.sgd_update(p, g, b, float("nan"), 0.9, 0.0, False), "lr must be finite"),
     (lambda C, p, g, b: C.sgd_update(p, g, b, 0.1, -0.5, 0.0, False), r"momentum must be finite and in \[0.0+, 1.0+\]"),
