@@ -115,7 +115,10 @@ def read(path):
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file: one bare array
+            raise CheckpointError(f"{path}: a single NumPy array (.npy), not an .npz weights file")
+        with loaded as z:
             if "meta" not in z.files:
                 raise CheckpointError(f"{path}: not an mbnet weights file (no 'meta' entry; "
                                       f"it holds {', '.join(z.files[:4]) or 'nothing'}{'...' if len(z.files) > 4 else ''})")
@@ -131,6 +134,8 @@ def read(path):
     meta = out["meta"]
     if not isinstance(meta, dict) or (meta.get("format") != FORMAT and "config" not in meta):
         raise CheckpointError(f"{path}: 'meta' is not mbnet's (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
+    if not isinstance(meta.get("version", VERSION), int):
+        raise CheckpointError(f"{path}: 'meta' has a format version that is not an integer: {meta['version']!r}")
     if meta.get("version", VERSION) > VERSION:
         raise CheckpointError(f"{path}: written by a newer mbnet (format version {meta['version']} > {VERSION})")
     if not out["model"]:

@@ -81,6 +81,29 @@ def layer_shapes(alpha=1.0, size=32, stem_stride=None):
     return rows
 
 
+def _check_args(alpha, num_classes, input_size, stem_stride, mean, std):
+    """Refuses what would build no network or a wrong one, naming the argument (a weights file's
+    settings come here too)."""
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) \
+            or not (np.isfinite(alpha) and alpha * STEM_CHANNELS >= 1):
+        raise ValueError(f"alpha must be a number >= 1/{STEM_CHANNELS} (every layer keeps a channel), got {alpha!r}")
+    for name, v in (("num_classes", num_classes), ("input_size", input_size), ("stem_stride", stem_stride)):
+        if v is not None and (not is_int(v) or v < 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    for name, v in (("mean", mean), ("std", std)):
+        try:
+            values = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError):
+            values = None
+        if values is None or values.shape != (3,) or not np.isfinite(values).all():
+            raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel), got {v!r}")
+    if not (np.asarray(std, np.float64) > 0).all():
+        raise ValueError(f"std must be > 0 in every channel, got {std!r}")
+
+
 class _ImageClassifier(nn.Module):
     """features (a Sequential: stem 3x3 conv + BN + act, then ``_block`` for each row of BLOCKS)
     -> global average pool -> dropout -> classifier (Linear)."""
@@ -90,6 +113,7 @@ class _ImageClassifier(nn.Module):
 
     def __init__(self, alpha=1.0, num_classes=10, input_size=32, stem_stride=None, dropout=0.0, act="relu",
                  dtype=np.float32, seed=0, classes=None, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        _check_args(alpha, num_classes, input_size, stem_stride, mean, std)
         rng = np.random.default_rng(seed)
         self.alpha, self.num_classes, self.input_size = alpha, num_classes, input_size
         self.stem_stride = default_stem_stride(input_size) if stem_stride is None else stem_stride

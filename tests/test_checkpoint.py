@@ -1,5 +1,7 @@
 """The one weights file: model.save -> mbnet.models.load rebuilds the model with no flag repeated;
 a training checkpoint is read by the same readers (EMA weights by default); bad files are named."""
+import json
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,32 @@ def test_bad_files_are_named(tmp_path):
     np.savez(tmp_path / "json.npz", meta=np.array('{"format": "other"}'), **{"model/x": np.zeros(1)})
     with pytest.raises(checkpoint.CheckpointError, match="json.npz: 'meta' is not mbnet's"):
         models.load(tmp_path / "json.npz")
+    np.save(tmp_path / "bare.npy", np.zeros(3))  # np.load gives an array, not an archive
+    with pytest.raises(checkpoint.CheckpointError, match=r"bare.npy: a single NumPy array \(.npy\)"):
+        models.load(tmp_path / "bare.npy")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(version="2"), "format version that is not an integer: '2'"),
+    (dict(model=dict(alpha=0)), "alpha must be a number >= 1/32"),
+    (dict(model=dict(alpha=float("inf"))), "alpha must be a number >= 1/32"),
+    (dict(model=dict(stem_stride=0)), "stem_stride must be a positive int"),
+    (dict(model=dict(input_size="8")), "input_size must be a positive int"),
+    (dict(model=dict(std=[0, 0, 0])), r"std must be > 0 in every channel"),
+    (dict(model=dict(mean=[0.5])), "mean must be 3 finite numbers"),
+])
+def test_a_weights_files_settings_are_checked(tmp_path, change, match):
+    """A weights file's stored settings go through the model's own checks: a file edited (or
+    written by something else) to hold alpha 0 or std 0 used to raise ZeroDivisionError or give
+    NaN predictions silently."""
+    path = tmp_path / "w.npz"
+    models.MobileNetV1(alpha=0.25, input_size=16).save(path)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    for key, value in change.items():
+        meta[key] = {**meta[key], **value} if isinstance(value, dict) else value
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    with pytest.raises(checkpoint.CheckpointError, match=match):
+        models.load(path)
