@@ -116,9 +116,15 @@ def _fit(im, size):
     w, h = im.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    if nw * nh > 64 * size * size:
+        # A very long image (a 1 x 300,000 strip): resize only the source box under the center
+        # crop, so that memory is the crop's, not the whole resized strip's (gigabytes).
+        sx, sy = nw / w, nh / h
+        box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+        return np.asarray(im.resize((size, size), Image.BILINEAR, box=box), dtype=np.uint8)
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
     if (nw, nh) != (size, size):
         im = im.crop((left, top, left + size, top + size))
     return np.asarray(im, dtype=np.uint8)
@@ -656,8 +662,10 @@ def prepare_data(cfg, data_dir=None, verbose=True, workers=None):
     t0 = time.perf_counter()
     d = load_data(data_dir, dataset=cfg.get("dataset"), resolution=cfg["resolution"], val_split=cfg.get("val_split"),
                     workers=workers, verbose=verbose)
-    saved = cfg.get("classes", list(CLASSES)) if "mean" in cfg else d["classes"]  # older runs: CIFAR-10
-    if saved != d["classes"]:
+    # A resumed run's classes must be the data's (runs from before classes were saved: CIFAR-10's);
+    # a new run takes the data's (classes None: --init, whose classifier is re-made if they differ).
+    saved = cfg["classes"] if "classes" in cfg else list(CLASSES) if "mean" in cfg else None
+    if saved is not None and saved != d["classes"]:
         def names(cs):
             return f"{len(cs)}: {', '.join(cs[:8])}{', ...' if len(cs) > 8 else ''}"
         raise DataError(f"{d['source']}: its classes ({names(d['classes'])}) are not the run's "
@@ -691,7 +699,8 @@ def channel_stats(images):
     pixels = max(1, n * images.shape[1] * images.shape[2])
     mean /= pixels
     std = np.sqrt(np.maximum(sq / pixels - mean * mean, 0.0))
-    return mean / 255.0, std / 255.0
+    # A channel that never varies (all images red-free, say) normalizes to 0 with any std: 1, not 0/0.
+    return mean / 255.0, np.where(std > 0, std / 255.0, 1.0)
 
 
 def normalize(images, mean, std):

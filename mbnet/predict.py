@@ -150,7 +150,7 @@ def main(argv=None):
     from . import _C
     from .checkpoint import CheckpointError
     from .models import load
-    from .run import Progress
+    from .run import Progress, max_threads
 
     def fail(message):
         print(f"mbnet: {message}", file=sys.stderr)
@@ -158,8 +158,8 @@ def main(argv=None):
 
     if args.batch_size < 1:
         return fail(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        return fail(f"--threads {args.threads}: must be at least 1")
+    if args.threads is not None and not 1 <= args.threads <= max_threads():
+        return fail(f"--threads {args.threads}: must be in [1, {max_threads()}] (4x this machine's processors)")
     try:
         paths = list_images(args.images)
     except D.DataError as e:

@@ -632,6 +632,9 @@ def start_run(args, argv, parser, out, world=None):
     ckpt, source = None, None
     if args.resume:
         ckpt = load_checkpoint(out / "last.npz")
+        if "config" not in ckpt["meta"]:
+            raise RunError(f"{out / 'last.npz'}: a weights file, not a training checkpoint (it has no run "
+                           "configuration); start a run from it with --init instead of --resume")
         cfg = ckpt["meta"]["config"]
         ignored = sorted(k for k in _explicit_args(parser, argv) - set(RUNTIME_KEYS) if vars(args)[k] != cfg.get(k))
         if ignored:
@@ -649,6 +652,7 @@ def start_run(args, argv, parser, out, world=None):
                                    f"leave --{key} out")
                 cfg[key] = arch[key]
             cfg["mean"], cfg["std"] = list(source.mean), list(source.std)
+            cfg["classes"] = None  # the data's, which may differ from the source's (its classifier is then re-made)
 
     try:
         xtr, ytr, xte, yte = world.in_turn(lambda: D.prepare_data(cfg, args.data_dir, workers=args.workers),

@@ -132,6 +132,23 @@ def test_fit_image_resizes_the_shorter_side_and_crops_the_center():
         data.fit_image(img.astype(np.float32), 10)
 
 
+def test_fit_image_of_a_long_strip_resizes_only_the_center(rng):
+    """An image over 64 times longer than wide resizes only the box under the center crop: the
+    same pixels as resizing it whole (within one level), without the whole resized strip in memory
+    (a 1 x 300,000 PNG of 1 KB took 1.7 GB)."""
+    from PIL import Image
+
+    strip = rng.integers(0, 256, (2000, 20, 3)).astype(np.uint8)  # -> 16 x 1600, then the center 16 x 16
+    whole = np.asarray(Image.fromarray(strip).resize((16, 1600), Image.BILINEAR))[792:808]
+    got = data.fit_image(strip, 16)
+    assert got.shape == (16, 16, 3) and np.abs(got.astype(int) - whole).max() <= 1
+    line = np.zeros((300000, 1, 3), np.uint8)
+    line[150000:] = 255  # the lower half white: the center crop straddles the edge
+    out = data.fit_image(line, 32)
+    rows = out[:, 0, 0].astype(int)  # the edge, blended by the 32x upscaling along the strip
+    assert out.shape == (32, 32, 3) and rows[0] < 64 and rows[-1] > 191 and (np.diff(rows) >= 0).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # Image folders
 
@@ -479,6 +496,36 @@ def test_three_class_val_split_trains_and_evaluates(three, tmp_path, capsys):
     assert evaluate.main([str(out / "last.npz"), "--data-dir", str(other)]) == 2
     err = capsys.readouterr().err
     assert str(other) in err and "classes" in err
+
+
+def test_init_on_an_image_folder_keeps_or_remakes_the_classifier(three, twelve, tmp_path, capsys):
+    """--init onto a folder's classes: the weights of a run on the same folder keep their
+    classifier, those of another folder's get a new one (it used to refuse both: the run took
+    CIFAR-10's classes for its own)."""
+    out, _ = _train(tmp_path, three, "--resolution", "16", "--val-split", "0.25")
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert train.main(SMALL[:2] + SMALL[4:] + ["--resolution", "16", "--data-dir", str(three), "--out", str(again),
+                                               "--init", str(out / "last.npz"), "--val-split", "0.25"]) == 0
+    assert "classifier kept" in capsys.readouterr().err
+    assert json.loads((again / "config.json").read_text())["classes"] == THREE
+    other = tmp_path / "other"
+    assert train.main(SMALL[:2] + SMALL[4:] + ["--resolution", "16", "--data-dir", str(twelve), "--out", str(other),
+                                               "--init", str(out / "last.npz"), "--limit-train", "24"]) == 0
+    assert "classifier re-made for 12 classes (the weights have 3)" in capsys.readouterr().err
+    cfg = json.loads((other / "config.json").read_text())
+    assert cfg["classes"] == TWELVE and cfg["mean"] == json.loads((out / "config.json").read_text())["mean"]
+
+
+def test_a_channel_that_never_varies_normalizes_to_zero():
+    """Images without red: the channel's std is 0, and dividing by it made every input NaN (the
+    run then stopped blaming the learning rate); its std is taken as 1."""
+    x = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3)).astype(np.uint8)
+    x[..., 0] = 0
+    mean, std = data.channel_stats(x)
+    assert mean[0] == 0 and std[0] == 1 and 0 < std[1] < 1 and 0 < std[2] < 1
+    z = data.normalize(x, mean, std)
+    assert np.isfinite(z).all() and (z[..., 0] == 0).all()
 
 
 def test_cifar100_trains_and_evaluates(cifar100, tmp_path, capsys):

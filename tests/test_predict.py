@@ -225,6 +225,8 @@ def test_cli_goes_on_after_a_bad_image_and_exits_1(weights, tmp_path, images, ca
     (["{w}", "{img}", "--top-k", "0"], "--top-k 0: out of range 1..3"),
     (["{w}", "{img}", "--top-k", "4"], "--top-k 4: out of range 1..3"),
     (["{w}", "{img}", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["{w}", "{img}", "--threads", "0"], "--threads 0: must be in [1, "),
+    (["{w}", "{img}", "--threads", "100000"], "--threads 100000: must be in [1, "),
     (["{w}", "{d}/empty"], "no images in {d}/empty"),
 ])
 def test_cli_user_errors_are_one_line_with_exit_2(weights, tmp_path, images, capsys, argv, message):

@@ -258,6 +258,14 @@ def test_refuses_to_overwrite_a_run(tiny, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err and (out / "last.npz").read_bytes() == b""
 
 
+def test_resume_of_a_weights_file_says_what_it_is(tmp_path, tiny, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    MobileNetV1(alpha=0.25, input_size=16).save(out / "last.npz")  # weights, no run configuration
+    assert train.main(["--out", str(out), "--resume", "--data-dir", str(tiny), "--threads", "1"]) == 2
+    assert "a weights file, not a training checkpoint" in capsys.readouterr().err
+
+
 def test_progress_plain_lines_off_a_terminal(capsys):
     import io
 
