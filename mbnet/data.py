@@ -365,6 +365,8 @@ def list_folder(root, val_split=None):
     classes = _class_folders(train)
     if not classes:
         raise DataError(f"{train}: no class folders (expected {train}/<class>/*.png or *.jpg)")
+    if len(classes) == 1:  # every prediction would be right: nothing to learn or to measure
+        raise DataError(f"{train}: one class folder ({classes[0]}); a classifier needs two or more")
     test_split = next((s for s in ("test", "val") if (root / s).is_dir()), None)
     if not test_split and not val_split:
         raise DataError(f"{root}: no test/ or val/ folder beside train/; add one, or pass --val-split F "

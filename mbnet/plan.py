@@ -150,16 +150,24 @@ class Plan:
                 f"buffers={info['buffer_bytes'] / 2**20:.1f} MiB)")
 
 
+MAX_BATCH = 2**20  # the extension's bound on a plan's batch
+
+
 def compile(model, batch, input_size=None, chunk=0):
     """The Plan of ``model`` (MobileNetV1 or ConvMobileNet, folded with its running statistics)
     for up to ``batch`` images of input_size x input_size (default: the model's input_size).
     chunk: images run through the network together (0: as many as keep each activation buffer
     within 16 MB; results are the same for every chunk)."""
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-        raise ValueError(f"compile: batch must be a positive int, got {batch!r}")
-    size = getattr(model, "input_size", None) if input_size is None else input_size
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+    def int_in(v, lo, hi):
+        return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and lo <= v <= hi
+
+    if not hasattr(model, "features"):
+        raise ValueError(f"compile: model must be a MobileNetV1 or ConvMobileNet, got {type(model).__name__}")
+    if not int_in(batch, 1, MAX_BATCH):
+        raise ValueError(f"compile: batch must be an int in [1, 2^20], got {batch!r}")
+    size = model.input_size if input_size is None else input_size
+    if not int_in(size, 1, 2**30):
         raise ValueError(f"compile: input_size must be a positive int, got {size!r}")
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
-        raise ValueError(f"compile: chunk must be an int >= 0, got {chunk!r}")
+    if not int_in(chunk, 0, MAX_BATCH):
+        raise ValueError(f"compile: chunk must be an int in [0, 2^20], got {chunk!r}")
     return Plan(fold(model), int(batch), (int(size), int(size)), int(chunk))

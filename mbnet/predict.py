@@ -14,6 +14,7 @@ From Python: ``predict(model_or_path, images_or_paths, top_k=5)`` -> one result 
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,10 @@ def list_images(paths):
     """Files and folders -> image files, in the order given, each folder's images sorted by path.
     Raises DataError naming a path that does not exist."""
     out = []
-    for p in map(Path, paths):
+    for raw in paths:
+        if not str(raw):  # Path("") is ".": an empty argument would search the working directory
+            raise D.DataError("an empty path: name an image file or a folder")
+        p = Path(raw)
         if p.is_dir():
             found = (f for f in p.rglob("*") if f.suffix.lower() in FOLDER_EXTS and f.is_file())
             out += sorted(f for f in found if not any(part.startswith(".") for part in f.relative_to(p).parts))
@@ -45,6 +49,11 @@ def list_images(paths):
 
 def _as_items(images_or_paths):
     """-> [(path str or None, ndarray or None)]: folders expanded, arrays checked."""
+    if isinstance(images_or_paths, bytes):
+        images_or_paths = os.fsdecode(images_or_paths)
+    if isinstance(images_or_paths, np.ndarray) and images_or_paths.ndim not in (3, 4):
+        raise ValueError(f"predict: images must be one (H, W, 3) or a batch (N, H, W, 3) of uint8 arrays, "
+                         f"got shape {images_or_paths.shape}")
     if isinstance(images_or_paths, (str, Path)) or getattr(images_or_paths, "ndim", 0) == 3:
         images_or_paths = [images_or_paths]  # one image; an (N, H, W, 3) array is N of them
     items = []
@@ -80,13 +89,19 @@ def predict(model_or_path, images_or_paths, top_k=5, batch_size=BATCH_SIZE, *, e
     from .models import load
     from .plan import compile as compile_plan
 
+    def positive_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
     model = load(model_or_path, ema=ema) if isinstance(model_or_path, (str, Path)) else model_or_path
+    if not hasattr(model, "classes"):
+        raise ValueError(f"predict: model_or_path must be an mbnet classifier or a weights file's path, "
+                         f"got {type(model).__name__}")
     n_classes = len(model.classes)
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be at least 1")
-    top_k = n_classes if top_k is None else min(top_k, n_classes)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    if top_k is not None and not positive_int(top_k):
+        raise ValueError(f"top_k={top_k!r} must be an int >= 1 (or None: all classes)")
+    top_k = n_classes if top_k is None else min(int(top_k), n_classes)
+    if not positive_int(batch_size):
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors={errors!r}: 'raise' or 'skip'")
     items = _as_items(images_or_paths)

@@ -291,6 +291,8 @@ def check_args(parser, args):
     """Checks between options (parser.error: one line, exit 2)."""
     if args.resume and args.init:
         parser.error("--init starts a new run; it cannot be combined with --resume")
+    if args.out == "" or args.name == "":
+        parser.error("--out and --name must not be empty (leave them out for runs/<timestamp>)")
     if args.resume and not (args.out or args.name):
         parser.error("--resume needs the run's --out (or --name)")
     if args.warmup is not None and args.warmup > args.epochs:

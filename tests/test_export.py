@@ -128,6 +128,11 @@ def test_batch_dimension(rng):
     assert ort_logits(fixed, x[:2]).shape == (2, 10)
     with pytest.raises(Exception, match="[Ii]nvalid|dimension"):
         ort_logits(fixed, x)
+    for kwargs, match in [(dict(opset="17"), "opset must be an int in 11..(.*), got '17'"),
+                          (dict(opset=17.5), "opset must be an int"),
+                          (dict(dynamic_batch=False, batch_size=2.5), "batch_size must be an int >= 1, got 2.5")]:
+        with pytest.raises(ValueError, match=match):  # raw TypeErrors or onnx's own errors before
+            to_onnx(model, **kwargs)
 
 
 def test_conv_mobilenet_exports(rng):
@@ -156,7 +161,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "missing.npz: no such file" in capsys.readouterr().err
     MobileNetV1(0.25, input_size=8).save(tmp_path / "w.npz")
     assert main([str(tmp_path / "w.npz"), str(tmp_path / "m.onnx"), "--opset", "7"]) == 2
-    assert "opset must be in 11.." in capsys.readouterr().err
+    assert "opset must be an int in 11.." in capsys.readouterr().err
     assert main([str(tmp_path / "w.npz"), str(tmp_path / "m.onnx"), "--act", "relu6"]) == 2
     assert "PyTorch files only" in capsys.readouterr().err
     with pytest.raises(SystemExit):

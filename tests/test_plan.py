@@ -248,12 +248,19 @@ def test_plan_bad_inputs_raise_named_errors():
     with pytest.raises(TypeError, match="x must be a numpy.ndarray"):
         plan(x.tolist())
     np.testing.assert_array_equal(plan(x[:, ::-1]), plan(np.ascontiguousarray(x[:, ::-1])))  # views work
+    for kwargs, match in [(dict(batch=2**63), r"batch must be an int in \[1, 2\^20\], got 9223372036854775808"),
+                          (dict(batch=2.0), "batch must be an int"),
+                          (dict(batch=2, chunk=2**64), r"chunk must be an int in \[0, 2\^20\]")]:
+        with pytest.raises(ValueError, match=match):  # beyond int64: pybind's signature dump before
+            P.compile(model, **kwargs)
+    with pytest.raises(ValueError, match="model must be a MobileNetV1 or ConvMobileNet, got NoneType"):
+        P.compile(None, 2)
     for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="batch must be a positive int"):
+        with pytest.raises(ValueError, match=r"batch must be an int in \[1, 2\^20\]"):
             P.compile(model, batch=bad)
     with pytest.raises(ValueError, match="input_size must be a positive int"):
         P.compile(model, batch=1, input_size=0)
-    with pytest.raises(ValueError, match="chunk must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"chunk must be an int in \[0, 2\^20\]"):
         P.compile(model, batch=1, chunk=-1)
 
 

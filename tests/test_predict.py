@@ -165,10 +165,20 @@ def test_predict_errors_are_named(tmp_path, images):
     assert "top" in skipped[0] and "top" in skipped[2] and "bad.jpg" in skipped[1]["error"]
     with pytest.raises(D.DataError, match="missing.png"):
         predict(model, tmp_path / "missing.png")
-    with pytest.raises(ValueError, match="top_k=0 must be at least 1"):
+    with pytest.raises(ValueError, match="top_k=0 must be an int >= 1"):
         predict(model, images["gray"], top_k=0)
     with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
         predict(model, np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"got shape \(40, 50\)"):  # a 2-D array: its shape, not a row's
+        predict(model, np.zeros((40, 50), np.uint8))
+    for kwargs, match in [(dict(top_k=2.5), "top_k=2.5 must be an int"), (dict(top_k="3"), "top_k='3' must be"),
+                          (dict(batch_size=None), "batch_size=None must be an int")]:
+        with pytest.raises(ValueError, match=match):
+            predict(model, images["gray"], **kwargs)
+    with pytest.raises(ValueError, match="model_or_path must be an mbnet classifier .* got NoneType"):
+        predict(None, images["gray"])
+    with pytest.raises(D.DataError, match="an empty path"):  # not the working directory, searched
+        predict(model, "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -250,6 +250,15 @@ def test_missing_data_is_a_message_not_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # a run that never started leaves no directory
 
 
+def test_an_empty_out_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it meant a runs/<timestamp> directory here
+    for flag in ("--out", "--name"):
+        with pytest.raises(SystemExit):
+            train.main(SMALL + ["--data-dir", str(tiny), flag, ""])
+        assert "--out and --name must not be empty" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_refuses_to_overwrite_a_run(tiny, tmp_path, capsys):
     out = tmp_path / "r"
     out.mkdir()
