@@ -112,6 +112,8 @@ def read(path):
     without their prefix. Raises CheckpointError naming the file and what is wrong."""
     path = Path(path)
     out = {p: {} for p in PARTS}
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory, not a weights file (a run's is RUN/last.npz)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:

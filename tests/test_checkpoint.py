@@ -47,6 +47,8 @@ def test_training_checkpoint_is_a_weights_file_with_ema_by_default(tmp_path):
 def test_bad_files_are_named(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="nope.npz: no such file"):
         models.load(tmp_path / "nope.npz")
+    with pytest.raises(checkpoint.CheckpointError, match="a directory, not a weights file"):
+        models.load(tmp_path)
     (tmp_path / "trunc.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(checkpoint.CheckpointError, match="trunc.npz: corrupt"):
         models.load(tmp_path / "trunc.npz")
