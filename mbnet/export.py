@@ -25,6 +25,7 @@ import sys
 import numpy as np
 
 from . import __version__
+from .nn import is_int_in
 from .plan import conv_bn_pairs, fold_conv_bn
 
 DEFAULT_OPSET = 17
@@ -54,12 +55,9 @@ def to_onnx(model, *, opset=DEFAULT_OPSET, dynamic_batch=True, batch_size=1, fol
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
-    def int_at_least(v, lo):
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
-
-    if not (int_at_least(opset, MIN_OPSET) and opset <= onnx.defs.onnx_opset_version()):
+    if not is_int_in(opset, MIN_OPSET, onnx.defs.onnx_opset_version()):
         raise ValueError(f"export: opset must be an int in {MIN_OPSET}..{onnx.defs.onnx_opset_version()}, got {opset!r}")
-    if not dynamic_batch and not int_at_least(batch_size, 1):
+    if not dynamic_batch and not is_int_in(batch_size, 1):
         raise ValueError(f"export: batch_size must be an int >= 1, got {batch_size!r}")
     if not hasattr(model, "config") or not hasattr(model, "features"):
         raise TypeError(f"export: expected an mbnet image classifier, got {type(model).__name__}")

@@ -84,14 +84,11 @@ def layer_shapes(alpha=1.0, size=32, stem_stride=None):
 def _check_args(alpha, num_classes, input_size, stem_stride, mean, std):
     """Refuses what would build no network or a wrong one, naming the argument (a weights file's
     settings come here too)."""
-    def is_int(v):
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) \
             or not (np.isfinite(alpha) and alpha * STEM_CHANNELS >= 1):
         raise ValueError(f"alpha must be a number >= 1/{STEM_CHANNELS} (every layer keeps a channel), got {alpha!r}")
     for name, v in (("num_classes", num_classes), ("input_size", input_size), ("stem_stride", stem_stride)):
-        if v is not None and (not is_int(v) or v < 1):
+        if v is not None and not nn.is_int_in(v, 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     for name, v in (("mean", mean), ("std", std)):
         try:

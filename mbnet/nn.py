@@ -16,6 +16,12 @@ from . import functional as F
 from .tensor import Tensor
 
 
+def is_int_in(v, lo, hi=None):
+    """Whether v is an int (Python's or NumPy's, not a bool) in [lo, hi] (hi None: no bound): the
+    check of the integer arguments of the Python API (models, plans, predict, export)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and lo <= v and (hi is None or v <= hi)
+
+
 class Module:
     """Base class. Subclasses assign parameters/sub-modules as attributes, register buffers with
     ``register_buffer`` and define ``forward``; ``summary`` additionally assumes the sub-modules

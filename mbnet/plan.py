@@ -158,16 +158,13 @@ def compile(model, batch, input_size=None, chunk=0):
     for up to ``batch`` images of input_size x input_size (default: the model's input_size).
     chunk: images run through the network together (0: as many as keep each activation buffer
     within 16 MB; results are the same for every chunk)."""
-    def int_in(v, lo, hi):
-        return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and lo <= v <= hi
-
     if not hasattr(model, "features"):
         raise ValueError(f"compile: model must be a MobileNetV1 or ConvMobileNet, got {type(model).__name__}")
-    if not int_in(batch, 1, MAX_BATCH):
+    if not nn.is_int_in(batch, 1, MAX_BATCH):
         raise ValueError(f"compile: batch must be an int in [1, 2^20], got {batch!r}")
     size = model.input_size if input_size is None else input_size
-    if not int_in(size, 1, 2**30):
+    if not nn.is_int_in(size, 1, 2**30):
         raise ValueError(f"compile: input_size must be a positive int, got {size!r}")
-    if not int_in(chunk, 0, MAX_BATCH):
+    if not nn.is_int_in(chunk, 0, MAX_BATCH):
         raise ValueError(f"compile: chunk must be an int in [0, 2^20], got {chunk!r}")
     return Plan(fold(model), int(batch), (int(size), int(size)), int(chunk))

@@ -89,18 +89,17 @@ def predict(model_or_path, images_or_paths, top_k=5, batch_size=BATCH_SIZE, *, e
     from .models import load
     from .plan import compile as compile_plan
 
-    def positive_int(v):
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+    from .nn import is_int_in
 
     model = load(model_or_path, ema=ema) if isinstance(model_or_path, (str, Path)) else model_or_path
     if not hasattr(model, "classes"):
         raise ValueError(f"predict: model_or_path must be an mbnet classifier or a weights file's path, "
                          f"got {type(model).__name__}")
     n_classes = len(model.classes)
-    if top_k is not None and not positive_int(top_k):
+    if top_k is not None and not is_int_in(top_k, 1):
         raise ValueError(f"top_k={top_k!r} must be an int >= 1 (or None: all classes)")
     top_k = n_classes if top_k is None else min(int(top_k), n_classes)
-    if not positive_int(batch_size):
+    if not is_int_in(batch_size, 1):
         raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors={errors!r}: 'raise' or 'skip'")
