@@ -205,10 +205,24 @@ def _find_pickle_dir(root, kind):
     return None
 
 
+# What the CIFAR pickles are made of: dicts, lists, bytes, ints and NumPy arrays. Any other global
+# a pickle names (os.system, say) is refused: unpickling runs whatever a file names.
+_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                   ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                   ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no data set holds (not loaded)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path, kind):
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _DataUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         spec = PICKLES[kind]
         files = spec["train"] + spec["test"] + (("meta",) if kind == "cifar100" else ())
@@ -221,8 +235,19 @@ def _read_pickle_batch(path, kind, label_keys, num_classes):
     """One pickle file -> (images (n,32,32,3) uint8, [labels (n,) int64 for each key])."""
     d = _unpickle(path, kind)
     try:
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        labels = [np.asarray(d[k], dtype=np.int64) for k in label_keys]
+        raw = np.asarray(d[b"data"])
+        # Pixels are integers 0..255 and labels integers: a cast would wrap 300 to 44, truncate 0.7
+        # to 0 and turn floats in [0, 1] into black images, silently.
+        if raw.dtype.kind not in "ui" or (raw.size and (raw.min() < 0 or raw.max() > 255)):
+            raise ValueError(f"b'data' must hold integer pixels 0..255, got {raw.dtype}"
+                             + (f" from {raw.min()} to {raw.max()}" if raw.size and raw.dtype.kind in "uif" else ""))
+        data = raw.astype(np.uint8)
+        labels = []
+        for k in label_keys:
+            y = np.asarray(d[k])
+            if y.size and y.dtype.kind not in "ui":
+                raise ValueError(f"{k!r} must hold integer labels, got {y.dtype}")
+            labels.append(y.astype(np.int64))
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or any(y.shape != (data.shape[0],) for y in labels):
             raise ValueError(f"expected b'data' (n, 3072) and n labels, got {data.shape} and "
                              f"{[y.shape for y in labels]}")
@@ -639,7 +664,7 @@ def load_data(data_dir=None, *, dataset=None, resolution=32, val_split=None, cac
             print(f"mbnet: the data cache {d} is damaged ({e}); rebuilding it", file=sys.stderr)
         else:
             out = dict(out, kind=kind, source=str(src), cache=str(d))
-            return out if hold_out is None else _hold_out(out, hold_out)
+            return _nonempty(out if hold_out is None else _hold_out(out, hold_out))
     try:
         _build_cache(d, kind, src, resolution, val_split, listing, workers, verbose)
         out = _check_cache(d)
@@ -648,7 +673,16 @@ def load_data(data_dir=None, *, dataset=None, resolution=32, val_split=None, cac
     except ValueError as e:
         raise DataError(f"the data cache {d} just written does not check ({e})") from None
     out = dict(out, kind=kind, source=str(src), cache=str(d))
-    return out if hold_out is None else _hold_out(out, hold_out)
+    return _nonempty(out if hold_out is None else _hold_out(out, hold_out))
+
+
+def _nonempty(d):
+    """d, if both of its splits hold images (an empty one trained on nothing or reported 0/0)."""
+    if not len(d["train_y"]):
+        raise DataError(f"{d['source']}: no training images")
+    if not len(d["test_y"]):
+        raise DataError(f"{d['source']}: no images in its test split ({d.get('test_split')})")
+    return d
 
 
 def _subset(n, limit):

@@ -3,6 +3,7 @@
 
 Everything runs on tiny archives the tests write themselves; nothing is downloaded.
 """
+import os
 import pickle
 
 import numpy as np
@@ -110,6 +111,48 @@ def test_cache_is_reused_then_invalidated(tmp_path, batches, cache, monkeypatch)
     monkeypatch.setenv("MBNET_CACHE", str(cache))
     third = data.load_data(root)
     assert len(third["test_y"]) == len(first["test_y"]) + 1
+
+
+class _Sets:
+    """Unpickling calls os.system(...) to rebuild one of these: a pickle can run any code."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _rewrite(pk, name, change):
+    with open(pk / name, "rb") as f:
+        d = pickle.load(f)
+    change(d)
+    with open(pk / name, "wb") as f:
+        pickle.dump(d, f)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d, flag: d.update({b"batch_label": _Sets(flag)}), "names posix.system, which no data set holds"),
+    (lambda d, flag: d.update({b"data": d[b"data"] / 255.0}), "integer pixels 0..255, got float64"),
+    (lambda d, flag: d.update({b"data": d[b"data"].astype(np.int64) + 100}), "integer pixels 0..255, got int64 from"),
+    (lambda d, flag: d.update({b"labels": [v + 0.7 for v in d[b"labels"]]}), "b'labels' must hold integer labels"),
+])
+def test_pickles_hold_only_data(tmp_path, batches, cache, change, match):
+    """A CIFAR pickle is unpickled with only arrays, lists, dicts and bytes allowed (a plain
+    pickle.load ran the os.system of a crafted file), and its pixels and labels must be integers
+    in range (a cast wrapped 300 to 44, truncated labels and made floats in [0, 1] black images)."""
+    pk = _write_pickles(tmp_path / "pk", batches)
+    flag = tmp_path / "ran"
+    _rewrite(pk, "data_batch_2", lambda d: change(d, flag))
+    with pytest.raises(data.DataError, match="data_batch_2: corrupt .*" + match):
+        data.load_data(tmp_path / "pk")
+    assert not flag.exists()
+
+
+def test_an_empty_split_is_refused(tmp_path, batches, cache):
+    pk = _write_pickles(tmp_path / "pk", batches)
+    _rewrite(pk, data.TEST_BATCH, lambda d: d.update({b"data": d[b"data"][:0], b"labels": []}))
+    with pytest.raises(data.DataError, match="no images in its test split"):  # it reported 0/0 = nan%
+        data.load_data(tmp_path / "pk")
 
 
 def test_corrupt_files_are_named(tmp_path, batches, cache):
