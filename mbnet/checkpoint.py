@@ -171,11 +171,12 @@ def weights(ck, ema=True):
 def build(ck, path="weights", *, ema=True):
     """The classifier of a read() result with its weights (the EMA's when it has them and
     ``ema``), in eval mode."""
-    from .models import from_config
+    from .models import check_weights, from_config
 
     try:
         model = from_config(model_config(ck, path))
         model.load_state_dict(weights(ck, ema))
+        check_weights(model)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: does not describe a model this mbnet can build ({type(e).__name__}: {e})") from None
     return model.eval()

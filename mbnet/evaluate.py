@@ -87,22 +87,34 @@ def main(argv=None):
         print(f"mbnet: {args.weights}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     run_cfg = {} if ck is None else ck["meta"].get("config", {})  # the run's data set and split
+    if not isinstance(run_cfg, dict):
+        print(f"mbnet: {args.weights}: its run configuration is not a dict ({type(run_cfg).__name__})", file=sys.stderr)
+        return 2
+    # A PyTorch file names no classes (its model has '0', '1', ...): it takes the data's, if as many.
+    named = ck is not None
     cfg = {"dataset": run_cfg.get("dataset"), "val_split": run_cfg.get("val_split"), "resolution": model.input_size,
-           "limit_train": 0, "limit_test": args.limit_test, "classes": list(model.classes),
+           "limit_train": 0, "limit_test": args.limit_test, "classes": list(model.classes) if named else None,
            "mean": model.mean, "std": model.std}
     try:
         _, _, xte, yte = D.prepare_data(cfg, args.data_dir, verbose=False)
     except D.DataError as e:
         print(f"mbnet: {e}", file=sys.stderr)
         return 2
+    except (TypeError, ValueError) as e:  # a run configuration edited or written by something else
+        print(f"mbnet: {args.weights}: its run configuration does not fit ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    classes = model.classes if named else cfg["classes"]
+    if len(classes) != model.num_classes:
+        print(f"mbnet: {args.weights}: {model.num_classes} classes, but the data has {len(classes)}", file=sys.stderr)
+        return 2
     use_ema = ck is not None and args.ema and checkpoint.weights(ck) is not ck["model"]
     loader = D.Loader(xte, yte, EVAL_BATCH, np.array(model.mean), np.array(model.std), train=False)
     _, _, preds = evaluate(model, loader, tta=args.tta, shift=args.tta_shift)
     meta = {} if ck is None else ck["meta"]
-    where = f"epoch {meta['epoch']}, step {meta['step']}, " if "epoch" in meta else ""
+    where = f"epoch {meta['epoch']}, step {meta.get('step', '?')}, " if "epoch" in meta else ""
     tta = f", flip + {args.tta_shift} px shift TTA" if args.tta_shift else ", flip TTA" if args.tta else ""
     print(f"{args.weights}: {where}{'EMA' if use_ema else 'raw'} weights{tta}")
-    print(format_report(yte, preds, model.classes, eval_split(cfg)))
+    print(format_report(yte, preds, classes, eval_split(cfg)))
     return 0
 
 

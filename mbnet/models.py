@@ -81,6 +81,19 @@ def layer_shapes(alpha=1.0, size=32, stem_stride=None):
     return rows
 
 
+MAX_INPUT_SIZE = 1024  # pixels a side: 32 GB of stem activations at batch 64 with stem stride 1
+
+
+def check_weights(model):
+    """Refuses weights no trained network has, naming the tensor: NaN or inf anywhere (every
+    prediction would be class 0, the argmax of NaN logits), a negative running variance."""
+    for name, v in model.state_dict().items():
+        if not np.isfinite(v).all():
+            raise ValueError(f"{name} holds NaN or infinite values")
+        if name.endswith("running_var") and (v < 0).any():
+            raise ValueError(f"{name} holds a negative variance")
+
+
 def _check_args(alpha, num_classes, input_size, stem_stride, mean, std):
     """Refuses what would build no network or a wrong one, naming the argument (a weights file's
     settings come here too)."""
@@ -90,6 +103,8 @@ def _check_args(alpha, num_classes, input_size, stem_stride, mean, std):
     for name, v in (("num_classes", num_classes), ("input_size", input_size), ("stem_stride", stem_stride)):
         if v is not None and not nn.is_int_in(v, 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if input_size > MAX_INPUT_SIZE:  # an image of 100,000 px a side took all memory
+        raise ValueError(f"input_size must be at most {MAX_INPUT_SIZE}, got {input_size}")
     for name, v in (("mean", mean), ("std", std)):
         try:
             values = np.asarray(v, dtype=np.float64)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError
-from .models import BLOCKS, CIFAR10_MEAN, CIFAR10_STD, STEM_CHANNELS, MobileNetV1
+from .models import BLOCKS, CIFAR10_MEAN, CIFAR10_STD, STEM_CHANNELS, MobileNetV1, check_weights
 
 _BN_ROLES = ("weight", "bias", "running_mean", "running_var")
 _WRAPPERS = ("state_dict", "model_state_dict", "model")  # {"state_dict": {...}, "epoch": ...} checkpoints
@@ -154,6 +154,7 @@ def load_torch_weights(path_or_state_dict, *, stem_stride=1, input_size=32, act=
     arrays = [a for kind, _, (w, *bn) in layers for a in (to_mbnet[kind](w), *bn)] + [fc_w.T, fc_b]
     own = model.state_dict()  # same order: conv weight, gamma, beta, running_mean, running_var, ..., linear
     model.load_state_dict(dict(zip(own, arrays)))
+    check_weights(model)
     return model.eval()
 
 

@@ -63,6 +63,22 @@ def test_bad_files_are_named(tmp_path):
         models.load(tmp_path / "bare.npy")
 
 
+@pytest.mark.parametrize("tensor, value, match", [
+    ("classifier.weight", np.nan, "classifier.weight holds NaN or infinite values"),
+    ("features.1.running_var", -1.0, "features.1.running_var holds a negative variance"),
+])
+def test_weights_no_trained_network_has_are_refused(tmp_path, tensor, value, match):
+    """NaN weights made every prediction class 0 (evaluate reported 10%), a negative variance NaN
+    outputs (export wrote them into the ONNX file)."""
+    model = models.MobileNetV1(alpha=0.25, input_size=16)
+    state = model.state_dict()
+    state[tensor].flat[0] = value
+    model.load_state_dict(state)
+    model.save(tmp_path / "w.npz")
+    with pytest.raises(checkpoint.CheckpointError, match="w.npz: .*" + match):
+        models.load(tmp_path / "w.npz")
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(version="2"), "format version that is not an integer: '2'"),
     (dict(model=dict(alpha=0)), "alpha must be a number >= 1/32"),
@@ -71,6 +87,7 @@ def test_bad_files_are_named(tmp_path):
     (dict(model=dict(input_size="8")), "input_size must be a positive int"),
     (dict(model=dict(std=[0, 0, 0])), r"std must be > 0 in every channel"),
     (dict(model=dict(mean=[0.5])), "mean must be 3 finite numbers"),
+    (dict(model=dict(input_size=100000)), "input_size must be at most 1024"),  # evaluating it took all memory
 ])
 def test_a_weights_files_settings_are_checked(tmp_path, change, match):
     """A weights file's stored settings go through the model's own checks: a file edited (or

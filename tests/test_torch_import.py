@@ -289,6 +289,23 @@ def test_checkpoint_dict_and_live_state_dict(torch, tmp_path, rng):
     assert_same_logits(load_torch_weights(net.state_dict()), net, x)  # torch tensors, no file
 
 
+def test_evaluate_takes_a_pytorch_file_with_the_datas_classes(torch, tmp_path, capsys):
+    """A .pt names no classes: evaluate takes the data's when there are as many (it refused every
+    PyTorch file, comparing the data's names with '0', '1', ...)."""
+    from test_train import _tiny_cifar
+
+    from mbnet import evaluate
+
+    root = _tiny_cifar(tmp_path / "cifar")
+    torch.save(make_torch("parts", widths_of(0.25), seed=1).state_dict(), tmp_path / "net.pt")
+    assert evaluate.main([str(tmp_path / "net.pt"), "--data-dir", str(root), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "  airplane " in out and "  truck " in out
+    torch.save(make_torch("parts", widths_of(0.25), num_classes=4, seed=1).state_dict(), tmp_path / "four.pt")
+    assert evaluate.main([str(tmp_path / "four.pt"), "--data-dir", str(root), "--threads", "1"]) == 2
+    assert "four.pt: 4 classes, but the data has 10" in capsys.readouterr().err
+
+
 def test_widths_rounded_to_multiples_of_8_are_refused_with_the_tensor_named(torch, tmp_path):
     rounded = [(c + 7) // 8 * 8 for c in widths_of(0.35)]  # torchvision's rounding: 11 -> 16, 22 -> 24, ...
     torch.save(make_torch("sequential", rounded).state_dict(), tmp_path / "r.pt")
