@@ -156,6 +156,9 @@ def make_tables(settings):
     }
 
 
+SWEEP_SETS = {"arch", "alpha", "resolution", "seed", "epochs", "out", "name", "resume"}  # per run, not by --train-args
+
+
 def recipe(settings):
     """The trainer options every run of the sweep shares."""
     return ["--epochs", str(settings["epochs"])] + (TINY_RECIPE if settings["tiny"] else []) + \
@@ -166,8 +169,9 @@ def accuracy_name(settings):
     """(name, note) of the accuracy the runs report: on the test split, or, with --val-split F in
     --train-args, on the fixed fraction F of the train split the trainer holds out (the test split unread).
     note is "" or a parenthesis saying which split."""
-    args = recipe(settings)
-    split = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--val-split"), None)
+    from . import train
+
+    split = train.parse_args(train.build_parser(), recipe(settings)).val_split  # as the trainer reads it
     if split is None:
         return "test accuracy", ""
     return "held-out accuracy", (f" (the fixed {float(split):g} of each class of the train split "
@@ -677,9 +681,17 @@ def _recipe_ok(settings):
         return False
     try:
         train.check_args(parser, train.parse_args(parser, argv))
+        # The sweep sets these per run, before --train-args: given there too, they would win over
+        # the run's own and the tables would label every row with the wrong setting.
+        own = sorted(set(vars(train._given_args(parser, shlex.split(settings["train_args"])))) & SWEEP_SETS)
     except SystemExit:
         print(f"mbnet.experiments: --train-args {settings['train_args']!r}: refused by the trainer (above)",
               file=sys.stderr)
+        return False
+    if own:
+        print(f"mbnet.experiments: --train-args {settings['train_args']!r}: sets "
+              f"{', '.join('--' + k.replace('_', '-') for k in own)}, which the sweep sets for each run "
+              "(use the sweep's own options)", file=sys.stderr)
         return False
     return True
 

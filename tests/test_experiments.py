@@ -192,6 +192,12 @@ def test_bad_options_are_one_line(tiny_data, env, tmp_path, capsys):
     assert not (tmp_path / "a").exists()
     assert _sweep(tiny_data, tmp_path / "a", "--train-args", "--lr '0.1") == 2
     assert "--train-args \"--lr '0.1\": No closing quotation" in capsys.readouterr().err
+    # what the sweep sets for each run: given in --train-args too, it won, and every row was mislabeled
+    for given in ("--alpha 0.5", "--alpha=1.0 --lr 0.1", "--seed 3 --epochs 2"):
+        assert _sweep(tiny_data, tmp_path / "a", "--train-args", given) == 2
+        err = capsys.readouterr().err
+        assert "which the sweep sets for each run" in err and not (tmp_path / "a").exists()
+    assert "sets --epochs, --seed," in err
     with pytest.raises(SystemExit) as e:
         _sweep(tiny_data, tmp_path / "b", "table8")
     assert e.value.code == 2 and "unknown table 'table8'" in capsys.readouterr().err
