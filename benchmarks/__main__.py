@@ -15,6 +15,7 @@ Exits 1 if any benchmark failed (after running the others).
 import argparse
 import importlib
 import inspect
+import os
 import sys
 import time
 import traceback
@@ -52,6 +53,14 @@ def main(argv=None):
         unknown = [n for n in names if n not in ALL]
         if unknown:
             ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
+        if not names:
+            ap.error(f"--only names no benchmark; choose from {', '.join(ALL)}")
+    from mbnet.run import max_threads
+
+    if args.threads is not None and not 1 <= args.threads <= max_threads():
+        ap.error(f"--threads {args.threads}: must be in [1, {max_threads()}]")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        ap.error(f"--json {args.json}: no such directory (checked before the benchmarks run, not after)")
     if args.threads is not None:
         from mbnet import _C
         _C.set_num_threads(args.threads)

@@ -21,6 +21,7 @@ graph. Built with ``onnx.helper``; ``onnx.checker`` runs on every export. Needs 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -116,8 +117,10 @@ def to_onnx(model, *, opset=DEFAULT_OPSET, dynamic_batch=True, batch_size=1, fol
 
 def export_onnx(model, path, *, opset=DEFAULT_OPSET, dynamic_batch=True, batch_size=1, fold_bn=True):
     """Writes ``to_onnx(model, ...)`` to ``path`` and returns the onnx.ModelProto."""
+    from .checkpoint import atomic_write
+
     proto = to_onnx(model, opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size, fold_bn=fold_bn)
-    _onnx().save(proto, str(path))
+    atomic_write(path, lambda f: f.write(proto.SerializeToString()))  # all of it or nothing; the error names path
     return proto
 
 
@@ -141,16 +144,18 @@ def main(argv=None):
 
     add_import_arguments(p)
     args = p.parse_args(argv)
-    if args.batch != "dynamic" and not (args.batch.isdigit() and int(args.batch) >= 1):
-        p.error(f"--batch: expected 'dynamic' or a positive integer, got {args.batch!r}")
-    from .checkpoint import CheckpointError
+    if args.batch != "dynamic" and not (args.batch.isdigit() and 1 <= int(args.batch) <= 2**31 - 1):
+        p.error(f"--batch: expected 'dynamic' or a positive integer below 2^31, got {args.batch!r}")
+    if Path(args.out).suffix.lower() != ".onnx":  # not over a checkpoint given by mistake (copy.npz)
+        p.error(f"OUT must end in .onnx, got {args.out!r}")
+    from .checkpoint import CheckpointError, WriteError
     from .models import load
 
     try:
         model = load(args.weights, **import_options(args))
         export_onnx(model, args.out, opset=args.opset, dynamic_batch=args.batch == "dynamic",
                     batch_size=1 if args.batch == "dynamic" else int(args.batch), fold_bn=not args.keep_bn)
-    except (CheckpointError, ImportError, OSError, TypeError, ValueError) as e:
+    except (CheckpointError, WriteError, ImportError, OSError, TypeError, ValueError) as e:
         print(f"mbnet: {e}", file=sys.stderr)
         return 2
     print(f"{args.out}: {model.config()['arch']} alpha={model.alpha} {model.input_size}x{model.input_size} "

@@ -168,3 +168,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         main([str(tmp_path / "w.npz"), str(tmp_path / "m.onnx"), "--batch", "0"])
     assert "--batch" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+    (tmp_path / "copy.npz").write_bytes(b"a checkpoint")  # an output that is not .onnx: refused, kept
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "w.npz"), str(tmp_path / "copy.npz")])
+    assert "OUT must end in .onnx" in capsys.readouterr().err
+    assert (tmp_path / "copy.npz").read_bytes() == b"a checkpoint"
+    assert main([str(tmp_path / "w.npz"), str(tmp_path / "none" / "m.onnx")]) == 2  # the error names the path
+    assert f"cannot write {tmp_path / 'none' / 'm.onnx'}" in capsys.readouterr().err
