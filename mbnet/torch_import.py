@@ -58,7 +58,13 @@ def _arrays(state, where):
         if str(name).endswith("num_batches_tracked"):
             continue
         if hasattr(v, "detach"):  # a torch.Tensor, without importing torch
-            v = v.detach().cpu().float().numpy()
+            if not v.is_floating_point():  # .float() would make an int or complex tensor pass
+                raise CheckpointError(f"{where}: {name} is a {v.dtype} tensor, not a floating-point one")
+            try:
+                v = v.detach().cpu().float().numpy()
+            except Exception as e:  # sparse, meta, quantized: no dense values to read
+                raise CheckpointError(f"{where}: {name} is a {v.layout} {v.dtype} tensor that has no dense "
+                                      f"values to read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
         if not isinstance(v, np.ndarray) or v.dtype.kind != "f":
             raise CheckpointError(f"{where}: {name} is a {type(v).__name__}, not a floating-point tensor")
         out[str(name)] = v

@@ -306,6 +306,21 @@ def test_evaluate_takes_a_pytorch_file_with_the_datas_classes(torch, tmp_path, c
     assert "four.pt: 4 classes, but the data has 10" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind, match", [
+    ("int", "is a torch.int64 tensor, not a floating-point one"),  # .float() let it through before
+    ("sparse", "is a torch.sparse_coo torch.float32 tensor that has no dense values"),
+    ("meta", "is a .* tensor that has no dense values"),
+])
+def test_tensors_without_float_values_are_named(torch, kind, match):
+    state = make_torch("parts", widths_of(0.25), seed=1).state_dict()
+    name = next(iter(state))
+    w = state[name]
+    state[name] = {"int": lambda: w.long(), "sparse": lambda: w.to_sparse(),
+                   "meta": lambda: torch.empty(w.shape, device="meta")}[kind]()
+    with pytest.raises(CheckpointError, match=f"{name} " + match):
+        load_torch_weights(state)
+
+
 def test_widths_rounded_to_multiples_of_8_are_refused_with_the_tensor_named(torch, tmp_path):
     rounded = [(c + 7) // 8 * 8 for c in widths_of(0.35)]  # torchvision's rounding: 11 -> 16, 22 -> 24, ...
     torch.save(make_torch("sequential", rounded).state_dict(), tmp_path / "r.pt")
