@@ -49,6 +49,7 @@ import queue
 import shutil
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.error
@@ -475,16 +476,29 @@ def _fetch_official(cache_dir, download, kind="cifar10"):
             _download(url, archive)
         except (urllib.error.URLError, OSError) as e:
             raise DataError(_no_data_message(cache_dir, cache_dir, f"download failed: {e}")) from None
-    got = _md5(archive)
+    try:
+        got = _md5(archive)
+    except OSError as e:  # a directory of that name, no permission
+        raise DataError(f"{archive}: cannot read ({e})") from None
     if got != md5:
         raise DataError(f"{archive}: MD5 {got} does not match {md5} (corrupt or truncated download; "
                         "delete it and retry)")
+    # Extracted into a temporary directory and renamed into place: an interrupted extraction leaves
+    # no partial spec["dir"] behind (which the next run would take for the data and find truncated).
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".extract-"))
         with tarfile.open(archive) as t:
             # filter="data" exists from Python 3.9.17/3.10.12/3.11.4; the archive's MD5 is checked above
-            t.extractall(cache_dir, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+            t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        if not (tmp / spec["dir"]).is_dir():
+            raise DataError(f"{archive}: holds no {spec['dir']}")
+        os.replace(tmp / spec["dir"], cache_dir / spec["dir"])
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{archive}: cannot extract ({e})") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     found = _find_pickle_dir(cache_dir, kind)
     if found is None:
         raise DataError(f"{archive}: holds no {spec['dir']}")

@@ -222,6 +222,29 @@ def test_download_is_checked_and_extracted(tmp_path, batches, cache, monkeypatch
     assert len(fetched) == 1
 
 
+def test_a_failed_extraction_leaves_nothing_behind(tmp_path, batches, cache, monkeypatch):
+    """The archive is extracted beside the cache and renamed into place: a truncated one (its MD5
+    made to match) fails with its name and leaves no partial cifar-10-batches-py, which the next run
+    took for the data and reported as a truncated pickle."""
+    import hashlib
+    import tarfile
+
+    src = _write_pickles(tmp_path / "src", batches)
+    with tarfile.open(tmp_path / "full.tar", "w") as t:  # uncompressed: a cut leaves the first members whole
+        t.add(src, arcname="cifar-10-batches-py")
+    archive = cache / data.CIFAR_URL.rsplit("/", 1)[1]
+    cache.mkdir(parents=True, exist_ok=True)
+    archive.write_bytes((tmp_path / "full.tar").read_bytes()[:-30000])
+    monkeypatch.setitem(data.PICKLES["cifar10"], "md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    with pytest.raises(data.DataError, match="cannot extract"):
+        data.load_data(download=False)
+    assert sorted(p.name for p in cache.iterdir()) == [archive.name]
+    archive.unlink()
+    archive.mkdir()  # a directory where the archive should be: named, not a traceback
+    with pytest.raises(data.DataError, match="cannot read"):
+        data.load_data(download=False)
+
+
 def test_archive_with_wrong_md5_is_refused(tmp_path, cache):
     cache.mkdir()
     (cache / "cifar-10-python.tar.gz").write_bytes(b"truncated")
