@@ -509,6 +509,8 @@ def _locate(data_dir, dataset, cache_dir, download):
     """-> (kind, source dir)."""
     if dataset not in (None,) + DATASETS:
         raise DataError(f"--dataset {dataset}: choose one of {', '.join(DATASETS)}")
+    if data_dir is not None and not str(data_dir):  # "" would mean the default: a download
+        raise DataError("--data-dir is empty: name a directory, or leave it out for the default")
     data_dir = data_dir or os.environ.get("MBNET_DATA")
     if not data_dir:
         if dataset == "folder":

@@ -75,7 +75,7 @@ def main(argv=None):
         p.error(f"--tta-shift {args.tta_shift} needs --tta")
     try:
         set_threads(args.threads)
-        if Path(args.weights).suffix in (".pt", ".pth"):  # a PyTorch state_dict, through models.load
+        if Path(args.weights).suffix.lower() in (".pt", ".pth"):  # a PyTorch state_dict, through models.load
             ck, model = None, load(args.weights)
         else:
             ck = checkpoint.read(args.weights)

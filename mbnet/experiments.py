@@ -648,6 +648,8 @@ def main(argv=None, *, on_step=None):
         parser.error(f"unknown table {bad[0]!r} (choose from {', '.join(TABLES)})")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {' '.join(map(str, args.seeds))}")
+    if args.out == "":
+        parser.error("--out is empty (leave it out for sweeps/cifar10, or sweeps/tiny with --tiny)")
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     settings = {"epochs": args.epochs or (TINY_EPOCHS if args.tiny else DEFAULT_EPOCHS), "tiny": args.tiny,
                 "upscaled": args.upscaled, "table4_alpha": args.table4_alpha, "noise_alpha": args.noise_alpha,

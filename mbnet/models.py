@@ -249,7 +249,7 @@ def load(path, *, ema=True, **import_options):
     file (.pt/.pth; needs torch; ``import_options`` as ``mbnet.torch_import.load_torch_weights``)."""
     from pathlib import Path
 
-    if Path(path).suffix in (".pt", ".pth"):
+    if Path(path).suffix.lower() in (".pt", ".pth"):
         from .torch_import import load_torch_weights
 
         return load_torch_weights(path, **import_options).eval()

@@ -216,6 +216,8 @@ def test_val_folder_and_errors_name_the_folders(tmp_path):
     with pytest.raises(data.DataError, match="frogs: no"):
         data.load_data(root)
 
+    with pytest.raises(data.DataError, match="--data-dir is empty"):  # it meant the default: a download
+        data.load_data("")
     one = write_folder(tmp_path / "one", ["cats"], 2, 1)  # it trained to a meaningless 100%
     with pytest.raises(data.DataError, match=r"one class folder \(cats\); a classifier needs two or more"):
         data.load_data(one)

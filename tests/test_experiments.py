@@ -192,6 +192,9 @@ def test_bad_options_are_one_line(tiny_data, env, tmp_path, capsys):
     assert not (tmp_path / "a").exists()
     assert _sweep(tiny_data, tmp_path / "a", "--train-args", "--lr '0.1") == 2
     assert "--train-args \"--lr '0.1\": No closing quotation" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # it meant sweeps/tiny in the working directory
+        _sweep(tiny_data, "", "table5")
+    assert "--out is empty" in capsys.readouterr().err
     # what the sweep sets for each run: given in --train-args too, it won, and every row was mislabeled
     for given in ("--alpha 0.5", "--alpha=1.0 --lr 0.1", "--seed 3 --epochs 2"):
         assert _sweep(tiny_data, tmp_path / "a", "--train-args", given) == 2

@@ -287,6 +287,8 @@ def test_checkpoint_dict_and_live_state_dict(torch, tmp_path, rng):
     x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
     assert_same_logits(models.load(tmp_path / "ck.pth"), net, x)
     assert_same_logits(load_torch_weights(net.state_dict()), net, x)  # torch tensors, no file
+    torch.save(net.state_dict(), tmp_path / "NET.PT")  # the suffix in capitals: still PyTorch's
+    assert_same_logits(models.load(tmp_path / "NET.PT"), net, x)
 
 
 def test_evaluate_takes_a_pytorch_file_with_the_datas_classes(torch, tmp_path, capsys):
