@@ -207,7 +207,9 @@ def main(argv=None):
         json.dump(results, sys.stdout, indent=1)
         print()
     else:
-        print("\n".join(format_result(r) for r in results if "top" in r))
+        for r in results:
+            if "top" in r:  # none when every image failed: then stdout stays empty
+                print(format_result(r))
     failed = sum("error" in r for r in results)
     if failed:
         print(f"mbnet: {failed} of {len(results)} images could not be read", file=sys.stderr)

@@ -226,6 +226,9 @@ def test_cli_goes_on_after_a_bad_image_and_exits_1(weights, tmp_path, images, ca
     assert len(doc) == 6 and sum("top" in r for r in doc) == 5
     assert [r["path"] for r in doc if "error" in r] == [str(bad)]
     assert f"mbnet: {bad}: cannot decode image" in err and "1 of 6 images could not be read" in err
+    assert main([str(weights), str(bad)]) == 1  # every image failed: nothing on stdout (it printed "\n")
+    out, err = capsys.readouterr()
+    assert out == "" and "1 of 1 images could not be read" in err
 
 
 @pytest.mark.parametrize("argv, message", [
