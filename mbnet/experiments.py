@@ -101,10 +101,14 @@ class Spec(namedtuple("Spec", "arch alpha resolution seed extra", defaults=((),)
         return f"{self.arch}-a{self.alpha:g}-r{self.resolution}-s{self.seed}" + \
             "".join("-" + x.lstrip("-") for x in self.extra)
 
+    def own_options(self):
+        """The options that make this run its table row (--train-args may not set them)."""
+        return ["--arch", self.arch, "--alpha", repr(self.alpha), "--resolution", str(self.resolution),
+                "--seed", str(self.seed)]
+
     def options(self, settings):
         """The trainer options of this run in the sweep."""
-        return ["--arch", self.arch, "--alpha", repr(self.alpha), "--resolution", str(self.resolution),
-                "--seed", str(self.seed)] + recipe(settings) + list(self.extra)
+        return self.own_options() + recipe(settings) + list(self.extra)
 
 
 Row = namedtuple("Row", "label spec paper_label paper")  # paper: (acc, mult-adds M, params M) or None
@@ -154,9 +158,6 @@ def make_tables(settings):
             Row(f"+ {label}", spec("mobilenet", 1.0)._replace(extra=extra), None, None)
             for label, extra in ablation_rows(res[0])]),
     }
-
-
-SWEEP_SETS = {"arch", "alpha", "resolution", "seed", "epochs", "out", "name", "resume"}  # per run, not by --train-args
 
 
 def recipe(settings):
@@ -676,8 +677,9 @@ def _recipe_ok(settings):
     from . import train
 
     parser = train.build_parser()
+    spec = Spec("mobilenet", 1.0, 32, 0)
     try:
-        argv = Spec("mobilenet", 1.0, 32, 0).options(settings)
+        argv = spec.options(settings)
     except ValueError as e:  # shlex: unbalanced quotes
         print(f"mbnet.experiments: --train-args {settings['train_args']!r}: {e}", file=sys.stderr)
         return False
@@ -685,7 +687,8 @@ def _recipe_ok(settings):
         train.check_args(parser, train.parse_args(parser, argv))
         # The sweep sets these per run, before --train-args: given there too, they would win over
         # the run's own and the tables would label every row with the wrong setting.
-        own = sorted(set(vars(train._given_args(parser, shlex.split(settings["train_args"])))) & SWEEP_SETS)
+        given = set(vars(train._given_args(parser, shlex.split(settings["train_args"]))))
+        own = sorted(given & set(vars(train._given_args(parser, spec.own_options() + ["--epochs", "1"]))))
     except SystemExit:
         print(f"mbnet.experiments: --train-args {settings['train_args']!r}: refused by the trainer (above)",
               file=sys.stderr)
