@@ -4,7 +4,8 @@
 // Layout of the computation (Goto/BLIS): for each NC-wide column block of C and each KC-deep slice
 // of K, B's block is packed into NR-column panels (k-major within a panel, zero-padded to NR);
 // for each MC-high row block, A's block is packed into MR-row panels (zero-padded to MR) unless A
-// is row-major, which the microkernel reads in place; then the microkernel computes one MR x NR
+// is row-major, which the microkernel reads in place (and B likewise in a weight gradient's depth
+// chunks, when A is packed and B row-major); then the microkernel computes one MR x NR
 // tile of C per (A panel, B panel) pair, keeping the tile in registers for the whole KC loop (a
 // short last A panel on a tile of fewer rows). Packing reads through arbitrary strides, so
 // transposed operands cost nothing extra. Threads split C's rows or columns, or, when K is long
@@ -71,21 +72,27 @@ constexpr index_t NC = 64 * NR;
 // GEMM runs 3x slower). noinline keeps MBNET_KERNEL_TARGET's vector width wherever it is called.
 // kPrefetchB: the call is the first to read its B panel (the first A panel of a block), which then
 // comes from L2 or beyond (an inference plan's weights come from L3: each layer's are read once);
-// it asks for B kPrefetchK steps ahead (__builtin_prefetch: a GCC builtin, no ISA intrinsic). The
-// later calls find the panel in L1, where the prefetches would only take load slots.
+// it asks for B kPrefetchK steps ahead (__builtin_prefetch: a GCC builtin, no ISA intrinsic), the
+// kNR columns of its panel, or prefetch_cols of them from the panel's first (B read in place: the
+// whole row of the block, for the next panels too). The later calls find B in L1 or L2, where the
+// prefetches would only take load slots. kInPlaceB: b is B itself, row k at b + k*ldb (a full
+// panel of a row-major B); otherwise a packed panel, row k at b + k*kNR.
 constexpr int kPrefetchK = 16;
-template <bool kPackedA, int kNR, int kMR = MR, bool kPrefetchB = false>
+template <bool kPackedA, int kNR, int kMR = MR, bool kPrefetchB = false, bool kInPlaceB = false>
 MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
     index_t kc, const float* __restrict__ a, index_t lda, const float* __restrict__ b,
-    float* __restrict__ c, index_t ldc, int mr, int nr, bool add) {
+    float* __restrict__ c, index_t ldc, int mr, int nr, bool add, index_t ldb = kNR,
+    int prefetch_cols = kNR) {
+    const index_t step_b = kInPlaceB ? ldb : kNR;
     float acc[kMR][kNR];
 #pragma GCC unroll 16
     for (int i = 0; i < kMR; ++i)
 #pragma GCC unroll 64
         for (int j = 0; j < kNR; ++j) acc[i][j] = 0.f;
-    for (index_t k = 0; k < kc; ++k, b += kNR) {
+    for (index_t k = 0; k < kc; ++k, b += step_b) {
         if constexpr (kPrefetchB)
-            for (int j = 0; j < kNR; j += 16) __builtin_prefetch(b + kPrefetchK * kNR + j);
+            for (int j = 0; j < (kInPlaceB ? prefetch_cols : kNR); j += 16)
+                __builtin_prefetch(b + kPrefetchK * step_b + j);
 #pragma GCC unroll 16
         for (int i = 0; i < kMR; ++i) {
             const float ai = kPackedA ? a[k * MR + i] : a[i * lda + k];
@@ -118,13 +125,15 @@ MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
 // them: a short last panel (a 2x2 late layer, a batch-1 classifier) costs its rows' work, not MR's.
 // Not 1: GCC 12 keeps a one-row tile's accumulators on the stack across the k loop (two rows
 // stay in registers).
-template <int kNR, bool kPrefetchB, int kMR = MR>
+template <int kNR, bool kPrefetchB, bool kInPlaceB = false, int kMR = MR>
 void packed_micro_kernel(index_t kc, const float* a, const float* b, float* c, index_t ldc, int mr,
-                         int nr, bool add) {
+                         int nr, bool add, index_t ldb = kNR, int prefetch_cols = kNR) {
     if constexpr (kMR > 2)
         if (mr <= kMR / 2)
-            return packed_micro_kernel<kNR, kPrefetchB, kMR / 2>(kc, a, b, c, ldc, mr, nr, add);
-    micro_kernel<true, kNR, kMR, kPrefetchB>(kc, a, 0, b, c, ldc, mr, nr, add);
+            return packed_micro_kernel<kNR, kPrefetchB, kInPlaceB, kMR / 2>(kc, a, b, c, ldc, mr, nr,
+                                                                           add, ldb, prefetch_cols);
+    micro_kernel<true, kNR, kMR, kPrefetchB, kInPlaceB>(kc, a, 0, b, c, ldc, mr, nr, add, ldb,
+                                                        prefetch_cols);
 }
 
 // The element transforms pack_a applies as it copies A(i, k) (i, k counted from the block's
@@ -239,9 +248,21 @@ inline index_t wide_columns(index_t nc) {
     return rem > 0 && (rem + NR_NARROW - 1) / NR_NARROW * NR_NARROW < NR ? nc - rem : nc;
 }
 
+// Whether every panel sgemm_blocks makes of N columns (wide_columns' NR-wide ones, the rest's
+// NR_NARROW-wide ones) is full: then a row-major B can be read in place, no panel reading past the
+// end of a row.
+inline bool full_panels(index_t N) {
+    for (index_t jc = 0; jc < N; jc += NC) {
+        const index_t nc = std::min(NC, N - jc), wide = wide_columns(nc);
+        if (wide % NR != 0 || (nc - wide) % NR_NARROW != 0) return false;
+    }
+    return true;
+}
+
 // One thread's GEMM over its part of C, B's blocks in kNR-wide panels: for each NC x KC block,
 // b_block(jc, nc, pc, kc) gives the packed block of columns [jc, jc + nc) and depth [pc, pc + kc)
-// (packed there and then, or packed once beforehand); abuf holds a_buffer_floats(M, K). With an
+// (packed there and then, or packed once beforehand), or with ldb > 0 the block's corner in B
+// itself (row-major, rows ldb apart; full_panels(N), A packed); abuf holds a_buffer_floats(M, K). With an
 // epilogue, each MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows, j_off +
 // column, columns), once final and still in cache. With a transform, A is transform(A) (its
 // rows counted from i_off), always packed. kNarrowTail: b_block packs each block's columns past
@@ -250,7 +271,7 @@ template <int kNR, bool kNarrowTail = false, class BlockOfB>
 void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                   BlockOfB&& b_block, float* C, index_t ldc, bool accumulate, float* abuf,
                   const GemmEpilogue* epilogue = nullptr, index_t i_off = 0, index_t j_off = 0,
-                  const ATransform* transform = nullptr) {
+                  const ATransform* transform = nullptr, index_t ldb = 0) {
     // Row-major A is read in place by the microkernel (MR rows, unit stride along k): packing it
     // would cost as much as the multiply when N is small, and gains nothing measurable when large.
     const bool direct_a = csa == 1 && !transform;
@@ -286,6 +307,14 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                                     micro_kernel<false, kW, MR, true>(kc, a, rsa, b, c, ldc, mr, nr, add);
                                 else
                                     micro_kernel<false, kW>(kc, a, rsa, b, c, ldc, mr, nr, add);
+                            } else if (ldb > 0) {  // B in place: see sgemm_serial
+                                const float* a = abuf + (ir - packed_from) * kc;
+                                const float* bb = bp + jr;
+                                if (ir == 0 && jr == 0)
+                                    packed_micro_kernel<kW, true, true>(kc, a, bb, c, ldc, mr, nr, add, ldb,
+                                                                        int(std::min<index_t>(nc, 256)));
+                                else
+                                    packed_micro_kernel<kW, false, true>(kc, a, bb, c, ldc, mr, nr, add, ldb);
                             } else {
                                 const float* a = abuf + (ir - packed_from) * kc;
                                 if (ir == 0)
@@ -307,10 +336,19 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
 }
 
 // One thread's GEMM over its part of C, with its own packing buffers (epilogue: as sgemm_blocks).
+// b_in_place: a row-major B may be read in place where A is packed and full_panels(N) (a depth
+// chunk of a weight gradient: dy, read by the few row panels of a short A; packing it cost 10-20%
+// of the 32x32 and 16x16 layers' weight gradients on Zen 4).
 void sgemm_serial(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                   const float* B, index_t rsb, index_t csb, float* C, index_t ldc,
                   bool accumulate, PackBuffers& buf, const GemmEpilogue* epilogue = nullptr,
-                  index_t i_off = 0, index_t j_off = 0, const ATransform* transform = nullptr) {
+                  index_t i_off = 0, index_t j_off = 0, const ATransform* transform = nullptr,
+                  bool b_in_place = false) {
+    if (b_in_place && csb == 1 && (csa != 1 || transform) && full_panels(N)) {
+        auto in_place = [&](index_t jc, index_t, index_t pc, index_t) { return B + pc * rsb + jc; };
+        return sgemm_blocks<NR, true>(M, N, K, A, rsa, csa, in_place, C, ldc, accumulate,
+                                      buf.a.get(), epilogue, i_off, j_off, transform, rsb);
+    }
     float* bbuf = buf.b.get();
     auto pack = [&](index_t jc, index_t nc, index_t pc, index_t kc) {
         const index_t wide = wide_columns(nc);
@@ -374,7 +412,7 @@ void sgemm_depth_chunks(index_t M, index_t N, index_t K, index_t chunks, const f
             const index_t k0 = K * c / chunks, k1 = K * (c + 1) / chunks;
             float* out = c == 0 ? C : partial.get() + (c - 1) * M * N;
             sgemm_serial(M, N, k1 - k0, A + k0 * csa, rsa, csa, B + k0 * rsb, rsb, csb, out,
-                         c == 0 ? ldc : N, c == 0 && accumulate, buf, nullptr, 0, 0, transform);
+                         c == 0 ? ldc : N, c == 0 && accumulate, buf, nullptr, 0, 0, transform, true);
         }
 #pragma omp for schedule(static)
         for (index_t i = 0; i < M; ++i) add_partials(i, M, N, partial.get(), chunks - 1, C, ldc);

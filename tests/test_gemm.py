@@ -75,6 +75,22 @@ def test_matmul_blocks(m, k, n, trans_a, trans_b, threads):
     np.testing.assert_array_equal(got[0], got[1])
 
 
+
+@pytest.mark.parametrize("m, k, n", [(32, 20000, 64), (24, 9000, 48), (8, 12000, 40), (16, 9000, 17)])
+def test_matmul_long_k_reads_row_major_b_in_place_bitwise(m, k, n, threads):
+    """A weight gradient's shape (a.T @ b, K long against C): where every register panel of b's
+    n columns is full, the depth chunks read b in place instead of packing it (n = 17 always packs).
+    The same bits as b packed (b given transposed, so it must be), at 1 and 2 threads."""
+    rng = np.random.default_rng(m + n)
+    a, b = rand(rng, (k, m)), rand(rng, (k, n))
+    want = ref.matmul(*f64(a, b), True, False)
+    bt = np.ascontiguousarray(b.T)
+    for t in (1, 2):
+        threads(t)
+        got = _C.matmul(a, b, True, False)
+        assert_close(got, want, k)
+        np.testing.assert_array_equal(got, _C.matmul(a, bt, True, True), err_msg=f"{t} threads")
+
 # --- the inference plan's GEMM: B packed once, columns [n0, n1) of a @ b ----------------------
 
 SIMD = _C.build_info()["simd"]
