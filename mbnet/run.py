@@ -183,9 +183,10 @@ def eval_split(cfg):
     return "held-out" if cfg.get("val_split") else "test"
 
 
-def evaluate(model, loader, tta=False, label_smoothing=0.0, shift=0):
+def evaluate(model, loader, tta=False, label_smoothing=0.0, shift=0, progress=None):
     """-> (mean loss, accuracy, predictions (N,)) over the loader, the model in eval mode
-    (``inference``; tta and shift as its run takes them)."""
+    (``inference``; tta and shift as its run takes them). progress: called as progress(done,
+    total) in images after each batch."""
     from . import Tensor
     from .functional import cross_entropy
 
@@ -198,6 +199,8 @@ def evaluate(model, loader, tta=False, label_smoothing=0.0, shift=0):
             logits = run(x, tta, shift)
             loss_sum += float(cross_entropy(Tensor(logits), y, label_smoothing=label_smoothing).data) * len(y)
             preds.append(logits.argmax(1))
+            if progress is not None:
+                progress(sum(map(len, preds)), len(loader.labels))
     finally:
         model.train(was_training)
     preds = np.concatenate(preds) if preds else np.zeros(0, np.int64)

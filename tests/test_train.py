@@ -115,6 +115,13 @@ def test_tiny_run_learns_and_writes_its_files(tiny, tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"test accuracy: {100 * rows[-1]['ema_test_acc']:.2f}%" in text
     assert "confusion matrix" in text and "airplane" in text and "truck" in text
+    assert "evaluate:" not in capsys.readouterr().err  # one batch: no progress bar
+    with pytest.MonkeyPatch.context() as mp:  # batches of 16: a progress bar on stderr, ending at the total
+        mp.setattr(evaluate, "EVAL_BATCH", 16)
+        assert evaluate.main([str(out / "last.npz"), "--data-dir", str(tiny), "--limit-test", "48"]) == 0
+    captured = capsys.readouterr()
+    assert f"test accuracy: {100 * rows[-1]['ema_test_acc']:.2f}%" in captured.out
+    assert captured.err.splitlines()[-1] == "evaluate: 48/48 images"
     assert evaluate.main([str(out / "last.npz"), "--data-dir", str(tiny), "--limit-test", "48", "--tta"]) == 0
     assert f"test accuracy: {100 * rows[-1]['tta_test_acc']:.2f}%" in capsys.readouterr().out
 
