@@ -76,10 +76,11 @@ def test_matmul_blocks(m, k, n, trans_a, trans_b, threads):
 
 
 
-@pytest.mark.parametrize("m, k, n", [(32, 20000, 64), (24, 9000, 48), (8, 12000, 40), (16, 9000, 17)])
+@pytest.mark.parametrize("m, k, n", [(32, 20000, 64), (24, 9000, 48), (13, 9000, 48), (8, 12000, 40), (16, 9000, 17)])
 def test_matmul_long_k_reads_row_major_b_in_place_bitwise(m, k, n, threads):
     """A weight gradient's shape (a.T @ b, K long against C): where every register panel of b's
-    n columns is full, the depth chunks read b in place instead of packing it (n = 17 always packs).
+    n columns is full, the depth chunks read b in place instead of packing it (n = 17 always packs;
+    m = 13 ends in a short row panel).
     The same bits as b packed (b given transposed, so it must be), at 1 and 2 threads."""
     rng = np.random.default_rng(m + n)
     a, b = rand(rng, (k, m)), rand(rng, (k, n))
