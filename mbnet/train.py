@@ -91,13 +91,14 @@ def build_parser():
     a("--resolution", type=int_in(8, 512), default=32,
       help="input side S in pixels (default 32): every image is converted to RGB, its shorter side resized to S "
            "(bilinear) and the center SxS cropped, once, into the data cache")
-    a("--epochs", type=int_in(1), default=50)
-    a("--batch-size", type=int_in(1), default=128)
+    a("--epochs", type=int_in(1), default=50, help="passes over the training split (default 50)")
+    a("--batch-size", type=int_in(1), default=128, help="images per step (default 128)")
     a("--optimizer", choices=("sgd", "rmsprop", "adam"), default="sgd",
       help="sgd = Nesterov momentum 0.9; rmsprop = TF-style (decay 0.9, momentum 0.9, eps 1.0); adam")
     a("--lr", type=float_in(0, lo_open=True), default=None,
       help="peak learning rate (default: sgd 0.1, rmsprop 0.045, adam 1e-3, times batch-size/128)")
-    a("--schedule", choices=("onecycle", "cosine", "step"), default="onecycle")
+    a("--schedule", choices=("onecycle", "cosine", "step"), default="onecycle",
+      help="learning-rate schedule after the linear warm-up (default onecycle)")
     a("--milestones", type=float_in(0, 1, lo_open=True, hi_open=True), nargs="+", default=None, metavar="F",
       help="--schedule step: multiply the lr by --gamma at these fractions of the steps after the warm-up "
            "(default 0.5 0.75)")
@@ -109,10 +110,12 @@ def build_parser():
     a("--dw-weight-decay", type=float_in(0), default=None,
       help="L2 on the depthwise filters (default: --weight-decay; the paper advises little or none, but 0 "
            "cost 0.98 points on a held-out tenth of CIFAR-10's train split, README)")
-    a("--label-smoothing", type=float_in(0, 1, hi_open=True), default=0.1)
+    a("--label-smoothing", type=float_in(0, 1, hi_open=True), default=0.1, help="default 0.1")
     a("--dropout", type=float_in(0, 1, hi_open=True), default=0.0, help="dropout before the classifier")
     a("--ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights (default on)")
-    a("--ema-decay", type=float_in(0, 1, hi_open=True), default=0.999)
+    a("--ema-decay", type=float_in(0, 1, hi_open=True), default=0.999,
+      help="per step: ema = d * ema + (1 - d) * weights, d = min(decay, (1 + n) / (10 + n)) after n steps "
+           "(default 0.999)")
     a("--tta", action=argparse.BooleanOptionalAction, default=True,
       help="horizontal-flip test-time augmentation in the final evaluation (default on)")
     a("--tta-shift", type=int_in(0, 8), default=0, metavar="PX",
@@ -122,7 +125,7 @@ def build_parser():
     a("--eval-every", type=int_in(1), default=1, metavar="N",
       help="evaluate on the test split after every N-th epoch and after the last (default 1): the weights "
            "are the same either way, and the test and EMA passes take about 10%% of an alpha=1 32 px epoch")
-    a("--seed", type=int_in(0), default=0)
+    a("--seed", type=int_in(0), default=0, help="initial weights, shuffle and augmentation draws (default 0)")
     a("--threads", type=int_in(1, max_threads), default=None, help="kernel threads (mbnet._C.set_num_threads)")
     # data: source, held-out split, augmentation, subsets
     a("--data-dir", default=None,
