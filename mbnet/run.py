@@ -369,6 +369,7 @@ class Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.every = every
         self.last = -math.inf
+        self.open = False  # a terminal line not yet ended
 
     def update(self, text, final=False):
         now = time.monotonic()
@@ -376,11 +377,18 @@ class Progress:
             if final or now - self.last >= 0.2:
                 self.stream.write("\r\x1b[K" + text + ("\n" if final else ""))
                 self.stream.flush()
-                self.last = now
+                self.last, self.open = now, not final
         elif final or now - self.last >= self.every:
             self.stream.write(text + "\n")
             self.stream.flush()
             self.last = now
+
+    def clear(self):
+        """Erases a terminal line that update left open, so that other output starts a clean line."""
+        if self.open:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.open = False
 
 
 def fmt_time(s):

@@ -458,9 +458,12 @@ class Run:
                        f"batch size; {self._kept('last.npz')}; lower --lr, or pass --on-nan skip to step over "
                        "rare bad batches", status=3)
 
-    def evaluate(self, tta=False, label_smoothing=0.0, shift=0):
-        """-> (mean loss, accuracy) over the test set, each rank evaluating its shard."""
-        loss, acc, preds = evaluate(self.model, self.test_loader, tta=tta, label_smoothing=label_smoothing, shift=shift)
+    def evaluate(self, tta=False, label_smoothing=0.0, shift=0, what=""):
+        """-> (mean loss, accuracy) over the test set, each rank evaluating its shard; the status line
+        says "epoch E/N evaluating <what>: done/total images" meanwhile."""
+        head = f"epoch {self.pos['epoch'] + 1}/{self.cfg['epochs']} evaluating {what}".rstrip()
+        loss, acc, preds = evaluate(self.model, self.test_loader, tta=tta, label_smoothing=label_smoothing, shift=shift,
+                                    progress=lambda done, total: self.progress.update(f"{head}: {done}/{total} images"))
         if self.world.size == 1:
             return loss, acc
         n = len(preds)
@@ -486,12 +489,12 @@ class Run:
             m["test_loss"], m["test_acc"] = self.evaluate(label_smoothing=ls)
             if ema is not None:
                 with swapped_weights(model, ema.shadow):
-                    m["ema_test_loss"], m["ema_test_acc"] = self.evaluate(label_smoothing=ls)
+                    m["ema_test_loss"], m["ema_test_acc"] = self.evaluate(label_smoothing=ls, what="EMA")
         primary = None if ema is None else ema.shadow  # weights that count: EMA if on
         if final and cfg["tta"]:
             with swapped_weights(model, primary):
                 m["tta_test_loss"], m["tta_test_acc"] = self.evaluate(tta=True, label_smoothing=ls,
-                                                                      shift=cfg.get("tta_shift", 0))
+                                                                      shift=cfg.get("tta_shift", 0), what="TTA")
             if cfg.get("tta_shift"):
                 m["tta_shift"] = cfg["tta_shift"]
         if sums.get("skipped"):
@@ -538,6 +541,7 @@ class Run:
             pace = sum(recent) / len(recent)
             left = sum(pace * (train_side(cfg, e) / side) ** 2 for e in range(epoch + 1, cfg["epochs"]))
             line += f", {fmt_time(left)} to go"
+        self.progress.clear()
         print(line, file=sys.stderr)
         return final
 

@@ -291,6 +291,25 @@ def test_progress_plain_lines_off_a_terminal(capsys):
     p.update("b")
     p.update("c", final=True)
     assert s.getvalue() == "a\nc\n"
+    p.clear()  # nothing to erase off a terminal
+    assert s.getvalue() == "a\nc\n"
+
+
+def test_progress_rewrites_one_line_on_a_terminal():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    s = Terminal()
+    p = run.Progress(s)
+    p.update("step 1")
+    p.clear()  # an open line is erased before other output
+    assert s.getvalue() == "\r\x1b[Kstep 1\r\x1b[K"
+    p.update("step 2", final=True)
+    p.clear()  # an ended line is kept
+    assert s.getvalue().endswith("\r\x1b[Kstep 2\n")
 
 
 def test_defaults_follow_the_recipe():
