@@ -129,6 +129,13 @@ inline void prefetch_floats(const float* p, index_t n) {
     for (index_t e = 0; e < n; e += 16) __builtin_prefetch(p + e);
 }
 
+// Asks for the lines of the n floats at p, to be written (n >= 1; the last line too when p does
+// not start one).
+inline void prefetch_floats_for_write(const float* p, index_t n) {
+    for (index_t e = 0; e < n; e += 16) __builtin_prefetch(p + e, 1);
+    __builtin_prefetch(p + n - 1, 1);
+}
+
 // An int argument (an int or an object with __index__, not a bool) in [lo, hi]; `range` spells
 // [lo, hi] for the message.
 inline index_t parse_int(const py::object& v, const std::string& name, index_t lo, index_t hi,

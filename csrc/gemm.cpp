@@ -265,7 +265,11 @@ inline bool full_panels(index_t N) {
 // itself (row-major, rows ldb apart; full_panels(N), A packed); abuf holds a_buffer_floats(M, K). With an
 // epilogue, each MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows, j_off +
 // column, columns), once final and still in cache. With a transform, A is transform(A) (its
-// rows counted from i_off), always packed. kNarrowTail: b_block packs each block's columns past
+// rows counted from i_off), always packed. Before each tile, the next row panel's tile of C is
+// prefetched for writing: C comes from memory when K is short (a pointwise layer over a large map
+// writes 16-32 MB), and its lines would otherwise arrive only when the tile is stored (Zen 4: the
+// 32x32 and 16x16 layers' forward 1.2-1.3x faster, a training step 3% (AVX-512 build); the
+// inference plan, whose C stays in cache, unchanged). kNarrowTail: b_block packs each block's columns past
 // wide_columns(nc) into NR_NARROW-wide panels (sgemm's own packing; a PackedB's are all alike).
 template <int kNR, bool kNarrowTail = false, class BlockOfB>
 void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
@@ -298,6 +302,10 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                             const int mr = static_cast<int>(std::min<index_t>(MR, mc - ir));
                             float* c = C + (ic + ir) * ldc + jc + jr;
                             const float* b = bp + jr * kc;
+                            // The next row panel's tile of C, to be written: its lines come in
+                            // while this tile computes (see sgemm_blocks' comment).
+                            for (index_t i = ir + MR; i < std::min(mc, ir + 2 * MR); ++i)
+                                prefetch_floats_for_write(c + (i - ir) * ldc, nr);
                             if (ir < packed_from) {
                                 const float* a = A + (ic + ir) * rsa + pc;
                                 if (jr == 0)  // the first pass over A's block reads it from memory
