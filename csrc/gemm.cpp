@@ -262,15 +262,16 @@ inline bool full_panels(index_t N) {
 // One thread's GEMM over its part of C, B's blocks in kNR-wide panels: for each NC x KC block,
 // b_block(jc, nc, pc, kc) gives the packed block of columns [jc, jc + nc) and depth [pc, pc + kc)
 // (packed there and then, or packed once beforehand), or with ldb > 0 the block's corner in B
-// itself (row-major, rows ldb apart; full_panels(N), A packed); abuf holds a_buffer_floats(M, K). With an
-// epilogue, each MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows, j_off +
-// column, columns), once final and still in cache. With a transform, A is transform(A) (its
-// rows counted from i_off), always packed. Before each tile, the next row panel's tile of C is
-// prefetched for writing: C comes from memory when K is short (a pointwise layer over a large map
-// writes 16-32 MB), and its lines would otherwise arrive only when the tile is stored (Zen 4: the
-// 32x32 and 16x16 layers' forward 1.2-1.3x faster, a training step 3% (AVX-512 build); the
-// inference plan, whose C stays in cache, unchanged). kNarrowTail: b_block packs each block's columns past
-// wide_columns(nc) into NR_NARROW-wide panels (sgemm's own packing; a PackedB's are all alike).
+// itself (row-major, rows ldb apart; full_panels(N), A packed); abuf holds a_buffer_floats(M, K).
+// With an epilogue, each MC-high block of C is handed to it, as (*epilogue)(i_off + row, rows,
+// j_off + column, columns), once final and still in cache. With a transform, A is transform(A)
+// (its rows counted from i_off), always packed. Before each tile, the next row panel's tile of C
+// is prefetched for writing: C comes from memory when K is short (a pointwise layer over a large
+// map writes 16-32 MB), and its lines would otherwise arrive only when the tile is stored (Zen 4:
+// the 32x32 and 16x16 layers' forward 1.2-1.3x faster, a training step 3% (AVX-512 build); the
+// inference plan, whose C stays in cache, unchanged). kNarrowTail: b_block packs each block's
+// columns past wide_columns(nc) into NR_NARROW-wide panels (sgemm's own packing; a PackedB's are
+// all alike).
 template <int kNR, bool kNarrowTail = false, class BlockOfB>
 void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                   BlockOfB&& b_block, float* C, index_t ldc, bool accumulate, float* abuf,
@@ -319,10 +320,11 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                                 const float* a = abuf + (ir - packed_from) * kc;
                                 const float* bb = bp + jr;
                                 if (ir == 0 && jr == 0)
-                                    packed_micro_kernel<kW, true, true>(kc, a, bb, c, ldc, mr, nr, add, ldb,
-                                                                        int(std::min<index_t>(nc, 256)));
+                                    packed_micro_kernel<kW, true, true>(kc, a, bb, c, ldc, mr, nr, add,
+                                                                        ldb, int(std::min<index_t>(nc, 256)));
                                 else
-                                    packed_micro_kernel<kW, false, true>(kc, a, bb, c, ldc, mr, nr, add, ldb);
+                                    packed_micro_kernel<kW, false, true>(kc, a, bb, c, ldc, mr, nr, add,
+                                                                         ldb);
                             } else {
                                 const float* a = abuf + (ir - packed_from) * kc;
                                 if (ir == 0)
