@@ -20,7 +20,7 @@ import numpy as np
 from . import checkpoint
 from . import data as D
 from .models import load
-from .run import EVAL_BATCH, Parser, Progress, RunError, eval_split, evaluate, int_in, max_threads, set_threads
+from .run import EVAL_BATCH, Parser, RunError, eval_split, evaluate, images_bar, int_in, max_threads, set_threads
 
 
 def confusion_matrix(labels, preds, k):
@@ -109,13 +109,8 @@ def main(argv=None):
         return 2
     use_ema = ck is not None and args.ema and checkpoint.weights(ck) is not ck["model"]
     loader = D.Loader(xte, yte, EVAL_BATCH, np.array(model.mean), np.array(model.std), train=False)
-    bar = Progress(sys.stderr, every=10.0)
-
-    def progress(done, total):
-        if total > EVAL_BATCH:  # one batch needs no bar
-            bar.update(f"evaluate: {done}/{total} images", final=done == total)
-
-    _, _, preds = evaluate(model, loader, tta=args.tta, shift=args.tta_shift, progress=progress)
+    _, _, preds = evaluate(model, loader, tta=args.tta, shift=args.tta_shift,
+                           progress=images_bar("evaluate", EVAL_BATCH))
     meta = {} if ck is None else ck["meta"]
     where = f"epoch {meta['epoch']}, step {meta.get('step', '?')}, " if "epoch" in meta else ""
     tta = f", flip + {args.tta_shift} px shift TTA" if args.tta_shift else ", flip TTA" if args.tta else ""

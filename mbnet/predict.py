@@ -87,9 +87,8 @@ def predict(model_or_path, images_or_paths, top_k=5, batch_size=BATCH_SIZE, *, e
     progress: called as progress(done, total) after each batch.
     """
     from .models import load
-    from .plan import compile as compile_plan
-
     from .nn import is_int_in
+    from .plan import compile as compile_plan
 
     model = load(model_or_path, ema=ema) if isinstance(model_or_path, (str, Path)) else model_or_path
     if not hasattr(model, "classes"):
@@ -164,7 +163,7 @@ def main(argv=None):
     from . import _C
     from .checkpoint import CheckpointError
     from .models import load
-    from .run import Progress, max_threads
+    from .run import images_bar, max_threads
 
     def fail(message):
         print(f"mbnet: {message}", file=sys.stderr)
@@ -193,13 +192,8 @@ def main(argv=None):
     if args.threads:
         _C.set_num_threads(args.threads)
 
-    bar = Progress(sys.stderr, every=10.0)
-
-    def progress(done, total):
-        if total > args.batch_size:  # one batch needs no bar
-            bar.update(f"predict: {done}/{total} images", final=done == total)
-
-    results = predict(model, paths, top_k, args.batch_size, errors="skip", progress=progress)
+    results = predict(model, paths, top_k, args.batch_size, errors="skip",
+                      progress=images_bar("predict", args.batch_size))
     for r in results:
         if "error" in r:
             print(f"mbnet: {r['error']}", file=sys.stderr)

@@ -192,7 +192,7 @@ def evaluate(model, loader, tta=False, label_smoothing=0.0, shift=0, progress=No
 
     was_training = model.training
     model.eval()
-    loss_sum, preds = 0.0, []
+    loss_sum, preds, done = 0.0, [], 0
     try:
         run = inference(model, loader.batch_size)
         for _, x, y in loader.epoch(0):
@@ -200,7 +200,8 @@ def evaluate(model, loader, tta=False, label_smoothing=0.0, shift=0, progress=No
             loss_sum += float(cross_entropy(Tensor(logits), y, label_smoothing=label_smoothing).data) * len(y)
             preds.append(logits.argmax(1))
             if progress is not None:
-                progress(sum(map(len, preds)), len(loader.labels))
+                done += len(y)
+                progress(done, len(loader.labels))
     finally:
         model.train(was_training)
     preds = np.concatenate(preds) if preds else np.zeros(0, np.int64)
@@ -389,6 +390,19 @@ class Progress:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self.open = False
+
+
+def images_bar(name, batch):
+    """A progress(done, total) callback for a pass over images in batches: "<name>: done/total
+    images" on stderr (Progress, a line every 10 s off a terminal), silent when one batch holds them
+    all (mbnet.predict, mbnet.evaluate)."""
+    bar = Progress(sys.stderr, every=10.0)
+
+    def progress(done, total):
+        if total > batch:
+            bar.update(f"{name}: {done}/{total} images", final=done == total)
+
+    return progress
 
 
 def fmt_time(s):
