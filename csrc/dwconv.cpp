@@ -9,7 +9,8 @@
 // taps summed channel row by channel row (sum_taps_f32).
 // Threads: forward and input gradient over (n, output or input row), each element written by one
 // thread (forward with statistics: over whole blocks of output rows, ChannelStats' blocks); the weight gradient over a fixed number of chunks of output rows (float partial sums,
-// added up in double). Every sum runs in a fixed order: results do not depend on the thread count.
+// added up in double; with the input gradient in one pass, per GradStats block of input rows).
+// Every sum runs in a fixed order: results do not depend on the thread count.
 // Scratch is allocated before the parallel regions (PerThread) and bounded by a few rows of the
 // input or output: zero-padded rows are only used for strides up to the kernel width, where they
 // are at most (kw / s + 1) times the output row they serve.
@@ -358,9 +359,16 @@ void dwconv_f32_fwd(const DwShape& a, const float* __restrict__ x, const float* 
 // (oh, ow) inside dy: i runs over (ih + p) mod s, + s, ... while oh = (ih + p - i) / s >= 0.
 // With stats (x: the convolution's input, the BatchNorm's), threads take whole blocks of
 // stats->block() / w input rows, and each row of dx is added to the statistics once computed.
+// after(r), if given, runs on the same thread once input row r (of the n*h) is done.
+struct NoAfter {
+    void operator()(index_t) const {}
+};
+
+template <class After = NoAfter>
 void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
                           const float* __restrict__ w, float* __restrict__ dx,
-                          GradStats* stats = nullptr, const float* x = nullptr) {
+                          GradStats* stats = nullptr, const float* x = nullptr,
+                          const After& after = After()) {
     // With stride 1 and a KxK kernel, input position i gets taps from outputs i + p - (K-1) .. i + p.
     index_t ih_lo = 0, ih_hi = 0, iw_lo = 0, iw_hi = 0;
     const bool fast = a.s == 1 && a.kh == 3 && a.kw == 3;
@@ -455,6 +463,7 @@ void dwconv_f32_bwd_input(const DwShape& a, const float* __restrict__ dy,
         rows_in_blocks(a.n * a.h, stats ? stats->block() / a.w : 1, [&](index_t r) {
             row(r / a.h, r % a.h);
             if (stats) stats->add(r * a.w, a.w, 0, C, dx + r * a.w * C, x + r * a.w * C, C);
+            after(r);
         });
     }
 }
@@ -549,6 +558,19 @@ void dwconv3x3_f32_bwd_weight_row(index_t C, index_t wo, index_t s, const float*
     }
 }
 
+// dw[t] = sum over k < nparts of parts[k * taps + t], added in k order in double.
+void sum_parts(const std::vector<float>& parts, index_t nparts, index_t taps, float* __restrict__ dw) {
+    constexpr index_t TB = 256;
+#pragma omp parallel for schedule(static)
+    for (index_t t0 = 0; t0 < taps; t0 += TB) {
+        const index_t len = std::min(TB, taps - t0);
+        double sum[TB] = {};
+        for (index_t k = 0; k < nparts; ++k)
+            for (index_t t = 0; t < len; ++t) sum[t] += parts[k * taps + t0 + t];
+        for (index_t t = 0; t < len; ++t) dw[t0 + t] = static_cast<float>(sum[t]);
+    }
+}
+
 // The N*Ho output rows are cut into a fixed number of chunks (independent of the thread count, so
 // results are too); each chunk sums in float, and the chunks are added up in double.
 void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
@@ -585,15 +607,41 @@ void dwconv_f32_bwd_weight(const DwShape& a, const float* __restrict__ x,
             }
         }
     }
-    constexpr index_t TB = 256;
-#pragma omp parallel for schedule(static)
-    for (index_t t0 = 0; t0 < taps; t0 += TB) {
-        const index_t len = std::min(TB, taps - t0);
-        double sum[TB] = {};
-        for (index_t k = 0; k < nchunks; ++k)
-            for (index_t t = 0; t < len; ++t) sum[t] += parts[k * taps + t0 + t];
-        for (index_t t = 0; t < len; ++t) dw[t0 + t] = static_cast<float>(sum[t]);
-    }
+    sum_parts(parts, nchunks, taps, dw);
+}
+
+// The input gradient through BatchNorm (dwconv_f32_bwd_input with stats) and the weight gradient
+// of a 3x3 convolution of t(x) (pads_rows) in one pass over x and dy: once input row ih of an
+// image has its gradient, the output rows whose centre input row it is (clamped into the image)
+// add their weight-gradient terms, while the dy rows the gradient gathered and x's rows are still
+// in cache. The weight gradient's partial sums are per block of GradStats (fixed by the shape,
+// each summed by one thread in row order), added up in double: dw does not depend on the thread
+// count either.
+void dwconv_f32_bwd_input_weight(const DwShape& a, const float* __restrict__ dy,
+                                 const float* __restrict__ w, const float* __restrict__ x,
+                                 const ATransform& t, float* __restrict__ dx, GradStats& stats,
+                                 float* __restrict__ dw) {
+    const index_t taps = 9 * a.c, per = stats.block() / a.w, nblocks = stats.blocks();
+    std::vector<index_t> first_oh(a.h + 1, a.ho);  // output rows [first_oh[ih], first_oh[ih + 1])
+    for (index_t oh = a.ho - 1; oh >= 0; --oh)
+        first_oh[std::min(std::max<index_t>(oh * a.s - a.p + 1, 0), a.h - 1)] = oh;
+    for (index_t ih = a.h - 1; ih >= 0; --ih) first_oh[ih] = std::min(first_oh[ih], first_oh[ih + 1]);
+    check_alloc({nblocks, taps}, "the weight gradient's partial sums");
+    std::vector<float> parts(nblocks * taps, 0.f);
+    PerThread<RowRing> all_rings(RowRing((a.wo - 1) * a.s + 3, a.c));
+    dwconv_f32_bwd_input(a, dy, w, dx, &stats, x, [&](index_t r) {
+        const index_t n = r / a.h, ih = r % a.h;
+        const float* ximg = x + n * a.h * a.w * a.c;
+        float* part = parts.data() + r / per * taps;
+        RowRing& ring = all_rings.mine();
+        for (index_t oh = first_oh[ih]; oh < first_oh[ih + 1]; ++oh) {
+            const float* prow[3];
+            ring.rows(a, ximg, n, oh, &t, prow);
+            dwconv3x3_f32_bwd_weight_row(a.c, a.wo, a.s, prow[0], prow[1], prow[2],
+                                         dy + (n * a.ho + oh) * a.wo * a.c, part);
+        }
+    });
+    sum_parts(parts, nblocks, taps, dw);
 }
 
 // ---- bindings ----------------------------------------------------------------------------------
@@ -676,6 +724,27 @@ py::tuple dwconv2d_bwd_input_bn(const py::object& dy_, const py::object& w_, con
     return compute_bn_bwd(x.shape, bn, x, block, [&](float* dx, GradStats& stats) {
         dwconv_f32_bwd_input(a, dy.ptr, w.ptr, dx, &stats, x.ptr);
     });
+}
+
+// dwconv2d_bwd_input_bn and dwconv2d_bn_act_bwd_weight in one pass -> (dx, dgamma, dbeta, dw).
+py::tuple dwconv2d_bn_act_bwd(const py::object& dy_, const py::object& w_, const py::object& x_,
+                              const py::object& gamma, const py::object& beta, const py::object& mean,
+                              const py::object& invstd, const std::string& act, const py::object& stride,
+                              const py::object& padding) {
+    F32 dy = check_f32(dy_, "dy", 4), w = check_f32(w_, "w", 3), x = check_f32(x_, "x", 4);
+    const DwShape a = fwd_shape(x, w, stride, padding, true);
+    check_same_dim(x, 0, "x", dy, 0, "dy");
+    check_same_dim(x, 3, "x", dy, 3, "dy");
+    check_dy_shape(dy, a);
+    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
+    const ATransform t = bn.transform(false);
+    auto dw = new_f32({a.kh, a.kw, a.c}, "dw");
+    float* dwp = ptr(dw);
+    const index_t block = std::max<index_t>(1, kStatsRows / a.w) * a.w;  // whole input rows
+    py::tuple dx = compute_bn_bwd(x.shape, bn, x, block, [&](float* dxp, GradStats& stats) {
+        dwconv_f32_bwd_input_weight(a, dy.ptr, w.ptr, x.ptr, t, dxp, stats, dwp);
+    });
+    return py::make_tuple(dx[0], dx[1], dx[2], dw);
 }
 
 // dw (kh, kw, c) of y = dwconv(x, w); x read as act(BN(x)) when bn is given.
@@ -774,6 +843,13 @@ void bind_dwconv(py::module_& m) {
           "the training BatchNorm + act that made the convolution's input from x -> (dx, dgamma, dbeta)\n"
           "= batchnorm_act_train_bwd(dwconv2d_bwd_input(dy, w, x.shape[1:3], stride, padding), x, ...):\n"
           "BatchNorm's sums gathered row by row as the input gradient is computed, then one pass in place.");
+    m.def("dwconv2d_bn_act_bwd", &dwconv2d_bn_act_bwd, py::arg("dy"), py::arg("w"), py::arg("x"),
+          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
+          py::arg("stride"), py::arg("padding"),
+          "dy (n, ho, wo, c), w (3, 3, c), x (n, h, w, c), gamma, beta, mean, invstd (c,), act ->\n"
+          "(dx, dgamma, dbeta, dw): dwconv2d_bwd_input_bn's three (the same bits) and\n"
+          "dwconv2d_bn_act_bwd_weight's dw (its partial sums cut differently: equal within rounding)\n"
+          "in one pass over dy and x. Stride <= 3.");
     m.def("dwconv2d_bwd_weight", &dwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),
           py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"),
           "x (n, h, w, c), dy (n, ho, wo, c), kernel_hw (kh, kw) -> dw (kh, kw, c).");

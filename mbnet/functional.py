@@ -300,7 +300,8 @@ class BatchNormConv2d(Function):
     kernel's padded rows: kernels ``{conv}_bn_act_*``) and never stored; backward forms it again for
     w's gradient (gw = conv's weight gradient of (z, gy)), and one kernel (``{conv}_bwd_input_bn``)
     gives x's: conv's input gradient of gy, BatchNorm's two sums gathered from it as it is computed,
-    then BatchNorm's backward from x in place."""
+    then BatchNorm's backward from x in place. The depthwise conv does both in one kernel
+    (``dwconv2d_bn_act_bwd``, one pass over x and gy) when both are needed."""
     stats = None
 
     def __init__(self, conv, running_mean, running_var, momentum, eps, act, x_stats, geometry=()):
@@ -320,6 +321,9 @@ class BatchNormConv2d(Function):
         bn = (gamma, beta, mean, invstd, self.act)
         w_hw = (w.shape[:2],) if self.geometry else ()  # the depthwise kernel also takes the kernel's (h, w)
         need = self.needs_input_grad
+        if self.conv == "dwconv2d" and need[3] and any(need[:3]):  # all four in one pass over x and gy
+            gx, ggamma, gbeta, gw = _run("dwconv2d_bn_act_bwd", gy.dtype, gy, w, x, *bn, *self.geometry)
+            return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None, gw
         gw = _run(self.conv + "_bn_act_bwd_weight", gy.dtype, x, gy, *bn, *w_hw, *self.geometry) if need[3] else None
         gx = ggamma = gbeta = None
         if any(need[:3]):

@@ -144,6 +144,12 @@ def dwconv2d_bwd_input_bn(dy, w, x, gamma, beta, mean, invstd, act, stride, padd
     return batchnorm_act_train_bwd(gz, x, gamma, beta, mean, invstd, act)
 
 
+def dwconv2d_bn_act_bwd(dy, w, x, gamma, beta, mean, invstd, act, stride, padding):
+    bn = (gamma, beta, mean, invstd, act)
+    return (*dwconv2d_bwd_input_bn(dy, w, x, *bn, stride, padding),
+            dwconv2d_bn_act_bwd_weight(x, dy, *bn, w.shape[:2], stride, padding))
+
+
 def matmul(a, b, trans_a=False, trans_b=False):
     a = a.T if trans_a else a
     b = b.T if trans_b else b

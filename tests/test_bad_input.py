@@ -162,8 +162,8 @@ def b_dw_bn_act_bwd_weight(draw, rng):
     return [x, dy, *bn_act_args(draw, rng, x[1].shape[-1]), hw, stride, padding]
 
 
-def b_dw_bwd_input_bn(draw, rng):
-    x, w, stride, padding = b_dw_fwd(draw, rng)
+def b_dw_bwd_input_bn(draw, rng, fwd=b_dw_fwd):
+    x, w, stride, padding = fwd(draw, rng)
     n, h, wd, c = x[1].shape
     k, s, p = w[1].shape[0], stride[1], padding[1]
     return [f32(rng, n, out(h, k, s, p), out(wd, k, s, p), c), w, x, *bn_act_args(draw, rng, c), stride, padding]
@@ -290,6 +290,7 @@ BINDINGS = {
     "dwconv2d_bn_act_fwd_stats": b_dw_bn_act_fwd,
     "dwconv2d_bn_act_bwd_weight": b_dw_bn_act_bwd_weight,
     "dwconv2d_bwd_input_bn": b_dw_bwd_input_bn,
+    "dwconv2d_bn_act_bwd": lambda draw, rng: b_dw_bwd_input_bn(draw, rng, b_dw3_fwd),
     "conv2d_fwd": b_conv_fwd,
     "conv2d_fwd_stats": b_conv_fwd,
     "conv2d_bwd_input": b_conv_bwd_input,

@@ -1,6 +1,7 @@
 """Depthwise convolution of a training BatchNorm's output formed as the kernel loads its input
-rows (dwconv2d_bn_act_fwd, dwconv2d_bn_act_fwd_stats, dwconv2d_bn_act_bwd_weight), and its input
-gradient through that BatchNorm (dwconv2d_bwd_input_bn, any kernel size and stride), against
+rows (dwconv2d_bn_act_fwd, dwconv2d_bn_act_fwd_stats, dwconv2d_bn_act_bwd_weight), its input
+gradient through that BatchNorm (dwconv2d_bwd_input_bn, any kernel size and stride), and both
+gradients in one pass (dwconv2d_bn_act_bwd), against
 mbnet.reference, against the unfused kernels, and at 1 vs 2 threads.
 
 Shapes: x (n, h, w, c) (the BatchNorm's input), w (3, 3, c), gamma/beta/mean/invstd (c,),
@@ -74,7 +75,36 @@ def test_matches_reference_and_the_unfused_kernels(n, h, w, c, stride, padding, 
     np.testing.assert_allclose(y, y64, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ymean, mean64, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(yvar, var64, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dw, dw64, rtol=1e-4, atol=1e-5 * np.sqrt(dy.size / c) + 1e-6)
+    np.testing.assert_allclose(dw, dw64, **dw_tol(dy, c))
+
+
+def dw_tol(dy, c):
+    """Tolerance of a float32 weight gradient (sums of dy.size / c products) against another
+    summation order."""
+    return dict(rtol=1e-4, atol=1e-5 * np.sqrt(dy.size / c) + 1e-6)
+
+
+@given(n=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), c=st.sampled_from([1, 3, 8, 17, 33]),
+       stride=st.integers(1, 3), padding=st.integers(0, 2), act=st.sampled_from(ACTS), seed=st.integers(0, 2**16))
+def test_one_pass_backward_matches_the_two_kernels_and_reference(n, h, w, c, stride, padding, act, seed):
+    """dwconv2d_bn_act_bwd: dwconv2d_bwd_input_bn's (dx, dgamma, dbeta) bitwise (the same rows, the
+    same blocks of sums) and dwconv2d_bn_act_bwd_weight's dw within rounding (partial sums cut per
+    block of input rows instead of 32 chunks of output rows), both against the float64 reference."""
+    if h + 2 * padding < 3 or w + 2 * padding < 3:
+        return
+    x, wt, dy, gamma, beta, mean, var = problem(n, h, w, c, stride, padding, seed)
+    _, mean, invstd = unfused_z(x, gamma, beta, mean, var, act)
+    bn, geometry = (gamma, beta, mean, invstd, act), (stride, padding)
+    where = f"x={x.shape} s={stride} p={padding} {act}"
+    dx, dgamma, dbeta, dw = _C.dwconv2d_bn_act_bwd(dy, wt, x, *bn, *geometry)
+    for got, want, what in zip((dx, dgamma, dbeta), _C.dwconv2d_bwd_input_bn(dy, wt, x, *bn, *geometry),
+                               ("dx", "dgamma", "dbeta")):
+        np.testing.assert_array_equal(got, want, err_msg=f"{what} vs dwconv2d_bwd_input_bn, {where}")
+    assert dw.shape == wt.shape and dw.dtype == np.float32
+    np.testing.assert_allclose(dw, _C.dwconv2d_bn_act_bwd_weight(x, dy, *bn, (3, 3), *geometry), **dw_tol(dy, c),
+                               err_msg=f"dw vs dwconv2d_bn_act_bwd_weight, {where}")
+    dw64 = R.dwconv2d_bn_act_bwd(*f64(dy, wt, x), *f64(gamma, beta, mean, invstd), act, *geometry)[3]
+    np.testing.assert_allclose(dw, dw64, **dw_tol(dy, c), err_msg=f"dw vs reference, {where}")
 
 
 # (n, h, w, c, stride): MobileNet's 32x32 and 16x16 maps at α = 0.25 (8 channels) and 1, a
@@ -91,8 +121,10 @@ def test_threads_agree_bitwise(case, threads):
     results = []
     for t in (1, 2):
         threads(t)
-        results.append((*fused(x, wt, dy, bn, (stride, 1)), *_C.dwconv2d_bwd_input_bn(dy, wt, x, *bn, stride, 1)))
-    for one, two, what in zip(*results, ("y", "mean", "var", "dw", "dx", "dgamma", "dbeta")):
+        results.append((*fused(x, wt, dy, bn, (stride, 1)), *_C.dwconv2d_bwd_input_bn(dy, wt, x, *bn, stride, 1),
+                        *_C.dwconv2d_bn_act_bwd(dy, wt, x, *bn, stride, 1)))
+    for one, two, what in zip(*results, ("y", "mean", "var", "dw", "dx", "dgamma", "dbeta",
+                                         "one-pass dx", "one-pass dgamma", "one-pass dbeta", "one-pass dw")):
         np.testing.assert_array_equal(one, two, err_msg=f"{what} at 1 vs 2 threads, {case}")
     assert_like_unfused(results[0][:4], unfused(z, wt, dy, (stride, 1)), str(case))
     gz = _C.dwconv2d_bwd_input(dy, wt, x.shape[1:3], stride, 1)
@@ -109,6 +141,10 @@ def test_other_kernels_and_strides_are_refused_by_name():
         _C.dwconv2d_bn_act_fwd_stats(x, wt, *bn, 4, 1)
     with pytest.raises(ValueError, match=r"kernel_hw \(3, 3\) and stride <= 3, got \(3, 3\) and stride 4"):
         _C.dwconv2d_bn_act_bwd_weight(x, dy, *bn, (3, 3), 4, 1)
+    with pytest.raises(ValueError, match=r"3x3 w and stride <= 3, got w \(3, 3, 4\) and stride 4"):
+        _C.dwconv2d_bn_act_bwd(dy, wt, x, *bn, 4, 1)
+    with pytest.raises(ValueError, match=r"dy \(1, 2, 2, 4\) does not match the output size \(8, 8\)"):
+        _C.dwconv2d_bn_act_bwd(dy, wt, x, *bn, 1, 1)
     with pytest.raises(ValueError, match="gamma"):
         _C.dwconv2d_bn_act_fwd(x, wt, gamma[:3], *bn[1:], 1, 1)
 
