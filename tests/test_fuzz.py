@@ -90,8 +90,10 @@ def expected_shapes(name, args):
     """Output shapes of a call that returned: from the convolution arithmetic for the kernels whose
     output size comes from their int arguments (huge padding would not fit the reference), from
     mbnet.reference otherwise."""
-    if name == "dwconv2d_bwd_input_bn":  # dx like x (its third argument), dgamma and dbeta (c,)
-        return [args[2].shape, args[2].shape[-1:], args[2].shape[-1:]]
+    if name in ("dwconv2d_bwd_input_bn", "dwconv2d_bn_act_bwd"):
+        # dx like x (its third argument), dgamma and dbeta (c,); dw like w (the second)
+        dx = [args[2].shape, args[2].shape[-1:], args[2].shape[-1:]]
+        return dx + [args[1].shape] if name == "dwconv2d_bn_act_bwd" else dx
     if name.startswith(("conv2d", "dwconv2d")):
         a, b, *_, stride, padding = args
         if name.endswith(("_fwd", "_fwd_stats")):
