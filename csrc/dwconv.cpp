@@ -710,37 +710,25 @@ py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w
 // output the convolution read -> (dx, dgamma, dbeta): BatchNorm's two backward sums gathered
 // from each row of the convolution's input gradient as it is computed, then BatchNorm's apply in
 // place (one pass over that gradient and x fewer than dwconv2d_bwd_input + batchnorm_act_train_bwd).
-py::tuple dwconv2d_bwd_input_bn(const py::object& dy_, const py::object& w_, const py::object& x_,
-                                const py::object& gamma, const py::object& beta, const py::object& mean,
-                                const py::object& invstd, const std::string& act, const py::object& stride,
-                                const py::object& padding) {
+// with_weight (3x3, stride <= 3): -> (dx, dgamma, dbeta, dw), dw from the same pass over dy and x.
+py::tuple dw_bwd_input_bn(const py::object& dy_, const py::object& w_, const py::object& x_,
+                          const py::object& gamma, const py::object& beta, const py::object& mean,
+                          const py::object& invstd, const std::string& act, const py::object& stride,
+                          const py::object& padding, bool with_weight) {
     F32 dy = check_f32(dy_, "dy", 4), w = check_f32(w_, "w", 3), x = check_f32(x_, "x", 4);
-    const DwShape a = fwd_shape(x, w, stride, padding, false);
+    const DwShape a = fwd_shape(x, w, stride, padding, with_weight);
     check_same_dim(x, 0, "x", dy, 0, "dy");
     check_same_dim(x, 3, "x", dy, 3, "dy");
     check_dy_shape(dy, a);
     const BnActArgs bn(gamma, beta, mean, invstd, act, x);
     const index_t block = std::max<index_t>(1, kStatsRows / a.w) * a.w;  // whole input rows
-    return compute_bn_bwd(x.shape, bn, x, block, [&](float* dx, GradStats& stats) {
-        dwconv_f32_bwd_input(a, dy.ptr, w.ptr, dx, &stats, x.ptr);
-    });
-}
-
-// dwconv2d_bwd_input_bn and dwconv2d_bn_act_bwd_weight in one pass -> (dx, dgamma, dbeta, dw).
-py::tuple dwconv2d_bn_act_bwd(const py::object& dy_, const py::object& w_, const py::object& x_,
-                              const py::object& gamma, const py::object& beta, const py::object& mean,
-                              const py::object& invstd, const std::string& act, const py::object& stride,
-                              const py::object& padding) {
-    F32 dy = check_f32(dy_, "dy", 4), w = check_f32(w_, "w", 3), x = check_f32(x_, "x", 4);
-    const DwShape a = fwd_shape(x, w, stride, padding, true);
-    check_same_dim(x, 0, "x", dy, 0, "dy");
-    check_same_dim(x, 3, "x", dy, 3, "dy");
-    check_dy_shape(dy, a);
-    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
+    if (!with_weight)
+        return compute_bn_bwd(x.shape, bn, x, block, [&](float* dx, GradStats& stats) {
+            dwconv_f32_bwd_input(a, dy.ptr, w.ptr, dx, &stats, x.ptr);
+        });
     const ATransform t = bn.transform(false);
     auto dw = new_f32({a.kh, a.kw, a.c}, "dw");
     float* dwp = ptr(dw);
-    const index_t block = std::max<index_t>(1, kStatsRows / a.w) * a.w;  // whole input rows
     py::tuple dx = compute_bn_bwd(x.shape, bn, x, block, [&](float* dxp, GradStats& stats) {
         dwconv_f32_bwd_input_weight(a, dy.ptr, w.ptr, x.ptr, t, dxp, stats, dwp);
     });
@@ -836,20 +824,25 @@ void bind_dwconv(py::module_& m) {
     m.def("dwconv2d_bwd_input", &dwconv2d_bwd_input, py::arg("dy"), py::arg("w"),
           py::arg("input_hw"), py::arg("stride"), py::arg("padding"),
           "dy (n, ho, wo, c), w (kh, kw, c), input_hw (h, w) -> dx (n, h, w, c).");
-    m.def("dwconv2d_bwd_input_bn", &dwconv2d_bwd_input_bn, py::arg("dy"), py::arg("w"), py::arg("x"),
-          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
-          py::arg("stride"), py::arg("padding"),
-          "dy (n, ho, wo, c), w (kh, kw, c), x (n, h, w, c) and gamma, beta, mean, invstd (c,), act of\n"
-          "the training BatchNorm + act that made the convolution's input from x -> (dx, dgamma, dbeta)\n"
-          "= batchnorm_act_train_bwd(dwconv2d_bwd_input(dy, w, x.shape[1:3], stride, padding), x, ...):\n"
-          "BatchNorm's sums gathered row by row as the input gradient is computed, then one pass in place.");
-    m.def("dwconv2d_bn_act_bwd", &dwconv2d_bn_act_bwd, py::arg("dy"), py::arg("w"), py::arg("x"),
-          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
-          py::arg("stride"), py::arg("padding"),
-          "dy (n, ho, wo, c), w (3, 3, c), x (n, h, w, c), gamma, beta, mean, invstd (c,), act ->\n"
-          "(dx, dgamma, dbeta, dw): dwconv2d_bwd_input_bn's three (the same bits) and\n"
-          "dwconv2d_bn_act_bwd_weight's dw (its partial sums cut differently: equal within rounding)\n"
-          "in one pass over dy and x. Stride <= 3.");
+    const char* bwd_docs[] = {
+        "dy (n, ho, wo, c), w (kh, kw, c), x (n, h, w, c) and gamma, beta, mean, invstd (c,), act of\n"
+        "the training BatchNorm + act that made the convolution's input from x -> (dx, dgamma, dbeta)\n"
+        "= batchnorm_act_train_bwd(dwconv2d_bwd_input(dy, w, x.shape[1:3], stride, padding), x, ...):\n"
+        "BatchNorm's sums gathered row by row as the input gradient is computed, then one pass in place.",
+        "dy (n, ho, wo, c), w (3, 3, c), x (n, h, w, c), gamma, beta, mean, invstd (c,), act ->\n"
+        "(dx, dgamma, dbeta, dw): dwconv2d_bwd_input_bn's three (the same bits) and\n"
+        "dwconv2d_bn_act_bwd_weight's dw (its partial sums cut differently: equal within rounding)\n"
+        "in one pass over dy and x. Stride <= 3."};
+    for (bool with_weight : {false, true})
+        m.def(
+            with_weight ? "dwconv2d_bn_act_bwd" : "dwconv2d_bwd_input_bn",
+            [with_weight](const py::object& dy, const py::object& w, const py::object& x, const py::object& gamma,
+                          const py::object& beta, const py::object& mean, const py::object& invstd,
+                          const std::string& act, const py::object& stride, const py::object& padding) {
+                return dw_bwd_input_bn(dy, w, x, gamma, beta, mean, invstd, act, stride, padding, with_weight);
+            },
+            py::arg("dy"), py::arg("w"), py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("mean"),
+            py::arg("invstd"), py::arg("act"), py::arg("stride"), py::arg("padding"), bwd_docs[with_weight]);
     m.def("dwconv2d_bwd_weight", &dwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),
           py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"),
           "x (n, h, w, c), dy (n, ho, wo, c), kernel_hw (kh, kw) -> dw (kh, kw, c).");
