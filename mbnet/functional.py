@@ -321,13 +321,14 @@ class BatchNormConv2d(Function):
         bn = (gamma, beta, mean, invstd, self.act)
         w_hw = (w.shape[:2],) if self.geometry else ()  # the depthwise kernel also takes the kernel's (h, w)
         need = self.needs_input_grad
+        gx = ggamma = gbeta = gw = None
         if self.conv == "dwconv2d" and need[3] and any(need[:3]):  # all four in one pass over x and gy
             gx, ggamma, gbeta, gw = _run("dwconv2d_bn_act_bwd", gy.dtype, gy, w, x, *bn, *self.geometry)
-            return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None, gw
-        gw = _run(self.conv + "_bn_act_bwd_weight", gy.dtype, x, gy, *bn, *w_hw, *self.geometry) if need[3] else None
-        gx = ggamma = gbeta = None
-        if any(need[:3]):
-            gx, ggamma, gbeta = _run(self.conv + "_bwd_input_bn", gy.dtype, gy, w, x, *bn, *self.geometry)
+        else:
+            if need[3]:
+                gw = _run(self.conv + "_bn_act_bwd_weight", gy.dtype, x, gy, *bn, *w_hw, *self.geometry)
+            if any(need[:3]):
+                gx, ggamma, gbeta = _run(self.conv + "_bwd_input_bn", gy.dtype, gy, w, x, *bn, *self.geometry)
         return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None, gw
 
 
