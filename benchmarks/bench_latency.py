@@ -2,7 +2,8 @@
 running mbnet's ONNX export of the same network and against PyTorch, with the same thread count.
 
     flock /tmp/mbnet-bench.lock python -m benchmarks.bench_latency [--configs 1@224,0.5@224,...]
-        [--runs 100] [--warmup 10] [--threads T] [--no-torch] [--no-onnxruntime] [--tiny] [--json out.json]
+        [--runs 100] [--rounds 5] [--warmup 10] [--threads T] [--no-torch] [--no-onnxruntime] [--tiny]
+        [--json out.json]
 
 A configuration α@s is MobileNetV1 of width α on one s x s x 3 image: 1000 classes and stem stride 2
 at ImageNet sizes (s > 64: mbnet.models.default_stem_stride), 10 classes and stem stride 1 at CIFAR's
@@ -17,10 +18,16 @@ mbnet| / max |mbnet|).
 - ONNX Runtime: CPUExecutionProvider, intra_op_num_threads = threads, inter_op_num_threads = 1,
   sequential execution, all graph optimizations; NCHW input.
 - PyTorch: channels_last, torch.set_num_threads(threads), inference_mode.
-A time is the median of --runs calls after --warmup calls (common.measure), the engines one after
-another in this process, each after a pause that lets the previous one's worker threads stop
-spinning. Ratios are the other engine's time / mbnet's (> 1: mbnet is faster).
+The engines take turns in this process: --rounds rounds, in each every engine times --runs/--rounds
+calls after --warmup calls (common.measure, after a pause that lets the previous engine's worker
+threads stop spinning). An engine's time is the median of its rounds' medians; a ratio is the
+median of the rounds' ratios (the other engine's time / mbnet's in the same round, > 1: mbnet is
+faster), with their range beside it. A slow spell of the machine (these guests' timings drift by
+10-25% within minutes) then falls on every engine alike instead of on whichever ran during it.
 """
+import math
+import statistics
+
 import numpy as np
 
 from . import common
@@ -115,14 +122,18 @@ def torch_fn(net, x, threads):
     return infer, torch.__version__
 
 
-def run(configs=CONFIGS, runs=100, warmup=10, threads=None, tiny=False, use_torch=True, use_onnxruntime=True):
+def run(configs=CONFIGS, runs=100, rounds=5, warmup=10, threads=None, tiny=False, use_torch=True,
+        use_onnxruntime=True):
     from mbnet import _C
 
     if threads is not None:
         _C.set_num_threads(threads)
     threads = _C.get_num_threads()
     if tiny:
-        configs, runs, warmup = ("0.25@32",), 1, 1
+        configs, runs, rounds, warmup = ("0.25@32",), 1, 1, 1
+    if runs < 1 or rounds < 1 or warmup < 0:
+        raise SystemExit(f"--runs {runs}, --rounds {rounds}, --warmup {warmup}: need runs, rounds >= 1, warmup >= 0")
+    per_round = math.ceil(runs / rounds)
     pause = 0 if tiny else 0.2
     absent = {}  # engine -> why it has no row
     for engine, wanted, modules in (("torch", use_torch, ("torch",)),
@@ -146,11 +157,27 @@ def run(configs=CONFIGS, runs=100, warmup=10, threads=None, tiny=False, use_torc
         row = {"config": text, "alpha": alpha, "size": size, "num_classes": num_classes, "stem_stride": stem_stride}
         for engine, fn in fns.items():
             diff = float(np.abs(np.asarray(fn()) - want).max() / np.abs(want).max())
-            t = common.measure(fn, runs, warmup, pause=pause)
-            row[engine] = {"median_ms": t["median"] * 1e3, "min_ms": t["min"] * 1e3, "max_rel_diff": diff}
+            row[engine] = {"max_rel_diff": diff, "round_ms": [], "min_ms": math.inf}
+        for _ in range(rounds):
+            for engine, fn in fns.items():
+                t = common.measure(fn, per_round, warmup, pause=pause)
+                row[engine]["round_ms"].append(t["median"] * 1e3)
+                row[engine]["min_ms"] = min(row[engine]["min_ms"], t["min"] * 1e3)
+        mine = row["mbnet"]["round_ms"]
+        for engine in fns:
+            e = row[engine]
+            e["median_ms"] = statistics.median(e["round_ms"])
+            e["ratio_rounds"] = [other / ours for other, ours in zip(e["round_ms"], mine)]  # other / mbnet
+            e["ratio"] = statistics.median(e["ratio_rounds"])
         rows.append(row)
-    return {"benchmark": "latency", **common.machine_info(), "threads": threads, "runs": runs, "warmup": warmup,
-            "versions": versions, "absent": absent, "rows": rows}
+    return {"benchmark": "latency", **common.machine_info(), "threads": threads, "runs": per_round * rounds,
+            "rounds": rounds, "warmup": warmup, "versions": versions, "absent": absent, "rows": rows}
+
+
+def _ratio(e):
+    """'0.97 (0.93-1.01)': the median of the rounds' ratios and their range."""
+    lo, hi = min(e["ratio_rounds"]), max(e["ratio_rounds"])
+    return f"{e['ratio']:.2f}" if len(e["ratio_rounds"]) == 1 else f"{e['ratio']:.2f} ({lo:.2f}-{hi:.2f})"
 
 
 def markdown(res):
@@ -160,17 +187,19 @@ def markdown(res):
         cells = [f"α={r['alpha']:g}, {r['size']} px", ms, r["autograd"]["median_ms"]]
         for engine in ("onnxruntime", "torch"):
             e = r.get(engine)
-            cells += [e["median_ms"], f"{e['median_ms'] / ms:.2f}"] if e else [res["absent"][engine], None]
+            cells += [e["median_ms"], _ratio(e)] if e else [res["absent"][engine], None]
         cells.append(max((r[e]["max_rel_diff"] for e in ("autograd", "onnxruntime", "torch") if e in r), default=None))
         rows.append(cells)
     v = res["versions"]
     lines = ["## Batch-1 inference latency (MobileNetV1)", ""] + common.header(res) + [
         "",
-        f"One image, {res['threads']} threads in every engine, median of {res['runs']} calls after {res['warmup']} "
-        f"warm-up calls. ONNX Runtime {v.get('onnxruntime', '—')} runs mbnet's own export (BN folded); PyTorch "
+        f"One image, {res['threads']} threads in every engine; the engines take turns for {res['rounds']} rounds "
+        f"of {res['runs'] // res['rounds']} calls each (after {res['warmup']} warm-up calls a round); a time is the "
+        "median of an engine's round medians. ONNX Runtime {v.get('onnxruntime', '—')} runs mbnet's own export (BN folded); PyTorch "
         f"{v.get('torch', '—')} with channels_last. 1000 classes and stem stride 2 above 64 px, 10 classes and "
         "stride 1 at 32 px. mbnet runs its compiled inference plan (the autograd path beside it). "
-        "Ratio = the other engine's time / mbnet's (> 1: mbnet is faster); max rel. diff = "
+        "Ratio = the other engine's time / mbnet's in the same round (> 1: mbnet is faster), the median "
+        "over the rounds and their range; max rel. diff = "
         "the largest logit difference to mbnet over its largest logit (the engines run the same weights).",
         "",
         common.table(["configuration", "mbnet plan ms", "mbnet autograd ms", "ONNX Runtime ms", "ORT / mbnet", "PyTorch ms", "PyTorch / mbnet",
@@ -182,6 +211,8 @@ def markdown(res):
 def main(argv=None):
     return common.cli(__doc__, run, markdown, argv, {
         "configs": f"comma-separated α@size (default {','.join(CONFIGS)})",
+        "runs": "calls timed per engine, split over the rounds",
+        "rounds": "the engines take turns this many times (default 5)",
         "tiny": "α=0.25 at 32 px, 1 run: a smoke run", "use_onnxruntime": "skip the ONNX Runtime comparison"})
 
 
