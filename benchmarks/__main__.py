@@ -3,9 +3,9 @@
     python -m benchmarks [--tiny] [--json out.json] [--only NAME[,NAME]] [--threads T]
                          [--no-torch] [--no-numba] [--no-onnxruntime]
 
-NAME is one of: separable, kernels, e2e, depthwise, pointwise, step, latency, data, plan, mpi. Each is the module
-benchmarks/bench_NAME.py (also runnable alone: `python -m benchmarks.bench_NAME --help`), run in
-this process through its run(...) and markdown(result); e2e spawns one process per configuration,
+NAME is one of: separable, kernels, e2e, depthwise, pointwise, step, latency, layers, data, plan, mpi.
+Each is the module benchmarks/bench_NAME.py (also runnable alone: `python -m benchmarks.bench_NAME
+--help`), run in this process through its run(...) and markdown(result); e2e spawns one process per configuration,
 mpi one process or `mpirun` job per configuration (skipped without mpi4py).
 
 --tiny runs everything once on tiny sizes (batch 2, few layers, 1 repeat): a check that the
@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 
 from . import common
 
-ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step", "latency", "data", "plan", "mpi")
+ALL = ("separable", "kernels", "e2e", "depthwise", "pointwise", "step", "latency", "layers", "data", "plan", "mpi")
 
 
 def run_one(name, args):
@@ -45,7 +45,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="default: mbnet's current OpenMP setting")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparisons")
     ap.add_argument("--no-numba", action="store_true", help="skip the numba comparisons")
-    ap.add_argument("--no-onnxruntime", action="store_true", help="skip the ONNX Runtime comparison (latency)")
+    ap.add_argument("--no-onnxruntime", action="store_true", help="skip the ONNX Runtime comparisons (latency, layers)")
     args = ap.parse_args(argv)
     names = ALL
     if args.only:

@@ -428,7 +428,20 @@ class InferencePlan {
         add_scratch(std::max(1, omp_get_max_threads()));
     }
 
-    py::array_t<float> run(const py::object& x_) {
+    py::array_t<float> run(const py::object& x_) { return run_impl(x_, nullptr); }
+
+    // run(x), and the seconds each layer took in it (thread 0's clock from the barrier that ends
+    // the layer before to the one that ends this layer; a layer run in several passes of a stage
+    // sums them), the pooling and classifier last.
+    py::tuple run_timed(const py::object& x_) {
+        std::vector<double> seconds(layers_.size() + 1, 0.0);
+        auto y = run_impl(x_, &seconds);
+        py::list per_layer;
+        for (double t : seconds) per_layer.append(t);
+        return py::make_tuple(y, per_layer);
+    }
+
+    py::array_t<float> run_impl(const py::object& x_, std::vector<double>* seconds) {
         F32 x = check_f32(x_, "x", 4);
         const index_t cin = layers_[0].cin;
         if (x[1] != h_ || x[2] != w_ || x[3] != cin)
@@ -446,7 +459,7 @@ class InferencePlan {
         {
             py::gil_scoped_release nogil;
             std::lock_guard<std::mutex> lock(mutex_);
-            forward(n, x.ptr, yp);
+            forward(n, x.ptr, yp, seconds);
         }
         return y;
     }
@@ -515,7 +528,7 @@ class InferencePlan {
         }
     }
 
-    void forward(index_t n, const float* x, float* y) {
+    void forward(index_t n, const float* x, float* y, std::vector<double>* seconds) {
         const int T = std::max(1, omp_get_max_threads());
         add_scratch(T);
         // One parallel region for the whole network: a layer's phases end in barriers, not in
@@ -523,11 +536,12 @@ class InferencePlan {
 #pragma omp parallel num_threads(T)
         for (index_t b0 = 0; b0 < n; b0 += chunk_)
             forward_chunk(std::min(chunk_, n - b0), x + b0 * h_ * w_ * layers_[0].cin,
-                          y + b0 * classes_);
+                          y + b0 * classes_, seconds);
     }
 
-    // Images [0, n) of x (n <= chunk_) -> logits y; called by every thread of the team.
-    void forward_chunk(index_t n, const float* x, float* y) {
+    // Images [0, n) of x (n <= chunk_) -> logits y; called by every thread of the team. With
+    // seconds, thread 0 adds each layer's time to its slot (each layer ends with a barrier).
+    void forward_chunk(index_t n, const float* x, float* y, std::vector<double>* seconds) {
         // The input as it is for a first full conv, else zero-padded for the first layer (its
         // border was zeroed at compile).
         const Layer& first = layers_[0];
@@ -539,6 +553,14 @@ class InferencePlan {
                             x + r * w_ * C, sizeof(float) * w_ * C);
         }
         const float* in = first.raw_in ? x : input_.data();
+        const bool timer = seconds != nullptr && omp_get_thread_num() == 0;
+        double clock = timer ? omp_get_wtime() : 0.0;
+        auto lap = [&](size_t slot) {
+            if (!timer) return;
+            const double now = omp_get_wtime();
+            (*seconds)[slot] += now - clock;
+            clock = now;
+        };
         for (size_t s = 0; s < stages_.size(); ++s) {
             const Stage& S = stages_[s];
             float* out = buf_[s % 2].data();
@@ -549,6 +571,7 @@ class InferencePlan {
                     float* dst = i == S.last ? out + b0 * layers_[i].out_floats(1)
                                              : stage_buf_[(i - S.first) % 2].data();
                     run_layer(layers_[i], nb, src, dst, scratch_);
+                    lap(i);
                     src = dst;
                 }
             }
@@ -580,6 +603,7 @@ class InferencePlan {
                 std::memcpy(y + b * classes_ + n0, fc_b_.data() + n0, sizeof(float) * (n1 - n0));
             sgemm_packed_b(n, n0, n1, pooled_.data(), c, 1, fc_w_, y + n0, classes_, true, g);
         }
+        lap(layers_.size());
     }
 
     std::vector<Layer> layers_;
@@ -606,6 +630,9 @@ void bind_plan(py::module_& m) {
              py::arg("input_hw"), py::arg("chunk") = 0)
         .def("run", &InferencePlan::run, py::arg("x"),
              "x (n, h, w, c) float32, n <= batch -> logits (n, classes); one call, no GIL.")
+        .def("run_timed", &InferencePlan::run_timed, py::arg("x"),
+             "run(x) and the seconds of each layer in it, the pooling and classifier last: "
+             "(logits, [seconds]).")
         .def("info", &InferencePlan::info, "The compiled layers, tile sizes, GEMM panel widths and buffer bytes.");
 }
 

@@ -126,6 +126,13 @@ def _plan_layers(layers):
     return out, f32(fc.weight), f32(fc.bias)
 
 
+def _input(x):
+    x = x.data if isinstance(x, Tensor) else x
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"plan: x must be a numpy.ndarray of float32, got {type(x).__name__}")
+    return np.ascontiguousarray(x)
+
+
 class Plan:
     """A compiled eval-mode network: ``plan(x)`` maps x (n, s, s, c) float32 (ndarray or Tensor)
     with n <= ``batch`` to logits (n, k), a new ndarray. ``info()`` lists the compiled layers, their tiles and GEMM panel widths, and the buffer bytes."""
@@ -136,10 +143,13 @@ class Plan:
         self._plan = _C._InferencePlan(convs, fc_w, fc_b, batch, self.input_hw, chunk)
 
     def __call__(self, x):
-        x = x.data if isinstance(x, Tensor) else x
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"plan: x must be a numpy.ndarray of float32, got {type(x).__name__}")
-        return self._plan.run(np.ascontiguousarray(x))
+        return self._plan.run(_input(x))
+
+    def timed(self, x):
+        """``(logits, seconds)``: one call of the plan, and the wall-clock seconds each compiled layer
+        took in it (the order of ``info()["layers"]``), the pooling and classifier last."""
+        y, seconds = self._plan.run_timed(_input(x))
+        return y, seconds
 
     def info(self):
         return self._plan.info()

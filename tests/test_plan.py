@@ -214,6 +214,31 @@ def test_plan_stages_pass_fewer_images_through_large_maps_and_change_nothing():
     np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_plan_timed_gives_the_logits_and_a_time_per_layer(threads, restore_threads):
+    """Plan.timed: the logits of a plain call, bitwise, and one positive time per compiled layer
+    plus the pooling and classifier, which together take no longer than the call; a layer that a
+    stage runs in several passes (chunk 1, batch 3) sums them."""
+    import time
+
+    _C.set_num_threads(threads)
+    model = randomize(models.MobileNetV1(alpha=0.25, input_size=32))
+    for batch, chunk in ((1, 0), (3, 1)):
+        plan = P.compile(model, batch=batch, chunk=chunk)
+        x = images(batch, 32)
+        t0 = time.perf_counter()
+        got, seconds = plan.timed(x)
+        wall = time.perf_counter() - t0
+        np.testing.assert_array_equal(got, plan(x))
+        assert len(seconds) == len(plan.info()["layers"]) + 1
+        assert all(s > 0 for s in seconds), seconds
+        assert sum(seconds) <= wall
+    with pytest.raises(TypeError, match="plan: x must be a numpy.ndarray"):
+        plan.timed([1.0])
+    with pytest.raises(ValueError, match="compiled for at most 3"):
+        plan.timed(images(4, 32))
+
+
 def test_plan_takes_tensors_and_concurrent_calls():
     """Calls from several Python threads take turns (the plan's buffers are shared)."""
     from concurrent.futures import ThreadPoolExecutor
