@@ -1,8 +1,8 @@
-"""Batch-1 inference layer by layer: mbnet's compiled plan against ONNX Runtime's own profile of
+"""Inference layer by layer (batch 1 by default): mbnet's compiled plan against ONNX Runtime's own profile of
 the same network (mbnet's ONNX export, the same weights and thread count).
 
-    flock /tmp/mbnet-bench.lock python -m benchmarks.bench_layers [--config 1@224] [--calls 300]
-        [--threads T] [--no-onnxruntime] [--tiny] [--json out.json]
+    flock /tmp/mbnet-bench.lock python -m benchmarks.bench_layers [--config 1@224] [--batch 1]
+        [--calls 300] [--threads T] [--no-onnxruntime] [--tiny] [--json out.json]
 
 The network is bench_latency's (α@size: 1000 classes and stem stride 2 above 64 px, BN statistics
 of a random batch). mbnet: Plan.timed, the plan's own clock (thread 0's wall clock between the
@@ -70,7 +70,7 @@ def _onnxruntime_nodes(model, x, threads, calls, warmup):
     return groups, statistics.median(times) * 1e3, ort.__version__
 
 
-def run(config="1@224", calls=300, threads=None, tiny=False, use_onnxruntime=True):
+def run(config="1@224", batch=1, calls=300, threads=None, tiny=False, use_onnxruntime=True):
     from mbnet import _C
     from mbnet.plan import compile as compile_plan
     from mbnet.plan import conv_bn_pairs
@@ -79,13 +79,13 @@ def run(config="1@224", calls=300, threads=None, tiny=False, use_onnxruntime=Tru
         _C.set_num_threads(threads)
     threads = _C.get_num_threads()
     if tiny:
-        config, calls = "0.25@32", 1
-    if calls < 1:
-        raise SystemExit(f"--calls {calls}: must be >= 1")
+        config, batch, calls = "0.25@32", 1, 1
+    if calls < 1 or batch < 1:
+        raise SystemExit(f"--calls {calls}, --batch {batch}: both must be >= 1")
     alpha, size, num_classes, stem_stride = bench_latency.parse_config(config)
     model, _ = bench_latency.build(alpha, size, num_classes, stem_stride, False)
-    x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
-    plan = compile_plan(model, 1)
+    x = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
+    plan = compile_plan(model, batch)
     for _ in range(10):
         plan(x)
     whole, per_layer = [], []
@@ -118,7 +118,7 @@ def run(config="1@224", calls=300, threads=None, tiny=False, use_onnxruntime=Tru
         if ort_groups is not None:
             row["onnxruntime_ms"] = ort_groups.get(group, 0.0)
         rows.append(row)
-    return {"benchmark": "layers", **common.machine_info(), "threads": threads, "config": config,
+    return {"benchmark": "layers", **common.machine_info(), "threads": threads, "config": config, "batch": batch,
             "calls": calls, "mbnet_call_ms": statistics.median(whole) * 1e3, "mbnet_layers_ms": sum(mbnet_ms),
             "onnxruntime_call_ms": ort_ms,
             "onnxruntime_nodes_ms": None if ort_groups is None else sum(ort_groups.values()),
@@ -130,9 +130,9 @@ def markdown(res):
     rows = [[r["layer"], r["mbnet_ms"], r["onnxruntime_ms"] if ort else res["absent"]] for r in res["rows"]]
     rows.append(["sum of the layers", res["mbnet_layers_ms"], res["onnxruntime_nodes_ms"] if ort else None])
     rows.append(["whole call (median)", res["mbnet_call_ms"], res["onnxruntime_call_ms"] if ort else None])
-    lines = ["## Batch-1 inference layer by layer (MobileNetV1)", ""] + common.header(res) + [
+    lines = ["## Inference layer by layer (MobileNetV1)", ""] + common.header(res) + [
         "",
-        f"MobileNetV1 α@size {res['config']}, one image, {res['threads']} threads in both engines, medians of "
+        f"MobileNetV1 α@size {res['config']}, batch {res['batch']}, {res['threads']} threads in both engines, medians of "
         f"{res['calls']} calls. mbnet: the compiled plan's own clock per layer (Plan.timed); ONNX Runtime "
         f"{res['onnxruntime'] or ''}: its profiler's kernel time per node, a layer's nodes summed (its work "
         "between nodes is in no row). The engines ran one after the other.",
@@ -145,7 +145,7 @@ def markdown(res):
 def main(argv=None):
     return common.cli(__doc__, run, markdown, argv, {
         "config": "α@size, as bench_latency's (default 1@224)",
-        "calls": "calls timed in each engine (default 300)",
+        "calls": "calls timed in each engine (default 300)", "batch": "images per call (default 1)",
         "tiny": "α=0.25 at 32 px, 1 call: a smoke run", "use_onnxruntime": "skip the ONNX Runtime profile"})
 
 
