@@ -2,7 +2,7 @@
 the same network (mbnet's ONNX export, the same weights and thread count).
 
     flock /tmp/mbnet-bench.lock python -m benchmarks.bench_layers [--config 1@224] [--batch 1]
-        [--calls 300] [--threads T] [--no-onnxruntime] [--tiny] [--json out.json]
+        [--calls 300] [--threads T] [--no-onnxruntime] [--plot layers.png] [--tiny] [--json out.json]
 
 The network is bench_latency's (α@size: 1000 classes and stem stride 2 above 64 px, BN statistics
 of a random batch). mbnet: Plan.timed, the plan's own clock (thread 0's wall clock between the
@@ -13,6 +13,7 @@ own fusions) summed; ONNX Runtime's nodes leave out its work between nodes, so t
 than its calls take. The two engines run one after the other, so a slow spell of the machine can
 fall on one; the whole-call medians of both are printed beside the table.
 """
+import os
 import re
 import statistics
 import time
@@ -32,7 +33,6 @@ def _group(name):
 def _onnxruntime_nodes(model, x, threads, calls, warmup):
     """({group: median ms over calls}, whole-call median ms, version) from ONNX Runtime's profiler."""
     import json
-    import os
 
     import onnxruntime as ort
 
@@ -70,7 +70,7 @@ def _onnxruntime_nodes(model, x, threads, calls, warmup):
     return groups, statistics.median(times) * 1e3, ort.__version__
 
 
-def run(config="1@224", batch=1, calls=300, threads=None, tiny=False, use_onnxruntime=True):
+def run(config="1@224", batch=1, calls=300, threads=None, tiny=False, use_onnxruntime=True, plot=""):
     from mbnet import _C
     from mbnet.plan import compile as compile_plan
     from mbnet.plan import conv_bn_pairs
@@ -82,6 +82,8 @@ def run(config="1@224", batch=1, calls=300, threads=None, tiny=False, use_onnxru
         config, batch, calls = "0.25@32", 1, 1
     if calls < 1 or batch < 1:
         raise SystemExit(f"--calls {calls}, --batch {batch}: both must be >= 1")
+    if plot and not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
+        raise SystemExit(f"--plot {plot}: no such directory (checked before measuring)")
     alpha, size, num_classes, stem_stride = bench_latency.parse_config(config)
     model, _ = bench_latency.build(alpha, size, num_classes, stem_stride, False)
     x = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
@@ -118,11 +120,27 @@ def run(config="1@224", batch=1, calls=300, threads=None, tiny=False, use_onnxru
         if ort_groups is not None:
             row["onnxruntime_ms"] = ort_groups.get(group, 0.0)
         rows.append(row)
-    return {"benchmark": "layers", **common.machine_info(), "threads": threads, "config": config, "batch": batch,
+    res = {"benchmark": "layers", **common.machine_info(), "threads": threads, "config": config, "batch": batch,
             "calls": calls, "mbnet_call_ms": statistics.median(whole) * 1e3, "mbnet_layers_ms": sum(mbnet_ms),
             "onnxruntime_call_ms": ort_ms,
             "onnxruntime_nodes_ms": None if ort_groups is None else sum(ort_groups.values()),
             "onnxruntime": version, "absent": absent, "rows": rows}
+    if plot:
+        _plot(res, plot)
+    return res
+
+
+def _plot(res, path):
+    """The table as bars, one group per layer (mbnet.plot.plot_bars)."""
+    from mbnet.plot import plot_bars
+
+    rows = res["rows"]
+    series = {"mbnet (plan)": [r["mbnet_ms"] for r in rows]}
+    if res["absent"] is None:
+        series[f"ONNX Runtime {res['onnxruntime']}"] = [r["onnxruntime_ms"] for r in rows]
+    plot_bars([r["layer"] for r in rows], series, path, xlabel="ms (median)",
+              title=f"MobileNetV1 α@size {res['config']}, batch {res['batch']}, {res['threads']} threads\n{res['cpu']}, "
+                    f"{res['simd']} build")
 
 
 def markdown(res):
@@ -146,6 +164,7 @@ def main(argv=None):
     return common.cli(__doc__, run, markdown, argv, {
         "config": "α@size, as bench_latency's (default 1@224)",
         "calls": "calls timed in each engine (default 300)", "batch": "images per call (default 1)",
+        "plot": "also draw the table as bars into this PNG file",
         "tiny": "α=0.25 at 32 px, 1 call: a smoke run", "use_onnxruntime": "skip the ONNX Runtime profile"})
 
 

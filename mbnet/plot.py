@@ -67,3 +67,32 @@ def plot_points(series, path, *, xlabel, ylabel, title, logy=False, join=True, p
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
+
+
+def plot_bars(labels, series, path, *, xlabel, title):
+    """Horizontal grouped bars: one group per label, top to bottom, one bar per series ({name:
+    [value per label]}, None for no bar). Written atomically (checkpoint.WriteError on failure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, k = len(labels), len(series)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * n * max(k, 1) ** 0.5))
+    height = 0.8 / max(k, 1)
+    for i, (name, values) in enumerate(series.items()):
+        ys = [row + (i - (k - 1) / 2) * height for row in range(n)]
+        ax.barh([y for y, v in zip(ys, values) if v is not None], [v for v in values if v is not None],
+                height=height, label=name)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    if k > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)

@@ -7,8 +7,8 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra ([te
 pytest.importorskip("onnx", reason="onnx is an optional extra ([test])")
 
 
-def test_rows_are_the_plan_layers_and_cover_every_onnxruntime_node():
-    res = bench_layers.run(tiny=True, threads=1)
+def test_rows_are_the_plan_layers_and_cover_every_onnxruntime_node(tmp_path):
+    res = bench_layers.run(tiny=True, threads=1, plot=str(tmp_path / "layers.png"))
     rows = res["rows"]
     # MobileNetV1: the stem, 13 separable blocks, the pooling and classifier
     assert [r["layer"].split()[0] for r in rows] == ["conv"] + ["dwpw"] * 13 + ["pool"]
@@ -19,3 +19,9 @@ def test_rows_are_the_plan_layers_and_cover_every_onnxruntime_node():
     assert all(r["mbnet_ms"] > 0 for r in rows), rows
     assert sum(r["mbnet_ms"] for r in rows) == pytest.approx(res["mbnet_layers_ms"])
     assert "| pool + classifier |" in bench_layers.markdown(res)
+    assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_plot_path_in_a_missing_directory_stops_before_measuring(tmp_path):
+    with pytest.raises(SystemExit, match="--plot .*: no such directory"):
+        bench_layers.run(tiny=True, plot=str(tmp_path / "none" / "layers.png"))
