@@ -2,13 +2,30 @@
 from .checkpoint import atomic_write
 
 
-def plot_curves(metrics, path):
-    """metrics: list of per-epoch dicts (epoch, train_loss, train_acc[, test_loss, test_acc, ema_test_acc]);
-    written atomically (checkpoint.atomic_write: WriteError on failure)."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path):
+    """Writes fig as a PNG atomically (checkpoint.WriteError on failure) and closes it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(metrics, path):
+    """metrics: list of per-epoch dicts (epoch, train_loss, train_acc[, test_loss, test_acc, ema_test_acc]);
+    written atomically (checkpoint.atomic_write: WriteError on failure)."""
+    plt = _pyplot()
 
     epochs = [m["epoch"] for m in metrics]
     evaluated = [m for m in metrics if "test_acc" in m]  # every epoch, or every --eval-every N-th and the last
@@ -26,10 +43,7 @@ def plot_curves(metrics, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    _save(fig, path)
 
 
 def plot_points(series, path, *, xlabel, ylabel, title, logy=False, join=True, proportional=False):
@@ -37,10 +51,7 @@ def plot_points(series, path, *, xlabel, ylabel, title, logy=False, join=True, p
     series joined in order of x (join) and each annotated with its note (may be ""). proportional: also a
     dashed line y = k·x per series, k the median of y/x (where y follows x, the points lie on it).
     Written atomically (checkpoint.WriteError on failure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for label, points in series.items():
@@ -63,19 +74,13 @@ def plot_points(series, path, *, xlabel, ylabel, title, logy=False, join=True, p
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    _save(fig, path)
 
 
 def plot_bars(labels, series, path, *, xlabel, title):
     """Horizontal grouped bars: one group per label, top to bottom, one bar per series ({name:
     [value per label]}, None for no bar). Written atomically (checkpoint.WriteError on failure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     n, k = len(labels), len(series)
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * n * max(k, 1) ** 0.5))
@@ -92,7 +97,4 @@ def plot_bars(labels, series, path, *, xlabel, title):
     if k > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    _save(fig, path)
