@@ -57,6 +57,11 @@ def test_matches_reference(n, h, w, ci, co, k, s, p, seed):
         ("k5_stride2", (2, 9, 8, 6, 7, 5, 2, 2)),
         ("large_ci", (2, 4, 4, 256, 24, 3, 1, 1)),
         ("batch_1", (1, 9, 9, 8, 8, 3, 1, 1)),
+        # stem-like columns (27 and 25 taps) with 47 and 24 output channels; 4,800 output pixels: the
+        # weight gradient's depth in more than one 4096-row chunk
+        ("stem_channel_tails", (2, 9, 9, 3, 47, 3, 1, 1)),
+        ("stem_two_depth_chunks", (3, 40, 40, 3, 24, 3, 1, 1)),
+        ("k5_ci1_stride2", (2, 11, 12, 1, 16, 5, 2, 2)),
     ],
 )
 def test_named_cases(name, shape):
@@ -118,3 +123,14 @@ def test_bad_arguments():
         _C.conv2d_fwd(x, wt, 1, 2**62)
     with pytest.raises(ValueError, match="2\\^31 elements"):
         _C.conv2d_fwd(x, wt, 1, 10**6)
+
+
+def test_stem_weight_gradient_is_the_same_at_1_and_2_threads(restore_threads):
+    """The stem's weight gradient (27 taps, a long depth of 9,248 output pixels) sums fixed chunks
+    of the depth, so it is bitwise the same at any thread count."""
+    x, wt, dy = make(2, 68, 68, 3, 32, 3, 1, 1, seed=2)
+    got = []
+    for threads in (1, 2):
+        _C.set_num_threads(threads)
+        got.append(_C.conv2d_bwd_weight(x, dy, (3, 3), 1, 1))
+    np.testing.assert_array_equal(got[0], got[1])
