@@ -40,7 +40,12 @@ def parse_config(text):
     from mbnet.models import default_stem_stride
 
     alpha, _, size = text.partition("@")
-    alpha, size = float(alpha), int(size)
+    try:
+        alpha, size = float(alpha), int(size)
+    except ValueError:
+        raise SystemExit(f"configuration {text!r}: expected α@size, for example 0.25@128") from None
+    if not (0 < alpha and size > 0):
+        raise SystemExit(f"configuration {text!r}: α and the size must be positive")
     stem_stride = default_stem_stride(size)
     return alpha, size, 1000 if stem_stride == 2 else 10, stem_stride
 
@@ -144,8 +149,8 @@ def run(configs=CONFIGS, runs=100, rounds=5, warmup=10, threads=None, tiny=False
             absent[engine] = "not installed"
     have = {engine: engine not in absent for engine in ("torch", "onnxruntime")}
     versions, rows = {}, []
-    for text in configs:
-        alpha, size, num_classes, stem_stride = parse_config(text)
+    parsed = [(text, *parse_config(text)) for text in configs]  # every configuration checked first
+    for text, alpha, size, num_classes, stem_stride in parsed:
         model, net = build(alpha, size, num_classes, stem_stride, have["torch"])
         x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
         fns = {"mbnet": plan_fn(model, x), "autograd": autograd_fn(model, x)}

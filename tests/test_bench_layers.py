@@ -25,3 +25,10 @@ def test_rows_are_the_plan_layers_and_cover_every_onnxruntime_node(tmp_path):
 def test_a_plot_path_in_a_missing_directory_stops_before_measuring(tmp_path):
     with pytest.raises(SystemExit, match="--plot .*: no such directory"):
         bench_layers.run(tiny=True, plot=str(tmp_path / "none" / "layers.png"))
+
+
+@pytest.mark.parametrize("config, message", [("foo", "expected α@size"), ("0@32", "must be positive"),
+                                             ("1@-4", "must be positive")])
+def test_a_bad_configuration_is_named(config, message):
+    with pytest.raises(SystemExit, match=f"configuration '{config}': .*{message}"):
+        bench_layers.run(config=config, calls=1)
