@@ -100,7 +100,9 @@ def autograd_fn(model, x):
     return infer
 
 
-def onnxruntime_fn(model, x, threads):
+def onnxruntime_session(model, threads, profile=False):
+    """An ONNX Runtime session on mbnet's export of model: CPU, `threads` intra-op threads, one
+    inter-op thread, sequential, every graph optimization; with its profiler on if profile."""
     import onnxruntime as ort
 
     from mbnet.export import to_onnx
@@ -109,7 +111,14 @@ def onnxruntime_fn(model, x, threads):
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(to_onnx(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    opts.enable_profiling = profile
+    return ort.InferenceSession(to_onnx(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_fn(model, x, threads):
+    import onnxruntime as ort
+
+    session = onnxruntime_session(model, threads)
     feed = {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
     return lambda: session.run(["logits"], feed)[0], ort.__version__
 
@@ -200,7 +209,8 @@ def markdown(res):
         "",
         f"One image, {res['threads']} threads in every engine; the engines take turns for {res['rounds']} rounds "
         f"of {res['runs'] // res['rounds']} calls each (after {res['warmup']} warm-up calls a round); a time is the "
-        "median of an engine's round medians. ONNX Runtime {v.get('onnxruntime', '—')} runs mbnet's own export (BN folded); PyTorch "
+        f"median of an engine's round medians. ONNX Runtime {v.get('onnxruntime', '—')} runs mbnet's own export (BN "
+        "folded); PyTorch "
         f"{v.get('torch', '—')} with channels_last. 1000 classes and stem stride 2 above 64 px, 10 classes and "
         "stride 1 at 32 px. mbnet runs its compiled inference plan (the autograd path beside it). "
         "Ratio = the other engine's time / mbnet's in the same round (> 1: mbnet is faster), the median "

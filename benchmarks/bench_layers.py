@@ -36,14 +36,7 @@ def _onnxruntime_nodes(model, x, threads, calls, warmup):
 
     import onnxruntime as ort
 
-    from mbnet.export import to_onnx
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.enable_profiling = True
-    session = ort.InferenceSession(to_onnx(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = bench_latency.onnxruntime_session(model, threads, profile=True)
     feed = {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
     for _ in range(warmup):
         session.run(["logits"], feed)
