@@ -78,11 +78,14 @@ constexpr index_t NC = 64 * NR;
 // prefetches would only take load slots. kInPlaceB: b is B itself, row k at b + k*ldb (a full
 // panel of a row-major B); otherwise a packed panel, row k at b + k*kNR.
 constexpr int kPrefetchK = 16;
-template <bool kPackedA, int kNR, int kMR = MR, bool kPrefetchB = false, bool kInPlaceB = false>
+// kGatherA: a row-major A whose column k is at a + koff[k] (a convolution's taps read in place,
+// no im2col), A(i, k) = a[i*lda + koff[k]].
+template <bool kPackedA, int kNR, int kMR = MR, bool kPrefetchB = false, bool kInPlaceB = false,
+          bool kGatherA = false>
 MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
     index_t kc, const float* __restrict__ a, index_t lda, const float* __restrict__ b,
     float* __restrict__ c, index_t ldc, int mr, int nr, bool add, index_t ldb = kNR,
-    int prefetch_cols = kNR) {
+    int prefetch_cols = kNR, const index_t* __restrict__ koff = nullptr) {
     const index_t step_b = kInPlaceB ? ldb : kNR;
     float acc[kMR][kNR];
 #pragma GCC unroll 16
@@ -95,7 +98,9 @@ MBNET_KERNEL_TARGET __attribute__((noinline)) void micro_kernel(
                 __builtin_prefetch(b + kPrefetchK * step_b + j);
 #pragma GCC unroll 16
         for (int i = 0; i < kMR; ++i) {
-            const float ai = kPackedA ? a[k * MR + i] : a[i * lda + k];
+            const float ai = kPackedA    ? a[k * MR + i]
+                             : kGatherA ? a[i * lda + koff[k]]
+                                        : a[i * lda + k];
             if constexpr (kNR == NR) {
                 for (int j = 0; j < kNR; ++j) acc[i][j] += ai * b[j];
             } else {
@@ -226,6 +231,15 @@ void pack_b(index_t kc, index_t nc, const float* B, index_t rsb, index_t csb,
     }
 }
 
+// pack_a of a gathered A (A(i, k) = A[i*rsa + koff[k]]), rows past mc zero.
+void pack_a_gather(index_t mc, index_t kc, const float* A, index_t rsa, const index_t* koff,
+                   float* __restrict__ dst) {
+    for (index_t ir = 0; ir < mc; ir += MR, dst += kc * MR)
+        for (index_t k = 0; k < kc; ++k)
+            for (index_t i = 0; i < MR; ++i)
+                dst[k * MR + i] = ir + i < mc ? A[(ir + i) * rsa + koff[k]] : 0.f;
+}
+
 // Floats of A's packing buffer for a GEMM of at most M x K (at most MC x KC).
 inline index_t a_buffer_floats(index_t M, index_t K) {
     return std::min<index_t>(MC, (M + MR - 1) / MR * MR) * std::min<index_t>(KC, K);
@@ -276,10 +290,12 @@ template <int kNR, bool kNarrowTail = false, class BlockOfB>
 void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, index_t csa,
                   BlockOfB&& b_block, float* C, index_t ldc, bool accumulate, float* abuf,
                   const GemmEpilogue* epilogue = nullptr, index_t i_off = 0, index_t j_off = 0,
-                  const ATransform* transform = nullptr, index_t ldb = 0) {
+                  const ATransform* transform = nullptr, index_t ldb = 0,
+                  const index_t* koff = nullptr) {
     // Row-major A is read in place by the microkernel (MR rows, unit stride along k): packing it
     // would cost as much as the multiply when N is small, and gains nothing measurable when large.
-    const bool direct_a = csa == 1 && !transform;
+    // So is a gathered A (koff: column k at A + koff[k], csa unused).
+    const bool direct_a = (csa == 1 || koff) && !transform;
     for (index_t jc = 0; jc < N; jc += NC) {
         const index_t nc = std::min(NC, N - jc);
         for (index_t pc = 0; pc < K; pc += KC) {
@@ -291,7 +307,10 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                 // Unpacked A: only a last, partial panel is packed (reading past row M is out
                 // of bounds), to the start of abuf.
                 const index_t packed_from = direct_a ? mc / MR * MR : 0;
-                if (packed_from < mc)
+                if (packed_from < mc && koff)
+                    pack_a_gather(mc - packed_from, kc, A + (ic + packed_from) * rsa, rsa,
+                                  koff + pc, abuf);
+                else if (packed_from < mc)
                     pack_a(mc - packed_from, kc, A + (ic + packed_from) * rsa + pc * csa, rsa, csa,
                            abuf, transform, i_off + ic + packed_from, pc);
                 // The panels of columns [j0, j1), each W wide.
@@ -307,7 +326,11 @@ void sgemm_blocks(index_t M, index_t N, index_t K, const float* A, index_t rsa, 
                             // while this tile computes (see sgemm_blocks' comment).
                             for (index_t i = ir + MR; i < std::min(mc, ir + 2 * MR); ++i)
                                 prefetch_floats_for_write(c + (i - ir) * ldc, nr);
-                            if (ir < packed_from) {
+                            if (ir < packed_from && koff) {
+                                micro_kernel<false, kW, MR, false, false, true>(
+                                    kc, A + (ic + ir) * rsa, rsa, b, c, ldc, mr, nr, add, kW, kW,
+                                    koff + pc);
+                            } else if (ir < packed_from) {
                                 const float* a = A + (ic + ir) * rsa + pc;
                                 if (jr == 0)  // the first pass over A's block reads it from memory
                                     prefetch_rows(A + ic * rsa + pc, rsa, std::min(packed_from, ir + MR),
@@ -551,7 +574,7 @@ index_t sgemm_packed_b_scratch(index_t M, index_t K) { return a_buffer_floats(M,
 
 void sgemm_packed_b(index_t M, index_t n0, index_t n1, const float* A, index_t rsa, index_t csa,
                     const PackedB& B, float* C, index_t ldc, bool accumulate, float* a_scratch,
-                    const GemmEpilogue* epilogue) {
+                    const GemmEpilogue* epilogue, const index_t* koff) {
     if (M <= 0 || n1 <= n0 || B.K <= 0) return;
     const index_t padded = (B.N + B.panel - 1) / B.panel * B.panel;
     auto packed = [&](index_t jc, index_t nc, index_t pc, index_t kc) {
@@ -559,10 +582,10 @@ void sgemm_packed_b(index_t M, index_t n0, index_t n1, const float* A, index_t r
     };
     if (B.panel == NR)
         sgemm_blocks<NR>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate, a_scratch,
-                         epilogue, 0, n0);
+                         epilogue, 0, n0, nullptr, 0, koff);
     else
         sgemm_blocks<NR_NARROW>(M, n1 - n0, B.K, A, rsa, csa, packed, C, ldc, accumulate,
-                                a_scratch, epilogue, 0, n0);
+                                a_scratch, epilogue, 0, n0, nullptr, 0, koff);
 }
 
 // --- bindings -------------------------------------------------------------------------------
@@ -759,6 +782,30 @@ py::tuple matmul_packed_b(const py::object& a_obj, const py::object& b_obj, inde
     return py::make_tuple(y, packed.panel);
 }
 
+// A(i, k) = src[i * rsa + koff[k]] (M rows) @ b through sgemm_packed_b's gathered A, the plan's
+// stem reading its taps in place (tests hold it to _matmul_packed_b of the same A copied out).
+py::array_t<float> matmul_packed_b_gather(const py::object& src_obj, index_t M, index_t rsa,
+                                          const py::sequence& koff_obj,
+                                          const py::object& b_obj) {
+    F32 src = check_f32(src_obj, "src", 1), b = check_f32(b_obj, "b", 2);
+    std::vector<index_t> koff;
+    for (const auto& o : koff_obj) koff.push_back(py::cast<index_t>(o));
+    const index_t K = b[0], N = b[1];
+    require(index_t(koff.size()) == K, "koff must have one offset per row of b (" +
+                                           std::to_string(K) + "), got " +
+                                           std::to_string(koff.size()));
+    require(M >= 1 && rsa >= 0, "M must be >= 1 and rsa >= 0");
+    for (index_t o : koff)
+        require(o >= 0 && (M - 1) * rsa + o < src.size(),
+                "offset " + std::to_string(o) + " reads outside src");
+    PackedB packed(K, N, b.ptr, N, 1);
+    return compute_f32({M, N}, [&](float* c) {
+        AlignedFloats scratch = aligned_floats(sgemm_packed_b_scratch(M, K));
+        sgemm_packed_b(M, 0, N, src.ptr, rsa, 1, packed, c, N, false, scratch.get(), nullptr,
+                       koff.data());
+    });
+}
+
 }  // namespace
 
 void bind_gemm(py::module_& m) {
@@ -801,6 +848,10 @@ void bind_gemm(py::module_& m) {
     m.def("_matmul_packed_b", &matmul_packed_b, py::arg("a"), py::arg("b"), py::arg("n0"),
           py::arg("n1"),
           "(a @ b[:, n0:n1], panel width) through the inference plan's prepacked-B GEMM (tests).");
+    m.def("_matmul_packed_b_gather", &matmul_packed_b_gather, py::arg("src"), py::arg("m"),
+          py::arg("rsa"), py::arg("koff"), py::arg("b"),
+          "A @ b with A(i, k) = src[i * rsa + koff[k]], through the prepacked-B GEMM's gathered A "
+          "(tests).");
 }
 
 }  // namespace mbnet

@@ -53,11 +53,13 @@ std::int64_t sgemm_packed_b_scratch(std::int64_t M, std::int64_t K);
 // the same order as sgemm without a K split, whatever columns or rows a call covers. C is left as
 // it is unless M, n1 - n0 and K are all >= 1. With an epilogue, each block of C is handed to it
 // once final, while it is still in cache, as (*epilogue)(row of A, rows, column of B, columns):
-// every element of [0, M) x [n0, n1) exactly once (the inference plan's bias and act).
+// every element of [0, M) x [n0, n1) exactly once (the inference plan's bias and act). With koff,
+// A is gathered: A(i, k) = A[i * rsa + koff[k]] (csa unused; a convolution's taps read in place of
+// an im2col copy), each element of C summed as for the same A copied out.
 void sgemm_packed_b(std::int64_t M, std::int64_t n0, std::int64_t n1,
                     const float* A, std::int64_t rsa, std::int64_t csa, const PackedB& B,
                     float* C, std::int64_t ldc, bool accumulate, float* a_scratch,
-                    const GemmEpilogue* epilogue = nullptr);
+                    const GemmEpilogue* epilogue = nullptr, const std::int64_t* koff = nullptr);
 
 struct ATransform;  // common.h: BatchNorm's apply + act on A's elements as A is packed
 

@@ -7,33 +7,33 @@
 //
 // Buffers: the input and each layer's output are stored zero-padded by the padding of the layer
 // that reads them, so a convolution reads its taps in place (but a first full conv, the stem, reads
-// the input as it is: its im2col writes the taps past the border as zeros); the producer of each
-// row writes its zero border too. A batch runs through the network a chunk of images at a time,
-// the chunk as large as keeps each activation within kChunkFloats, so memory stays bounded at any
-// batch. Within a chunk the layers run in stages (make_stages): consecutive layers that take the
-// same number of images per pass, fewer for the large early maps, so that a pass's activations
-// stay in the caches from one layer to the next, and the whole chunk for the small late maps, so
-// that their weights are streamed once. Two ping-pong buffers of a chunk hold the stages' outputs,
-// two of a pass the activations inside a stage.
+// the input as it is, each output row from a zero-padded copy of the k input rows it needs:
+// direct_row); the producer of each row writes its zero border too. A batch runs through the
+// network a chunk of images at a time, the chunk as large as keeps each activation within
+// kChunkFloats, so memory stays bounded at any batch. Within a chunk the layers run in stages
+// (make_stages): consecutive layers that take the same number of images per pass, fewer for the
+// large early maps, so that a pass's activations stay in the caches from one layer to the next, and
+// the whole chunk for the small late maps, so that their weights are streamed once. Two ping-pong
+// buffers of a chunk hold the stages' outputs, two of a pass the activations inside a stage.
 //
-// A layer runs in tiles of output rows (rows of the n*ho output rows; a tile may span images).
-// Per tile: (1) the GEMM's left operand, M = rows*wo pixels by K (depthwise rows + bias + act, or
-// im2col rows of a full conv), (2) sgemm_packed_b with the (K, cout) weights, packed into the
-// GEMM's panels once when the plan is built (narrow panels for a narrow layer), into a scratch
-// tile or, when that is cheaper, row by row straight into the output (into the output tile itself
-// when the output has no border), (3) bias + act applied by the GEMM's epilogue to each block of
-// the product as it is finished, still in cache, and written to the padded output (in place when
-// the GEMM wrote there); the zero border is written with the left operand. The intermediate of a
-// separable block never leaves the thread's scratch; every scratch buffer is allocated when the
-// plan is built, so a run allocates nothing but its output. Threads: each thread takes whole tiles
-// when there are at least as many tiles as threads, or when the layer cuts into one tile per thread
-// of kMinGemmPixels or more; a smaller layer (late layers, batch 1) has the team share each tile
-// (phase 1 over rows, phases 2 and 3 over rows too, or over blocks of whole weight panels when
-// the tile has too few rows: two barriers per tile);
-// below kParallelWork multiply-adds one thread runs it. The classifier's columns are shared the
-// same way. The whole network runs in one parallel region, its phases separated by barriers. Every
-// output element is computed by the same operations in the same order under any tiling, so results
-// do not depend on the thread count, the batch size or the chunk.
+// A layer runs in tiles of output rows (rows of the n*ho output rows; a tile may span images). Per
+// tile: (1) the GEMM's left operand, M = rows*wo pixels by K (depthwise rows + bias + act, or
+// im2col rows of a full conv; a stem's GEMM reads its taps in place instead, one output row at a
+// time), (2) sgemm_packed_b with the (K, cout) weights, packed into the GEMM's panels once when the
+// plan is built (narrow panels for a narrow layer), into a scratch tile or, when that is cheaper,
+// row by row straight into the output (into the output tile itself when the output has no border),
+// (3) bias + act applied by the GEMM's epilogue to each block of the product as it is finished,
+// still in cache, and written to the padded output (in place when the GEMM wrote there); the zero
+// border is written with the left operand. The intermediate of a separable block never leaves the
+// thread's scratch; every scratch buffer is allocated when the plan is built, so a run allocates
+// nothing but its output. Threads: each thread takes whole tiles when there are at least as many
+// tiles as threads, or when the layer cuts into one tile per thread of kMinGemmPixels or more; a
+// smaller layer (late layers, batch 1) has the team share each tile (phase 1 over rows, phases 2
+// and 3 over rows too, or over blocks of whole weight panels when the tile has too few rows: two
+// barriers per tile); below kParallelWork multiply-adds one thread runs it. The classifier's
+// columns are shared the same way. The whole network runs in one parallel region, its phases
+// separated by barriers. Every output element is computed by the same operations in the same order
+// under any tiling, so results do not depend on the thread count, the batch size or the chunk.
 #include <omp.h>
 
 #include <algorithm>
@@ -97,6 +97,7 @@ struct Layer {
     std::vector<float> dw, db;  // depthwise (3, 3, cin) and its bias (dwpw)
     PackedB gw;                 // the GEMM's (K, cout) weight, packed once
     std::vector<float> gb;      // and its bias
+    std::vector<index_t> koff;  // raw_in: tap t's offset from a pixel's first in direct_row's strip
     index_t K() const { return dwpw ? cin : k * k * cin; }
     index_t in_floats(index_t n) const {
         return raw_in ? n * h * w * cin : n * (h + 2 * p) * (w + 2 * p) * cin;
@@ -109,7 +110,9 @@ struct Layer {
         return std::max({index_t(1), kTileFloats / (wo * (K() + cout)),
                          (kMinGemmPixels + wo - 1) / wo});
     }
-    index_t tile_floats() const { return tile_rows() * wo * std::max(K(), cout); }
+    index_t tile_floats() const {
+        return std::max(tile_rows() * wo * std::max(K(), cout), k * (w + 2 * p) * cin);
+    }
 };
 
 // Row r = (n, oh) of the GEMM's left operand: wo pixels x K.
@@ -193,6 +196,39 @@ void gemm_store(const Layer& L, index_t M, index_t n0, index_t n1, const float* 
     sgemm_packed_b(M, n0, n1, a + m0 * K, K, 1, L.gw, c + m0 * N + n0, N, false, g, &epilogue);
 }
 
+// Pixels [q0, q1) of output row r: the GEMM of their left operand A (rows rsa apart; gathered by
+// koff when given) with the weights straight into the padded output, bias + act there in place.
+void gemm_row(const Layer& L, index_t r, index_t q0, index_t q1, const float* A, index_t rsa,
+              const index_t* koff, float* out, float* g) {
+    if (q1 <= q0) return;
+    float* row = out_row(L, out, r);
+    const StoreBlocks store{&L, row, r, q0, out};
+    const GemmEpilogue epilogue = std::cref(store);
+    sgemm_packed_b(q1 - q0, 0, L.cout, A, rsa, 1, L.gw, row + q0 * L.cout, L.cout, false, g,
+                   &epilogue, koff);
+}
+
+// Output row r of a first full conv (raw_in) without im2col: the k input rows it reads are copied
+// into `strip`, zero-padded as the layer's padding asks (rows outside the image all zeros), and the
+// GEMM reads each pixel's taps there in place (A's rows s * cin floats apart, gathered by koff).
+// The strip is k * (w + 2p) * cin floats, about k/s times fewer than the row's im2col.
+void direct_row(const Layer& L, const float* in, index_t r, float* out, float* strip, float* g) {
+    const index_t n = r / L.ho, oh = r % L.ho, C = L.cin, wp = L.w + 2 * L.p;
+    for (index_t i = 0; i < L.k; ++i) {
+        const index_t ih = oh * L.s - L.p + i;
+        float* d = strip + i * wp * C;
+        if (ih < 0 || ih >= L.h) {
+            zero(d, wp * C);
+            continue;
+        }
+        zero(d, L.p * C);
+        std::memcpy(d + L.p * C, in + (n * L.h + ih) * L.w * C, sizeof(float) * L.w * C);
+        zero(d + (L.p + L.w) * C, L.p * C);
+    }
+    gemm_row(L, r, 0, L.wo, strip, L.s * C, L.koff.data(), out, g);
+    zero_border(L, r, out);
+}
+
 // Where the GEMM of output rows from r0 writes: the output itself when it has no border (its rows
 // are then contiguous and the epilogue works in place), else the scratch tile c.
 inline float* gemm_dst(const Layer& L, float* out, float* c, index_t r0) {
@@ -211,13 +247,17 @@ struct Scratch {
 void run_tile(const Layer& L, const float* in, float* out, index_t r0, index_t r1, Scratch& s) {
     float *a = s.a.data(), *g = s.g.get();
     const index_t K = L.K(), N = L.cout, row_a = L.wo * K, M = (r1 - r0) * L.wo;
+    if (L.raw_in) {
+        for (index_t r = r0; r < r1; ++r) direct_row(L, in, r, out, a, g);
+        return;
+    }
     for (index_t r = r0; r < r1; ++r) {
         left_row(L, in, r, a + (r - r0) * row_a);
         zero_border(L, r, out);
     }
     if (L.p_out > 0 && L.wo >= K) {
         for (index_t r = r0; r < r1; ++r)
-            gemm_store(L, L.wo, 0, N, a + (r - r0) * row_a, out_row(L, out, r), r, 0, out, g);
+            gemm_row(L, r, 0, L.wo, a + (r - r0) * row_a, K, nullptr, out, g);
         return;
     }
     gemm_store(L, M, 0, N, a, gemm_dst(L, out, s.c.data(), r0), r0, 0, out, g);
@@ -405,7 +445,11 @@ class InferencePlan {
         index_t act = 0;  // per image
         for (const auto& L : layers_) act = std::max(act, L.out_floats(1));
         chunk_ = std::min(batch, chunk > 0 ? chunk : std::max<index_t>(1, kChunkFloats / act));
-        layers_[0].raw_in = !layers_[0].dwpw;
+        Layer& first = layers_[0];
+        first.raw_in = !first.dwpw;
+        for (index_t i = 0; first.raw_in && i < first.k; ++i)
+            for (index_t t = 0; t < first.k * first.cin; ++t)
+                first.koff.push_back(i * (first.w + 2 * first.p) * first.cin + t);
         if (!layers_[0].raw_in) input_.assign(layers_[0].in_floats(chunk_), 0.f);
         make_stages();
         index_t edge = 0, inner = 0;  // floats: a stage's last output (chunk_ images), the others

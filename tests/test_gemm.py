@@ -125,6 +125,31 @@ def test_matmul_packed_b_is_matmul_bitwise(m, k, n, data):
     assert_close(got, ref.matmul(*f64(a, b), False, False)[:, n0:n1], k)
 
 
+@given(m=DIM, k=st.one_of(st.integers(1, 40), st.sampled_from([256, 300])),
+       n=st.one_of(st.integers(1, 40), st.sampled_from([64, 100])), rsa=st.integers(0, 9),
+       seed=st.integers(0, 2**31))
+def test_packed_b_gathered_a_is_the_copied_a_bitwise(m, k, n, rsa, seed):
+    """The plan's stem reads its taps in place: A(i, k) = src[i * rsa + koff[k]], rows overlapping
+    (rsa below K), offsets in any order and repeated, K over one KC slice (256). The same bits as
+    the same A copied out, in full register tiles and in the packed last panel alike."""
+    rng = np.random.default_rng(seed)
+    koff = rng.integers(0, 50, k)
+    src = rand(rng, ((m - 1) * rsa + 50,))
+    b = rand(rng, (k, n))
+    a = src[np.arange(m)[:, None] * rsa + koff[None, :]]
+    got = _C._matmul_packed_b_gather(src, m, rsa, koff.tolist(), b)
+    np.testing.assert_array_equal(got, _C._matmul_packed_b(a, b, 0, n)[0],
+                                  err_msg=f"m={m} k={k} n={n} rsa={rsa}")
+
+
+def test_packed_b_gather_checks_its_offsets():
+    b = np.ones((2, 4), np.float32)
+    with pytest.raises(ValueError, match=r"koff must have one offset per row of b \(2\), got 3"):
+        _C._matmul_packed_b_gather(np.ones(10, np.float32), 2, 1, [0, 1, 2], b)
+    with pytest.raises(ValueError, match="offset 9 reads outside src"):
+        _C._matmul_packed_b_gather(np.ones(10, np.float32), 2, 1, [0, 9], b)
+
+
 @pytest.mark.parametrize("n", [8, 100])
 def test_packed_b_rows_do_not_depend_on_the_panel(n):
     """A row of C has the same bits whether it is multiplied in a full register tile, read in
