@@ -211,7 +211,8 @@ void gemm_row(const Layer& L, index_t r, index_t q0, index_t q1, const float* A,
 // Output row r of a first full conv (raw_in) without im2col: the k input rows it reads are copied
 // into `strip`, zero-padded as the layer's padding asks (rows outside the image all zeros), and the
 // GEMM reads each pixel's taps there in place (A's rows s * cin floats apart, gathered by koff).
-// The strip is k * (w + 2p) * cin floats, about k/s times fewer than the row's im2col.
+// The strip is k * (w + 2p) * cin floats, about k/s times fewer than the row's im2col. Used for
+// whole tiles (run_tile); a tile the team shares (a small input at batch 1) is still im2col'd.
 void direct_row(const Layer& L, const float* in, index_t r, float* out, float* strip, float* g) {
     const index_t n = r / L.ho, oh = r % L.ho, C = L.cin, wp = L.w + 2 * L.p;
     for (index_t i = 0; i < L.k; ++i) {
