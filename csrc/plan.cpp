@@ -187,25 +187,16 @@ struct StoreBlocks {
 };
 
 // sgemm_packed_b of rows [m0, m0 + M) x columns [n0, n1) of a tile (left operand a, result c as
-// StoreBlocks reads it) with bias + act in its epilogue.
+// StoreBlocks reads it) with bias + act in its epilogue. a's rows are K floats apart, or lda with
+// its taps gathered by koff (direct_row).
 void gemm_store(const Layer& L, index_t M, index_t n0, index_t n1, const float* a, float* c,
-                index_t r0, index_t m0, float* out, float* g) {
+                index_t r0, index_t m0, float* out, float* g, index_t lda = 0,
+                const index_t* koff = nullptr) {
     const StoreBlocks store{&L, c, r0, m0, out};
     const GemmEpilogue epilogue = std::cref(store);  // held in place: nothing allocated
-    const index_t K = L.K(), N = L.cout;
-    sgemm_packed_b(M, n0, n1, a + m0 * K, K, 1, L.gw, c + m0 * N + n0, N, false, g, &epilogue);
-}
-
-// Pixels [q0, q1) of output row r: the GEMM of their left operand A (rows rsa apart; gathered by
-// koff when given) with the weights straight into the padded output, bias + act there in place.
-void gemm_row(const Layer& L, index_t r, index_t q0, index_t q1, const float* A, index_t rsa,
-              const index_t* koff, float* out, float* g) {
-    if (q1 <= q0) return;
-    float* row = out_row(L, out, r);
-    const StoreBlocks store{&L, row, r, q0, out};
-    const GemmEpilogue epilogue = std::cref(store);
-    sgemm_packed_b(q1 - q0, 0, L.cout, A, rsa, 1, L.gw, row + q0 * L.cout, L.cout, false, g,
-                   &epilogue, koff);
+    const index_t N = L.cout, rsa = koff ? lda : L.K();
+    sgemm_packed_b(M, n0, n1, a + m0 * rsa, rsa, 1, L.gw, c + m0 * N + n0, N, false, g, &epilogue,
+                   koff);
 }
 
 // Output row r of a first full conv (raw_in) without im2col: the k input rows it reads are copied
@@ -226,7 +217,8 @@ void direct_row(const Layer& L, const float* in, index_t r, float* out, float* s
         std::memcpy(d + L.p * C, in + (n * L.h + ih) * L.w * C, sizeof(float) * L.w * C);
         zero(d + (L.p + L.w) * C, L.p * C);
     }
-    gemm_row(L, r, 0, L.wo, strip, L.s * C, L.koff.data(), out, g);
+    gemm_store(L, L.wo, 0, L.cout, strip, out_row(L, out, r), r, 0, out, g, L.s * C,
+               L.koff.data());
     zero_border(L, r, out);
 }
 
@@ -258,7 +250,7 @@ void run_tile(const Layer& L, const float* in, float* out, index_t r0, index_t r
     }
     if (L.p_out > 0 && L.wo >= K) {
         for (index_t r = r0; r < r1; ++r)
-            gemm_row(L, r, 0, L.wo, a + (r - r0) * row_a, K, nullptr, out, g);
+            gemm_store(L, L.wo, 0, N, a + (r - r0) * row_a, out_row(L, out, r), r, 0, out, g);
         return;
     }
     gemm_store(L, M, 0, N, a, gemm_dst(L, out, s.c.data(), r0), r0, 0, out, g);
