@@ -946,10 +946,10 @@ class Loader:
     Training loaders (train=True) shuffle each epoch, augment (crop with `pad` pixels of zero
     padding, or a random-resized crop of area fraction >= resized_crop_area; a horizontal flip
     of half the images if hflip; a cutout square of `cutout` pixels if > 0), mix the batch (mixup /
-    cutmix: Beta parameters, 0 off; the labels then come as Mixed) and drop the last incomplete
-    batch; evaluation loaders go in order over every image. side(epoch), if given, is the side in
-    pixels of epoch's training batches: batches made at S are then area_resize'd to it
-    (progressive resizing).
+    cutmix: Beta parameters, 0 off; the labels then come as Mixed; with mix_epochs, only in the
+    epochs before it) and drop the last incomplete batch; evaluation loaders go in order over every
+    image. side(epoch), if given, is the side in pixels of epoch's training batches: batches made at
+    S are then area_resize'd to it (progressive resizing).
 
     `for x, y in loader` runs one epoch (the first loop epoch 0, the next epoch 1, ...);
     `epoch(e, start)` iterates (i, x, y) of epoch e from batch `start`. Both prepare the next
@@ -961,12 +961,12 @@ class Loader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, resized_crop_area=None,
-                 cutout=0, hflip=True, mixup=0.0, cutmix=0.0, prefetch=2, shard=(0, 1), side=None):
+                 cutout=0, hflip=True, mixup=0.0, cutmix=0.0, mix_epochs=None, prefetch=2, shard=(0, 1), side=None):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.train, self.seed, self.pad, self.prefetch = train, seed, pad, prefetch
         self.resized_crop_area, self.cutout, self.hflip = resized_crop_area, cutout, hflip
-        self.mixup, self.cutmix = mixup, cutmix
+        self.mixup, self.cutmix, self.mix_epochs = mixup, cutmix, mix_epochs
         self.side = side
         self.next_epoch = 0
         self.shard = shard
@@ -987,7 +987,8 @@ class Loader:
         batch = order[i * b:(i + 1) * b]
         x = self._augmented(batch[lo:hi], epoch, i, lo)
         y = self.labels[batch[lo:hi]]
-        draw = mix_draw(self.seed, epoch, i, b, x.shape[1], self.mixup, self.cutmix)
+        mixing = self.mix_epochs is None or epoch < self.mix_epochs
+        draw = mix_draw(self.seed, epoch, i, b, x.shape[1], self.mixup, self.cutmix) if mixing else None
         side = x.shape[1] if self.side is None else self.side(epoch)
         if draw is None:
             return area_resize(x, side), y

@@ -84,6 +84,25 @@ def test_mpi_shards_are_slices_of_the_whole_mixed_batch(opts):
     assert {p[1].lam for p in parts} == {whole[1].lam}
 
 
+def test_mix_epochs_mixes_the_epochs_before_it_and_leaves_the_rest_as_unmixed_loaders_make_them():
+    x, y = _images(n=16, s=8)
+    for kw in ({"cutmix": 1.0}, {"mixup": 0.4}, {"mixup": 0.4, "cutmix": 1.0}):
+        until, always, never = _loader(x, y, mix_epochs=2, **kw), _loader(x, y, **kw), _loader(x, y)
+        for epoch in range(4):
+            for i in range(2):
+                got, want = until.batch(epoch, i), (always if epoch < 2 else never).batch(epoch, i)
+                assert isinstance(got[1], data.Mixed) == (epoch < 2)
+                np.testing.assert_array_equal(got[0], want[0])
+                if epoch < 2:
+                    assert got[1].lam == want[1].lam
+                    np.testing.assert_array_equal(got[1].b, want[1].b)
+                np.testing.assert_array_equal(np.asarray(got[1].a if epoch < 2 else got[1]),
+                                              np.asarray(want[1].a if epoch < 2 else want[1]))
+    cfg = {"resolution": 32, "epochs": 300, "mix_until": 0.9, "cutmix": 1.0}
+    assert train.augmentation(cfg)["mix_epochs"] == 270
+    assert train.augmentation({"resolution": 32, "epochs": 50})["mix_epochs"] == 50  # runs saved before the option
+
+
 def test_mixed_loss_and_accuracy():
     logits = Tensor(np.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]], np.float32))
     a, b = np.array([0, 2]), np.array([1, 1])
@@ -124,6 +143,8 @@ def test_presets_resolve_to_their_documented_values_and_options_override_them():
     (["--mixup", "-1"], "argument --mixup"),
     (["--cutmix", "nan"], "argument --cutmix"),
     (["--recipe", "record", "--warmup", "400"], "--warmup 400.0 is longer than --epochs 300"),
+    (["--mix-until", "0.5"], "--mix-until 0.5 needs --mixup or --cutmix"),
+    (["--cutmix", "1", "--mix-until", "0"], "argument --mix-until"),
 ])
 def test_bad_recipe_and_mix_options_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -138,11 +159,11 @@ def tiny(tmp_path_factory):
 
 def test_resume_with_mixup_and_cutmix_is_bit_identical(tiny, tmp_path, capsys):
     common = ["--epochs", "2", "--limit-train", "128", "--limit-test", "32", "--mixup", "0.4", "--cutmix", "1",
-              "--cutout", "0.25", "--recipe", "fast"]
+              "--cutout", "0.25", "--recipe", "fast", "--mix-until", "0.5"]  # epoch 2 unmixed
     _assert_resume_is_bit_identical(_args(tiny, tmp_path / "a", *common), _args(tiny, tmp_path / "b", *common), tiny)
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert (cfg["recipe"], cfg["epochs"], cfg["mixup"], cfg["cutmix"], cfg["cutout"], cfg["dw_weight_decay"]) == \
-        ("fast", 2, 0.4, 1.0, 0.25, 5e-4)
+    assert (cfg["recipe"], cfg["epochs"], cfg["mixup"], cfg["cutmix"], cfg["cutout"], cfg["dw_weight_decay"],
+            cfg["mix_until"]) == ("fast", 2, 0.4, 1.0, 0.25, 5e-4, 0.5)
     metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= m["train_acc"] <= 1 and np.isfinite(m["train_loss"]) for m in metrics)
     assert [json.loads(line)["train_acc"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] \
