@@ -68,7 +68,11 @@ def main(argv=None):
                    help="with --tta, also the image and its mirror moved diagonally by +-PX pixels (6 views)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights when the checkpoint has them (default; --no-ema: the raw weights)")
-    p.add_argument("--limit-test", type=int_in(1), default=None, help="use N test images (a fixed subset)")
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="test: the run's test (or held-out) split (default); train: the images it trained on, "
+                        "unaugmented (how far the weights fit them, against the test split's figure)")
+    p.add_argument("--limit-test", type=int_in(1), default=None,
+                   help="use N images of the evaluated split (a fixed subset)")
     p.add_argument("--threads", type=int_in(1, max_threads), default=None, help="kernel threads")
     args = p.parse_args(argv)
     if args.tta_shift and not args.tta:
@@ -92,11 +96,14 @@ def main(argv=None):
         return 2
     # A PyTorch file names no classes (its model has '0', '1', ...): it takes the data's, if as many.
     named = ck is not None
+    train = args.split == "train"
     cfg = {"dataset": run_cfg.get("dataset"), "val_split": run_cfg.get("val_split"), "resolution": model.input_size,
-           "limit_train": 0, "limit_test": args.limit_test, "classes": list(model.classes) if named else None,
-           "mean": model.mean, "std": model.std}
+           "limit_train": args.limit_test if train else 0, "limit_test": 0 if train else args.limit_test,
+           "classes": list(model.classes) if named else None, "mean": model.mean, "std": model.std}
     try:
-        _, _, xte, yte = D.prepare_data(cfg, args.data_dir, verbose=False)
+        xtr, ytr, xte, yte = D.prepare_data(cfg, args.data_dir, verbose=False)
+        if train:
+            xte, yte = xtr, ytr
     except D.DataError as e:
         print(f"mbnet: {e}", file=sys.stderr)
         return 2
@@ -115,7 +122,7 @@ def main(argv=None):
     where = f"epoch {meta['epoch']}, step {meta.get('step', '?')}, " if "epoch" in meta else ""
     tta = f", flip + {args.tta_shift} px shift TTA" if args.tta_shift else ", flip TTA" if args.tta else ""
     print(f"{args.weights}: {where}{'EMA' if use_ema else 'raw'} weights{tta}")
-    print(format_report(yte, preds, classes, eval_split(cfg)))
+    print(format_report(yte, preds, classes, "train (unaugmented)" if train else eval_split(cfg)))
     return 0
 
 

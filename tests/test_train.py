@@ -143,6 +143,27 @@ def test_shift_tta_is_recorded_and_evaluate_reproduces_it(tiny, tmp_path, capsys
     assert e.value.code == 2 and "--tta-shift 1 needs --tta" in capsys.readouterr().err
 
 
+def test_evaluate_split_train_scores_the_unaugmented_training_images(tiny, tmp_path, capsys):
+    """--split train: the accuracy of the weights on the images they trained on, against the model's
+    own autograd forward over the training pickles fitted to the run's resolution."""
+    from mbnet import Tensor
+    from mbnet.models import load
+    out = tmp_path / "run"
+    assert train.main(_args(tiny, out, "--epochs", "1", "--limit-test", "48")) == 0
+    capsys.readouterr()
+    assert evaluate.main([str(out / "last.npz"), "--data-dir", str(tiny), "--split", "train"]) == 0
+    text = capsys.readouterr().out
+    raw = data.read_pickles(tiny)
+    x = np.stack([data.fit_image(im, 16) for im in raw["train_x"]])
+    model = load(out / "last.npz").eval()
+    x = (x / 255.0 - np.array(model.mean)) / np.array(model.std)
+    pred = model(Tensor(x.astype(np.float32))).data.argmax(1)
+    right = int((pred == raw["train_y"]).sum())
+    assert len(pred) == 320 and f"train (unaugmented) accuracy: {100 * right / 320:.2f}% ({right}/320)" in text
+    assert evaluate.main([str(out / "last.npz"), "--data-dir", str(tiny), "--split", "train", "--limit-test", "40"]) == 0
+    assert "/40)" in capsys.readouterr().out
+
+
 def test_eval_every_skips_test_passes_and_changes_no_weight(tiny, tmp_path, capsys):
     """--eval-every 2 over 3 epochs evaluates after epochs 2 and 3 (the last) only, the curves and the epoch
     lines follow, and the weights are bitwise those of the run that evaluates every epoch."""
