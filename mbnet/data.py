@@ -40,6 +40,8 @@ partner of the same batch (a random permutation) and one lambda ~ Beta(alpha, al
 lambda x image + (1 - lambda) x partner, CutMix pastes the partner's box of area fraction 1 - lambda
 (lambda recomputed from the box clipped to the image). The labels come as Mixed(a, b, lam): the loss
 is lam CE(a) + (1 - lam) CE(b). With both on, each batch is one or the other, with equal chances.
+With a probability p < 1, a coin of its own stream leaves each batch unmixed with chance 1 - p; a
+batch it mixes is the batch p = 1 mixes.
 """
 import hashlib
 import json
@@ -74,7 +76,7 @@ PARALLEL_MIN = 2000  # fewer images are decoded in this process (a pool costs mo
 
 # Seeds of the independent random streams; see shuffle_order, augment_batch, cutout_batch, _carve, mix_draw
 # (3 is the trainer's dropout stream).
-_SHUFFLE, _AUGMENT, _CUTOUT, _VAL, _MIX = 1, 2, 4, 5, 6
+_SHUFFLE, _AUGMENT, _CUTOUT, _VAL, _MIX, _MIX_COIN = 1, 2, 4, 5, 6, 7
 
 
 class DataError(RuntimeError):
@@ -872,13 +874,16 @@ class MixDraw(NamedTuple):
     box: tuple
 
 
-def mix_draw(seed, epoch, batch, b, s, mixup=0.0, cutmix=0.0):
+def mix_draw(seed, epoch, batch, b, s, mixup=0.0, cutmix=0.0, prob=1.0):
     """The MixDraw of batch (seed, epoch, batch) of b images of side s, or None when mixup and cutmix
-    (the Beta(alpha, alpha) parameters) are both 0. With both > 0 a coin picks one per batch.
+    (the Beta(alpha, alpha) parameters) are both 0, or with probability 1 - prob (a coin of its own
+    stream, so the batches it mixes are mixed as with prob 1). With both > 0 a coin picks one per batch.
 
     CutMix: a box of sides s x sqrt(1 - lam) centred uniformly on the image and clipped to it; lam
     is then 1 - the box's area fraction, the weight of the labels of the images it is pasted into."""
     if not (mixup or cutmix):
+        return None
+    if prob < 1 and np.random.default_rng([seed, _MIX_COIN, epoch, batch]).random() >= prob:
         return None
     rng = np.random.default_rng([seed, _MIX, epoch, batch])
     kind = "cutmix" if not mixup else "mixup" if not cutmix else ("mixup", "cutmix")[rng.integers(2)]
@@ -946,8 +951,8 @@ class Loader:
     Training loaders (train=True) shuffle each epoch, augment (crop with `pad` pixels of zero
     padding, or a random-resized crop of area fraction >= resized_crop_area; a horizontal flip
     of half the images if hflip; a cutout square of `cutout` pixels if > 0), mix the batch (mixup /
-    cutmix: Beta parameters, 0 off; the labels then come as Mixed; with mix_epochs, only in the
-    epochs before it) and drop the last incomplete batch; evaluation loaders go in order over every
+    cutmix: Beta parameters, 0 off; the labels then come as Mixed; a batch with probability mix_prob;
+    with mix_epochs, only in the epochs before it) and drop the last incomplete batch; evaluation loaders go in order over every
     image. side(epoch), if given, is the side in pixels of epoch's training batches: batches made at
     S are then area_resize'd to it (progressive resizing).
 
@@ -961,12 +966,13 @@ class Loader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, resized_crop_area=None,
-                 cutout=0, hflip=True, mixup=0.0, cutmix=0.0, mix_epochs=None, prefetch=2, shard=(0, 1), side=None):
+                 cutout=0, hflip=True, mixup=0.0, cutmix=0.0, mix_prob=1.0, mix_epochs=None, prefetch=2, shard=(0, 1),
+                 side=None):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.train, self.seed, self.pad, self.prefetch = train, seed, pad, prefetch
         self.resized_crop_area, self.cutout, self.hflip = resized_crop_area, cutout, hflip
-        self.mixup, self.cutmix, self.mix_epochs = mixup, cutmix, mix_epochs
+        self.mixup, self.cutmix, self.mix_prob, self.mix_epochs = mixup, cutmix, mix_prob, mix_epochs
         self.side = side
         self.next_epoch = 0
         self.shard = shard
@@ -988,7 +994,8 @@ class Loader:
         x = self._augmented(batch[lo:hi], epoch, i, lo)
         y = self.labels[batch[lo:hi]]
         mixing = self.mix_epochs is None or epoch < self.mix_epochs
-        draw = mix_draw(self.seed, epoch, i, b, x.shape[1], self.mixup, self.cutmix) if mixing else None
+        draw = mix_draw(self.seed, epoch, i, b, x.shape[1], self.mixup, self.cutmix, self.mix_prob) \
+            if mixing else None
         side = x.shape[1] if self.side is None else self.side(epoch)
         if draw is None:
             return area_resize(x, side), y

@@ -155,6 +155,8 @@ def build_parser():
            "clipped to the image), pasted from a shuffle of the batch, labels weighted by area (default 0: off); "
            "with --mixup too, each batch is one or the other. Train accuracy of a mixed batch: lambda x "
            "(hits of the first labels) + (1 - lambda) x (hits of the second)")
+    a("--mix-prob", type=float_in(0, 1, lo_open=True), default=1.0, metavar="P",
+      help="with --mixup or --cutmix: mix each batch with probability P, the rest unmixed (default 1: every batch)")
     a("--mix-until", type=float_in(0, 1, lo_open=True), default=1.0, metavar="F",
       help="with --mixup or --cutmix: mix the batches of the first round(F x epochs) epochs only, the rest "
            "train on unmixed images (default 1: every epoch)")
@@ -250,7 +252,7 @@ def augmentation(cfg):
     return {"pad": round(cfg["crop_padding"] * s) if "crop_padding" in cfg else 4,
             "resized_crop_area": cfg.get("random_resized_crop"), "cutout": round(cfg.get("cutout", 0.0) * s),
             "hflip": cfg.get("hflip", True), "mixup": cfg.get("mixup", 0.0), "cutmix": cfg.get("cutmix", 0.0),
-            "mix_epochs": round(cfg.get("mix_until", 1.0) * cfg["epochs"])}
+            "mix_prob": cfg.get("mix_prob", 1.0), "mix_epochs": round(cfg.get("mix_until", 1.0) * cfg["epochs"])}
 
 
 def train_side(cfg, epoch):
@@ -309,8 +311,9 @@ def check_args(parser, args):
     if args.progressive_resize is not None and args.progressive_resize >= args.resolution:
         parser.error(f"--progressive-resize {args.progressive_resize} must be smaller than --resolution "
                      f"{args.resolution}")
-    if args.mix_until != 1 and not (args.mixup or args.cutmix):
-        parser.error(f"--mix-until {args.mix_until} needs --mixup or --cutmix")
+    for opt in ("mix_prob", "mix_until"):
+        if getattr(args, opt) != 1 and not (args.mixup or args.cutmix):
+            parser.error(f"--{opt.replace('_', '-')} {getattr(args, opt)} needs --mixup or --cutmix")
     if args.milestones is not None and list(args.milestones) != sorted(set(args.milestones)):
         parser.error(f"--milestones must increase, got {' '.join(map(str, args.milestones))}")
 

@@ -84,6 +84,29 @@ def test_mpi_shards_are_slices_of_the_whole_mixed_batch(opts):
     assert {p[1].lam for p in parts} == {whole[1].lam}
 
 
+@pytest.mark.parametrize("opts", [{"cutmix": 1.0}, {"mixup": 0.4, "cutmix": 1.0}])
+def test_mix_prob_leaves_a_fraction_of_batches_unmixed_and_mixes_the_rest_as_prob_1(opts):
+    keys = [(epoch, i) for epoch in range(4) for i in range(100)]
+    draws = [data.mix_draw(5, *k, 16, 8, prob=0.3, **opts) for k in keys]
+    assert 0.25 < sum(d is not None for d in draws) / len(draws) < 0.35  # a coin per batch, p = 0.3
+    for k, d in zip(keys, draws):
+        again, every = data.mix_draw(5, *k, 16, 8, prob=0.3, **opts), data.mix_draw(5, *k, 16, 8, **opts)
+        assert (again is None) == (d is None)
+        if d is not None:  # mixed as with prob 1
+            assert (d.kind, d.lam, d.box) == (every.kind, every.lam, every.box) == (again.kind, again.lam, again.box)
+            np.testing.assert_array_equal(d.partner, every.partner)
+    x, y = _images(n=80, s=8)  # the loader: a mixed batch is prob 1's, an unmixed one the plain loader's
+    some, always, never = _loader(x, y, mix_prob=0.3, **opts), _loader(x, y, **opts), _loader(x, y)
+    seen = set()
+    for i in range(10):
+        got = some.batch(0, i)
+        mixed = data.mix_draw(3, 0, i, 8, 8, prob=0.3, **opts) is not None
+        seen.add(mixed)
+        assert isinstance(got[1], data.Mixed) == mixed
+        np.testing.assert_array_equal(got[0], (always if mixed else never).batch(0, i)[0])
+    assert seen == {True, False}
+
+
 def test_mix_epochs_mixes_the_epochs_before_it_and_leaves_the_rest_as_unmixed_loaders_make_them():
     x, y = _images(n=16, s=8)
     for kw in ({"cutmix": 1.0}, {"mixup": 0.4}, {"mixup": 0.4, "cutmix": 1.0}):
@@ -144,6 +167,8 @@ def test_presets_resolve_to_their_documented_values_and_options_override_them():
     (["--cutmix", "nan"], "argument --cutmix"),
     (["--recipe", "record", "--warmup", "400"], "--warmup 400.0 is longer than --epochs 300"),
     (["--mix-until", "0.5"], "--mix-until 0.5 needs --mixup or --cutmix"),
+    (["--mix-prob", "0.5"], "--mix-prob 0.5 needs --mixup or --cutmix"),
+    (["--mixup", "1", "--mix-prob", "1.5"], "argument --mix-prob"),
     (["--cutmix", "1", "--mix-until", "0"], "argument --mix-until"),
 ])
 def test_bad_recipe_and_mix_options_are_one_line(argv, message, capsys):
@@ -159,11 +184,11 @@ def tiny(tmp_path_factory):
 
 def test_resume_with_mixup_and_cutmix_is_bit_identical(tiny, tmp_path, capsys):
     common = ["--epochs", "2", "--limit-train", "128", "--limit-test", "32", "--mixup", "0.4", "--cutmix", "1",
-              "--cutout", "0.25", "--recipe", "fast", "--mix-until", "0.5"]  # epoch 2 unmixed
+              "--cutout", "0.25", "--recipe", "fast", "--mix-until", "0.5", "--mix-prob", "0.7"]  # epoch 2 unmixed
     _assert_resume_is_bit_identical(_args(tiny, tmp_path / "a", *common), _args(tiny, tmp_path / "b", *common), tiny)
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (cfg["recipe"], cfg["epochs"], cfg["mixup"], cfg["cutmix"], cfg["cutout"], cfg["dw_weight_decay"],
-            cfg["mix_until"]) == ("fast", 2, 0.4, 1.0, 0.25, 5e-4, 0.5)
+            cfg["mix_until"], cfg["mix_prob"]) == ("fast", 2, 0.4, 1.0, 0.25, 5e-4, 0.5, 0.7)
     metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= m["train_acc"] <= 1 and np.isfinite(m["train_loss"]) for m in metrics)
     assert [json.loads(line)["train_acc"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] \
