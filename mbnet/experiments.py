@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from .run import (Interrupt, Parser, RunError, RunLock, dumps, float_in, int_in, machine_name, max_threads, set_threads,
-                  write_text)
+                  read_metrics, write_text)
 
 ALPHAS = (1.0, 0.75, 0.5, 0.25)
 RESOLUTIONS = (32, 28, 24, 20)  # rho = 1, 6/7, 5/7, 4/7 of CIFAR's 32 px
@@ -181,13 +181,6 @@ def accuracy_name(settings):
 
 # ----------------------------------------------------------------------------------------------
 # Runs
-
-
-def read_metrics(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_state(run_dir, epochs):

@@ -1,4 +1,13 @@
-"""Loss and accuracy curves of a run (metrics.jsonl rows) as a PNG, with matplotlib's Agg backend."""
+"""Loss and accuracy curves of a run (metrics.jsonl rows) as a PNG, with matplotlib's Agg backend.
+
+`python -m mbnet.plot RUN [RUN ...] --out FILE.png` draws several runs' curves on common axes (each
+run's evaluated accuracy, EMA where it kept one, and its train loss), to compare runs that differ in
+one option.
+"""
+import json
+import sys
+from pathlib import Path
+
 from .checkpoint import atomic_write
 
 
@@ -98,3 +107,70 @@ def plot_bars(labels, series, path, *, xlabel, title):
         ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_runs(runs, path, split="test"):
+    """runs: {label: metrics rows}; left, each run's accuracy on `split` at the epochs it was
+    evaluated (the EMA weights' where it kept an EMA, and the final TTA as a point); right, its
+    train loss per epoch. Written atomically (checkpoint.WriteError on failure)."""
+    plt = _pyplot()
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, metrics in runs.items():
+        evaluated = [m for m in metrics if "test_acc" in m]
+        key = "ema_test_acc" if evaluated and "ema_test_acc" in evaluated[-1] else "test_acc"
+        line, = ax_acc.plot([m["epoch"] for m in evaluated], [100 * m[key] for m in evaluated], "o-", ms=3,
+                            label=f"{label}{' (EMA)' if key == 'ema_test_acc' else ''}")
+        if evaluated and "tta_test_acc" in evaluated[-1]:
+            ax_acc.plot([evaluated[-1]["epoch"]], [100 * evaluated[-1]["tta_test_acc"]], "*", ms=10,
+                        color=line.get_color(), label=f"{label}: final, TTA")
+        ax_loss.plot([m["epoch"] for m in metrics], [m["train_loss"] for m in metrics], "-", color=line.get_color(),
+                     label=label)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{split} accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="train loss (of the batches as trained)")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def main(argv=None):
+    from .checkpoint import WriteError
+    from .run import Parser, eval_split, read_metrics
+
+    p = Parser(prog="python -m mbnet.plot", description="Draws the curves of several training runs on common axes.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (with metrics.jsonl)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the PNG to write")
+    p.add_argument("--label", action="append", default=None, metavar="NAME",
+                   help="a run's label, once per run in order (default: the directory names)")
+    args = p.parse_args(argv)
+    if args.label is not None and len(args.label) != len(args.runs):
+        p.error(f"{len(args.label)} --label for {len(args.runs)} runs")
+    if not Path(args.out).parent.is_dir():
+        p.error(f"--out {args.out}: no such directory")
+    runs, splits = {}, set()
+    for i, run in enumerate(args.runs):
+        metrics = read_metrics(run)
+        if not metrics:
+            p.error(f"{run}: no metrics.jsonl with rows (not a run directory, or no epoch finished)")
+        config = Path(run) / "config.json"
+        splits.add(eval_split(json.loads(config.read_text())) if config.is_file() else "test")
+        label = args.label[i] if args.label else Path(run).name
+        if label in runs:
+            p.error(f"two runs named {label!r}: give each a --label")
+        runs[label] = metrics
+    if len(splits) > 1:
+        p.error(f"the runs were evaluated on different splits ({', '.join(sorted(splits))}): their accuracies do "
+                "not compare")
+    try:
+        plot_runs(runs, Path(args.out), split=splits.pop())
+    except WriteError as e:
+        print(f"mbnet: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

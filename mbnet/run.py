@@ -266,6 +266,14 @@ def write_metrics(out, metrics):
     write_text(Path(out) / "metrics.jsonl", "".join(dumps(m) + "\n" for m in metrics))
 
 
+def read_metrics(run_dir):
+    """The rows of run_dir's metrics.jsonl ([] when it has none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 # The files a run writes through temp files named <file><random>.tmp<suffix>.
 RUN_FILES = ("last.npz", "curves.png", "metrics.jsonl", "config.json")
 
