@@ -252,7 +252,8 @@ def augmentation(cfg):
     return {"pad": round(cfg["crop_padding"] * s) if "crop_padding" in cfg else 4,
             "resized_crop_area": cfg.get("random_resized_crop"), "cutout": round(cfg.get("cutout", 0.0) * s),
             "hflip": cfg.get("hflip", True), "mixup": cfg.get("mixup", 0.0), "cutmix": cfg.get("cutmix", 0.0),
-            "mix_prob": cfg.get("mix_prob", 1.0), "mix_epochs": round(cfg.get("mix_until", 1.0) * cfg["epochs"])}
+            "mix_prob": cfg.get("mix_prob", 1.0),
+            "mix_epochs": None if cfg.get("mix_until", 1.0) == 1 else round(cfg["mix_until"] * cfg["epochs"])}
 
 
 def train_side(cfg, epoch):

@@ -423,7 +423,7 @@ def test_augmentation_options_are_deterministic_per_batch(rng):
 def test_crop_padding_scales_with_the_resolution():
     cfg = train.make_config(train.build_parser().parse_args(["--resolution", "224", "--cutout", "0.25"]))
     assert train.augmentation(cfg) == {"pad": 28, "resized_crop_area": None, "cutout": 56, "hflip": True,
-                                         "mixup": 0.0, "cutmix": 0.0, "mix_prob": 1.0, "mix_epochs": 50}
+                                         "mixup": 0.0, "cutmix": 0.0, "mix_prob": 1.0, "mix_epochs": None}
     cfg = train.make_config(train.build_parser().parse_args(["--crop-padding", "0.25", "--random-resized-crop", "0.5",
                                                              "--no-hflip", "--mixup", "0.2", "--cutmix", "1",
                                                              "--mix-prob", "0.5", "--mix-until", "0.8"]))
