@@ -951,10 +951,11 @@ class Loader:
     Training loaders (train=True) shuffle each epoch, augment (crop with `pad` pixels of zero
     padding, or a random-resized crop of area fraction >= resized_crop_area; a horizontal flip
     of half the images if hflip; a cutout square of `cutout` pixels if > 0), mix the batch (mixup /
-    cutmix: Beta parameters, 0 off; the labels then come as Mixed; a batch with probability mix_prob;
-    with mix_epochs, only in the epochs before it) and drop the last incomplete batch; evaluation loaders go in order over every
-    image. side(epoch), if given, is the side in pixels of epoch's training batches: batches made at
-    S are then area_resize'd to it (progressive resizing).
+    cutmix: Beta parameters, 0 off; the labels then come as Mixed; a batch with probability
+    mix_prob; with mix_epochs, only in the epochs before it) and drop the last incomplete batch;
+    evaluation loaders go in order over every image. side(epoch), if given, is the side in pixels
+    of epoch's training batches: batches made at S are then area_resize'd to it (progressive
+    resizing).
 
     `for x, y in loader` runs one epoch (the first loop epoch 0, the next epoch 1, ...);
     `epoch(e, start)` iterates (i, x, y) of epoch e from batch `start`. Both prepare the next
