@@ -3,6 +3,7 @@ saves non-finite weights; a run directory is locked; every bad option is a one-l
 anything is written; SIGTERM saves and exits 143; a failed save names the file and errno and keeps
 the previous checkpoint; temp files a killed run left are removed; files get umask modes."""
 import errno
+import importlib
 import json
 import os
 import signal
@@ -338,3 +339,11 @@ def test_evaluate_reads_a_weights_only_file(tiny, tmp_path, capsys):
     assert evaluate.main(argv) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"{tmp_path / 'w.npz'}: raw weights") and "test accuracy:" in text
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate", "predict", "export", "experiments", "plot"])
+def test_every_command_line_prints_its_help(module, capsys):
+    """--help formats every option's help (a stray % in one of them breaks it for all)."""
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"mbnet.{module}").main(["--help"])
+    assert e.value.code == 0 and f"python -m mbnet.{module}" in capsys.readouterr().out
