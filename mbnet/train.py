@@ -66,6 +66,10 @@ RECIPES = {
 }
 
 
+# Options a --branch may change: none of them acts on the epochs already trained (mix_until: see branch_config).
+BRANCH_KEYS = ("mix_until", "eval_every", "tta", "tta_shift")
+
+
 def _recipe_help():
     def opts(values):
         return ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
@@ -174,6 +178,12 @@ def build_parser():
     a("--out", default=None, help="run directory (default runs/<name> or runs/<timestamp>)")
     a("--name", default=None, help="run name, for the default --out")
     a("--resume", action="store_true", help="continue from <out>/last.npz")
+    a("--branch", metavar="CHECKPOINT", default=None,
+      help="start a new run in --out from another run's training checkpoint (its weights, optimizer, EMA, "
+           "position and metrics so far), with the options given here changed. Only options that leave the epochs "
+           f"already trained as they were may change ({', '.join('--' + k.replace('_', '-') for k in BRANCH_KEYS)}; "
+           "--mix-until only where the run has not yet reached either setting's switch): the branch then goes on as "
+           "an unbroken run with those options would")
     a("--sync-bn", action="store_true",
       help="under MPI: BatchNorm uses the statistics of the global batch (default: each rank's shard's)")
     a("--overlap", action=argparse.BooleanOptionalAction, default=True,
@@ -196,7 +206,8 @@ def build_parser():
 
 
 # Options that do not change the computed weights; everything else is frozen in the checkpoint.
-RUNTIME_KEYS = ("threads", "data_dir", "out", "name", "resume", "on_nan", "workers", "overlap", "mpi_timeout")
+RUNTIME_KEYS = ("threads", "data_dir", "out", "name", "resume", "branch", "on_nan", "workers", "overlap",
+                "mpi_timeout")
 
 
 def make_config(args):
@@ -257,6 +268,33 @@ def augmentation(cfg):
             "mix_epochs": None if cfg.get("mix_until", 1.0) == 1 else round(cfg["mix_until"] * cfg["epochs"])}
 
 
+def branch_config(cfg, changes, pos, source):
+    """The configuration of a run branched from checkpoint ``source``, saved at pos (its "epoch" and
+    "batch"), with ``changes``: only BRANCH_KEYS may change, and --mix-until only where both settings
+    mix the epochs already begun alike. The branch's record of where it came from goes in
+    "branched_from" (a list: a branch of a branch keeps both)."""
+    def opt(key):
+        return "--" + key.replace("_", "-")
+
+    fixed = sorted(set(changes) - set(BRANCH_KEYS))
+    if fixed:
+        raise RunError(f"--branch: {', '.join(opt(k) for k in fixed)} would change the epochs already trained; a "
+                       f"branch may change only {', '.join(map(opt, BRANCH_KEYS))}")
+    new = {**cfg, **changes}
+    if "mix_until" in changes:
+        if not (cfg.get("mixup") or cfg.get("cutmix")):
+            raise RunError(f"--branch: --mix-until needs a run with --mixup or --cutmix; {source} has neither")
+        begun = pos["epoch"] + (pos["batch"] > 0)  # epochs 0 .. begun-1 have (partly) been trained
+        before, after = (augmentation(c)["mix_epochs"] for c in (cfg, new))  # mixing in epoch e < mix_epochs
+        first_unmixed = min(m for m in (before, after) if m is not None)  # at least one is a number here
+        if first_unmixed < begun:
+            raise RunError(f"--branch: --mix-until {changes['mix_until']:g} and the run's {cfg.get('mix_until', 1.0):g} "
+                           f"disagree from epoch {first_unmixed + 1} on, and {source} has begun epoch {begun}")
+    where = {"checkpoint": str(source), "epoch": pos["epoch"], "batch": pos["batch"], "changed": changes}
+    new["branched_from"] = list(cfg.get("branched_from", [])) + [where]
+    return new
+
+
 def train_side(cfg, epoch):
     """The side in pixels of epoch's (0-based) training images: the resolution S, or with
     --progressive-resize MIN_PX, MIN_PX + (S - MIN_PX) e / E' rounded down to a multiple of 8 px (at
@@ -300,8 +338,10 @@ def _given_args(parser, argv):
 
 def check_args(parser, args):
     """Checks between options (parser.error: one line, exit 2)."""
-    if args.resume and args.init:
-        parser.error("--init starts a new run; it cannot be combined with --resume")
+    if args.resume and (args.init or args.branch):
+        parser.error(f"--{'init' if args.init else 'branch'} starts a new run; it cannot be combined with --resume")
+    if args.branch and args.init:
+        parser.error("--branch starts from its checkpoint's weights; it cannot be combined with --init")
     if args.out == "" or args.name == "":
         parser.error("--out and --name must not be empty (leave them out for runs/<timestamp>)")
     if args.resume and not (args.out or args.name):
@@ -314,7 +354,7 @@ def check_args(parser, args):
         parser.error(f"--progressive-resize {args.progressive_resize} must be smaller than --resolution "
                      f"{args.resolution}")
     for opt in ("mix_prob", "mix_until"):
-        if getattr(args, opt) != 1 and not (args.mixup or args.cutmix):
+        if getattr(args, opt) != 1 and not (args.mixup or args.cutmix or args.branch):  # a branch: branch_config
             parser.error(f"--{opt.replace('_', '-')} {getattr(args, opt)} needs --mixup or --cutmix")
     if args.milestones is not None and list(args.milestones) != sorted(set(args.milestones)):
         parser.error(f"--milestones must increase, got {' '.join(map(str, args.milestones))}")
@@ -650,15 +690,24 @@ def start_run(args, argv, parser, out, world=None):
     from .models import from_config
 
     ckpt, source = None, None
-    if args.resume:
-        ckpt = load_checkpoint(out / "last.npz")
+    if args.resume or args.branch:
+        path = out / "last.npz" if args.resume else Path(args.branch)
+        ckpt = load_checkpoint(path)
         if "config" not in ckpt["meta"]:
-            raise RunError(f"{out / 'last.npz'}: a weights file, not a training checkpoint (it has no run "
-                           "configuration); start a run from it with --init instead of --resume")
+            raise RunError(f"{path}: a weights file, not a training checkpoint (it has no run configuration); "
+                           f"start a run from it with --init instead of --{'resume' if args.resume else 'branch'}")
         cfg = ckpt["meta"]["config"]
-        ignored = sorted(k for k in _explicit_args(parser, argv) - set(RUNTIME_KEYS) if vars(args)[k] != cfg.get(k))
-        if ignored:
-            print(f"mbnet: --resume uses the run's saved configuration; ignoring {', '.join(ignored)}", file=sys.stderr)
+        if args.resume:
+            ignored = sorted(k for k in _explicit_args(parser, argv) - set(RUNTIME_KEYS) if vars(args)[k] != cfg.get(k))
+            if ignored:
+                print(f"mbnet: --resume uses the run's saved configuration; ignoring {', '.join(ignored)}",
+                      file=sys.stderr)
+        else:
+            if (out / "last.npz").exists():
+                raise RunError(f"{out} already holds a run; --branch starts a new one: choose another --out")
+            given = vars(_given_args(parser, argv))
+            changes = {k: v for k, v in given.items() if k not in RUNTIME_KEYS and v != cfg.get(k)}
+            cfg = branch_config(cfg, changes, ckpt["meta"], path)
     else:
         if (out / "last.npz").exists():
             raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -726,7 +775,7 @@ def start_run(args, argv, parser, out, world=None):
         if saved_ranks != world.size:
             print(f"mbnet: note: this run used {saved_ranks} MPI rank(s), now {world.size}; it goes on with the same "
                   "global batch, but the result will not be bit-identical to an unbroken run", file=sys.stderr)
-    else:
+    if ckpt is None or args.branch:
         try:
             if world.rank == 0:
                 write_text(out / "config.json", dumps(cfg, indent=1) + "\n")
@@ -734,7 +783,11 @@ def start_run(args, argv, parser, out, world=None):
             raise RunError(str(e), status=1) from None
     run = Run(out, cfg, train_loader, test_loader, model, opt, ema, pos, on_nan=args.on_nan, world=world,
               overlap=args.overlap)
-    if ckpt is not None:
+    if args.branch:
+        changed = cfg["branched_from"][-1]["changed"]
+        print(f"mbnet: branching {args.branch} at epoch {pos['epoch'] + 1}, step {pos['batch']}/{run.spe} into {out}, "
+              f"changed: {', '.join(f'{k} {v}' for k, v in changed.items()) or 'nothing'}", file=sys.stderr)
+    elif ckpt is not None:
         print(f"mbnet: resuming {out} at epoch {pos['epoch'] + 1}, step {pos['batch']}/{run.spe}", file=sys.stderr)
     nparams = sum(p.data.size for p in model.parameters())
     print(f"mbnet: {type(model).__name__} alpha={cfg['alpha']} {cfg['resolution']}px, {nparams:,} parameters; "

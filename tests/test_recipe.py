@@ -1,14 +1,16 @@
 """Mixup, CutMix and the --recipe presets: the batch draws (shape, dtype, determinism in (seed,
 epoch, step), their defining property, MPI shards), the loss and accuracy of a mixed batch, the
-presets' values and overrides, and a bit-identical resume with mixing on."""
+presets' values and overrides, a bit-identical resume with mixing on, and a --branch that
+switches mixing off."""
 import json
+import signal
 
 import numpy as np
 import pytest
 
 from mbnet import Tensor, data, train
 from mbnet.functional import cross_entropy
-from test_train import _args, _assert_resume_is_bit_identical, _tiny_cifar
+from test_train import _args, _arrays, _meta, _assert_resume_is_bit_identical, _tiny_cifar
 
 
 def _images(n=16, s=8, seed=0):
@@ -193,6 +195,43 @@ def test_resume_with_mixup_and_cutmix_is_bit_identical(tiny, tmp_path, capsys):
     assert all(0 <= m["train_acc"] <= 1 and np.isfinite(m["train_loss"]) for m in metrics)
     assert [json.loads(line)["train_acc"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] \
         == [m["train_acc"] for m in metrics]
+
+
+def test_branch_that_switches_cutmix_off_ends_as_the_unbroken_run_with_the_switch(tiny, tmp_path, capsys):
+    common = ["--epochs", "2", "--limit-train", "128", "--limit-test", "32", "--cutmix", "1"]
+    straight, always, branch = tmp_path / "straight", tmp_path / "always", tmp_path / "branch"
+    assert train.main(_args(tiny, straight, *common, "--mix-until", "0.5")) == 0  # epoch 2 unmixed
+    stop = lambda step: step == 2 and signal.raise_signal(signal.SIGINT)  # noqa: E731
+    assert train.main(_args(tiny, always, *common), on_step=stop) == 130  # CutMix every epoch, stopped in epoch 1
+    ckpt = str(always / "last.npz")
+    argv = ["--branch", ckpt, "--out", str(branch), "--data-dir", str(tiny), "--threads", "1"]
+    assert train.main(argv + ["--mix-until", "0.5", "--eval-every", "2"]) == 0
+    assert "branching" in capsys.readouterr().err
+    a, b = _arrays(straight / "last.npz"), _arrays(branch / "last.npz")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    rows = [json.loads(line) for line in (branch / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_acc"] for r in rows] == \
+        [json.loads(line)["train_acc"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert "test_acc" not in rows[0] and "test_acc" in rows[1]  # --eval-every 2 from the branch on
+    cfg = json.loads((branch / "config.json").read_text())
+    assert (cfg["mix_until"], cfg["eval_every"], cfg["cutmix"]) == (0.5, 2, 1.0)
+    assert _meta(always / "last.npz")["epoch"] == 0  # mid-epoch 1
+    assert cfg["branched_from"] == [{"checkpoint": ckpt, "epoch": 0, "batch": _meta(always / "last.npz")["batch"],
+                                     "changed": {"mix_until": 0.5, "eval_every": 2}}]
+    assert json.loads((always / "config.json").read_text())["mix_until"] == 1.0  # the source is left as it was
+
+    # refused, one line each, and no run directory left behind
+    for extra, message in [(["--mix-until", "0.25"], "disagree from epoch 1 on, and"),  # round(0.25 x 2) = 0
+                           (["--lr", "0.5", "--cutout", "0.25"], "--cutout, --lr would change the epochs already"),
+                           (["--resume"], "--branch starts a new run; it cannot be combined with --resume")]:
+        out = tmp_path / "refused"
+        status = train.main(["--branch", ckpt, "--out", str(out), "--data-dir", str(tiny), *extra]) \
+            if extra != ["--resume"] else pytest.raises(SystemExit, train.main, argv + extra).value.code
+        assert status == 2 and message in capsys.readouterr().err, extra
+        assert not out.exists()
+    assert train.main(argv) == 2 and "already holds a run; --branch starts a new one" in capsys.readouterr().err
 
 
 # ---- progressive resizing -------------------------------------------------------------------
