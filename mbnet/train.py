@@ -72,9 +72,14 @@ RECIPES = {
 BRANCH_KEYS = ("mix_until", "eval_every", "tta", "tta_shift")
 
 
+def _flag(key):
+    """The command-line option of config key: mix_until -> --mix-until."""
+    return "--" + key.replace("_", "-")
+
+
 def _recipe_help():
     def opts(values):
-        return ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+        return ", ".join(f"{_flag(k)} {v:g}" if isinstance(v, float) else f"{_flag(k)} {v}"
                          for k, v in values.items()) or "the defaults of the options below"
     return ("a named group of option values; an option given on the command line wins, and config.json records "
             "the resolved values. " + "; ".join(f"{name}: {opts(v)}" for name, v in RECIPES.items()) +
@@ -184,7 +189,7 @@ def build_parser():
     a("--branch", metavar="CHECKPOINT", default=None,
       help="start a new run in --out from another run's training checkpoint (its weights, optimizer, EMA, "
            "position and metrics so far), with the options given here changed. Only options that leave the epochs "
-           f"already trained as they were may change ({', '.join('--' + k.replace('_', '-') for k in BRANCH_KEYS)}; "
+           f"already trained as they were may change ({', '.join(map(_flag, BRANCH_KEYS))}; "
            "--mix-until only where the run has not yet reached either setting's switch): the branch then goes on as "
            "an unbroken run with those options would")
     a("--sync-bn", action="store_true",
@@ -276,13 +281,10 @@ def branch_config(cfg, changes, pos, source):
     "batch"), with ``changes``: only BRANCH_KEYS may change, and --mix-until only where both settings
     mix the epochs already begun alike. The branch's record of where it came from goes in
     "branched_from" (a list: a branch of a branch keeps both)."""
-    def opt(key):
-        return "--" + key.replace("_", "-")
-
     fixed = sorted(set(changes) - set(BRANCH_KEYS))
     if fixed:
-        raise RunError(f"--branch: {', '.join(opt(k) for k in fixed)} would change the epochs already trained; a "
-                       f"branch may change only {', '.join(map(opt, BRANCH_KEYS))}")
+        raise RunError(f"--branch: {', '.join(map(_flag, fixed))} would change the epochs already trained; a "
+                       f"branch may change only {', '.join(map(_flag, BRANCH_KEYS))}")
     new = {**cfg, **changes}
     if "mix_until" in changes:
         if not (cfg.get("mixup") or cfg.get("cutmix")):
@@ -358,7 +360,7 @@ def check_args(parser, args):
                      f"{args.resolution}")
     for opt in ("mix_prob", "mix_until"):
         if getattr(args, opt) != 1 and not (args.mixup or args.cutmix or args.branch):  # a branch: branch_config
-            parser.error(f"--{opt.replace('_', '-')} {getattr(args, opt)} needs --mixup or --cutmix")
+            parser.error(f"{_flag(opt)} {getattr(args, opt)} needs --mixup or --cutmix")
     if args.milestones is not None and list(args.milestones) != sorted(set(args.milestones)):
         parser.error(f"--milestones must increase, got {' '.join(map(str, args.milestones))}")
 

@@ -55,4 +55,3 @@ def test_out_in_a_missing_directory_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         plot.main([str(a), "--out", str(tmp_path / "no" / "o.png")])
     assert e.value.code == 2 and f"--out {tmp_path / 'no' / 'o.png'}: no such directory" in capsys.readouterr().err
-
