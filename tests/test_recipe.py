@@ -160,7 +160,8 @@ def test_presets_resolve_to_their_documented_values_and_options_override_them():
     # an explicit option wins, also when it equals the option's own default
     over = _parse("--recipe", "record", "--epochs", "50", "--cutmix", "0", "--schedule", "onecycle")
     assert (over["epochs"], over["cutmix"], over["schedule"], over["dw_weight_decay"]) == (50, 0.0, "onecycle", 5e-4)
-    assert "untested" in train._recipe_help()
+    # --help states what each recipe's runs reached (README's Results)
+    assert all(f in train._recipe_help() for f in ("fast reached 90.16%%", "90.31%%", "90.92%%"))
 
 
 @pytest.mark.parametrize("argv,message", [
