@@ -47,9 +47,10 @@ from .run import (EVAL_BATCH, Interrupt, Parser, Progress, RunError, RunLock, al
 SKIP_LIMIT = 20  # non-finite steps in a row after which --on-nan skip stops too
 DEFAULT_LR = {"sgd": 0.1, "rmsprop": 0.045, "adam": 1e-3}  # at batch size 128; scaled linearly
 
-# --recipe NAME: option values (argparse dests) set unless given on the command line. fast's run reached
-# 90.16% (EMA + TTA, seeds 0 and 1) in 52-55 min on a Zen 5; record's 300-epoch runs 90.31% and 90.92% (README). The default recipe (50 epochs) reached 88.50% (89.37% EMA + flip TTA) in
-# 73 min on 2 Zen 5 cores, at 96.6% train accuracy: it overfits, so both add regularization. Neither
+# --recipe NAME: option values (argparse dests) set unless given on the command line. fast's two runs
+# reached 90.16% (EMA + TTA, seeds 0 and 1) in 52-55 min on a Zen 5; record's 300-epoch runs 90.31% and
+# 90.92% (README). The default recipe (50 epochs) reached 88.50% (89.37% EMA + flip TTA) in 73 min on
+# 2 Zen 5 cores, at 96.6% train accuracy: it overfits, so both add regularization. Neither
 # drops the depthwise weight decay: on a held-out tenth of train, 15 epochs, dropping it cost 0.98
 # points (EMA + TTA; docs/experiments/heldout).
 RECIPES = {
@@ -83,8 +84,9 @@ def _recipe_help():
                          for k, v in values.items()) or "the defaults of the options below"
     return ("a named group of option values; an option given on the command line wins, and config.json records "
             "the resolved values. " + "; ".join(f"{name}: {opts(v)}" for name, v in RECIPES.items()) +
-            ". fast reached 90.16%% (EMA + TTA; seeds 0 and 1) in 52-55 min on 2 Zen 5 cores; record's runs reached 90.31%% (this preset; "
-            "--mix-until 0.9 was chosen on 60-epoch held-out trials) and 90.92%% (--mix-until 1), README "
+            ". fast reached 90.16%% (EMA + TTA; seeds 0 and 1) in 52-55 min on 2 Zen 5 cores; record's runs "
+            "reached 90.31%% (this preset; --mix-until 0.9 was chosen on 60-epoch held-out trials) and 90.92%% "
+            "(--mix-until 1), README "
             "(default: default)")
 
 
