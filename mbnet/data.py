@@ -32,8 +32,8 @@ Order: every split is class-major (all of class 0, then class 1, ...); within a 
 keep their official order and folders their sorted file names.
 
 Every random choice is a pure function of (seed, epoch, batch index): the shuffle of an epoch comes
-from (seed, epoch), a batch's crops, flips, cutout squares and mixup/cutmix draws from (seed, epoch,
-batch). A run resumed in the middle of an epoch therefore sees exactly the batches an unbroken run sees.
+from (seed, epoch), a batch's crops, flips, TrivialAugment operations, cutout squares and mixup/cutmix
+draws from (seed, epoch, batch). A run resumed in the middle of an epoch therefore sees exactly the batches an unbroken run sees.
 
 Mixup and CutMix (mix_batch) are batch-level: one draw per global batch pairs every image with a
 partner of the same batch (a random permutation) and one lambda ~ Beta(alpha, alpha); mixup takes
@@ -76,7 +76,7 @@ PARALLEL_MIN = 2000  # fewer images are decoded in this process (a pool costs mo
 
 # Seeds of the independent random streams; see shuffle_order, augment_batch, cutout_batch, _carve, mix_draw
 # (3 is the trainer's dropout stream).
-_SHUFFLE, _AUGMENT, _CUTOUT, _VAL, _MIX, _MIX_COIN = 1, 2, 4, 5, 6, 7
+_SHUFFLE, _AUGMENT, _CUTOUT, _VAL, _MIX, _MIX_COIN, _TRIVIAL = 1, 2, 4, 5, 6, 7, 8
 
 
 class DataError(RuntimeError):
@@ -842,6 +842,87 @@ def augment_batch(images, seed, epoch, batch, pad=4, resized_crop_area=None, hfl
     return crop_flip(images, dy, dx, flip, pad)
 
 
+# TrivialAugment (Mueller & Hutter 2021, "wide" magnitudes, as torchvision's TrivialAugmentWide): one
+# operation per image, uniformly among these, at a magnitude drawn uniformly from TRIVIAL_BINS levels
+# (the ones marked signed mirrored with probability 1/2). Geometric operations fill with black and
+# sample the nearest pixel.
+TRIVIAL_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
+               "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+TRIVIAL_BINS = 31
+
+
+def trivial_magnitude(op, level, side):
+    """The parameter of TRIVIAL_OPS' `op` at magnitude level 0..TRIVIAL_BINS-1 for images of `side` px:
+    shear factor 0..0.99; translation 0..side px (torchvision's 32 at 32 px); rotation 0..135 degrees;
+    enhancement factor offset 0..0.99 (the image is enhanced by 1 +- it); posterize bits 8..2; solarize
+    threshold 255..0; None for operations without one."""
+    t = level / (TRIVIAL_BINS - 1)
+    if op in ("shear_x", "shear_y", "brightness", "color", "contrast", "sharpness"):
+        return 0.99 * t
+    if op in ("translate_x", "translate_y"):
+        return side * t
+    if op == "rotate":
+        return 135.0 * t
+    if op == "posterize":
+        return 8 - int(round(level / ((TRIVIAL_BINS - 1) / 6)))
+    if op == "solarize":
+        return 255.0 * (1 - t)
+    return None
+
+
+def trivial_op(img, op, m):
+    """One (S,S,3) uint8 image through TRIVIAL_OPS' `op` with signed parameter m -> (S,S,3) uint8."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    im = Image.fromarray(img)
+    affine = {"shear_x": (1, m, 0, 0, 1, 0), "shear_y": (1, 0, 0, m, 1, 0),
+              "translate_x": (1, 0, m, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, m)}
+    enhance = {"brightness": ImageEnhance.Brightness, "color": ImageEnhance.Color,
+               "contrast": ImageEnhance.Contrast, "sharpness": ImageEnhance.Sharpness}
+    if op == "identity":
+        return img
+    if op in affine:
+        im = im.transform(im.size, Image.AFFINE, affine[op], Image.NEAREST, fillcolor=(0, 0, 0))
+    elif op == "rotate":
+        im = im.rotate(m, Image.NEAREST, fillcolor=(0, 0, 0))
+    elif op in enhance:
+        im = enhance[op](im).enhance(1.0 + m)
+    elif op == "posterize":
+        im = ImageOps.posterize(im, int(m))
+    elif op == "solarize":
+        im = ImageOps.solarize(im, m)
+    elif op == "autocontrast":
+        im = ImageOps.autocontrast(im)
+    elif op == "equalize":
+        im = ImageOps.equalize(im)
+    else:
+        raise ValueError(f"trivial_op: unknown operation {op!r}; expected one of {TRIVIAL_OPS}")
+    return np.asarray(im)
+
+
+def trivial_draw(seed, epoch, batch, b):
+    """-> (op, level, sign) int arrays (b,) of batch (seed, epoch, batch): an index into TRIVIAL_OPS,
+    a magnitude level in [0, TRIVIAL_BINS), and +1 or -1."""
+    rng = np.random.default_rng([seed, _TRIVIAL, epoch, batch])
+    return (rng.integers(0, len(TRIVIAL_OPS), b), rng.integers(0, TRIVIAL_BINS, b),
+            np.where(rng.random(b) < 0.5, -1, 1))
+
+
+def trivial_augment_batch(images, seed, epoch, batch, rows=None):
+    """(B,S,S,3) uint8 -> (B,S,S,3) uint8: TrivialAugment, one operation per image, drawn from
+    (seed, epoch, batch) (trivial_draw). rows: as in augment_batch."""
+    part, b = _rows(rows, len(images))
+    ops, levels, signs = (a[part] for a in trivial_draw(seed, epoch, batch, b))
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
+        op = TRIVIAL_OPS[ops[i]]
+        m = trivial_magnitude(op, int(levels[i]), images.shape[1])
+        if op not in ("posterize", "solarize") and m is not None:
+            m *= int(signs[i])
+        out[i] = trivial_op(img, op, m)
+    return out
+
+
 def cutout_batch(x, seed, epoch, batch, side, rows=None):
     """Zeroes (in place) one side x side square per image of x (B,S,S,C), placed uniformly inside
     the image, drawn from (seed, epoch, batch). On a normalized batch zero is the mean colour.
@@ -950,7 +1031,7 @@ class Loader:
 
     Training loaders (train=True) shuffle each epoch, augment (crop with `pad` pixels of zero
     padding, or a random-resized crop of area fraction >= resized_crop_area; a horizontal flip
-    of half the images if hflip; a cutout square of `cutout` pixels if > 0), mix the batch (mixup /
+    of half the images if hflip; a TrivialAugment operation per image if trivial; a cutout square of `cutout` pixels if > 0), mix the batch (mixup /
     cutmix: Beta parameters, 0 off; the labels then come as Mixed; a batch with probability
     mix_prob; with mix_epochs, only in the epochs before it) and drop the last incomplete batch;
     evaluation loaders go in order over every image. side(epoch), if given, is the side in pixels
@@ -967,12 +1048,12 @@ class Loader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, *, train, seed=0, pad=4, resized_crop_area=None,
-                 cutout=0, hflip=True, mixup=0.0, cutmix=0.0, mix_prob=1.0, mix_epochs=None, prefetch=2, shard=(0, 1),
-                 side=None):
+                 cutout=0, hflip=True, trivial=False, mixup=0.0, cutmix=0.0, mix_prob=1.0, mix_epochs=None, prefetch=2,
+                 shard=(0, 1), side=None):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.train, self.seed, self.pad, self.prefetch = train, seed, pad, prefetch
-        self.resized_crop_area, self.cutout, self.hflip = resized_crop_area, cutout, hflip
+        self.resized_crop_area, self.cutout, self.hflip, self.trivial = resized_crop_area, cutout, hflip, trivial
         self.mixup, self.cutmix, self.mix_prob, self.mix_epochs = mixup, cutmix, mix_prob, mix_epochs
         self.side = side
         self.next_epoch = 0
@@ -1009,6 +1090,8 @@ class Loader:
         b = self.batch_size
         x = augment_batch(np.asarray(self.images[idx]), self.seed, epoch, i, self.pad, self.resized_crop_area,
                           self.hflip, rows=(rows, b))
+        if self.trivial:
+            x = trivial_augment_batch(x, self.seed, epoch, i, rows=(rows, b))
         return cutout_batch(normalize(x, self.mean, self.std), self.seed, epoch, i, self.cutout, rows=(rows, b))
 
     def batch(self, epoch, i):

@@ -161,6 +161,10 @@ def build_parser():
            "training image (default 0: off)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True,
       help="mirror half the training images left-right (default on; off for digits or text)")
+    a("--trivial-augment", action=argparse.BooleanOptionalAction, default=False,
+      help="TrivialAugment (Mueller & Hutter 2021, torchvision's wide magnitudes) after the crop and flip: each "
+           "training image through one of 14 operations (identity, shear, translate, rotate, brightness, colour, "
+           "contrast, sharpness, posterize, solarize, autocontrast, equalize) at a random strength (default off)")
     a("--mixup", type=float_in(0), default=0.0, metavar="ALPHA",
       help="mixup: every training batch becomes lambda x itself + (1 - lambda) x a shuffle of itself, one "
            "lambda ~ Beta(ALPHA, ALPHA) per batch, the loss lambda CE(labels) + (1 - lambda) CE(shuffled "
@@ -273,7 +277,8 @@ def augmentation(cfg):
     s = cfg["resolution"]
     return {"pad": round(cfg["crop_padding"] * s) if "crop_padding" in cfg else 4,
             "resized_crop_area": cfg.get("random_resized_crop"), "cutout": round(cfg.get("cutout", 0.0) * s),
-            "hflip": cfg.get("hflip", True), "mixup": cfg.get("mixup", 0.0), "cutmix": cfg.get("cutmix", 0.0),
+            "hflip": cfg.get("hflip", True), "trivial": cfg.get("trivial_augment", False),
+            "mixup": cfg.get("mixup", 0.0), "cutmix": cfg.get("cutmix", 0.0),
             "mix_prob": cfg.get("mix_prob", 1.0),
             "mix_epochs": None if cfg.get("mix_until", 1.0) == 1 else round(cfg["mix_until"] * cfg["epochs"])}
 

@@ -381,6 +381,56 @@ def test_cutout_zeroes_one_square_of_the_given_side(rng):
     np.testing.assert_array_equal(data.cutout_batch(x.copy(), 1, 2, 3, 0), x)
 
 
+def test_trivial_augment_batch_shape_dtype_determinism_and_draws(rng):
+    x = rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8)
+    out = data.trivial_augment_batch(x, seed=1, epoch=2, batch=3)
+    assert out.shape == x.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(data.trivial_augment_batch(x, 1, 2, 3), out)
+    for other in ((2, 2, 3), (1, 3, 3), (1, 2, 4)):  # another seed, epoch, step: other draws
+        assert not np.array_equal(data.trivial_augment_batch(x, *other), out)
+    ops, levels, signs = data.trivial_draw(1, 2, 3, 64)
+    for i in range(64):  # each image went through its own drawn operation, nothing else
+        op = data.TRIVIAL_OPS[ops[i]]
+        m = data.trivial_magnitude(op, int(levels[i]), 12)
+        m = m if m is None or op in ("posterize", "solarize") else m * int(signs[i])
+        np.testing.assert_array_equal(out[i], data.trivial_op(x[i], op, m), err_msg=op)
+    np.testing.assert_array_equal(x, x.copy())  # the input is left as it was
+    ops, levels, signs = data.trivial_draw(0, 0, 0, 14000)  # uniform over operations, levels and signs
+    assert np.bincount(ops, minlength=14).min() > 850 and np.bincount(levels, minlength=31).min() > 350
+    assert set(np.unique(signs)) == {-1, 1} and 0.45 < (signs > 0).mean() < 0.55
+    part = data.trivial_augment_batch(x[10:20], 1, 2, 3, rows=(10, 64))  # an MPI shard: the whole batch's draws
+    np.testing.assert_array_equal(part, out[10:20])
+
+
+def test_trivial_ops_do_what_they_are_named_for(rng):
+    img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    op, mag = data.trivial_op, data.trivial_magnitude
+    for name in data.TRIVIAL_OPS:  # level 0 leaves the image (solarize's threshold 255 flips only 255s)
+        m = mag(name, 0, 8)
+        if name not in ("autocontrast", "equalize", "solarize"):
+            np.testing.assert_array_equal(op(img, name, m), img, err_msg=name)
+    shifted = op(img, "translate_x", 3.0)  # content moves 3 px left, black comes in on the right
+    np.testing.assert_array_equal(shifted[:, :5], img[:, 3:])
+    assert (shifted[:, 5:] == 0).all()
+    down = op(img, "translate_y", -2.0)
+    np.testing.assert_array_equal(down[2:], img[:-2])
+    assert (down[:2] == 0).all()
+    assert mag("translate_x", 30, 32) == 32 and mag("rotate", 30, 32) == 135 and mag("shear_x", 30, 32) == 0.99
+    for bits in (2, 5):
+        assert (op(img, "posterize", bits) & ((1 << (8 - bits)) - 1) == 0).all()
+    np.testing.assert_array_equal(op(img, "solarize", 128.0), np.where(img >= 128, 255 - img, img))
+    flat = np.full((8, 8, 3), 77, np.uint8)
+    for name in ("brightness", "color", "contrast", "sharpness"):  # stronger factor, further from the image
+        near = np.abs(op(img, name, mag(name, 3, 8)).astype(int) - img).sum()
+        far = np.abs(op(img, name, mag(name, 30, 8)).astype(int) - img).sum()
+        assert 0 < near < far, name
+    assert (op(flat, "brightness", -0.99) < 77).all() and (op(flat, "brightness", 0.99) > 77).all()
+    rot = op(img, "rotate", 90.0)  # a quarter turn of a square image about its centre: exact
+    np.testing.assert_array_equal(rot, np.rot90(img))
+    with pytest.raises(ValueError, match="unknown operation 'blur'"):
+        op(img, "blur", 1.0)
+
+
 def test_resized_crop_boxes_and_geometry(rng):
     top, left, h, w = data.resized_crop_boxes(4000, 32, 0.25, np.random.default_rng(0))
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
@@ -405,7 +455,7 @@ def test_resized_crop_boxes_and_geometry(rng):
 def test_augmentation_options_are_deterministic_per_batch(rng):
     x = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     y = np.arange(40) % 4
-    kw = dict(train=True, seed=7, pad=2, resized_crop_area=0.3, cutout=4)
+    kw = dict(train=True, seed=7, pad=2, resized_crop_area=0.3, cutout=4, trivial=True)
     a = data.Loader(x, y, 8, np.full(3, 0.5), np.full(3, 0.25), **kw)
     b = data.Loader(x, y, 8, np.full(3, 0.5), np.full(3, 0.25), **kw)
     got = list(a.epoch(1))
@@ -423,12 +473,13 @@ def test_augmentation_options_are_deterministic_per_batch(rng):
 def test_crop_padding_scales_with_the_resolution():
     cfg = train.make_config(train.build_parser().parse_args(["--resolution", "224", "--cutout", "0.25"]))
     assert train.augmentation(cfg) == {"pad": 28, "resized_crop_area": None, "cutout": 56, "hflip": True,
-                                         "mixup": 0.0, "cutmix": 0.0, "mix_prob": 1.0, "mix_epochs": None}
+                                       "trivial": False, "mixup": 0.0, "cutmix": 0.0, "mix_prob": 1.0, "mix_epochs": None}
     cfg = train.make_config(train.build_parser().parse_args(["--crop-padding", "0.25", "--random-resized-crop", "0.5",
                                                              "--no-hflip", "--mixup", "0.2", "--cutmix", "1",
-                                                             "--mix-prob", "0.5", "--mix-until", "0.8"]))
+                                                             "--mix-prob", "0.5", "--mix-until", "0.8",
+                                                             "--trivial-augment"]))
     assert train.augmentation(cfg) == {"pad": 8, "resized_crop_area": 0.5, "cutout": 0, "hflip": False,
-                                       "mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5, "mix_epochs": 40}
+                                       "trivial": True, "mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5, "mix_epochs": 40}
     assert train.augmentation({"resolution": 64})["pad"] == 4  # a run saved before the option existed
 
 
@@ -584,7 +635,7 @@ def test_resume_with_every_augmentation_option_is_bit_identical(twelve, tmp_path
     import signal
 
     opts = ["--resolution", "16", "--limit-train", "40", "--cutout", "0.3", "--random-resized-crop", "0.4",
-            "--dropout", "0.1"]
+            "--dropout", "0.1", "--trivial-augment"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert train.main(SMALL + ["--data-dir", str(twelve), "--out", str(a), *opts]) == 0
 

@@ -75,7 +75,8 @@ def test_cutmix_pastes_a_box_whose_area_fraction_is_its_label_weight():
     assert seen_clipped
 
 
-@pytest.mark.parametrize("opts", [{"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.4, "cutmix": 1.0, "cutout": 3}])
+@pytest.mark.parametrize("opts", [{"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.4, "cutmix": 1.0, "cutout": 3},
+                                  {"cutmix": 1.0, "trivial": True}])
 def test_mpi_shards_are_slices_of_the_whole_mixed_batch(opts):
     x, y = _images(n=24)
     whole = _loader(x, y, **opts).batch(2, 1)
