@@ -179,3 +179,44 @@ def test_bwd_input_bn_matches_the_unfused_kernels_and_reference(n, h, w, c, k, s
     unfused = _C.batchnorm_act_train_bwd(gz, x, *bn)
     reference = R.dwconv2d_bwd_input_bn(*f64(dy, wt, x), *f64(gamma, beta, mean, invstd), act, *geometry)
     check_bwd_input_bn(fused, unfused, reference, gz, gamma, invstd, f"x={x.shape} k={k} s={stride} p={padding} {act}")
+
+
+@pytest.mark.parametrize("n, h, w, ci, co", [(32, 16, 16, 24, 40), (33, 16, 16, 8, 12), (3, 5, 7, 6, 9)],
+                         ids=["one-pass", "whole", "small"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("act", ACTS)
+def test_pending_gradient_finished_where_it_is_read_is_the_finished_one_bit_for_bit(n, h, w, ci, co, stride, act):
+    """A depthwise layer reads y, a pointwise layer's output, through BatchNorm + act:
+    dwconv2d_bn_act_bwd_pending leaves y's gradient as (dz, k), and both ways of finishing it (the
+    apply pass alone; the pointwise backward that finishes it as it reads it, on 8192 rows in depth
+    chunks, on 8448 whole, on a small map) give dwconv2d_bn_act_bwd's and pwconv2d_bn_act_bwd's bits."""
+    y, wd, dyd, gamma, beta, mean, var = problem(n, h, w, co, stride, 1, seed=8)
+    _, mean, invstd = unfused_z(y, gamma, beta, mean, var, act)
+    bn_y = (gamma, beta, mean, invstd, act)
+    full = _C.dwconv2d_bn_act_bwd(dyd, wd, y, *bn_y, stride, 1)
+    dz, k, dgamma, dbeta, dw = _C.dwconv2d_bn_act_bwd_pending(dyd, wd, y, *bn_y, stride, 1)
+    assert dz.shape == y.shape and k.shape == (3, co) and dz.dtype == k.dtype == np.float32
+    finished = _C.batchnorm_act_train_bwd_apply(dz, y, *bn_y[:4], k, act)
+    for got, want, what in zip((finished, dgamma, dbeta, dw), full, ("dx", "dgamma", "dbeta", "dw")):
+        np.testing.assert_array_equal(got, want, err_msg=what)
+    ref_dz, ref_k, *_ = R.dwconv2d_bn_act_bwd_pending(*f64(dyd, wd, y, *bn_y[:4]), act, stride, 1)
+    np.testing.assert_allclose(dz, ref_dz, rtol=1e-4, atol=1e-4 * np.abs(ref_dz).max(), err_msg="dz vs reference")
+    np.testing.assert_allclose(k, ref_k, rtol=1e-3, atol=1e-4 * np.abs(ref_k).max(), err_msg="k vs reference")
+    np.testing.assert_allclose(finished, R.batchnorm_act_train_bwd_apply(*f64(dz, y, *bn_y[:4], k), act),
+                               rtol=1e-4, atol=1e-5 * np.abs(finished).max(), err_msg="apply vs reference")
+
+    rng = np.random.default_rng(9)  # the pointwise layer that made y: x (n, h, w, ci) through its BatchNorm + ReLU
+    x = (0.5 + rng.standard_normal((n, h, w, ci))).astype(np.float32)
+    wt = (0.3 * rng.standard_normal((ci, co))).astype(np.float32)
+    g2, b2 = rng.uniform(0.5, 1.5, ci).astype(np.float32), (0.3 * rng.standard_normal(ci)).astype(np.float32)
+    _, m2, v2 = R._with_stats(x.astype(np.float64))
+    _, m2, i2 = unfused_z(x, g2, b2, m2.astype(np.float32), v2.astype(np.float32), "relu")
+    bn_x = (g2, b2, m2, i2, "relu")
+    got = _C.pwconv2d_bn_act_bwd_pending(dz, y, *bn_y[:4], k, act, wt, x, *bn_x)
+    want = _C.pwconv2d_bn_act_bwd(full[0], wt, x, *bn_x)
+    for one, other, what in zip(got, want, ("dx", "dgamma", "dbeta", "dw")):
+        np.testing.assert_array_equal(one, other, err_msg=what)
+    ref = R.pwconv2d_bn_act_bwd_pending(*f64(dz, y, *bn_y[:4], k), act, *f64(wt, x, *bn_x[:4]), "relu")
+    rows = n * h * w
+    np.testing.assert_allclose(got[3], ref[3], rtol=1e-4, atol=1e-5 * np.sqrt(rows) * np.abs(ref[3]).max(),
+                               err_msg="dw vs reference")
