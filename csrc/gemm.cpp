@@ -639,14 +639,6 @@ py::array_t<float> pwconv2d_bwd_input(const py::object& dy_obj, const py::object
     });
 }
 
-// Checks the shapes of a pointwise layer's backward through its input's BatchNorm: dy (n, h, w, co)
-// (named dy_name), w (ci, co), x (n, h, w, ci).
-void check_pw_bwd(const F32& dy, const F32& w, const F32& x, const char* dy_name = "dy") {
-    check_same_dim(dy, 3, dy_name, w, 1, "w");
-    check_same_dim(x, 3, "x", w, 0, "w");
-    for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dy, d, dy_name);
-}
-
 // dy (n, h, w, co), w (ci, co), x (n, h, w, ci) the input of a training BatchNorm + act whose
 // output the convolution read -> (dx, dgamma, dbeta): dz = dy @ w.T, BatchNorm's two backward
 // sums gathered from each block of dz as the GEMM finishes it (GradStats), then BatchNorm's apply
@@ -655,7 +647,9 @@ py::tuple pwconv2d_bwd_input_bn(const py::object& dy_obj, const py::object& w_ob
                                 const py::object& gamma, const py::object& beta, const py::object& mean,
                                 const py::object& invstd, const std::string& act) {
     F32 dy = check_f32(dy_obj, "dy", 4), w = check_f32(w_obj, "w", 2), x = check_f32(x_obj, "x", 4);
-    check_pw_bwd(dy, w, x);
+    check_same_dim(dy, 3, "dy", w, 1, "w");
+    check_same_dim(x, 3, "x", w, 0, "w");
+    for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dy, d, "dy");
     const BnActArgs bn(gamma, beta, mean, invstd, act, x);
     const index_t rows = dy[0] * dy[1] * dy[2], ci = w[0], co = w[1];
     return compute_bn_bwd(x.shape, bn, x, kStatsRows, [&](float* dx, GradStats& stats) {
@@ -775,7 +769,9 @@ py::tuple pwconv2d_bn_act_bwd(const py::object& dy_obj, const py::object& w_obj,
                               const py::object& gamma, const py::object& beta, const py::object& mean,
                               const py::object& invstd, const std::string& act) {
     F32 dy = check_f32(dy_obj, "dy", 4), w = check_f32(w_obj, "w", 2), x = check_f32(x_obj, "x", 4);
-    check_pw_bwd(dy, w, x);
+    check_same_dim(dy, 3, "dy", w, 1, "w");
+    check_same_dim(x, 3, "x", w, 0, "w");
+    for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dy, d, "dy");
     return pw_bn_act_bwd(dy, nullptr, w, x, BnActArgs(gamma, beta, mean, invstd, act, x));
 }
 
@@ -790,7 +786,9 @@ py::tuple pwconv2d_bn_act_bwd_pending(const py::object& dz_obj, const py::object
     F32 dz = check_f32(dz_obj, "dz", 4), y = check_f32(y_obj, "y", 4), k = check_f32(k_obj, "k", 2);
     F32 w = check_f32(w_obj, "w", 2), x = check_f32(x_obj, "x", 4);
     for (int d = 0; d < 4; ++d) check_same_dim(y, d, "y", dz, d, "dz");
-    check_pw_bwd(dz, w, x, "dz");
+    check_same_dim(dz, 3, "dz", w, 1, "w");
+    check_same_dim(x, 3, "x", w, 0, "w");
+    for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dz, d, "dz");
     require(k[0] == 3, "k must have 3 rows (k1, k2, k3), got shape " + shape_str(k.shape));
     check_same_dim(k, 1, "k", dz, 3, "dz");
     const BnActArgs bn_y(gamma_y, beta_y, mean_y, invstd_y, act_y, y);
