@@ -184,14 +184,26 @@ void batchnorm_act_f32_train_apply(const BnShape& R, Act act_kind, const float* 
     }
 }
 
-// dx = bn_bwd(dy, x) with the coefficients k (3, C) rows k1, k2, k3. dx may be dy (in place).
-void train_bwd_apply_k(const BnShape& R, Act act_kind, const float* dy, const float* x, const float* gamma,
-                       const float* beta, const float* mean, const float* invstd, const float* k, float* dx) {
-    const index_t C = R.C;
-    std::vector<float> scale(C);
-    for (index_t c = 0; c < C; ++c) scale[c] = train_scale(invstd[c], gamma[c]);
+// Backward through the batch statistics, given the two sums (grad_sums, or GradStats gathered
+// by a convolution's input gradient): dgamma, dbeta and dx = k1*dz - k2 - k3*(x - mean), the
+// usual gamma*invstd/M * (M*dz - dbeta - xhat*dgamma). dx may be dy (in place).
+void train_bwd_apply(const BnShape& R, Act act_kind, const float* dy, const float* x, const float* gamma,
+                     const float* beta, const float* mean, const float* invstd, const double* sum_dz,
+                     const double* sum_dz_xc, float* dx, float* dgamma, float* dbeta) {
+    const index_t C = R.C, M = R.M;
+    std::vector<float> scale(C), k1(C), k2(C), k3(C);
+    for (index_t c = 0; c < C; ++c) {
+        scale[c] = train_scale(invstd[c], gamma[c]);
+        double is = invstd[c], g = gamma[c];
+        double dg = sum_dz_xc[c] * is;
+        dgamma[c] = float(dg);
+        dbeta[c] = float(sum_dz[c]);
+        k1[c] = float(g * is);
+        k2[c] = float(g * is * sum_dz[c] / double(M));
+        k3[c] = float(g * is * is * dg / double(M));
+    }
     auto mean_r = rep<float>(R, mean), scale_r = rep<float>(R, scale.data()), shift_r = rep<float>(R, beta);
-    auto k1_r = rep<float>(R, k), k2_r = rep<float>(R, k + C), k3_r = rep<float>(R, k + 2 * C);
+    auto k1_r = rep<float>(R, k1.data()), k2_r = rep<float>(R, k2.data()), k3_r = rep<float>(R, k3.data());
     with_act(act_kind, [&](auto A) {
         for_each_row(R, [&](index_t o, index_t len) {
             const float* __restrict__ mu = mean_r.data();
@@ -208,22 +220,12 @@ void train_bwd_apply_k(const BnShape& R, Act act_kind, const float* dy, const fl
                 prefetch_floats(dyr + kPrefetchFloats, len);
             }
 #pragma GCC ivdep
-            for (index_t j = 0; j < len; ++j)
-                dxr[j] = bn_bwd<decltype(A)::value>(dyr[j], xr[j], mu[j], a[j], b[j], p1[j], p2[j], p3[j]);
+            for (index_t j = 0; j < len; ++j) {
+                float g = masked_pre<decltype(A)::value>(dyr[j], preact(xr[j], mu[j], a[j], b[j]));
+                dxr[j] = p1[j] * g - p2[j] - p3[j] * (xr[j] - mu[j]);
+            }
         });
     });
-}
-
-// Backward through the batch statistics, given the two sums (grad_sums, or GradStats gathered
-// by a convolution's input gradient): dgamma, dbeta and the apply pass's coefficients k (3, C)
-// (bn_bwd_coefficients), then dx = bn_bwd(dy, x) = k1*dz - k2 - k3*(x - mean), the usual
-// gamma*invstd/M * (M*dz - dbeta - xhat*dgamma). dx may be dy (in place).
-void train_bwd_apply(const BnShape& R, Act act_kind, const float* dy, const float* x, const float* gamma,
-                     const float* beta, const float* mean, const float* invstd, const double* sum_dz,
-                     const double* sum_dz_xc, float* dx, float* dgamma, float* dbeta) {
-    std::vector<float> k(3 * R.C);
-    bn_bwd_coefficients(R.M, R.C, gamma, invstd, sum_dz, sum_dz_xc, k.data(), dgamma, dbeta);
-    train_bwd_apply_k(R, act_kind, dy, x, gamma, beta, mean, invstd, k.data(), dx);
 }
 
 void batchnorm_act_f32_train_bwd(const BnShape& R, Act act_kind, const float* dy, const float* x,
@@ -330,9 +332,9 @@ F32 check_writeable_channel_vec(const py::object& obj, const char* name, const F
 struct BwdArgs {
     F32 dy, x, gamma, beta, mean;
     BwdArgs(const py::object& dy_, const py::object& x_, const py::object& gamma_,
-            const py::object& beta_, const py::object& mean_, const char* dy_name = "dy")
-        : dy(check_f32(dy_, dy_name, -2)), x(check_f32(x_, "x", -2)) {
-        check_same_shape(dy, dy_name, x, "x");
+            const py::object& beta_, const py::object& mean_)
+        : dy(check_f32(dy_, "dy", -2)), x(check_f32(x_, "x", -2)) {
+        check_same_shape(dy, "dy", x, "x");
         gamma = check_channel_vec(gamma_, "gamma", x);
         beta = check_channel_vec(beta_, "beta", x);
         mean = check_channel_vec(mean_, "mean", x);
@@ -414,22 +416,6 @@ py::tuple bn_train_fwd_from_stats(const py::object& x_, const py::object& mean_,
     });
 }
 
-// dz, x (..., C), gamma, beta, mean, invstd (C,), k (3, C) -> dx: a pending gradient finished.
-py::array_t<float> bn_train_bwd_apply(const py::object& dz_, const py::object& x_, const py::object& gamma_,
-                                      const py::object& beta_, const py::object& mean_, const py::object& invstd_,
-                                      const py::object& k_, const std::string& act_name) {
-    const BwdArgs args(dz_, x_, gamma_, beta_, mean_, "dz");
-    F32 invstd = check_channel_vec(invstd_, "invstd", args.x), k = check_f32(k_, "k", 2);
-    require(k[0] == 3, "k must have 3 rows (k1, k2, k3), got shape " + shape_str(k.shape));
-    check_same_dim(k, 1, "k", args.x, -1, "x");
-    Act a = parse_act(act_name);
-    const BnShape R = shape_of(args.x);
-    return compute_f32(args.x.shape, [&](float* dx) {
-        batchnorm_act_f32_train_bwd_apply_k(R.M, R.C, a, args.dy.ptr, args.x.ptr, args.gamma.ptr, args.beta.ptr,
-                                            args.mean.ptr, invstd.ptr, k.ptr, dx);
-    }, "dx");
-}
-
 py::tuple bn_train_bwd(const py::object& dy_, const py::object& x_, const py::object& gamma_,
                        const py::object& beta_, const py::object& mean_, const py::object& invstd_,
                        const std::string& act_name) {
@@ -504,25 +490,6 @@ py::array_t<float> act_bwd(const py::object& dy_, const py::object& y_, const st
 
 }  // namespace
 
-void bn_bwd_coefficients(index_t M, index_t C, const float* gamma, const float* invstd, const double* sum_dz,
-                         const double* sum_dz_xc, float* k, float* dgamma, float* dbeta) {
-    for (index_t c = 0; c < C; ++c) {
-        double is = invstd[c], g = gamma[c];
-        double dg = sum_dz_xc[c] * is;
-        dgamma[c] = float(dg);
-        dbeta[c] = float(sum_dz[c]);
-        k[c] = float(g * is);
-        k[C + c] = float(g * is * sum_dz[c] / double(M));
-        k[2 * C + c] = float(g * is * is * dg / double(M));
-    }
-}
-
-void batchnorm_act_f32_train_bwd_apply_k(index_t M, index_t C, Act act, const float* dz, const float* x,
-                                         const float* gamma, const float* beta, const float* mean,
-                                         const float* invstd, const float* k, float* dx) {
-    train_bwd_apply_k(make_shape(M, C), act, dz, x, gamma, beta, mean, invstd, k, dx);
-}
-
 void batchnorm_act_f32_train_bwd_apply(index_t M, index_t C, Act act, const float* dy, const float* x,
                                        const float* gamma, const float* beta, const float* mean,
                                        const float* invstd, const double* sum_dz, const double* sum_dz_xc,
@@ -551,11 +518,6 @@ void bind_batchnorm(py::module_& m) {
           "dy, x (..., C), gamma, beta, mean, invstd (C,) -> (dx (..., C), dgamma (C,), dbeta (C,)).\n"
           "Backward of batchnorm_act_train_fwd; the activation's mask is recomputed from x (the same\n"
           "pre-activation, bit for bit, as the forward's).");
-    m.def("batchnorm_act_train_bwd_apply", &bn_train_bwd_apply, py::arg("dz"), py::arg("x"), py::arg("gamma"),
-          py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("k"), py::arg("act"),
-          "dz, x (..., C), gamma, beta, mean, invstd (C,), k (3, C) -> dx (..., C): the last pass of\n"
-          "batchnorm_act_train_bwd, dx = k[0] * dz * act'(pre-activation) - k[1] - k[2] * (x - mean), the\n"
-          "same bits. dz and k as the *_bn_act_bwd_pending kernels return them.");
     m.def("batchnorm_act_infer_fwd", &bn_infer_fwd, py::arg("x"), py::arg("gamma"), py::arg("beta"),
           py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("act"),
           "x (..., C), gamma, beta, mean, var (C,) -> y (..., C): act(BatchNorm(x)) with fixed statistics.");

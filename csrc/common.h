@@ -340,16 +340,6 @@ inline float masked_pre(float dy, float z) {
     return dy;
 }
 
-// Training BatchNorm's backward at one element: the gradient of x from dz, the gradient of the
-// BatchNorm + act output, as k1 * masked(dz) - k2 - k3 * (x - mean) with the coefficients k
-// (bn_bwd_coefficients, kernels.h); a, sh: the forward's scale and shift. One definition for the
-// apply pass (batchnorm.cpp) and for a kernel that finishes a pending gradient as it loads it
-// (pwconv2d_bn_act_bwd_pending): the same float operations, so the same bits.
-template <Act A>
-inline float bn_bwd(float dz, float x, float mu, float a, float sh, float k1, float k2, float k3) {
-    return k1 * masked_pre<A>(dz, preact(x, mu, a, sh)) - k2 - k3 * (x - mu);
-}
-
 // Training BatchNorm's apply + act as a consuming kernel applies it to its input while loading it
 // (sgemm_epilogue's packing of A, the depthwise kernels' padded rows): element v of channel c is
 // read as act<act>(preact(v, mean[c], scale[c], shift[c])). per_row: A's channel is its row i (a

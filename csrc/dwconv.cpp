@@ -710,12 +710,11 @@ py::array_t<float> dwconv2d_bwd_input(const py::object& dy_, const py::object& w
 // output the convolution read -> (dx, dgamma, dbeta): BatchNorm's two backward sums gathered
 // from each row of the convolution's input gradient as it is computed, then BatchNorm's apply in
 // place (one pass over that gradient and x fewer than dwconv2d_bwd_input + batchnorm_act_train_bwd).
-// with_weight (3x3, stride <= 3): -> (dx, dgamma, dbeta, dw), dw from the same pass over dy and x;
-// pending too: -> (dz, k, dgamma, dbeta, dw) without the apply pass (compute_bn_bwd_pending).
+// with_weight (3x3, stride <= 3): -> (dx, dgamma, dbeta, dw), dw from the same pass over dy and x.
 py::tuple dw_bwd_input_bn(const py::object& dy_, const py::object& w_, const py::object& x_,
                           const py::object& gamma, const py::object& beta, const py::object& mean,
                           const py::object& invstd, const std::string& act, const py::object& stride,
-                          const py::object& padding, bool with_weight, bool pending = false) {
+                          const py::object& padding, bool with_weight) {
     F32 dy = check_f32(dy_, "dy", 4), w = check_f32(w_, "w", 3), x = check_f32(x_, "x", 4);
     const DwShape a = fwd_shape(x, w, stride, padding, with_weight);
     check_same_dim(x, 0, "x", dy, 0, "dy");
@@ -730,14 +729,9 @@ py::tuple dw_bwd_input_bn(const py::object& dy_, const py::object& w_, const py:
     const ATransform t = bn.transform(false);
     auto dw = new_f32({a.kh, a.kw, a.c}, "dw");
     float* dwp = ptr(dw);
-    auto kernel = [&](float* dxp, GradStats& stats) {
+    py::tuple dx = compute_bn_bwd(x.shape, bn, x, block, [&](float* dxp, GradStats& stats) {
         dwconv_f32_bwd_input_weight(a, dy.ptr, w.ptr, x.ptr, t, dxp, stats, dwp);
-    };
-    if (pending) {
-        py::tuple r = compute_bn_bwd_pending(x.shape, bn, x, block, kernel);
-        return py::make_tuple(r[0], r[1], r[2], r[3], dw);
-    }
-    py::tuple dx = compute_bn_bwd(x.shape, bn, x, block, kernel);
+    });
     return py::make_tuple(dx[0], dx[1], dx[2], dw);
 }
 
@@ -849,19 +843,6 @@ void bind_dwconv(py::module_& m) {
             },
             py::arg("dy"), py::arg("w"), py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("mean"),
             py::arg("invstd"), py::arg("act"), py::arg("stride"), py::arg("padding"), bwd_docs[with_weight]);
-    m.def(
-        "dwconv2d_bn_act_bwd_pending",
-        [](const py::object& dy, const py::object& w, const py::object& x, const py::object& gamma,
-           const py::object& beta, const py::object& mean, const py::object& invstd, const std::string& act,
-           const py::object& stride, const py::object& padding) {
-            return dw_bwd_input_bn(dy, w, x, gamma, beta, mean, invstd, act, stride, padding, true, true);
-        },
-        py::arg("dy"), py::arg("w"), py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("mean"),
-        py::arg("invstd"), py::arg("act"), py::arg("stride"), py::arg("padding"),
-        "dwconv2d_bn_act_bwd without BatchNorm's last pass -> (dz, k, dgamma, dbeta, dw): dz the\n"
-        "convolution's input gradient, k (3, c) the coefficients that finish it into dx\n"
-        "(batchnorm_act_train_bwd_apply(dz, x, gamma, beta, mean, invstd, k, act) is dx, the same bits),\n"
-        "for the kernel that reads dx next to finish as it loads it (pwconv2d_bn_act_bwd_pending).");
     m.def("dwconv2d_bwd_weight", &dwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),
           py::arg("kernel_hw"), py::arg("stride"), py::arg("padding"),
           "x (n, h, w, c), dy (n, ho, wo, c), kernel_hw (kh, kw) -> dw (kh, kw, c).");

@@ -660,56 +660,26 @@ py::tuple pwconv2d_bwd_input_bn(const py::object& dy_obj, const py::object& w_ob
     });
 }
 
-// The output gradient of a pointwise layer as dwconv2d_bn_act_bwd_pending leaves it: dz, the
-// layer's output y, the BatchNorm + act the depthwise layer read y through (mean, scale, shift,
-// act) and the coefficients k (3, co): dy = bn_bwd(dz, y, ...) (common.h), element by element.
-struct PendingDy {
-    const float *dz, *y, *gamma, *invstd, *mean, *scale, *shift, *k;
-    Act act;
-    index_t co;
-};
-
-// Rows [r0, r1) of a PendingDy's dy into out (rows co floats apart): the same bits as
-// batchnorm_act_train_bwd_apply's.
-template <Act A>
-void pending_rows(const PendingDy& p, index_t r0, index_t r1, float* __restrict__ out) {
-    const index_t C = p.co;
-    const float* __restrict__ mu = p.mean;
-    const float* __restrict__ a = p.scale;
-    const float* __restrict__ sh = p.shift;
-    const float* __restrict__ k1 = p.k;
-    const float* __restrict__ k2 = p.k + C;
-    const float* __restrict__ k3 = p.k + 2 * C;
-    for (index_t r = r0; r < r1; ++r, out += C) {
-        const float* __restrict__ dz = p.dz + r * C;
-        const float* __restrict__ y = p.y + r * C;
-        float* __restrict__ o = out;
-        for (index_t j = 0; j < C; ++j) o[j] = bn_bwd<A>(dz[j], y[j], mu[j], a[j], sh[j], k1[j], k2[j], k3[j]);
-    }
-}
-
-void pending_rows(const PendingDy& p, index_t r0, index_t r1, float* out) {
-    switch (p.act) {
-        case Act::None: return pending_rows<Act::None>(p, r0, r1, out);
-        case Act::ReLU: return pending_rows<Act::ReLU>(p, r0, r1, out);
-        case Act::ReLU6: return pending_rows<Act::ReLU6>(p, r0, r1, out);
-    }
-}
-
 // pwconv2d_bwd_input_bn and pwconv2d_bn_act_bwd_weight of one layer in one pass over dy and x
-// -> (dx, dgamma, dbeta, dw), with dy given or pending (then dy's rows are finished as they are
-// first read, never stored whole). The weight gradient's depth chunks (depth_chunks: fixed rows
-// of dy and x, as pwconv2d_bn_act_bwd_weight cuts them) go to the threads whole; a thread
-// computes its chunk's rows of dz = dy @ w.T (BatchNorm's sums gathered from each block as the
-// GEMM finishes it) and then the chunk's partial weight gradient z.T @ dy, while the chunk's dy
-// and x are still in cache, instead of reading both again from memory in a second kernel. The
-// partial products are added in chunk order. Every value is summed as in the two kernels: the
-// same bits. Where there are fewer than two chunks (maps of 4x4 and less at batch 128: the data
-// is small and the weight gradient wants the threads on its own C), or a chunk would split a
-// block of the statistics' rows, the two kernels run one after the other (on dy finished whole).
-py::tuple pw_bn_act_bwd(const F32& dy, const PendingDy* pending, const F32& w, const F32& x, const BnActArgs& bn) {
+// -> (dx, dgamma, dbeta, dw). The weight gradient's depth chunks (depth_chunks: fixed rows of
+// dy and x, as pwconv2d_bn_act_bwd_weight cuts them) go to the threads whole; a thread computes
+// its chunk's rows of dz = dy @ w.T (BatchNorm's sums gathered from each block as the GEMM
+// finishes it) and then the chunk's partial weight gradient z.T @ dy, while the chunk's dy and x
+// are still in cache, instead of reading both again from memory in a second kernel. The partial
+// products are added in chunk order. Every value is summed as in the two kernels: the same bits.
+// Where there are fewer than two chunks (maps of 4x4 and less at batch 128: the data is small
+// and the weight gradient wants the threads on its own C), or a chunk would split a block of the
+// statistics' rows, the two kernels run one after the other.
+py::tuple pwconv2d_bn_act_bwd(const py::object& dy_obj, const py::object& w_obj, const py::object& x_obj,
+                              const py::object& gamma, const py::object& beta, const py::object& mean,
+                              const py::object& invstd, const std::string& act) {
+    F32 dy = check_f32(dy_obj, "dy", 4), w = check_f32(w_obj, "w", 2), x = check_f32(x_obj, "x", 4);
+    check_same_dim(dy, 3, "dy", w, 1, "w");
+    check_same_dim(x, 3, "x", w, 0, "w");
+    for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dy, d, "dy");
+    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
     const ATransform t = bn.transform(true);  // z.T's channel is its row
-    const index_t rows = x[0] * x[1] * x[2], ci = w[0], co = w[1];
+    const index_t rows = dy[0] * dy[1] * dy[2], ci = w[0], co = w[1];
     const index_t chunks = depth_chunks(ci, co, rows);
     bool fused = chunks >= 2;
     for (index_t c = 1; c < chunks; ++c) fused = fused && rows * c / chunks % kStatsRows == 0;
@@ -720,25 +690,17 @@ py::tuple pw_bn_act_bwd(const F32& dy, const PendingDy* pending, const F32& w, c
             stats.add(i0, mc, j0, nc, dxp + i0 * ci + j0, x.ptr + i0 * ci + j0, ci);
         };
         if (!fused) {
-            AlignedFloats whole = aligned_floats(pending ? rows * co : 0);
-            if (pending)
-                batchnorm_act_f32_train_bwd_apply_k(rows, co, pending->act, pending->dz, pending->y, pending->gamma,
-                                                    pending->shift, pending->mean, pending->invstd, pending->k,
-                                                    whole.get());
-            const float* g = pending ? whole.get() : dy.ptr;
-            sgemm_epilogue(rows, ci, co, g, co, 1, w.ptr, 1, co, dxp, ci, 0, add_stats);
-            sgemm_epilogue(ci, co, rows, x.ptr, 1, ci, g, co, 1, dwp, co, 0, {}, &t);
+            sgemm_epilogue(rows, ci, co, dy.ptr, co, 1, w.ptr, 1, co, dxp, ci, 0, add_stats);
+            sgemm_epilogue(ci, co, rows, x.ptr, 1, ci, dy.ptr, co, 1, dwp, co, 0, {}, &t);
             return;
         }
         const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
         const index_t most = (rows + chunks - 1) / chunks;  // rows of the longest chunk
         std::unique_ptr<float[]> partial(new float[(chunks - 1) * ci * co]);  // chunk 0 goes to dw
         std::vector<std::unique_ptr<PackBuffers>> dz_bufs, dw_bufs;
-        std::vector<AlignedFloats> finished;  // a thread's chunk of a pending dy
         for (int i = 0; i < threads; ++i) {
             dz_bufs.emplace_back(new PackBuffers(most, ci, co));
             dw_bufs.emplace_back(new PackBuffers(ci, co, most));
-            finished.push_back(aligned_floats(pending ? most * co : 0));
         }
 #pragma omp parallel num_threads(threads)
         {
@@ -746,55 +708,17 @@ py::tuple pw_bn_act_bwd(const F32& dy, const PendingDy* pending, const F32& w, c
 #pragma omp for schedule(static)
             for (index_t c = 0; c < chunks; ++c) {
                 const index_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
-                const float* g = dy.ptr + r0 * co;
-                if (pending) {
-                    pending_rows(*pending, r0, r1, finished[i].get());
-                    g = finished[i].get();
-                }
-                sgemm_serial(r1 - r0, ci, co, g, co, 1, w.ptr, 1, co, dxp + r0 * ci, ci, false, *dz_bufs[i],
-                             &add_stats, r0);
+                sgemm_serial(r1 - r0, ci, co, dy.ptr + r0 * co, co, 1, w.ptr, 1, co, dxp + r0 * ci, ci, false,
+                             *dz_bufs[i], &add_stats, r0);
                 float* out = c == 0 ? dwp : partial.get() + (c - 1) * ci * co;
-                sgemm_serial(ci, co, r1 - r0, x.ptr + r0 * ci, 1, ci, g, co, 1, out, co, false, *dw_bufs[i],
-                             nullptr, 0, 0, &t, true);
+                sgemm_serial(ci, co, r1 - r0, x.ptr + r0 * ci, 1, ci, dy.ptr + r0 * co, co, 1, out, co, false,
+                             *dw_bufs[i], nullptr, 0, 0, &t, true);
             }
 #pragma omp for schedule(static)
             for (index_t r = 0; r < ci; ++r) add_partials(r, ci, co, partial.get(), chunks - 1, dwp, co);
         }
     });
     return py::make_tuple(dx[0], dx[1], dx[2], dw);
-}
-
-// dy (n, h, w, co), w (ci, co), x (n, h, w, ci) and x's BatchNorm -> (dx, dgamma, dbeta, dw).
-py::tuple pwconv2d_bn_act_bwd(const py::object& dy_obj, const py::object& w_obj, const py::object& x_obj,
-                              const py::object& gamma, const py::object& beta, const py::object& mean,
-                              const py::object& invstd, const std::string& act) {
-    F32 dy = check_f32(dy_obj, "dy", 4), w = check_f32(w_obj, "w", 2), x = check_f32(x_obj, "x", 4);
-    check_same_dim(dy, 3, "dy", w, 1, "w");
-    check_same_dim(x, 3, "x", w, 0, "w");
-    for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dy, d, "dy");
-    return pw_bn_act_bwd(dy, nullptr, w, x, BnActArgs(gamma, beta, mean, invstd, act, x));
-}
-
-// pwconv2d_bn_act_bwd with dy pending: dz, y (n, h, w, co), y's BatchNorm (gamma_y ... act_y, (co,))
-// and k (3, co) as dwconv2d_bn_act_bwd_pending returns them, then w, x and x's BatchNorm.
-py::tuple pwconv2d_bn_act_bwd_pending(const py::object& dz_obj, const py::object& y_obj, const py::object& gamma_y,
-                                      const py::object& beta_y, const py::object& mean_y,
-                                      const py::object& invstd_y, const py::object& k_obj, const std::string& act_y,
-                                      const py::object& w_obj, const py::object& x_obj, const py::object& gamma,
-                                      const py::object& beta, const py::object& mean, const py::object& invstd,
-                                      const std::string& act) {
-    F32 dz = check_f32(dz_obj, "dz", 4), y = check_f32(y_obj, "y", 4), k = check_f32(k_obj, "k", 2);
-    F32 w = check_f32(w_obj, "w", 2), x = check_f32(x_obj, "x", 4);
-    for (int d = 0; d < 4; ++d) check_same_dim(y, d, "y", dz, d, "dz");
-    check_same_dim(dz, 3, "dz", w, 1, "w");
-    check_same_dim(x, 3, "x", w, 0, "w");
-    for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dz, d, "dz");
-    require(k[0] == 3, "k must have 3 rows (k1, k2, k3), got shape " + shape_str(k.shape));
-    check_same_dim(k, 1, "k", dz, 3, "dz");
-    const BnActArgs bn_y(gamma_y, beta_y, mean_y, invstd_y, act_y, y);
-    const PendingDy pending{dz.ptr,         y.ptr,          bn_y.gamma.ptr, bn_y.invstd.ptr, bn_y.mean.ptr,
-                            bn_y.scale.data(), bn_y.beta.ptr, k.ptr,          bn_y.act,        w[1]};
-    return pw_bn_act_bwd(dz, &pending, w, x, BnActArgs(gamma, beta, mean, invstd, act, x));
 }
 
 // x (n, h, w, ci), dy (n, h, w, co) -> dw (ci, co) = x.T @ dy over the n*h*w rows
@@ -969,13 +893,6 @@ void bind_gemm(py::module_& m) {
           "(dx, dgamma, dbeta, dw): pwconv2d_bwd_input_bn's three and pwconv2d_bn_act_bwd_weight's dw\n"
           "(the same bits), each thread taking fixed chunks of rows through both products while the\n"
           "chunk's dy and x are in cache.");
-    m.def("pwconv2d_bn_act_bwd_pending", &pwconv2d_bn_act_bwd_pending, py::arg("dz"), py::arg("y"),
-          py::arg("gamma_y"), py::arg("beta_y"), py::arg("mean_y"), py::arg("invstd_y"), py::arg("k"),
-          py::arg("act_y"), py::arg("w"), py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("mean"),
-          py::arg("invstd"), py::arg("act"),
-          "pwconv2d_bn_act_bwd(dy, w, x, gamma, beta, mean, invstd, act) with dy = batchnorm_act_train_bwd_apply(\n"
-          "dz, y, gamma_y, beta_y, mean_y, invstd_y, k, act_y) (the same bits) formed chunk by chunk as it is\n"
-          "first read: dz and k as dwconv2d_bn_act_bwd_pending returns them, y the layer's output.");
     m.def("pwconv2d_bwd_weight", &pwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),
           "x (N, H, W, Cin), dy (N, H, W, Cout) -> dw (Cin, Cout) = x.T @ dy over N*H*W rows.");
     m.def("pwconv2d_bn_act_fwd", &pwconv2d_bn_act_fwd, py::arg("x"), py::arg("w"), py::arg("gamma"),

@@ -23,18 +23,6 @@ void batchnorm_act_f32_train_bwd_apply(index_t M, index_t C, Act act, const floa
                                        const float* invstd, const double* sum_dz, const double* sum_dz_xc,
                                        float* dx, float* dgamma, float* dbeta);
 
-// From the two sums as above: dgamma, dbeta (C,) and the coefficients k (3, C) (rows k1, k2, k3) of
-// the apply pass, dx = bn_bwd(dz, x, ...) (common.h).
-void bn_bwd_coefficients(index_t M, index_t C, const float* gamma, const float* invstd, const double* sum_dz,
-                         const double* sum_dz_xc, float* k, float* dgamma, float* dbeta);
-
-// The apply pass with the coefficients k given: dx (M, C) = bn_bwd(dz, x, ...), the same bits as
-// batchnorm_act_f32_train_bwd_apply's. dx may be dz. Threads over rows; call it from outside any
-// parallel region.
-void batchnorm_act_f32_train_bwd_apply_k(index_t M, index_t C, Act act, const float* dz, const float* x,
-                                         const float* gamma, const float* beta, const float* mean,
-                                         const float* invstd, const float* k, float* dx);
-
 // (dx, dgamma, dbeta) of training BatchNorm + act (bn, of x with `shape` (..., C)) followed by a
 // convolution: kernel(dx, stats) writes the convolution's input gradient into dx and adds each
 // tile of it to `stats` (a GradStats of blocks of `block` rows) while it is in cache; BatchNorm's
@@ -54,26 +42,6 @@ py::tuple compute_bn_bwd(const std::vector<index_t>& shape, const BnActArgs& bn,
                                           bn.invstd.ptr, sum_dz.data(), sum_dz_xc.data(), dxp, dgp, dbp);
     }, "dx");
     return py::make_tuple(dx, dgamma, dbeta);
-}
-
-// compute_bn_bwd less its apply pass -> (dz, k, dgamma, dbeta): dz the convolution's input gradient
-// as kernel(dz, stats) wrote it (the gradient of the BatchNorm + act output), k (3, C) the
-// coefficients that finish it into x's gradient (bn_bwd, common.h) where it is next read
-// (pwconv2d_bn_act_bwd_pending; anywhere else batchnorm_act_train_bwd_apply).
-template <class Kernel>
-py::tuple compute_bn_bwd_pending(const std::vector<index_t>& shape, const BnActArgs& bn, const F32& x, index_t block,
-                                 Kernel&& kernel) {
-    const index_t C = shape.back(), M = x.size() / C;
-    auto k = new_f32({3, C}, "k"), dgamma = new_f32({C}, "dgamma"), dbeta = new_f32({C}, "dbeta");
-    float *kp = ptr(k), *dgp = ptr(dgamma), *dbp = ptr(dbeta);
-    auto dz = compute_f32(shape, [&](float* dzp) {
-        GradStats stats(M, C, block, bn.transform(false));
-        kernel(dzp, stats);
-        std::vector<double> sum_dz(C), sum_dz_xc(C);
-        stats.finish(sum_dz.data(), sum_dz_xc.data());
-        bn_bwd_coefficients(M, C, bn.gamma.ptr, bn.invstd.ptr, sum_dz.data(), sum_dz_xc.data(), kp, dgp, dbp);
-    }, "dz");
-    return py::make_tuple(dz, k, dgamma, dbeta);
 }
 
 }  // namespace mbnet

@@ -293,29 +293,6 @@ def _batch_norm_statistics(x, mean, var, running_mean, running_var, momentum, ep
     return mean.astype(x.dtype), (1.0 / np.sqrt(var + eps)).astype(x.dtype)
 
 
-class PendingGrad:
-    """The gradient of a training BatchNorm's input x before BatchNorm's last backward pass: dz, the
-    gradient of the BatchNorm + act output (the next convolution's input gradient), and k (3, C),
-    the coefficients that finish it (``dwconv2d_bn_act_bwd_pending``). The pointwise convolution
-    that made x finishes it as it reads it (``pwconv2d_bn_act_bwd_pending``: two passes over memory
-    fewer than writing the gradient and reading it back); anything else gets the array,
-    ``np.asarray(g)`` or ``g + other`` (``batchnorm_act_train_bwd_apply``, the same bits)."""
-    __array_ufunc__ = None  # ndarray + g comes to __radd__
-
-    def __init__(self, dz, x, gamma, beta, mean, invstd, k, act):
-        self.args = (dz, x, gamma, beta, mean, invstd, k, act)
-        self.shape, self.dtype = dz.shape, dz.dtype
-
-    def __array__(self, dtype=None, copy=None):
-        g = _run("batchnorm_act_train_bwd_apply", self.dtype, *self.args)
-        return g if dtype is None else g.astype(dtype, copy=False)
-
-    def __add__(self, other):
-        return np.asarray(self) + np.asarray(other)
-
-    __radd__ = __add__
-
-
 class BatchNormConv2d(Function):
     """x, gamma, beta, w -> conv(act(BN(x)), w), BN in training with x's batch (mean, var) given
     (x_stats); conv "pwconv2d" (1x1) or "dwconv2d" (3x3 depthwise; geometry (stride, padding)).
@@ -324,8 +301,7 @@ class BatchNormConv2d(Function):
     w's gradient (gw = conv's weight gradient of (z, gy)), and one kernel (``{conv}_bwd_input_bn``)
     gives x's: conv's input gradient of gy, BatchNorm's two sums gathered from it as it is computed,
     then BatchNorm's backward from x in place. When both are needed, one kernel does both
-    (``{conv}_bn_act_bwd``: one pass over x and gy). A depthwise conv whose x a pointwise one made
-    leaves BatchNorm's last pass to it (a PendingGrad), which does it as it reads gy."""
+    (``{conv}_bn_act_bwd``: one pass over x and gy)."""
     stats = None
 
     def __init__(self, conv, running_mean, running_var, momentum, eps, act, x_stats, geometry=()):
@@ -345,16 +321,8 @@ class BatchNormConv2d(Function):
         bn = (gamma, beta, mean, invstd, self.act)
         w_hw = (w.shape[:2],) if self.geometry else ()  # the depthwise kernel also takes the kernel's (h, w)
         need = self.needs_input_grad
-        both = need[3] and any(need[:3])  # all four in one pass over x and gy
-        if isinstance(gy, PendingGrad) and not (both and self.conv == "pwconv2d"):
-            gy = np.asarray(gy)
         gx = ggamma = gbeta = gw = None
-        if isinstance(gy, PendingGrad):
-            gx, ggamma, gbeta, gw = _run("pwconv2d_bn_act_bwd_pending", gy.dtype, *gy.args, w, x, *bn)
-        elif both and self._pointwise_made_x():
-            dz, k, ggamma, gbeta, gw = _run("dwconv2d_bn_act_bwd_pending", gy.dtype, gy, w, x, *bn, *self.geometry)
-            gx = PendingGrad(dz, x, *bn[:4], k, self.act)
-        elif both:
+        if need[3] and any(need[:3]):  # all four in one pass over x and gy
             gx, ggamma, gbeta, gw = _run(self.conv + "_bn_act_bwd", gy.dtype, gy, w, x, *bn, *self.geometry)
         else:
             if need[3]:
@@ -362,11 +330,6 @@ class BatchNormConv2d(Function):
             if any(need[:3]):
                 gx, ggamma, gbeta = _run(self.conv + "_bwd_input_bn", gy.dtype, gy, w, x, *bn, *self.geometry)
         return gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None, gw
-
-    def _pointwise_made_x(self):
-        """Whether this is a depthwise conv whose input x came out of a pointwise BatchNormConv2d."""
-        maker = self.inputs[0].creator
-        return self.conv == "dwconv2d" and isinstance(maker, BatchNormConv2d) and maker.conv == "pwconv2d"
 
 
 def _batch_norm_conv2d(op, conv, unfused, x, gamma, beta, running_mean, running_var, w, x_stats, momentum, eps,

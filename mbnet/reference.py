@@ -144,31 +144,6 @@ def pwconv2d_bn_act_bwd(dy, w, x, gamma, beta, mean, invstd, act):
     return (*pwconv2d_bwd_input_bn(dy, w, x, *bn), pwconv2d_bn_act_bwd_weight(x, dy, *bn))
 
 
-def batchnorm_bwd_coefficients(dz, x, gamma, beta, mean, invstd, act):
-    """-> (k (3, C), dgamma, dbeta): BatchNorm's backward at x from dz, the gradient of its
-    output, is k[0] * dz * act'(pre-activation) - k[1] - k[2] * (x - mean)."""
-    _, dgamma, dbeta = batchnorm_act_train_bwd(dz, x, gamma, beta, mean, invstd, act)
-    m = x.size // x.shape[-1]
-    return np.stack([gamma * invstd, gamma * invstd * dbeta / m, gamma * invstd * invstd * dgamma / m]), dgamma, dbeta
-
-
-def batchnorm_act_train_bwd_apply(dz, x, gamma, beta, mean, invstd, k, act):
-    g = dz * act_grad_mask((x - mean) * invstd * gamma + beta, act)
-    return k[0] * g - k[1] - k[2] * (x - mean)
-
-
-def dwconv2d_bn_act_bwd_pending(dy, w, x, gamma, beta, mean, invstd, act, stride, padding):
-    dz = dwconv2d_bwd_input(dy, w, x.shape[1:3], stride, padding)
-    return (dz, *batchnorm_bwd_coefficients(dz, x, gamma, beta, mean, invstd, act),
-            dwconv2d_bn_act_bwd_weight(x, dy, gamma, beta, mean, invstd, act, w.shape[:2], stride, padding))
-
-
-def pwconv2d_bn_act_bwd_pending(dz, y, gamma_y, beta_y, mean_y, invstd_y, k, act_y, w, x, gamma, beta, mean,
-                                invstd, act):
-    dy = batchnorm_act_train_bwd_apply(dz, y, gamma_y, beta_y, mean_y, invstd_y, k, act_y)
-    return pwconv2d_bn_act_bwd(dy, w, x, gamma, beta, mean, invstd, act)
-
-
 def dwconv2d_bwd_input_bn(dy, w, x, gamma, beta, mean, invstd, act, stride, padding):
     gz = dwconv2d_bwd_input(dy, w, x.shape[1:3], stride, padding)
     return batchnorm_act_train_bwd(gz, x, gamma, beta, mean, invstd, act)

@@ -105,13 +105,6 @@ def b_pw_bwd_input_bn(draw, rng):
     return [f32(rng, n, h, wd, w[1].shape[1]), w, x, *bn_act_args(draw, rng, ci)]
 
 
-def b_pw_bwd_pending(draw, rng):
-    dy, w, x, *bn = b_pw_bwd_input_bn(draw, rng)
-    n, h, wd, co = dy[1].shape
-    gamma, beta, mean, invstd, act = bn_act_args(draw, rng, co)
-    return [dy, f32(rng, n, h, wd, co), gamma, beta, mean, invstd, f32(rng, 3, co), act, w, x, *bn]
-
-
 def b_linear_fwd(draw, rng):
     n, di, do = (draw(st.integers(1, 5)) for _ in range(3))
     return [f32(rng, n, di), f32(rng, di, do), f32(rng, do)]
@@ -213,11 +206,6 @@ def b_bn_train_bwd(draw, rng):
             ("f32", invstd.astype(np.float32)), ("act", act)]
 
 
-def b_bn_train_bwd_apply(draw, rng):
-    dz, x, gamma, beta, mean, invstd, act = b_bn_train_bwd(draw, rng)
-    return [dz, x, gamma, beta, mean, invstd, f32(rng, 3, x[1].shape[-1]), act]
-
-
 def b_bn_train_fwd_from_stats(draw, rng):
     shape = bn_shape(draw)
     gamma, beta, rm, rv = bn_params(rng, shape[-1])
@@ -293,7 +281,6 @@ BINDINGS = {
     "pwconv2d_bn_act_bwd_weight": b_pw_bn_act_bwd_weight,
     "pwconv2d_bwd_input_bn": b_pw_bwd_input_bn,
     "pwconv2d_bn_act_bwd": b_pw_bwd_input_bn,
-    "pwconv2d_bn_act_bwd_pending": b_pw_bwd_pending,
     "linear_fwd": b_linear_fwd,
     "linear_bwd": b_linear_bwd,
     "dwconv2d_fwd": b_dw_fwd,
@@ -305,7 +292,6 @@ BINDINGS = {
     "dwconv2d_bn_act_bwd_weight": b_dw_bn_act_bwd_weight,
     "dwconv2d_bwd_input_bn": b_dw_bwd_input_bn,
     "dwconv2d_bn_act_bwd": lambda draw, rng: b_dw_bwd_input_bn(draw, rng, b_dw3_fwd),
-    "dwconv2d_bn_act_bwd_pending": lambda draw, rng: b_dw_bwd_input_bn(draw, rng, b_dw3_fwd),
     "conv2d_fwd": b_conv_fwd,
     "conv2d_fwd_stats": b_conv_fwd,
     "conv2d_bwd_input": b_conv_bwd_input,
@@ -313,7 +299,6 @@ BINDINGS = {
     "batchnorm_act_train_fwd": b_bn_train_fwd,
     "batchnorm_act_train_fwd_from_stats": b_bn_train_fwd_from_stats,
     "batchnorm_act_train_bwd": b_bn_train_bwd,
-    "batchnorm_act_train_bwd_apply": b_bn_train_bwd_apply,
     "batchnorm_act_infer_fwd": b_bn_infer_fwd,
     "batchnorm_act_infer_bwd": b_bn_infer_bwd,
     "act_fwd": b_act_fwd,

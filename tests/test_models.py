@@ -3,7 +3,7 @@ architecture, seeded init, whole-model gradient checks (float64) and float32/flo
 import numpy as np
 import pytest
 
-from mbnet import Tensor, _C, no_grad
+from mbnet import Tensor, no_grad
 from mbnet import functional as F
 from mbnet.models import BLOCKS, ConvMobileNet, MobileNetV1, default_stem_stride, layer_shapes
 from helpers import restore_threads  # noqa: F401 (a fixture)
@@ -195,8 +195,7 @@ def test_fused_batch_statistics_match_the_unfused_step(model_cls, dtype, monkeyp
     (pwconv2d_bn_act_*), and the BatchNorm before each block by the depthwise kernel
     (dwconv2d_bn_act_*): only the last block's second BatchNorm writes its output. Their backward
     runs each of those BatchNorms' backward in the convolution's backward kernel, which gives w's
-    gradient in the same pass ({conv}_bn_act_bwd); a depthwise kernel leaves the last pass of its
-    BatchNorm's backward to the pointwise kernel that made its input (*_bn_act_bwd_pending)."""
+    gradient in the same pass ({conv}_bn_act_bwd)."""
     x = rng.standard_normal((8, 16, 16, 3))
     labels = np.array([3, 0, 1, 4, 2, 2, 0, 1])
     fused_calls, fused = training_step(model_cls, dtype, True, x, labels, monkeypatch)
@@ -208,11 +207,8 @@ def test_fused_batch_statistics_match_the_unfused_step(model_cls, dtype, monkeyp
     for conv in ("pwconv2d", "dwconv2d"):
         assert fused_calls.get(conv + "_bn_act_fwd_stats", 0) == blocks, fused_calls
         assert fused_calls.get(conv + "_bwd_input", 0) == calls.get(conv + "_bwd_input", 0) - blocks, fused_calls
-        # both gradients in one pass; blocks 2.. read a pointwise layer's output, blocks ..-1 feed a depthwise one
-        assert fused_calls.get(conv + "_bn_act_bwd", 0) == min(blocks, 1), fused_calls
-        assert fused_calls.get(conv + "_bn_act_bwd_pending", 0) == max(blocks - 1, 0), fused_calls
+        assert fused_calls.get(conv + "_bn_act_bwd", 0) == blocks, fused_calls  # both gradients in one pass
         assert not {conv + "_bn_act_bwd_weight", conv + "_bwd_input_bn"} & set(fused_calls), fused_calls
-    assert "batchnorm_act_train_bwd_apply" not in fused_calls  # every pending gradient finished as it is read
     assert fused_calls["batchnorm_act_train_fwd_from_stats"] == calls["batchnorm_act_train_fwd"] - 2 * blocks
     assert fused_calls["batchnorm_act_train_bwd"] == calls["batchnorm_act_train_bwd"] - 2 * blocks
     for name, want in unfused.items():
@@ -272,41 +268,3 @@ def test_training_step_is_the_same_at_1_and_2_threads(restore_threads):
     assert len(results[0]) > 80
     for k, v in results[0].items():
         np.testing.assert_array_equal(results[1][k], v, err_msg=k)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pending_batchnorm_gradients_change_no_bit_of_the_step(dtype, monkeypatch, rng):
-    """A depthwise layer leaves its BatchNorm's last backward pass to the pointwise layer that made
-    its input (F.PendingGrad): the step's loss, gradients and buffers are bit for bit the step that
-    finishes every gradient where it is made (the float64 reference path: to rounding, its
-    coefficients k group the same terms differently)."""
-    x = rng.standard_normal((8, 16, 16, 3))
-    labels = np.array([3, 0, 1, 4, 2, 2, 0, 1])
-    calls, pending = training_step(MobileNetV1, dtype, True, x, labels, monkeypatch)
-    assert calls.get("pwconv2d_bn_act_bwd_pending", 0) == len(BLOCKS) - 1, calls
-    monkeypatch.setattr(F.BatchNormConv2d, "_pointwise_made_x", lambda self: False)
-    calls, finished = training_step(MobileNetV1, dtype, True, x, labels, monkeypatch)
-    assert "pwconv2d_bn_act_bwd_pending" not in calls and calls["dwconv2d_bn_act_bwd"] == len(BLOCKS), calls
-    assert pending.keys() == finished.keys()
-    for name, want in finished.items():
-        if dtype == np.float32:
-            np.testing.assert_array_equal(pending[name], want, err_msg=name)
-        else:
-            np.testing.assert_allclose(pending[name], want, rtol=1e-7, atol=1e-9 * np.abs(want).max(), err_msg=name)
-
-
-def test_a_pending_gradient_becomes_its_array_wherever_else_it_goes(rng):
-    y = rng.standard_normal((2, 3, 3, 4)).astype(np.float32)
-    dz = rng.standard_normal(y.shape).astype(np.float32)
-    gamma, beta = np.float32([1.0, 0.5, 2.0, 1.5]), np.float32([0.1, -0.2, 0.0, 0.3])
-    mean, invstd = y.mean((0, 1, 2)), 1 / y.std((0, 1, 2))
-    k = rng.standard_normal((3, 4)).astype(np.float32)
-    g = F.PendingGrad(dz, y, gamma, beta, mean, invstd, k, "relu")
-    want = _C.batchnorm_act_train_bwd_apply(dz, y, gamma, beta, mean, invstd, k, "relu")
-    assert g.shape == y.shape and g.dtype == np.float32
-    np.testing.assert_array_equal(np.asarray(g), want)
-    other = rng.standard_normal(y.shape).astype(np.float32)
-    for total in (g + other, other + g):  # the autograd adds the gradients of a tensor used twice
-        assert isinstance(total, np.ndarray)
-        np.testing.assert_array_equal(total, want + other)
-    np.testing.assert_array_equal(g + g, 2 * want)
