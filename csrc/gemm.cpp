@@ -660,67 +660,6 @@ py::tuple pwconv2d_bwd_input_bn(const py::object& dy_obj, const py::object& w_ob
     });
 }
 
-// pwconv2d_bwd_input_bn and pwconv2d_bn_act_bwd_weight of one layer in one pass over dy and x
-// -> (dx, dgamma, dbeta, dw). The weight gradient's depth chunks (depth_chunks: fixed rows of
-// dy and x, as pwconv2d_bn_act_bwd_weight cuts them) go to the threads whole; a thread computes
-// its chunk's rows of dz = dy @ w.T (BatchNorm's sums gathered from each block as the GEMM
-// finishes it) and then the chunk's partial weight gradient z.T @ dy, while the chunk's dy and x
-// are still in cache, instead of reading both again from memory in a second kernel. The partial
-// products are added in chunk order. Every value is summed as in the two kernels: the same bits.
-// Where there are fewer than two chunks (maps of 4x4 and less at batch 128: the data is small
-// and the weight gradient wants the threads on its own C), or a chunk would split a block of the
-// statistics' rows, the two kernels run one after the other.
-py::tuple pwconv2d_bn_act_bwd(const py::object& dy_obj, const py::object& w_obj, const py::object& x_obj,
-                              const py::object& gamma, const py::object& beta, const py::object& mean,
-                              const py::object& invstd, const std::string& act) {
-    F32 dy = check_f32(dy_obj, "dy", 4), w = check_f32(w_obj, "w", 2), x = check_f32(x_obj, "x", 4);
-    check_same_dim(dy, 3, "dy", w, 1, "w");
-    check_same_dim(x, 3, "x", w, 0, "w");
-    for (int d = 0; d < 3; ++d) check_same_dim(x, d, "x", dy, d, "dy");
-    const BnActArgs bn(gamma, beta, mean, invstd, act, x);
-    const ATransform t = bn.transform(true);  // z.T's channel is its row
-    const index_t rows = dy[0] * dy[1] * dy[2], ci = w[0], co = w[1];
-    const index_t chunks = depth_chunks(ci, co, rows);
-    bool fused = chunks >= 2;
-    for (index_t c = 1; c < chunks; ++c) fused = fused && rows * c / chunks % kStatsRows == 0;
-    auto dw = new_f32({ci, co}, "dw");
-    float* dwp = ptr(dw);
-    py::tuple dx = compute_bn_bwd(x.shape, bn, x, kStatsRows, [&](float* dxp, GradStats& stats) {
-        const GemmEpilogue add_stats = [&](index_t i0, index_t mc, index_t j0, index_t nc) {
-            stats.add(i0, mc, j0, nc, dxp + i0 * ci + j0, x.ptr + i0 * ci + j0, ci);
-        };
-        if (!fused) {
-            sgemm_epilogue(rows, ci, co, dy.ptr, co, 1, w.ptr, 1, co, dxp, ci, 0, add_stats);
-            sgemm_epilogue(ci, co, rows, x.ptr, 1, ci, dy.ptr, co, 1, dwp, co, 0, {}, &t);
-            return;
-        }
-        const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
-        const index_t most = (rows + chunks - 1) / chunks;  // rows of the longest chunk
-        std::unique_ptr<float[]> partial(new float[(chunks - 1) * ci * co]);  // chunk 0 goes to dw
-        std::vector<std::unique_ptr<PackBuffers>> dz_bufs, dw_bufs;
-        for (int i = 0; i < threads; ++i) {
-            dz_bufs.emplace_back(new PackBuffers(most, ci, co));
-            dw_bufs.emplace_back(new PackBuffers(ci, co, most));
-        }
-#pragma omp parallel num_threads(threads)
-        {
-            const int i = omp_get_thread_num();
-#pragma omp for schedule(static)
-            for (index_t c = 0; c < chunks; ++c) {
-                const index_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
-                sgemm_serial(r1 - r0, ci, co, dy.ptr + r0 * co, co, 1, w.ptr, 1, co, dxp + r0 * ci, ci, false,
-                             *dz_bufs[i], &add_stats, r0);
-                float* out = c == 0 ? dwp : partial.get() + (c - 1) * ci * co;
-                sgemm_serial(ci, co, r1 - r0, x.ptr + r0 * ci, 1, ci, dy.ptr + r0 * co, co, 1, out, co, false,
-                             *dw_bufs[i], nullptr, 0, 0, &t, true);
-            }
-#pragma omp for schedule(static)
-            for (index_t r = 0; r < ci; ++r) add_partials(r, ci, co, partial.get(), chunks - 1, dwp, co);
-        }
-    });
-    return py::make_tuple(dx[0], dx[1], dx[2], dw);
-}
-
 // x (n, h, w, ci), dy (n, h, w, co) -> dw (ci, co) = x.T @ dy over the n*h*w rows
 py::array_t<float> pwconv2d_bwd_weight(const py::object& x_obj, const py::object& dy_obj) {
     F32 x = check_f32(x_obj, "x", 4), dy = check_f32(dy_obj, "dy", 4);
@@ -887,12 +826,6 @@ void bind_gemm(py::module_& m) {
           "of the training BatchNorm + act that made the convolution's input from x -> (dx, dgamma,\n"
           "dbeta) = batchnorm_act_train_bwd(pwconv2d_bwd_input(dy, w), x, ...): BatchNorm's sums are\n"
           "gathered from each block of dy @ w.T as the GEMM finishes it, then one pass in place.");
-    m.def("pwconv2d_bn_act_bwd", &pwconv2d_bn_act_bwd, py::arg("dy"), py::arg("w"), py::arg("x"),
-          py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("invstd"), py::arg("act"),
-          "dy (N, H, W, Cout), w (Cin, Cout), x (N, H, W, Cin), gamma, beta, mean, invstd (Cin,), act ->\n"
-          "(dx, dgamma, dbeta, dw): pwconv2d_bwd_input_bn's three and pwconv2d_bn_act_bwd_weight's dw\n"
-          "(the same bits), each thread taking fixed chunks of rows through both products while the\n"
-          "chunk's dy and x are in cache.");
     m.def("pwconv2d_bwd_weight", &pwconv2d_bwd_weight, py::arg("x"), py::arg("dy"),
           "x (N, H, W, Cin), dy (N, H, W, Cout) -> dw (Cin, Cout) = x.T @ dy over N*H*W rows.");
     m.def("pwconv2d_bn_act_fwd", &pwconv2d_bn_act_fwd, py::arg("x"), py::arg("w"), py::arg("gamma"),

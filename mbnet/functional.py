@@ -300,8 +300,8 @@ class BatchNormConv2d(Function):
     kernel's padded rows: kernels ``{conv}_bn_act_*``) and never stored; backward forms it again for
     w's gradient (gw = conv's weight gradient of (z, gy)), and one kernel (``{conv}_bwd_input_bn``)
     gives x's: conv's input gradient of gy, BatchNorm's two sums gathered from it as it is computed,
-    then BatchNorm's backward from x in place. When both are needed, one kernel does both
-    (``{conv}_bn_act_bwd``: one pass over x and gy)."""
+    then BatchNorm's backward from x in place. The depthwise conv does both in one kernel
+    (``dwconv2d_bn_act_bwd``, one pass over x and gy) when both are needed."""
     stats = None
 
     def __init__(self, conv, running_mean, running_var, momentum, eps, act, x_stats, geometry=()):
@@ -322,8 +322,8 @@ class BatchNormConv2d(Function):
         w_hw = (w.shape[:2],) if self.geometry else ()  # the depthwise kernel also takes the kernel's (h, w)
         need = self.needs_input_grad
         gx = ggamma = gbeta = gw = None
-        if need[3] and any(need[:3]):  # all four in one pass over x and gy
-            gx, ggamma, gbeta, gw = _run(self.conv + "_bn_act_bwd", gy.dtype, gy, w, x, *bn, *self.geometry)
+        if self.conv == "dwconv2d" and need[3] and any(need[:3]):  # all four in one pass over x and gy
+            gx, ggamma, gbeta, gw = _run("dwconv2d_bn_act_bwd", gy.dtype, gy, w, x, *bn, *self.geometry)
         else:
             if need[3]:
                 gw = _run(self.conv + "_bn_act_bwd_weight", gy.dtype, x, gy, *bn, *w_hw, *self.geometry)

@@ -139,11 +139,6 @@ def pwconv2d_bwd_input_bn(dy, w, x, gamma, beta, mean, invstd, act):
     return batchnorm_act_train_bwd(pwconv2d_bwd_input(dy, w), x, gamma, beta, mean, invstd, act)
 
 
-def pwconv2d_bn_act_bwd(dy, w, x, gamma, beta, mean, invstd, act):
-    bn = (gamma, beta, mean, invstd, act)
-    return (*pwconv2d_bwd_input_bn(dy, w, x, *bn), pwconv2d_bn_act_bwd_weight(x, dy, *bn))
-
-
 def dwconv2d_bwd_input_bn(dy, w, x, gamma, beta, mean, invstd, act, stride, padding):
     gz = dwconv2d_bwd_input(dy, w, x.shape[1:3], stride, padding)
     return batchnorm_act_train_bwd(gz, x, gamma, beta, mean, invstd, act)

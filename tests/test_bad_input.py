@@ -280,7 +280,6 @@ BINDINGS = {
     "pwconv2d_bn_act_fwd_stats": b_pw_bn_act_fwd,
     "pwconv2d_bn_act_bwd_weight": b_pw_bn_act_bwd_weight,
     "pwconv2d_bwd_input_bn": b_pw_bwd_input_bn,
-    "pwconv2d_bn_act_bwd": b_pw_bwd_input_bn,
     "linear_fwd": b_linear_fwd,
     "linear_bwd": b_linear_bwd,
     "dwconv2d_fwd": b_dw_fwd,

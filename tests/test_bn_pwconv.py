@@ -1,8 +1,7 @@
 """Pointwise convolution of a training BatchNorm's output formed as the GEMM packs its input
 (pwconv2d_bn_act_fwd, pwconv2d_bn_act_fwd_stats, pwconv2d_bn_act_bwd_weight), and its input
 gradient through that BatchNorm (pwconv2d_bwd_input_bn), against mbnet.reference, against the
-unfused kernels, and at 1 vs 2 threads; pwconv2d_bn_act_bwd (both backward kernels in one pass)
-against the two.
+unfused kernels, and at 1 vs 2 threads.
 
 Shapes: x (n, h, w, ci) (the BatchNorm's input), w (ci, co), gamma/beta/mean/invstd (ci,),
 z = act((x - mean) * invstd * gamma + beta) (n, h, w, ci), y = z @ w (n, h, w, co), dy like y,
@@ -156,28 +155,3 @@ def test_bwd_input_bn_matches_the_unfused_kernels_and_reference(n, h, w, ci, co,
     unfused = _C.batchnorm_act_train_bwd(gz, x, *bn)
     reference = R.pwconv2d_bwd_input_bn(*f64(dy, wt, x), *f64(gamma, beta, mean, invstd), act)
     check_bwd_input_bn(fused, unfused, reference, gz, gamma, invstd, f"x={x.shape} co={co} act={act}")
-
-
-# (n, h, w, ci, co): 8192 and 32768 rows, cut into 2 and 8 depth chunks on blocks of 256 rows (the
-# one-pass path); 8448 rows, whose 2 chunks would split a block, and a 4x4 map of 128 rows (both the
-# two kernels one after the other).
-ONE_PASS = [(32, 16, 16, 24, 40), (32, 32, 32, 16, 8), (33, 16, 16, 8, 12), (8, 4, 4, 64, 64)]
-
-
-@pytest.mark.parametrize("case", ONE_PASS, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("t", [1, 2])
-def test_bn_act_bwd_is_the_two_backward_kernels_bit_for_bit(case, t, threads):
-    x, wt, dy, gamma, beta, mean, var = problem(*case, seed=5)
-    _, mean, invstd = unfused_z(x, gamma, beta, mean, var, "relu")
-    bn = (gamma, beta, mean, invstd, "relu")
-    threads(t)
-    got = _C.pwconv2d_bn_act_bwd(dy, wt, x, *bn)
-    want = (*_C.pwconv2d_bwd_input_bn(dy, wt, x, *bn), _C.pwconv2d_bn_act_bwd_weight(x, dy, *bn))
-    for g, w, what in zip(got, want, ("dx", "dgamma", "dbeta", "dw")):
-        assert g.dtype == np.float32 and g.shape == w.shape, what
-        np.testing.assert_array_equal(g, w, err_msg=f"{what}, {case}, {t} threads")
-    reference = R.pwconv2d_bn_act_bwd(*f64(dy, wt, x), *f64(*bn[:4]), "relu")
-    rows = x.size // x.shape[-1]
-    np.testing.assert_allclose(got[3], reference[3], rtol=1e-4, atol=1e-5 * np.sqrt(rows), err_msg=f"dw, {case}")
-    gz = _C.pwconv2d_bwd_input(dy, wt)
-    check_bwd_input_bn(got[:3], _C.batchnorm_act_train_bwd(gz, x, *bn), reference[:3], gz, gamma, invstd, str(case))
