@@ -164,7 +164,8 @@ def build_parser():
     a("--trivial-augment", action=argparse.BooleanOptionalAction, default=False,
       help="TrivialAugment (Mueller & Hutter 2021, torchvision's wide magnitudes) after the crop and flip: each "
            "training image through one of 14 operations (identity, shear, translate, rotate, brightness, colour, "
-           "contrast, sharpness, posterize, solarize, autocontrast, equalize) at a random strength (default off)")
+           "contrast, sharpness, posterize, solarize, autocontrast, equalize) at a random strength (default off; "
+           "with the record recipe it cost 3.2 points on held-out images in 60 epochs, README)")
     a("--mixup", type=float_in(0), default=0.0, metavar="ALPHA",
       help="mixup: every training batch becomes lambda x itself + (1 - lambda) x a shuffle of itself, one "
            "lambda ~ Beta(ALPHA, ALPHA) per batch, the loss lambda CE(labels) + (1 - lambda) CE(shuffled "
