@@ -210,6 +210,9 @@ def build_parser():
                         "when it has them) or a PyTorch .pt/.pth state_dict; the architecture (alpha, activation) "
                         "and input normalization come from the file, the classifier is re-made when the data's class "
                         "count differs")
+    p.add_argument("--keep-epochs", type=int_in(1), nargs="+", default=(), metavar="N",
+                   help="also keep the checkpoint of the end of epoch N as epoch-N.npz beside last.npz (a place "
+                        "to --branch from later: a run's candidate ends; may be given again at --resume)")
     p.add_argument("--on-nan", choices=("stop", "skip"), default="stop",
                    help="on a non-finite loss or gradient: stop (default; exit 3) or skip the step "
                         f"(stop after {SKIP_LIMIT} in a row); non-finite weights are never saved")
@@ -222,7 +225,7 @@ def build_parser():
 
 # Options that do not change the computed weights; everything else is frozen in the checkpoint.
 RUNTIME_KEYS = ("threads", "data_dir", "out", "name", "resume", "branch", "on_nan", "workers", "overlap",
-                "mpi_timeout")
+                "mpi_timeout", "keep_epochs")
 
 
 def make_config(args):
@@ -399,8 +402,8 @@ class Run:
     sums the ranks' counts, and rank 0 alone writes."""
 
     def __init__(self, out, cfg, train_loader, test_loader, model, opt, ema, pos, on_nan="stop", world=None,
-                 overlap=True):
-        self.out, self.cfg, self.on_nan = out, cfg, on_nan
+                 overlap=True, keep_epochs=()):
+        self.out, self.cfg, self.on_nan, self.keep_epochs = out, cfg, on_nan, set(keep_epochs)
         self.train_loader, self.test_loader = train_loader, test_loader
         self.model, self.opt, self.ema, self.pos = model, opt, ema, pos
         self.spe = len(train_loader)
@@ -577,6 +580,8 @@ class Run:
         pos["epoch"], pos["batch"] = epoch + 1, 0
         pos["sums"] = _fresh_sums()
         self.save("last.npz")
+        if epoch + 1 in self.keep_epochs:
+            self.save(f"epoch-{epoch + 1}.npz")
         try:
             if self.world.rank == 0:
                 write_metrics(self.out, pos["metrics"])
@@ -795,7 +800,7 @@ def start_run(args, argv, parser, out, world=None):
         except checkpoint.WriteError as e:
             raise RunError(str(e), status=1) from None
     run = Run(out, cfg, train_loader, test_loader, model, opt, ema, pos, on_nan=args.on_nan, world=world,
-              overlap=args.overlap)
+              overlap=args.overlap, keep_epochs=args.keep_epochs)
     if args.branch:
         changed = cfg["branched_from"][-1]["changed"]
         print(f"mbnet: branching {args.branch} at epoch {pos['epoch'] + 1}, step {pos['batch']}/{run.spe} into {out}, "

@@ -305,3 +305,26 @@ def test_progressive_resize_must_be_below_the_resolution(capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--progressive-resize", "32", "--resolution", "32"])
     assert e.value.code == 2 and "--progressive-resize 32 must be smaller than --resolution 32" in capsys.readouterr().err
+
+
+def test_keep_epochs_keeps_a_checkpoint_a_branch_continues_bit_for_bit(tiny, tmp_path, capsys):
+    common = ["--epochs", "3", "--limit-train", "128", "--limit-test", "32", "--cutmix", "1"]
+    straight, kept, branch = tmp_path / "straight", tmp_path / "kept", tmp_path / "branch"
+    assert train.main(_args(tiny, straight, *common, "--mix-until", "0.67")) == 0  # epoch 3 unmixed
+    stop = lambda step: step == 3 and signal.raise_signal(signal.SIGINT)  # noqa: E731 (in epoch 2)
+    assert train.main(_args(tiny, kept, *common, "--keep-epochs", "1", "3"), on_step=stop) == 130
+    assert sorted(p.name for p in kept.glob("*.npz")) == ["epoch-1.npz", "last.npz"]
+    assert (_meta(kept / "epoch-1.npz")["epoch"], _meta(kept / "epoch-1.npz")["batch"]) == (1, 0)
+    argv = ["--out", str(kept), "--resume", "--data-dir", str(tiny), "--threads", "1", "--keep-epochs", "2"]
+    assert train.main(argv) == 0  # --keep-epochs is given anew at --resume: epoch 3's is not kept now
+    assert sorted(p.name for p in kept.glob("*.npz")) == ["epoch-1.npz", "epoch-2.npz", "last.npz"]
+    assert "keep_epochs" not in json.loads((kept / "config.json").read_text())
+    # the kept epoch-1 checkpoint branched with the CutMix switch: the unbroken run with the switch
+    argv = ["--branch", str(kept / "epoch-1.npz"), "--out", str(branch), "--data-dir", str(tiny), "--threads", "1"]
+    assert train.main(argv + ["--mix-until", "0.67"]) == 0
+    a, b = _arrays(straight / "last.npz"), _arrays(branch / "last.npz")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    mixed = _arrays(kept / "last.npz")  # the kept run mixed its third epoch too: other weights
+    assert any(not np.array_equal(a[k], mixed[k]) for k in a)
