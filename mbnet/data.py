@@ -33,7 +33,8 @@ keep their official order and folders their sorted file names.
 
 Every random choice is a pure function of (seed, epoch, batch index): the shuffle of an epoch comes
 from (seed, epoch), a batch's crops, flips, TrivialAugment operations, cutout squares and mixup/cutmix
-draws from (seed, epoch, batch). A run resumed in the middle of an epoch therefore sees exactly the batches an unbroken run sees.
+draws from (seed, epoch, batch). A run resumed in the middle of an epoch therefore sees exactly the
+batches an unbroken run sees.
 
 Mixup and CutMix (mix_batch) are batch-level: one draw per global batch pairs every image with a
 partner of the same batch (a random permutation) and one lambda ~ Beta(alpha, alpha); mixup takes
@@ -851,18 +852,19 @@ TRIVIAL_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "
 TRIVIAL_BINS = 31
 
 
-def trivial_magnitude(op, level, side):
-    """The parameter of TRIVIAL_OPS' `op` at magnitude level 0..TRIVIAL_BINS-1 for images of `side` px:
-    shear factor 0..0.99; translation 0..side px (torchvision's 32 at 32 px); rotation 0..135 degrees;
-    enhancement factor offset 0..0.99 (the image is enhanced by 1 +- it); posterize bits 8..2; solarize
-    threshold 255..0; None for operations without one."""
+def trivial_magnitude(op, level, side, sign=1):
+    """The parameter of TRIVIAL_OPS' `op` at magnitude level 0..TRIVIAL_BINS-1 for images of `side` px,
+    times sign (+1 or -1) where the operation has a direction: shear factor 0..0.99; translation
+    0..side px (torchvision's 32 at 32 px); rotation 0..135 degrees; enhancement factor offset 0..0.99
+    (the image is enhanced by 1 + it); unsigned: posterize bits 8..2, solarize threshold 255..0; None
+    for operations without one."""
     t = level / (TRIVIAL_BINS - 1)
     if op in ("shear_x", "shear_y", "brightness", "color", "contrast", "sharpness"):
-        return 0.99 * t
+        return sign * 0.99 * t
     if op in ("translate_x", "translate_y"):
-        return side * t
+        return sign * side * t
     if op == "rotate":
-        return 135.0 * t
+        return sign * 135.0 * t
     if op == "posterize":
         return 8 - int(round(level / ((TRIVIAL_BINS - 1) / 6)))
     if op == "solarize":
@@ -916,10 +918,7 @@ def trivial_augment_batch(images, seed, epoch, batch, rows=None):
     out = np.empty_like(images)
     for i, img in enumerate(images):
         op = TRIVIAL_OPS[ops[i]]
-        m = trivial_magnitude(op, int(levels[i]), images.shape[1])
-        if op not in ("posterize", "solarize") and m is not None:
-            m *= int(signs[i])
-        out[i] = trivial_op(img, op, m)
+        out[i] = trivial_op(img, op, trivial_magnitude(op, int(levels[i]), images.shape[1], int(signs[i])))
     return out
 
 
@@ -1031,8 +1030,9 @@ class Loader:
 
     Training loaders (train=True) shuffle each epoch, augment (crop with `pad` pixels of zero
     padding, or a random-resized crop of area fraction >= resized_crop_area; a horizontal flip
-    of half the images if hflip; a TrivialAugment operation per image if trivial; a cutout square of `cutout` pixels if > 0), mix the batch (mixup /
-    cutmix: Beta parameters, 0 off; the labels then come as Mixed; a batch with probability
+    of half the images if hflip; a TrivialAugment operation per image if trivial; a cutout square of
+    `cutout` pixels if > 0), mix the batch (mixup / cutmix: Beta parameters, 0 off; the labels then
+    come as Mixed; a batch with probability
     mix_prob; with mix_epochs, only in the epochs before it) and drop the last incomplete batch;
     evaluation loaders go in order over every image. side(epoch), if given, is the side in pixels
     of epoch's training batches: batches made at S are then area_resize'd to it (progressive

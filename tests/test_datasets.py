@@ -383,6 +383,7 @@ def test_cutout_zeroes_one_square_of_the_given_side(rng):
 
 def test_trivial_augment_batch_shape_dtype_determinism_and_draws(rng):
     x = rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8)
+    before = x.copy()
     out = data.trivial_augment_batch(x, seed=1, epoch=2, batch=3)
     assert out.shape == x.shape and out.dtype == np.uint8
     np.testing.assert_array_equal(data.trivial_augment_batch(x, 1, 2, 3), out)
@@ -391,10 +392,9 @@ def test_trivial_augment_batch_shape_dtype_determinism_and_draws(rng):
     ops, levels, signs = data.trivial_draw(1, 2, 3, 64)
     for i in range(64):  # each image went through its own drawn operation, nothing else
         op = data.TRIVIAL_OPS[ops[i]]
-        m = data.trivial_magnitude(op, int(levels[i]), 12)
-        m = m if m is None or op in ("posterize", "solarize") else m * int(signs[i])
+        m = data.trivial_magnitude(op, int(levels[i]), 12, int(signs[i]))
         np.testing.assert_array_equal(out[i], data.trivial_op(x[i], op, m), err_msg=op)
-    np.testing.assert_array_equal(x, x.copy())  # the input is left as it was
+    np.testing.assert_array_equal(x, before)  # the input is left as it was
     ops, levels, signs = data.trivial_draw(0, 0, 0, 14000)  # uniform over operations, levels and signs
     assert np.bincount(ops, minlength=14).min() > 850 and np.bincount(levels, minlength=31).min() > 350
     assert set(np.unique(signs)) == {-1, 1} and 0.45 < (signs > 0).mean() < 0.55
@@ -416,6 +416,7 @@ def test_trivial_ops_do_what_they_are_named_for(rng):
     np.testing.assert_array_equal(down[2:], img[:-2])
     assert (down[:2] == 0).all()
     assert mag("translate_x", 30, 32) == 32 and mag("rotate", 30, 32) == 135 and mag("shear_x", 30, 32) == 0.99
+    assert mag("rotate", 30, 32, -1) == -135 and mag("posterize", 30, 32, -1) == 2  # posterize has no direction
     for bits in (2, 5):
         assert (op(img, "posterize", bits) & ((1 << (8 - bits)) - 1) == 0).all()
     np.testing.assert_array_equal(op(img, "solarize", 128.0), np.where(img >= 128, 255 - img, img))
@@ -473,7 +474,8 @@ def test_augmentation_options_are_deterministic_per_batch(rng):
 def test_crop_padding_scales_with_the_resolution():
     cfg = train.make_config(train.build_parser().parse_args(["--resolution", "224", "--cutout", "0.25"]))
     assert train.augmentation(cfg) == {"pad": 28, "resized_crop_area": None, "cutout": 56, "hflip": True,
-                                       "trivial": False, "mixup": 0.0, "cutmix": 0.0, "mix_prob": 1.0, "mix_epochs": None}
+                                       "trivial": False, "mixup": 0.0, "cutmix": 0.0, "mix_prob": 1.0,
+                                       "mix_epochs": None}
     cfg = train.make_config(train.build_parser().parse_args(["--crop-padding", "0.25", "--random-resized-crop", "0.5",
                                                              "--no-hflip", "--mixup", "0.2", "--cutmix", "1",
                                                              "--mix-prob", "0.5", "--mix-until", "0.8",

@@ -307,7 +307,7 @@ def test_progressive_resize_must_be_below_the_resolution(capsys):
     assert e.value.code == 2 and "--progressive-resize 32 must be smaller than --resolution 32" in capsys.readouterr().err
 
 
-def test_keep_epochs_keeps_a_checkpoint_a_branch_continues_bit_for_bit(tiny, tmp_path, capsys):
+def test_keep_epochs_keeps_a_checkpoint_a_branch_continues_bit_for_bit(tiny, tmp_path):
     common = ["--epochs", "3", "--limit-train", "128", "--limit-test", "32", "--cutmix", "1"]
     straight, kept, branch = tmp_path / "straight", tmp_path / "kept", tmp_path / "branch"
     assert train.main(_args(tiny, straight, *common, "--mix-until", "0.67")) == 0  # epoch 3 unmixed
